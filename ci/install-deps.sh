@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Installs what snaptier needs on a Debian 12 (bookworm) host. Idempotent: a second run only
+# checks versions. The mirror is derived from the machine's own apt sources, never written here.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=ci/lib.sh
+. "$here/lib.sh"
+
+[ "$(id -u)" = 0 ] || die "install-deps must run as root (apt-get, mmdebstrap --mode=root)"
+
+# Packages for the host: build the agent and its tests, run the testbed.
+host_pkgs=(
+  build-essential cmake ninja-build pkg-config git
+  libboost-dev libboost-system-dev nlohmann-json3-dev libcli11-dev libspdlog-dev libfmt-dev
+  libexpected-dev libtomlplusplus-dev libgtest-dev libgmock-dev libbenchmark-dev libibverbs-dev
+  python3 python3-pytest python3-matplotlib
+  e2fsprogs busybox-static cpio xz-utils zstd gzip
+  vde2 socat openssh-client coreutils procps util-linux
+)
+# From bookworm-backports: QEMU >= 10 (volatile CXL type-3 memory) and mmdebstrap >= 1.4.
+backport_pkgs=(qemu-system-x86 qemu-utils mmdebstrap)
+
+mirror=$(debian_mirror)
+[ -n "$mirror" ] || die "could not derive a Debian mirror from /etc/apt/sources.list.d/*.sources or /etc/apt/sources.list"
+
+bp_list=/etc/apt/sources.list.d/snaptier-backports.sources
+want=$(printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "$mirror")
+stamp=/var/lib/snaptier-apt-updated
+if [ ! -f "$bp_list" ] || [ "$(cat "$bp_list")" != "$want" ]; then
+  log "adding bookworm-backports from $mirror"
+  printf '%s\n' "$want" > "$bp_list"
+  rm -f "$stamp"
+fi
+
+missing=()
+for p in "${host_pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p"); done
+need_bp=0
+qemu_major=$(qemu-system-x86_64 --version 2>/dev/null | sed -n 's/^QEMU emulator version \([0-9]*\).*/\1/p' || true)
+[ "${qemu_major:-0}" -ge 10 ] || need_bp=1
+command -v mmdebstrap >/dev/null || need_bp=1
+
+if [ ${#missing[@]} -gt 0 ] || [ $need_bp = 1 ]; then
+  if [ ! -f "$stamp" ] || [ -n "$(find "$stamp" -mmin +360 2>/dev/null)" ]; then
+    log "apt-get update"
+    timeout 600 apt-get update -q >/dev/null || die "apt-get update failed"
+    touch "$stamp"
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing: ${missing[*]}"
+    timeout 1200 apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null \
+      || die "apt-get install failed for: ${missing[*]}"
+  fi
+  if [ $need_bp = 1 ]; then
+    log "installing from bookworm-backports: ${backport_pkgs[*]}"
+    timeout 1200 apt-get install -y -q --no-install-recommends -t bookworm-backports "${backport_pkgs[@]}" >/dev/null \
+      || die "could not install ${backport_pkgs[*]} from bookworm-backports"
+  fi
+fi
+
+qemu_version=$(qemu-system-x86_64 --version | sed -n 's/^QEMU emulator version \([0-9.]*\).*/\1/p')
+[ "${qemu_version%%.*}" -ge 10 ] || die "QEMU $qemu_version is too old: the testbed needs >= 10 for volatile CXL memory (bookworm-backports)"
+qemu-system-x86_64 -device help 2>/dev/null | grep -q cxl-type3 || die "this QEMU has no cxl-type3 device"
+mmdebstrap --version >/dev/null || die "mmdebstrap is not usable"
+log "host ready: QEMU $qemu_version, $(mmdebstrap --version), cmake $(cmake --version | head -1 | awk '{print $3}')"

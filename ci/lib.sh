@@ -1,0 +1,35 @@
+# Shared shell helpers for ci/, testbed/ and guests/ scripts. Source it; do not run it.
+# shellcheck shell=bash
+
+log() { printf '[snaptier %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { printf 'snaptier: error: %s\n' "$*" >&2; exit 1; }
+
+# The Debian mirror this machine already uses (first URI of a deb822 or one-line source that
+# serves the main archive). Derived at run time so no host name is ever written into the repo.
+debian_mirror() {
+  local uri=""
+  local f
+  for f in /etc/apt/sources.list.d/*.sources; do
+    [ -f "$f" ] || continue
+    uri=$(awk '
+      /^URIs:/ { u=$2 }
+      /^Suites:/ { for (i=2;i<=NF;i++) if ($i !~ /security/) ok=1 }
+      /^$/ { if (u && ok) { print u; exit } u=""; ok=0 }
+      END { if (u && ok) print u }' "$f" | head -1)
+    [ -n "$uri" ] && break
+  done
+  if [ -z "$uri" ] && [ -f /etc/apt/sources.list ]; then
+    uri=$(awk '$1=="deb" && $0 !~ /security/ { for (i=2;i<=NF;i++) if ($i ~ /^(https?|file):/) { print $i; exit } }' /etc/apt/sources.list)
+  fi
+  printf '%s\n' "${uri%/}"
+}
+
+# Runs "$@" until it succeeds or SECONDS_LIMIT (first arg) passes. Never waits forever.
+retry_for() {
+  local limit=$1; shift
+  local deadline=$((SECONDS + limit))
+  until "$@"; do
+    [ $SECONDS -lt $deadline ] || return 1
+    sleep 1
+  done
+}

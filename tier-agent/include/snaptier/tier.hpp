@@ -1,0 +1,73 @@
+// The one interface placement policies use to reach memory. A policy asks a Tier for its
+// capabilities and moves extents; it never touches a device, a file or a queue pair itself.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+
+#include "snaptier/error.hpp"
+
+namespace snaptier {
+
+enum class TierKind : std::uint8_t { local = 1, file = 2, cxl = 3, rdma = 4 };
+
+[[nodiscard]] std::string_view to_string(TierKind kind) noexcept;
+[[nodiscard]] Result<TierKind> tier_kind_from_string(std::string_view name);
+
+struct TierCaps {
+  bool byte_addressable = false;  // map() returns a pointer usable with plain loads
+  bool shared = false;            // several hosts see the same bytes (CXL multi-headed, RDMA pool)
+  bool remote = false;            // reached over a network
+  bool persistent = false;        // survives an agent restart
+};
+
+// A contiguous range inside one tier. `offset` is tier-specific (file offset, region offset,
+// remote pool offset) and meaningful only to the tier that allocated it.
+struct Extent {
+  std::uint64_t offset = 0;
+  std::uint64_t length = 0;
+  friend bool operator==(const Extent&, const Extent&) = default;
+};
+
+struct TierStats {
+  std::uint64_t capacity_bytes = 0;
+  std::uint64_t used_bytes = 0;
+  std::uint64_t reads = 0;
+  std::uint64_t writes = 0;
+  std::uint64_t bytes_read = 0;
+  std::uint64_t bytes_written = 0;
+};
+
+class Tier {
+ public:
+  virtual ~Tier() = default;
+  Tier() = default;
+  Tier(const Tier&) = delete;
+  Tier& operator=(const Tier&) = delete;
+
+  [[nodiscard]] virtual std::string_view name() const noexcept = 0;
+  [[nodiscard]] virtual TierKind kind() const noexcept = 0;
+  [[nodiscard]] virtual TierCaps caps() const noexcept = 0;
+
+  // Extents are page aligned (4 KiB) unless a tier documents a larger alignment.
+  [[nodiscard]] virtual Result<Extent> allocate(std::uint64_t length) = 0;
+  [[nodiscard]] virtual Result<void> release(Extent extent) = 0;
+
+  // Copy bytes [offset, offset + out.size()) of `extent` into `out`, and the reverse.
+  // Out-of-range access is Errc::invalid_argument, never a crash.
+  [[nodiscard]] virtual Result<void> read(Extent extent, std::uint64_t offset,
+                                          std::span<std::byte> out) = 0;
+  [[nodiscard]] virtual Result<void> write(Extent extent, std::uint64_t offset,
+                                           std::span<const std::byte> in) = 0;
+
+  // Byte-addressable tiers return a pointer to the extent's first byte; others nullptr.
+  [[nodiscard]] virtual const std::byte* map(Extent /*extent*/) const noexcept { return nullptr; }
+
+  [[nodiscard]] virtual TierStats stats() const = 0;
+};
+
+}  // namespace snaptier
