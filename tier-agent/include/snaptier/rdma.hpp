@@ -1,0 +1,76 @@
+// The RDMA memory pool: memory nodes lend registered memory; compute hosts reach it with RC
+// queue pairs and one-sided READ/WRITE. Connection setup travels over the control plane,
+// which is why the tier talks to its pool through the small RdmaPoolClient seam below.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include <nlohmann/json_fwd.hpp>
+
+#include "snaptier/error.hpp"
+#include "snaptier/tier.hpp"
+
+namespace snaptier {
+
+// What one side of an RC connection must tell the other.
+struct RdmaEndpoint {
+  std::string gid;          // 32 hex digits (RoCEv2 GID)
+  std::uint32_t qpn = 0;
+  std::uint32_t psn = 0;
+  std::uint16_t lid = 0;    // 0 on RoCE
+};
+
+// What a memory node hands a compute host after connecting: where its pool is.
+struct RdmaPoolGrant {
+  RdmaEndpoint endpoint;
+  std::uint64_t remote_addr = 0;  // base virtual address of the registered pool
+  std::uint32_t rkey = 0;
+  std::uint64_t pool_size = 0;
+};
+
+void to_json(nlohmann::json& j, const RdmaEndpoint& e);
+void from_json(const nlohmann::json& j, RdmaEndpoint& e);
+void to_json(nlohmann::json& j, const RdmaPoolGrant& g);
+void from_json(const nlohmann::json& j, RdmaPoolGrant& g);
+
+struct RdmaDeviceOptions {
+  std::string device;       // e.g. "rxe0", "mlx5_0"; empty = first device
+  int port = 1;
+  int gid_index = 1;        // RoCEv2 GID of rxe on IPv4 is index 1
+  int timeout_ms = 5000;    // every completion wait and connection step is bounded
+};
+
+// Compute side: the control-plane client to a memory node. Implemented over the control plane
+// (control/), faked nowhere: tests without a device skip.
+class RdmaPoolClient {
+ public:
+  virtual ~RdmaPoolClient() = default;
+  [[nodiscard]] virtual Result<RdmaPoolGrant> connect(const RdmaEndpoint& local) = 0;
+  [[nodiscard]] virtual Result<Extent> allocate(std::uint64_t length) = 0;
+  [[nodiscard]] virtual Result<void> release(Extent extent) = 0;
+};
+
+// Memory-node side: a registered pool, its allocator, and the queue pairs of its clients.
+class RdmaPoolServer {
+ public:
+  virtual ~RdmaPoolServer() = default;
+  // Creates a QP for a client, connects it to the client's endpoint, returns the grant.
+  [[nodiscard]] virtual Result<RdmaPoolGrant> accept(const RdmaEndpoint& client) = 0;
+  [[nodiscard]] virtual Result<Extent> allocate(std::uint64_t length) = 0;
+  [[nodiscard]] virtual Result<void> release(Extent extent) = 0;
+  [[nodiscard]] virtual TierStats stats() const = 0;
+};
+
+[[nodiscard]] Result<std::unique_ptr<RdmaPoolServer>> make_rdma_pool_server(
+    const RdmaDeviceOptions& device, std::uint64_t pool_size);
+
+// A Tier whose extents live in one memory node's pool.
+[[nodiscard]] Result<std::unique_ptr<Tier>> make_rdma_tier(const RdmaDeviceOptions& device,
+                                                           std::shared_ptr<RdmaPoolClient> pool);
+
+// True if this machine has at least one RDMA device (tests skip otherwise).
+[[nodiscard]] bool rdma_devices_present();
+
+}  // namespace snaptier
