@@ -1,0 +1,1 @@
+"""snaptier testbed: topology file -> machine descriptions -> a launch backend (QEMU today)."""

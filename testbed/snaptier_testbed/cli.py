@@ -1,0 +1,146 @@
+"""testbed/tb: validate, up, down, status, exec, console, health, argv."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from . import launcher
+from .launcher import TestbedError, say
+from .machine import Runtime, describe
+from .state import REPO, TestbedState, state_dir_for
+from .topology import MiB, TopologyError, load_topology
+
+DEFAULT_TOPOLOGY = REPO / "testbed" / "topologies" / "default.toml"
+
+
+def cmd_validate(args, topo) -> int:
+    print(f"{topo.source}: ok — {len(topo.hosts)} hosts, {len(topo.cxl)} CXL devices, {len(topo.links)} links")
+    return 0
+
+
+def cmd_argv(args, topo) -> int:
+    sys.path.insert(0, str(REPO / "qemu"))
+    from snaptier_qemu.argv import qemu_argv
+    runtime = Runtime(repo=REPO, state_dir=state_dir_for(topo.name), image_dir=Path(args.image or "IMAGE"),
+                      accel={"auto": "kvm-then-tcg"}.get(topo.accel, topo.accel),
+                      ssh_ports={h.name: 2200 + i for i, h in enumerate(topo.hosts)})
+    for spec in describe(topo, runtime):
+        print(shlex.join(qemu_argv(spec)))
+    return 0
+
+
+def cmd_up(args, topo) -> int:
+    launcher.up(topo, image_dir=args.image, boot_timeout=args.boot_timeout)
+    return cmd_status(argparse.Namespace(json=False), topo)
+
+
+def cmd_down(args, topo) -> int:
+    launcher.down(topo)
+    return 0
+
+
+def status_of(topo) -> dict:
+    state_dir = state_dir_for(topo.name)
+    state = TestbedState.load(state_dir)
+    running = launcher.running_hosts(topo, state_dir)
+    hosts = []
+    for h in topo.hosts:
+        status_file = state_dir / "share" / "status" / f"{h.name}.json"
+        guest = {}
+        if h.name in running and status_file.exists():
+            try:
+                guest = json.loads(status_file.read_text())
+            except ValueError:
+                pass
+        link = topo.link_of(h.name)
+        hosts.append({
+            "name": h.name, "role": h.role, "running": h.name in running, "pid": running.get(h.name),
+            "ready": bool(guest.get("ready")) and state is not None and guest.get("boot_id") == state.boot_id,
+            "ssh_port": state.ssh_ports.get(h.name) if state else None,
+            "data_address": str(link.address_of(h.name).ip) if link else None,
+            "cxl": guest.get("cxl"), "rdma": guest.get("rdma"),
+        })
+    return {"topology": topo.name, "up": bool(running), "accel": state.accel if state else None,
+            "state_dir": str(state_dir), "hosts": hosts}
+
+
+def cmd_status(args, topo) -> int:
+    st = status_of(topo)
+    if getattr(args, "json", False):
+        print(json.dumps(st, indent=1))
+    else:
+        print(f"topology {st['topology']}: {'up' if st['up'] else 'down'}" + (f" ({st['accel']})" if st["up"] else ""))
+        print(f"{'host':8} {'role':8} {'state':8} {'data addr':12} {'ssh':6} {'cxl':22} rdma")
+        for h in st["hosts"]:
+            state = "ready" if h["ready"] else ("booting" if h["running"] else "down")
+            cxl = f"{h['cxl']['device']} {h['cxl']['size_bytes'] // MiB}M" if h["cxl"] else "-"
+            rdma = h["rdma"]["device"] if h["rdma"] else "-"
+            print(f"{h['name']:8} {h['role']:8} {state:8} {h['data_address'] or '-':12} {h['ssh_port'] or '-'!s:6} {cxl:22} {rdma}")
+    return 0 if st["up"] and all(h["ready"] for h in st["hosts"]) else 1
+
+
+def cmd_exec(args, topo) -> int:
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise TestbedError("exec needs a command: testbed/tb exec HOST -- CMD ...")
+    # One string keeps the guest shell's view of quoting the same as the user's.
+    proc = launcher.exec_in(topo, args.host, [shlex.join(command)] if len(command) > 1 else command,
+                            timeout=args.timeout, capture=False)
+    return proc.returncode
+
+
+def cmd_console(args, topo) -> int:
+    state, state_dir = launcher.load_running(topo)
+    sock = state_dir / f"{args.host}.console"
+    if not sock.exists():
+        raise TestbedError(f"no console socket for {args.host!r}")
+    print(f"console of {args.host}: Ctrl-] to leave", file=sys.stderr)
+    os.execvp("socat", ["socat", "-,raw,echo=0,escape=0x1d", f"UNIX-CONNECT:{sock}"])
+
+
+def cmd_health(args, topo) -> int:
+    from .health import run_health
+    return run_health(topo, json_out=args.json)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="testbed/tb", description="snaptier multi-host QEMU testbed")
+    p.add_argument("-t", "--topology", default=os.environ.get("SNAPTIER_TOPOLOGY", str(DEFAULT_TOPOLOGY)),
+                   help="topology file (default: %(default)s)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("validate", help="check the topology file").set_defaults(fn=cmd_validate)
+    a = sub.add_parser("argv", help="print the QEMU command line of every host")
+    a.add_argument("--image", help="image directory to put in the command lines")
+    a.set_defaults(fn=cmd_argv)
+    u = sub.add_parser("up", help="build/reuse the guest image and boot the topology")
+    u.add_argument("--image", help="use this image directory instead of building one")
+    u.add_argument("--boot-timeout", type=float, default=float(os.environ.get("SNAPTIER_BOOT_TIMEOUT", 420)))
+    u.set_defaults(fn=cmd_up)
+    sub.add_parser("down", help="stop the topology's QEMU processes (idempotent)").set_defaults(fn=cmd_down)
+    s = sub.add_parser("status", help="what is running (exit 0 only if every host is ready)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_status)
+    e = sub.add_parser("exec", help="run a command in a host: exec HOST -- CMD ...")
+    e.add_argument("host")
+    e.add_argument("--timeout", type=float, default=None, help="seconds before the command is abandoned")
+    e.add_argument("command", nargs=argparse.REMAINDER)
+    e.set_defaults(fn=cmd_exec)
+    c = sub.add_parser("console", help="attach to a host's serial console")
+    c.add_argument("host")
+    c.set_defaults(fn=cmd_console)
+    h = sub.add_parser("health", help="check CXL sharing, RDMA and CRIU in every host; print a table")
+    h.add_argument("--json", action="store_true")
+    h.set_defaults(fn=cmd_health)
+    args = p.parse_args(argv)
+    try:
+        topo = load_topology(args.topology)
+        return args.fn(args, topo)
+    except (TopologyError, TestbedError) as e:
+        print(f"testbed: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

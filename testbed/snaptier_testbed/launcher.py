@@ -1,0 +1,308 @@
+"""Bringing a topology up and down with the QEMU backend. Idempotent `down`; `up` refuses to
+start over a running topology; every wait has a deadline."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .machine import MachineSpec, Runtime, cxl_backing, describe, switch_socket
+from .state import REPO, TestbedState, state_dir_for
+from .topology import MiB, Topology
+
+sys.path.insert(0, str(REPO / "qemu"))
+from snaptier_qemu import process  # noqa: E402
+from snaptier_qemu.argv import qemu_argv  # noqa: E402
+
+SSH_OPTS = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
+            "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=5",
+            "-o", "ServerAliveCountMax=6"]
+
+
+class TestbedError(RuntimeError):
+    """Something the user must act on; the message says what."""
+
+
+def say(msg: str) -> None:
+    print(f"[testbed {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mem_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def running_hosts(topology: Topology, state_dir: Path) -> dict[str, int]:
+    running = {}
+    for h in topology.hosts:
+        pid = process.owned_pid(state_dir / f"{h.name}.pid", f"process=snaptier-{topology.name}-{h.name}")
+        if pid:
+            running[h.name] = pid
+    return running
+
+
+# ---------------------------------------------------------------- accelerator
+def resolve_accel(requested: str, image_dir: Path) -> str:
+    """'auto' becomes 'kvm-then-tcg' only if a real guest kernel boots under KVM here."""
+    if requested == "tcg":
+        return "tcg"
+    if requested == "kvm":
+        return "kvm"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "tcg"
+    cache = Path(os.environ.get("SNAPTIER_CACHE", "/var/cache/snaptier")) / "kvm-probe"
+    qemu_version = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    key = f"{os.uname().release} {qemu_version} {(image_dir / 'vmlinuz').stat().st_size}"
+    try:
+        cached_key, verdict = cache.read_text().split("\n")[:2]
+        if cached_key == key:
+            return verdict
+    except (OSError, ValueError):
+        pass
+    say("probing whether KVM can run a guest here (once per machine)")
+    # The kernel hands the words after '--' to init: busybox powers off at once.
+    argv = ["timeout", "40", "qemu-system-x86_64", "-accel", "kvm", "-M", "q35", "-cpu", "max", "-m", "256M",
+            "-nodefaults", "-display", "none", "-no-reboot", "-serial", "stdio",
+            "-kernel", str(image_dir / "vmlinuz"), "-initrd", str(image_dir / "initrd.img"),
+            "-append", "console=ttyS0 panic=-1 rdinit=/bin/busybox -- poweroff -f"]
+    proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    ok = proc.returncode == 0 and "Linux version" in proc.stdout
+    verdict = "kvm-then-tcg" if ok else "tcg"
+    say(f"KVM {'works' if ok else 'cannot run guests here'}: using {verdict}")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(f"{key}\n{verdict}\n")
+    return verdict
+
+
+# ---------------------------------------------------------------- image
+def ensure_image(image_dir: str | None) -> Path:
+    if image_dir:
+        d = Path(image_dir)
+        for f in ("vmlinuz", "initrd.img", "root.img"):
+            if not (d / f).exists():
+                raise TestbedError(f"image directory {d} has no {f}")
+        return d
+    proc = subprocess.run(["bash", str(REPO / "guests" / "build-image.sh")], stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise TestbedError("building the guest image failed (see the messages above)")
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- up
+def check_resources(topology: Topology, runtime: Runtime) -> None:
+    guest_mem = sum(h.memory for h in topology.hosts)
+    shm_needed = 0
+    for dev in topology.cxl:
+        path = cxl_backing(topology, dev.name, runtime)
+        if not path.parent.is_dir():
+            raise TestbedError(f"cxl {dev.name}: directory {path.parent} for the backing file does not exist")
+        if str(path).startswith("/dev/shm"):
+            shm_needed += dev.size
+        else:
+            free = shutil.disk_usage(path.parent).free
+            if free < dev.size:
+                raise TestbedError(f"cxl {dev.name}: {path.parent} has {free // MiB} MiB free, the device needs {dev.size // MiB} MiB")
+    if shm_needed:
+        free = shutil.disk_usage(runtime.shm_dir).free
+        if free < shm_needed:
+            raise TestbedError(f"/dev/shm has {free // MiB} MiB free; the CXL backing files need {shm_needed // MiB} MiB")
+    need = guest_mem + shm_needed
+    avail = mem_available()
+    if need > avail:
+        raise TestbedError(f"the topology needs {need // MiB} MiB of RAM (guests + CXL backing) but only {avail // MiB} MiB is available")
+
+
+def start_switch(runtime: Runtime, link_name: str, topo_name: str) -> int:
+    sock = switch_socket(runtime, link_name)
+    pidfile = runtime.state_dir / f"switch-{link_name}.pid"
+    shutil.rmtree(sock, ignore_errors=True)
+    # The tag in the argv (via --mgmt path) identifies our switch among any others.
+    mgmt = runtime.state_dir / f"switch-{link_name}.mgmt"
+    subprocess.run(["timeout", "20", "vde_switch", "--sock", str(sock), "--mgmt", str(mgmt), "--mode", "0600",
+                    "--daemon", "--pidfile", str(pidfile)], check=True, stdin=subprocess.DEVNULL)
+    for _ in range(100):
+        pid = process.read_pid(pidfile)
+        if pid and (sock / "ctl").exists():
+            return pid
+        time.sleep(0.05)
+    raise TestbedError(f"vde_switch for link {link_name} did not come up")
+
+
+def up(topology: Topology, image_dir: str | None = None, boot_timeout: float = 300) -> Runtime:
+    state_dir = state_dir_for(topology.name)
+    already = running_hosts(topology, state_dir)
+    if already:
+        raise TestbedError(f"topology {topology.name!r} is already up ({', '.join(sorted(already))} running); "
+                           "use 'status', or 'down' first")
+    image = ensure_image(image_dir)
+    accel = resolve_accel(topology.accel, image)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    share = state_dir / "share"
+    (share / "status").mkdir(parents=True, exist_ok=True)
+    for old in (share / "status").glob("*.json"):
+        old.unlink()
+    runtime = Runtime(repo=REPO, state_dir=state_dir, image_dir=image, accel=accel,
+                      ssh_ports={h.name: free_port() for h in topology.hosts}, boot_id=secrets.token_hex(4))
+    check_resources(topology, runtime)
+
+    key = state_dir / "id_ed25519"
+    if not key.exists():
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"snaptier-{topology.name}", "-f", str(key)],
+                       check=True, stdin=subprocess.DEVNULL)
+    (share / "ssh").mkdir(exist_ok=True)
+    shutil.copy(f"{key}.pub", share / "ssh" / "authorized_keys")
+
+    state = TestbedState(topology=str(topology.source or ""), name=topology.name, boot_id=runtime.boot_id,
+                         accel=accel, image_dir=str(image), ssh_ports=runtime.ssh_ports, started_unix=time.time())
+    state.save(state_dir)
+    specs = describe(topology, runtime)
+    try:
+        for dev in topology.cxl:
+            path = cxl_backing(topology, dev.name, runtime)
+            # A fresh, zeroed device on every up: CXL memory is volatile.
+            with open(path, "wb") as f:
+                f.truncate(dev.size)
+        for link in topology.links:
+            state.switches[link.name] = start_switch(runtime, link.name, topology.name)
+            state.save(state_dir)
+        for spec in specs:
+            for p in (spec.console_log, spec.console_socket, spec.qmp_socket, spec.pidfile):
+                p.unlink(missing_ok=True)
+            say(f"starting {spec.name} ({spec.role}, {spec.cpus} cpu, {spec.memory // MiB} MiB"
+                f"{', cxl ' + spec.cxl.emulation if spec.cxl else ''}, {accel})")
+            process.start(qemu_argv(spec))
+        wait_ready(topology, specs, runtime, boot_timeout)
+    except BaseException:
+        say("start-up failed: stopping what was started")
+        down(topology, quiet=True)
+        raise
+    return runtime
+
+
+def wait_ready(topology: Topology, specs: list[MachineSpec], runtime: Runtime, timeout: float) -> None:
+    t0 = time.monotonic()
+    pending = {s.name: s for s in specs}
+    last_note = t0
+    while pending:
+        for name, spec in list(pending.items()):
+            status_file = runtime.state_dir / "share" / "status" / f"{name}.json"
+            if status_file.exists():
+                try:
+                    status = json.loads(status_file.read_text())
+                except ValueError:
+                    continue
+                if status.get("boot_id") != runtime.boot_id:
+                    continue
+                if not status.get("ready"):
+                    failed = [u for u, r in status.get("units", {}).items() if r != "ok"]
+                    raise TestbedError(f"{name} booted but its set-up failed in {', '.join(failed)}; "
+                                       f"see {spec.console_log}")
+                say(f"{name} ready after {time.monotonic() - t0:.0f} s (guest uptime {status.get('uptime_s', 0):.1f} s)")
+                del pending[name]
+                continue
+            if not process.owned_pid(spec.pidfile, f"process={spec.tag}"):
+                tail = spec.console_log.read_text(errors="replace").splitlines()[-10:] if spec.console_log.exists() else []
+                raise TestbedError(f"{name}: QEMU exited during boot. Last console lines:\n  " + "\n  ".join(tail))
+        if not pending:
+            break
+        now = time.monotonic()
+        if now - t0 > timeout:
+            raise TestbedError(f"timed out after {timeout:.0f} s waiting for {', '.join(sorted(pending))} "
+                               f"(console logs in {runtime.state_dir})")
+        if now - last_note > 15:
+            say(f"waiting for {', '.join(sorted(pending))} ({now - t0:.0f} s)")
+            last_note = now
+        time.sleep(0.5)
+    # sshd is started by the last unit; make sure every host answers before declaring success.
+    for spec in specs:
+        deadline = time.monotonic() + 60
+        while True:
+            if ssh(runtime.state_dir, runtime.ssh_ports[spec.name], ["true"], timeout=20).returncode == 0:
+                break
+            if time.monotonic() > deadline:
+                raise TestbedError(f"{spec.name}: ssh does not answer on port {runtime.ssh_ports[spec.name]}")
+            time.sleep(1)
+
+
+# ---------------------------------------------------------------- down
+def down(topology: Topology, quiet: bool = False) -> int:
+    """Stops every process of this topology (by tag) and removes its volatile files."""
+    state_dir = state_dir_for(topology.name)
+    stopped = 0
+    tag_prefix = f"snaptier-{topology.name}-"
+    pids = {}
+    for h in topology.hosts:
+        pid = process.owned_pid(state_dir / f"{h.name}.pid", f"process={tag_prefix}{h.name}")
+        if pid:
+            pids[pid] = (h.name, state_dir / f"{h.name}.qmp")
+    for pid in process.tagged_pids(tag_prefix):  # also ones whose pidfile was lost
+        pids.setdefault(pid, (None, None))
+    for pid, (name, qmp_sock) in pids.items():
+        tag = f"process={tag_prefix}{name}" if name else f"process={tag_prefix}"
+        if not quiet:
+            say(f"stopping {name or pid}")
+        process.stop(pid, tag, qmp_sock)
+        stopped += 1
+    for link in topology.links:
+        pidfile = state_dir / f"switch-{link.name}.pid"
+        pid = process.read_pid(pidfile)
+        mgmt = str(state_dir / f"switch-{link.name}.mgmt")
+        if pid and mgmt in process.cmdline_of(pid):
+            process.stop(pid, mgmt)
+        pidfile.unlink(missing_ok=True)
+        shutil.rmtree(state_dir / f"switch-{link.name}", ignore_errors=True)
+        Path(mgmt).unlink(missing_ok=True)
+    runtime = Runtime(repo=REPO, state_dir=state_dir, image_dir=Path("."), accel="tcg")
+    for dev in topology.cxl:
+        cxl_backing(topology, dev.name, runtime).unlink(missing_ok=True)
+    for h in topology.hosts:
+        for suffix in (".pid", ".qmp", ".console"):
+            (state_dir / f"{h.name}{suffix}").unlink(missing_ok=True)
+    TestbedState.path(state_dir).unlink(missing_ok=True)
+    if not quiet:
+        say(f"topology {topology.name!r} is down ({stopped} QEMU process{'es' if stopped != 1 else ''} stopped)")
+    return stopped
+
+
+# ---------------------------------------------------------------- exec
+def ssh(state_dir: Path, port: int, command: list[str], timeout: float | None = None,
+        capture: bool = True, tty: bool = False, stdin=subprocess.DEVNULL) -> subprocess.CompletedProcess:
+    argv = ["ssh", "-i", str(state_dir / "id_ed25519"), "-p", str(port), *SSH_OPTS]
+    if tty:
+        argv.append("-t")
+    argv += ["root@127.0.0.1", "--", *command]
+    try:
+        return subprocess.run(argv, stdin=stdin, capture_output=capture, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        return subprocess.CompletedProcess(argv, 124, e.stdout or "", (e.stderr or "") + f"\ntimed out after {timeout} s")
+
+
+def load_running(topology: Topology) -> tuple[TestbedState, Path]:
+    state_dir = state_dir_for(topology.name)
+    state = TestbedState.load(state_dir)
+    if state is None or not running_hosts(topology, state_dir):
+        raise TestbedError(f"topology {topology.name!r} is not up (run 'make testbed' or 'testbed/tb up')")
+    return state, state_dir
+
+
+def exec_in(topology: Topology, host: str, command: list[str], timeout: float | None = None,
+            capture: bool = True) -> subprocess.CompletedProcess:
+    state, state_dir = load_running(topology)
+    if host not in state.ssh_ports:
+        raise TestbedError(f"no host named {host!r} in topology {topology.name!r}")
+    return ssh(state_dir, state.ssh_ports[host], command, timeout=timeout, capture=capture,
+               stdin=None if not capture else subprocess.DEVNULL)

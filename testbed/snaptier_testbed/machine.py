@@ -1,0 +1,139 @@
+"""Topology -> machine descriptions: what each host is, independent of how it is launched.
+
+A MachineSpec says "2 GiB, one CXL device backed by this file, a NIC on switch data0 with this
+MAC, these shares, this kernel command line". The QEMU backend (qemu/snaptier_qemu) turns it
+into a command line; a libvirt backend would turn the same spec into domain XML.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .topology import MiB, Topology
+
+
+@dataclass(frozen=True)
+class Share:
+    tag: str          # 9p mount tag the guest mounts by
+    path: Path
+    readonly: bool
+
+
+@dataclass(frozen=True)
+class Nic:
+    id: str
+    mac: str
+    kind: str                         # "switch" (guest-to-guest segment) or "user" (host access)
+    switch: Path | None = None        # kind == "switch": the segment's control socket
+    forwards: tuple[tuple[str, int, int], ...] = ()  # kind == "user": (host addr, host port, guest port)
+
+
+@dataclass(frozen=True)
+class CxlAttach:
+    device: str        # topology name of the shared device
+    emulation: str     # "type3" | "nvdimm"
+    backing: Path      # the one file every attached host maps (multi-headed)
+    size: int
+    formats: bool      # nvdimm: this host creates the namespace, the others find it
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    name: str
+    role: str
+    cpus: int
+    memory: int
+    accel: str                 # "tcg" | "kvm" | "kvm-then-tcg"
+    kernel: Path
+    initrd: Path
+    root_image: Path
+    cmdline: tuple[str, ...]
+    shares: tuple[Share, ...]
+    nics: tuple[Nic, ...]
+    cxl: CxlAttach | None
+    console_socket: Path
+    console_log: Path
+    qmp_socket: Path
+    pidfile: Path
+    tag: str                   # identifies processes of this topology (process name, cleanup)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Everything a launch needs that is not in the topology file."""
+    repo: Path
+    state_dir: Path
+    image_dir: Path
+    accel: str                                   # resolved: "tcg" | "kvm-then-tcg"
+    ssh_ports: dict[str, int] = field(default_factory=dict)
+    shm_dir: Path = Path("/dev/shm")
+    boot_id: str = "0"
+
+
+def data_mac(link_index: int, host_index: int) -> str:
+    return f"52:54:00:5e:{link_index:02x}:{host_index + 1:02x}"
+
+
+def mgmt_mac(host_index: int) -> str:
+    return f"52:54:00:ad:00:{host_index + 1:02x}"
+
+
+def cxl_backing(topology: Topology, device_name: str, runtime: Runtime) -> Path:
+    dev = next(c for c in topology.cxl if c.name == device_name)
+    if dev.backing:
+        return Path(dev.backing)
+    return runtime.shm_dir / f"snaptier-{topology.name}-{dev.name}.raw"
+
+
+def switch_socket(runtime: Runtime, link_name: str) -> Path:
+    return runtime.state_dir / f"switch-{link_name}"
+
+
+def describe(topology: Topology, runtime: Runtime) -> list[MachineSpec]:
+    peers = []
+    for link in topology.links:
+        peers += [f"{h}:{link.address_of(h).ip}" for h in link.hosts]
+    specs = []
+    for index, host in enumerate(topology.hosts):
+        cmdline = [
+            "console=ttyS0", "root=/dev/vda", "rw", "init=/usr/lib/snaptier/init",
+            "net.ifnames=0", "quiet", "panic=-1",
+            f"snaptier.host={host.name}", f"snaptier.role={host.role}",
+            f"snaptier.boot={runtime.boot_id}",
+            f"snaptier.mgmt={mgmt_mac(index)}",
+        ]
+        nics = [Nic(id="mgmt", mac=mgmt_mac(index), kind="user",
+                    forwards=(("127.0.0.1", runtime.ssh_ports.get(host.name, 0), 22),))]
+        link = topology.link_of(host.name)
+        if link:
+            link_index = topology.links.index(link)
+            mac = data_mac(link_index, link.hosts.index(host.name))
+            nics.append(Nic(id=link.name, mac=mac, kind="switch", switch=switch_socket(runtime, link.name)))
+            cmdline.append(f"snaptier.data={mac},{link.address_of(host.name)}")
+            if link.rdma:
+                cmdline.append("snaptier.rxe=1")
+        if peers:
+            cmdline.append("snaptier.peers=" + ";".join(peers))
+        cxl = None
+        dev = topology.cxl_of(host.name)
+        if dev:
+            formats = dev.hosts[0] == host.name
+            cxl = CxlAttach(device=dev.name, emulation=dev.emulation, backing=cxl_backing(topology, dev.name, runtime),
+                            size=dev.size, formats=formats)
+            cmdline.append(f"snaptier.cxl={dev.emulation}")
+            if formats:
+                cmdline.append("snaptier.cxl_format=1")
+        if host.role == "memory":
+            cmdline.append(f"snaptier.pool={host.pool // MiB}M")
+        st = runtime.state_dir
+        specs.append(MachineSpec(
+            name=host.name, role=host.role, cpus=host.cpus, memory=host.memory, accel=runtime.accel,
+            kernel=runtime.image_dir / "vmlinuz", initrd=runtime.image_dir / "initrd.img",
+            root_image=runtime.image_dir / "root.img", cmdline=tuple(cmdline),
+            shares=(Share("snaptier", runtime.repo, True), Share("shared", st / "share", False)),
+            nics=tuple(nics), cxl=cxl,
+            console_socket=st / f"{host.name}.console", console_log=st / f"{host.name}.serial.log",
+            qmp_socket=st / f"{host.name}.qmp", pidfile=st / f"{host.name}.pid",
+            tag=f"snaptier-{topology.name}-{host.name}",
+        ))
+    return specs

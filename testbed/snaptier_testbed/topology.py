@@ -1,0 +1,274 @@
+"""The topology file (TOML), parsed at the edge into typed, validated dataclasses.
+
+Every error names the offending key (``host[1].memory``) so a user can fix the file without
+reading this code. The reference is docs/testbed.md.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+ROLES = ("compute", "memory")
+EMULATIONS = ("type3", "nvdimm")
+ACCELS = ("auto", "kvm", "tcg")
+NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
+
+
+class TopologyError(ValueError):
+    """A topology file that cannot be used, with a message naming the key."""
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    role: str
+    cpus: int = 1
+    memory: int = 2 * GiB
+    pool: int = 0  # memory nodes: bytes lent to the RDMA pool
+
+
+@dataclass(frozen=True)
+class CxlDevice:
+    name: str
+    emulation: str
+    size: int
+    hosts: tuple[str, ...]
+    backing: str | None = None  # default: /dev/shm/snaptier-<topology>-<name>.raw
+
+
+@dataclass(frozen=True)
+class Link:
+    name: str
+    subnet: ipaddress.IPv4Network
+    hosts: tuple[str, ...]
+    rdma: bool = True
+
+    def address_of(self, host: str) -> ipaddress.IPv4Interface:
+        """Hosts get consecutive addresses from .1 in the order the link lists them."""
+        index = self.hosts.index(host)
+        return ipaddress.IPv4Interface(f"{self.subnet.network_address + 1 + index}/{self.subnet.prefixlen}")
+
+
+@dataclass(frozen=True)
+class Topology:
+    name: str
+    accel: str
+    hosts: tuple[Host, ...]
+    cxl: tuple[CxlDevice, ...] = ()
+    links: tuple[Link, ...] = ()
+    source: Path | None = field(default=None, compare=False)
+
+    def host(self, name: str) -> Host:
+        for h in self.hosts:
+            if h.name == name:
+                return h
+        raise KeyError(name)
+
+    def cxl_of(self, host: str) -> CxlDevice | None:
+        return next((c for c in self.cxl if host in c.hosts), None)
+
+    def link_of(self, host: str) -> Link | None:
+        return next((l for l in self.links if host in l.hosts), None)
+
+
+def parse_size(value: object, key: str) -> int:
+    """'512M', '2G', '1T', '4096K' or a whole number of bytes."""
+    if isinstance(value, bool):
+        raise TopologyError(f"{key}: expected a size such as '512M' or '2G', got {value!r}")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(i?B)?\s*", value, re.IGNORECASE)
+        if not m:
+            raise TopologyError(f"{key}: cannot read {value!r} as a size (use e.g. '512M', '2G')")
+        n = int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2).upper()]
+    else:
+        raise TopologyError(f"{key}: expected a size such as '512M' or '2G', got {value!r}")
+    if n <= 0:
+        raise TopologyError(f"{key}: size must be positive, got {value!r}")
+    return n
+
+
+def _check_keys(table: dict, allowed: set[str], where: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise TopologyError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
+
+
+def _require(table: dict, key: str, where: str):
+    if key not in table:
+        raise TopologyError(f"{where}: missing required key {key!r}")
+    return table[key]
+
+
+def _str(value: object, key: str, choices: tuple[str, ...] | None = None) -> str:
+    if not isinstance(value, str):
+        raise TopologyError(f"{key}: expected a string, got {value!r}")
+    if choices and value not in choices:
+        raise TopologyError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def _name(value: object, key: str) -> str:
+    name = _str(value, key)
+    if not NAME_RE.match(name):
+        raise TopologyError(f"{key}: {name!r} is not a valid name (lowercase letters, digits, '-', start with a letter, <= 31 chars)")
+    return name
+
+
+def _int(value: object, key: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TopologyError(f"{key}: expected a whole number, got {value!r}")
+    if not lo <= value <= hi:
+        raise TopologyError(f"{key}: {value} is out of range [{lo}, {hi}]")
+    return value
+
+
+def _host_list(value: object, key: str, known: set[str]) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise TopologyError(f"{key}: expected a non-empty list of host names")
+    seen: list[str] = []
+    for i, h in enumerate(value):
+        name = _str(h, f"{key}[{i}]")
+        if name not in known:
+            raise TopologyError(f"{key}[{i}]: no host named {name!r}")
+        if name in seen:
+            raise TopologyError(f"{key}[{i}]: host {name!r} listed twice")
+        seen.append(name)
+    return tuple(seen)
+
+
+def _array_of_tables(doc: dict, key: str) -> list[dict]:
+    value = doc.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise TopologyError(f"{key}: expected an array of tables ([[{key}]])")
+    return value
+
+
+def _parse_host(t: dict, where: str) -> Host:
+    _check_keys(t, {"name", "role", "cpus", "memory", "pool"}, where)
+    name = _name(_require(t, "name", where), f"{where}.name")
+    role = _str(_require(t, "role", where), f"{where}.role", ROLES)
+    cpus = _int(t.get("cpus", 1), f"{where}.cpus", 1, 64)
+    memory = parse_size(t.get("memory", "2G"), f"{where}.memory")
+    if not 512 * MiB <= memory <= 256 * GiB:
+        raise TopologyError(f"{where}.memory: {memory // MiB} MiB is impossible (allowed 512M to 256G)")
+    if memory % MiB:
+        raise TopologyError(f"{where}.memory: must be a whole number of MiB")
+    pool = 0
+    if role == "memory":
+        pool = parse_size(t.get("pool", "512M"), f"{where}.pool")
+        if pool % MiB or pool > memory - 384 * MiB:
+            raise TopologyError(f"{where}.pool: {pool // MiB} MiB does not fit in memory {memory // MiB} MiB "
+                                "(leave at least 384 MiB for the guest)")
+    elif "pool" in t:
+        raise TopologyError(f"{where}.pool: only hosts with role 'memory' lend a pool")
+    return Host(name=name, role=role, cpus=cpus, memory=memory, pool=pool)
+
+
+def _parse_cxl(t: dict, where: str, known: set[str]) -> CxlDevice:
+    _check_keys(t, {"name", "emulation", "size", "hosts", "backing"}, where)
+    name = _name(_require(t, "name", where), f"{where}.name")
+    emulation = _str(t.get("emulation", "type3"), f"{where}.emulation", EMULATIONS)
+    size = parse_size(_require(t, "size", where), f"{where}.size")
+    # CXL host-managed memory is interleaved in 256 MiB granules; nvdimm namespaces need 2 MiB
+    # alignment. One rule for both keeps topologies portable between emulations.
+    if size % (256 * MiB) or not 256 * MiB <= size <= 64 * GiB:
+        raise TopologyError(f"{where}.size: {size} bytes is impossible (a multiple of 256M from 256M to 64G)")
+    hosts = _host_list(_require(t, "hosts", where), f"{where}.hosts", known)
+    backing = t.get("backing")
+    if backing is not None:
+        backing = _str(backing, f"{where}.backing")
+        if not backing.startswith("/"):
+            raise TopologyError(f"{where}.backing: must be an absolute path")
+    return CxlDevice(name=name, emulation=emulation, size=size, hosts=hosts, backing=backing)
+
+
+def _parse_link(t: dict, where: str, known: set[str]) -> Link:
+    _check_keys(t, {"name", "subnet", "hosts", "rdma"}, where)
+    name = _name(_require(t, "name", where), f"{where}.name")
+    subnet_text = _str(_require(t, "subnet", where), f"{where}.subnet")
+    try:
+        subnet = ipaddress.IPv4Network(subnet_text, strict=True)
+    except ValueError as e:
+        raise TopologyError(f"{where}.subnet: {subnet_text!r} is not an IPv4 network ({e})") from None
+    if not 8 <= subnet.prefixlen <= 29:
+        raise TopologyError(f"{where}.subnet: prefix /{subnet.prefixlen} is out of range (/8 to /29)")
+    if subnet.overlaps(ipaddress.IPv4Network("10.0.2.0/24")):
+        raise TopologyError(f"{where}.subnet: {subnet} overlaps 10.0.2.0/24, which the management NIC uses")
+    hosts = _host_list(_require(t, "hosts", where), f"{where}.hosts", known)
+    if len(hosts) > subnet.num_addresses - 2:
+        raise TopologyError(f"{where}.subnet: {subnet} has room for {subnet.num_addresses - 2} hosts, not {len(hosts)}")
+    rdma = t.get("rdma", True)
+    if not isinstance(rdma, bool):
+        raise TopologyError(f"{where}.rdma: expected true or false, got {rdma!r}")
+    return Link(name=name, subnet=subnet, hosts=hosts, rdma=rdma)
+
+
+def parse_topology(doc: dict, default_name: str = "testbed", source: Path | None = None) -> Topology:
+    _check_keys(doc, {"name", "accel", "host", "cxl", "link"}, "topology")
+    name = _name(doc.get("name", default_name), "name")
+    accel = _str(doc.get("accel", "auto"), "accel", ACCELS)
+
+    hosts: list[Host] = []
+    for i, t in enumerate(_array_of_tables(doc, "host")):
+        h = _parse_host(t, f"host[{i}]")
+        if any(o.name == h.name for o in hosts):
+            raise TopologyError(f"host[{i}].name: host name {h.name!r} is used twice")
+        hosts.append(h)
+    if not hosts:
+        raise TopologyError("topology: at least one [[host]] is required")
+    known = {h.name for h in hosts}
+
+    devices: list[CxlDevice] = []
+    for i, t in enumerate(_array_of_tables(doc, "cxl")):
+        d = _parse_cxl(t, f"cxl[{i}]", known)
+        if any(o.name == d.name for o in devices):
+            raise TopologyError(f"cxl[{i}].name: device name {d.name!r} is used twice")
+        for h in d.hosts:
+            other = next((o for o in devices if h in o.hosts), None)
+            if other:
+                raise TopologyError(f"cxl[{i}].hosts: host {h!r} already attaches {other.name!r} (one CXL device per host)")
+        devices.append(d)
+
+    links: list[Link] = []
+    for i, t in enumerate(_array_of_tables(doc, "link")):
+        l = _parse_link(t, f"link[{i}]", known)
+        if any(o.name == l.name for o in links):
+            raise TopologyError(f"link[{i}].name: link name {l.name!r} is used twice")
+        for h in l.hosts:
+            other = next((o for o in links if h in o.hosts), None)
+            if other:
+                raise TopologyError(f"link[{i}].hosts: host {h!r} is already on link {other.name!r} (one data link per host)")
+        links.append(l)
+
+    for h in hosts:
+        if h.role == "memory":
+            link = next((l for l in links if h.name in l.hosts), None)
+            if link is None or not link.rdma:
+                raise TopologyError(f"host {h.name!r}: a memory node needs a link with rdma = true to lend its pool")
+    return Topology(name=name, accel=accel, hosts=tuple(hosts), cxl=tuple(devices), links=tuple(links), source=source)
+
+
+def load_topology(path: str | Path) -> Topology:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise TopologyError(f"{p}: no such topology file") from None
+    except OSError as e:
+        raise TopologyError(f"{p}: cannot read ({e.strerror})") from None
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise TopologyError(f"{p}: not valid TOML ({e})") from None
+    try:
+        return parse_topology(doc, default_name=p.stem, source=p.resolve())
+    except TopologyError as e:
+        raise TopologyError(f"{p}: {e}") from None
