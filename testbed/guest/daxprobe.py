@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/python3
 """Guest-side probe of the shared CXL device, used by the testbed health check.
 
   daxprobe.py info                      device, size, sequential read/write speed (JSON)

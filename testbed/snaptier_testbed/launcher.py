@@ -148,6 +148,8 @@ def up(topology: Topology, image_dir: str | None = None, boot_timeout: float = 3
     if already:
         raise TestbedError(f"topology {topology.name!r} is already up ({', '.join(sorted(already))} running); "
                            "use 'status', or 'down' first")
+    # Refuse impossible topologies before spending minutes on an image build.
+    check_resources(topology, Runtime(repo=REPO, state_dir=state_dir, image_dir=Path("."), accel="tcg"))
     image = ensure_image(image_dir)
     accel = resolve_accel(topology.accel, image)
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -157,7 +159,6 @@ def up(topology: Topology, image_dir: str | None = None, boot_timeout: float = 3
         old.unlink()
     runtime = Runtime(repo=REPO, state_dir=state_dir, image_dir=image, accel=accel,
                       ssh_ports={h.name: free_port() for h in topology.hosts}, boot_id=secrets.token_hex(4))
-    check_resources(topology, runtime)
 
     key = state_dir / "id_ed25519"
     if not key.exists():

@@ -1,0 +1,45 @@
+# snaptier: the two commands a user needs are `make testbed` and `make test`.
+SHELL := /bin/bash
+TB := testbed/tb
+BUILD := build/host
+JOBS ?= 2
+
+.PHONY: all deps build test test-unit test-python image guest-agent testbed up down status health scenario clean
+
+all: build
+
+deps:            ## install host packages (apt, bookworm-backports QEMU >= 10, mmdebstrap)
+	bash ci/install-deps.sh
+
+build: deps      ## build the agent, tests and benchmarks for this host
+	cmake -S . -B $(BUILD) -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo > /dev/null
+	cmake --build $(BUILD) -j$(JOBS)
+
+test: build      ## unit tests: GoogleTest (ctest) and the testbed's Python tests
+	cd $(BUILD) && ctest --output-on-failure --timeout 300 -j$(JOBS)
+	/usr/bin/python3 -m pytest -q tests/testbed
+
+image: deps      ## the Debian trixie guest image (cached; rebuilt when guests/ changes)
+	bash guests/build-image.sh
+
+guest-agent: image  ## the agent built inside the guest's trixie rootfs
+	bash guests/build-agent.sh
+
+testbed: deps image guest-agent  ## boot the default topology (or reuse it), health-check it, run the scenario
+	@if $(TB) status > /dev/null 2>&1; then echo "testbed: topology already up and ready, reusing it"; \
+	 else $(TB) down && $(TB) up; fi
+	$(TB) status
+	$(TB) health
+	bash testbed/scenarios/agent-smoke.sh
+
+up: image
+	$(TB) up
+down:            ## stop the topology (idempotent)
+	$(TB) down
+status:
+	$(TB) status
+health:
+	$(TB) health
+
+clean:
+	rm -rf build

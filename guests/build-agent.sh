@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Builds the tier agent for the guests: compiled inside the guest's own trixie rootfs (a
+# chroot), so it links against exactly the libraries the guests run. Output: build/guest/,
+# which the guests see at /opt/snaptier/build/guest through the read-only project share.
+#   guests/build-agent.sh [extra cmake --build args]
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/.." && pwd)
+. "$repo/ci/lib.sh"
+[ "$(id -u)" = 0 ] || die "building in the guest chroot needs root"
+image=$("$here/build-image.sh")
+rootfs_key=$(sed -n 's/^rootfs_key=//p' "$image/info")
+rootfs=${SNAPTIER_CACHE:-/var/cache/snaptier}/rootfs-$rootfs_key
+[ -f "$rootfs.READY" ] || die "guest rootfs $rootfs is missing; run guests/build-image.sh --force"
+mkdir -p "$repo/build/guest"
+log "building the tier agent in the $(sed -n 's/^suite=//p' "$image/info") chroot"
+# A private mount namespace: the bind mounts vanish with the process, even if the build fails.
+timeout 1800 unshare --mount --propagation private bash -euo pipefail -c '
+  rootfs=$1 repo=$2; shift 2
+  mkdir -p "$rootfs/mnt/snaptier"
+  mount --bind "$repo" "$rootfs/mnt/snaptier"
+  mount -t proc proc "$rootfs/proc"
+  mount --bind /dev "$rootfs/dev"
+  chroot "$rootfs" /bin/bash -euo pipefail -c "
+    cd /mnt/snaptier
+    cmake -S . -B build/guest -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSNAPTIER_BUILD_BENCH=ON > /dev/null
+    cmake --build build/guest -j2 $*
+  "
+' _ "$rootfs" "$repo" "$@"
+log "guest build ready: $repo/build/guest"
