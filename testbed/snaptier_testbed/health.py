@@ -45,10 +45,13 @@ def check_cxl_devices(topo: Topology) -> list[Check]:
             r = _run(topo, host, f"{PROBE} info")
             try:
                 info = _json_line(r.stdout)
-                ok = r.returncode == 0 and info["size_bytes"] == dev.size
+                # An nvdimm devdax namespace keeps its info block (2 MiB) at the front.
+                overhead = 16 * MiB if dev.emulation == "nvdimm" else 0
+                size_ok = dev.size - overhead <= info["size_bytes"] <= dev.size
+                ok = r.returncode == 0 and size_ok
                 detail = (f"{info['device']} {info['size_bytes'] // MiB} MiB ({info['emulation']}), "
                           f"read {info['read_mb_s']} MB/s, write {info['write_mb_s']} MB/s")
-                if info["size_bytes"] != dev.size:
+                if not size_ok:
                     detail += f" — expected {dev.size // MiB} MiB"
             except (ValueError, KeyError) as e:
                 ok, info, detail = False, {}, f"probe failed: {e} {r.stderr.strip()[-200:]}"
