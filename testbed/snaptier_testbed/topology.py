@@ -211,6 +211,21 @@ def _parse_link(t: dict, where: str, known: set[str]) -> Link:
     return Link(name=name, subnet=subnet, hosts=hosts, rdma=rdma)
 
 
+def _parse_attachments(doc: dict, key: str, parse, known: set[str], noun: str, taken: str) -> list:
+    """[[cxl]] and [[link]] tables: unique names, and each host in at most one of them."""
+    items: list = []
+    for i, t in enumerate(_array_of_tables(doc, key)):
+        item = parse(t, f"{key}[{i}]", known)
+        if any(o.name == item.name for o in items):
+            raise TopologyError(f"{key}[{i}].name: {noun} name {item.name!r} is used twice")
+        for h in item.hosts:
+            other = next((o.name for o in items if h in o.hosts), None)
+            if other:
+                raise TopologyError(f"{key}[{i}].hosts: host {h!r} " + taken.format(other=other))
+        items.append(item)
+    return items
+
+
 def parse_topology(doc: dict, default_name: str = "testbed", source: Path | None = None) -> Topology:
     _check_keys(doc, {"name", "accel", "host", "cxl", "link"}, "topology")
     name = _name(doc.get("name", default_name), "name")
@@ -226,27 +241,8 @@ def parse_topology(doc: dict, default_name: str = "testbed", source: Path | None
         raise TopologyError("topology: at least one [[host]] is required")
     known = {h.name for h in hosts}
 
-    devices: list[CxlDevice] = []
-    for i, t in enumerate(_array_of_tables(doc, "cxl")):
-        d = _parse_cxl(t, f"cxl[{i}]", known)
-        if any(o.name == d.name for o in devices):
-            raise TopologyError(f"cxl[{i}].name: device name {d.name!r} is used twice")
-        for h in d.hosts:
-            other = next((o for o in devices if h in o.hosts), None)
-            if other:
-                raise TopologyError(f"cxl[{i}].hosts: host {h!r} already attaches {other.name!r} (one CXL device per host)")
-        devices.append(d)
-
-    links: list[Link] = []
-    for i, t in enumerate(_array_of_tables(doc, "link")):
-        l = _parse_link(t, f"link[{i}]", known)
-        if any(o.name == l.name for o in links):
-            raise TopologyError(f"link[{i}].name: link name {l.name!r} is used twice")
-        for h in l.hosts:
-            other = next((o for o in links if h in o.hosts), None)
-            if other:
-                raise TopologyError(f"link[{i}].hosts: host {h!r} is already on link {other.name!r} (one data link per host)")
-        links.append(l)
+    devices = _parse_attachments(doc, "cxl", _parse_cxl, known, "device", "already attaches {other!r} (one CXL device per host)")
+    links = _parse_attachments(doc, "link", _parse_link, known, "link", "is already on link {other!r} (one data link per host)")
 
     for h in hosts:
         if h.role == "memory":
