@@ -107,6 +107,20 @@ def cmd_health(args, topo) -> int:
     return run_health(topo, json_out=args.json)
 
 
+def cmd_agents(args, topo) -> int:
+    from . import agents
+    if args.action == "start":
+        agents.start(topo)
+    elif args.action == "stop":
+        agents.stop(topo, args.hosts or None)
+    elif args.action == "restart":
+        agents.stop(topo, args.hosts or None)
+        agents.start(topo)
+    elif args.action == "config":
+        print(agents.write_configs(topo))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="testbed/tb", description="snaptier multi-host QEMU testbed")
     p.add_argument("-t", "--topology", default=os.environ.get("SNAPTIER_TOPOLOGY", str(DEFAULT_TOPOLOGY)),
@@ -135,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     h = sub.add_parser("health", help="check CXL sharing, RDMA and CRIU in every host; print a table")
     h.add_argument("--json", action="store_true")
     h.set_defaults(fn=cmd_health)
+    g = sub.add_parser("agents", help="tier agents in the guests: config | start | stop | restart [HOST...]")
+    g.add_argument("action", choices=["config", "start", "stop", "restart"])
+    g.add_argument("hosts", nargs="*")
+    g.set_defaults(fn=cmd_agents)
     args = p.parse_args(argv)
     try:
         topo = load_topology(args.topology)
