@@ -23,6 +23,7 @@ enum PageFlags : std::uint32_t {
   page_hot = 1u << 1,      // touched by the profiled invocation
   page_written = 1u << 2,  // first touched by a write fault, or written later
   page_read_only = 1u << 3,
+  page_checksummed = 1u << 4,  // PageEntry::crc32c holds the CRC32C of the stored bytes
 };
 
 struct PageEntry {
@@ -32,6 +33,7 @@ struct PageEntry {
                                      // offsets are resolved at put time)
   std::uint32_t flags = 0;
   std::uint32_t touch_order = 0;     // 0 = never touched; else 1-based first-touch order
+  std::uint32_t crc32c = 0;          // valid if flags has page_checksummed (set by put)
 };
 
 struct SnapshotInfo {

@@ -1,0 +1,102 @@
+#include "cxl/cache_model_access.hpp"
+
+#include <atomic>
+#include <cstring>
+
+namespace snaptier {
+
+namespace {
+constexpr std::uint64_t kWords = kCacheLine / 8;
+}
+
+CacheModelAccess::CacheModelAccess(std::shared_ptr<MappedRegion> shared)
+    : shared_region_(std::move(shared)),
+      shared_(shared_region_->data()),
+      size_(shared_region_->size()),
+      copy_(size_),
+      present_((size_ + kCacheLine - 1) / kCacheLine, 0),
+      dirty_(present_.size(), 0) {}
+
+// Lines move as 8-byte single-copy-atomic words, as they do between a CPU and memory, so another
+// process polling the shared bytes never sees a torn commit word.
+void CacheModelAccess::fetch_line(std::uint64_t line) {
+  auto* src = reinterpret_cast<std::uint64_t*>(shared_ + line * kCacheLine);
+  auto* dst = reinterpret_cast<std::uint64_t*>(copy_.data() + line * kCacheLine);
+  for (std::uint64_t i = 0; i < kWords; ++i) dst[i] = __atomic_load_n(src + i, __ATOMIC_ACQUIRE);
+  present_[line] = 1;
+}
+
+void CacheModelAccess::writeback_line(std::uint64_t line) {
+  auto* src = reinterpret_cast<std::uint64_t*>(copy_.data() + line * kCacheLine);
+  auto* dst = reinterpret_cast<std::uint64_t*>(shared_ + line * kCacheLine);
+  for (std::uint64_t i = 0; i < kWords; ++i) __atomic_store_n(dst + i, src[i], __ATOMIC_RELEASE);
+  dirty_[line] = 0;
+}
+
+void CacheModelAccess::load(std::uint64_t offset, std::span<std::byte> out) {
+  if (out.empty()) return;
+  std::lock_guard lock(mutex_);
+  for (std::uint64_t line = offset / kCacheLine; line <= (offset + out.size() - 1) / kCacheLine; ++line) {
+    if (!present_[line]) fetch_line(line);
+  }
+  std::memcpy(out.data(), copy_.data() + offset, out.size());
+}
+
+void CacheModelAccess::store(std::uint64_t offset, std::span<const std::byte> in) {
+  if (in.empty()) return;
+  std::lock_guard lock(mutex_);
+  for (std::uint64_t line = offset / kCacheLine; line <= (offset + in.size() - 1) / kCacheLine; ++line) {
+    if (!present_[line]) fetch_line(line);  // write-allocate
+    dirty_[line] = 1;
+  }
+  std::memcpy(copy_.data() + offset, in.data(), in.size());
+}
+
+std::uint64_t CacheModelAccess::load_u64(std::uint64_t offset) {
+  std::uint64_t value = 0;
+  load(offset, std::as_writable_bytes(std::span(&value, 1)));
+  return value;
+}
+
+void CacheModelAccess::store_u64(std::uint64_t offset, std::uint64_t value) {
+  store(offset, std::as_bytes(std::span(&value, 1)));
+}
+
+void CacheModelAccess::writeback(std::uint64_t offset, std::uint64_t length) {
+  if (length == 0) return;
+  std::lock_guard lock(mutex_);
+  for (std::uint64_t line = offset / kCacheLine; line <= (offset + length - 1) / kCacheLine; ++line) {
+    if (dirty_[line]) writeback_line(line);
+  }
+}
+
+void CacheModelAccess::invalidate(std::uint64_t offset, std::uint64_t length) {
+  if (length == 0) return;
+  std::lock_guard lock(mutex_);
+  for (std::uint64_t line = offset / kCacheLine; line <= (offset + length - 1) / kCacheLine; ++line) {
+    if (dirty_[line]) writeback_line(line);  // clflushopt writes a dirty line back first
+    present_[line] = 0;
+  }
+}
+
+void CacheModelAccess::fence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+
+const std::byte* CacheModelAccess::map_for_read(std::uint64_t offset, std::uint64_t length) {
+  invalidate(offset, length);
+  if (length > 0) {
+    std::lock_guard lock(mutex_);
+    for (std::uint64_t line = offset / kCacheLine; line <= (offset + length - 1) / kCacheLine; ++line) {
+      fetch_line(line);
+    }
+  }
+  return copy_.data() + offset;
+}
+
+std::uint64_t CacheModelAccess::dirty_lines() const {
+  std::lock_guard lock(mutex_);
+  std::uint64_t n = 0;
+  for (auto d : dirty_) n += d;
+  return n;
+}
+
+}  // namespace snaptier
