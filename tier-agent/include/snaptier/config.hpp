@@ -1,0 +1,85 @@
+// Agent configuration: one TOML file, parsed once at the edge into the typed structs below.
+// Nothing past load_config() ever looks at TOML again; every value here is already validated
+// (sizes positive and page aligned, addresses well formed, required sections present).
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "snaptier/control.hpp"
+#include "snaptier/error.hpp"
+
+namespace snaptier {
+
+enum class AgentRole : std::uint8_t { compute, memnode };
+
+[[nodiscard]] std::string_view to_string(AgentRole role) noexcept;
+
+struct ControlConfig {
+  std::filesystem::path unix_socket;            // always served; protected by file mode 0600
+  std::optional<NetAddress> tcp_listen;         // optional; requires a token
+  std::string token;                            // from `token` or the first line of `token_file`
+  std::uint32_t max_frame_bytes = control::kDefaultMaxFrameBytes;
+  std::chrono::milliseconds request_timeout{30'000};
+  std::chrono::milliseconds idle_timeout{60'000};
+};
+
+struct LocalTierConfig {
+  std::uint64_t capacity = 0;  // bytes of anonymous DRAM the tier may use
+};
+
+struct FileTierConfig {
+  std::filesystem::path dir;   // where the tier's backing file lives
+  std::uint64_t capacity = 0;
+};
+
+struct CxlTierConfig {
+  std::filesystem::path path;   // /dev/daxX.Y on a real or emulated CXL host, or a regular file
+  std::uint32_t host_index = 0; // this host's slot in the shared region's directory (< host_count)
+  std::uint32_t host_count = 4; // slots laid out when this agent formats the region (1..15)
+  bool format = false;          // may this agent format a region that has no directory yet
+};
+
+struct RdmaTierConfig {
+  std::string device;           // "rxe0", "mlx5_0"; empty = first device
+  int gid_index = 1;
+  NetAddress memnode;           // the memory node's control plane (TCP)
+  std::string token;            // the memory node's control token
+};
+
+struct MemnodeConfig {
+  std::uint64_t pool_size = 0;  // bytes of registered memory lent to compute hosts
+  std::string device;
+  int gid_index = 1;
+};
+
+struct AgentConfig {
+  std::filesystem::path source;  // the file this was loaded from ("" for in-memory text)
+  std::string host;              // this agent's name; defaults to the machine's hostname
+  AgentRole role = AgentRole::compute;
+  std::filesystem::path state_dir;
+  ControlConfig control;
+  std::optional<LocalTierConfig> local;
+  std::optional<FileTierConfig> file;
+  std::optional<CxlTierConfig> cxl;
+  std::optional<RdmaTierConfig> rdma;
+  std::optional<MemnodeConfig> memnode;  // present iff role == memnode
+};
+
+// Parses TOML text. `source_name` labels error messages; relative paths (token_file, dirs) are
+// resolved against `base_dir`. Every failure is Errc::invalid_argument naming the offending key.
+[[nodiscard]] Result<AgentConfig> parse_config(std::string_view toml_text,
+                                               std::string_view source_name = "config",
+                                               const std::filesystem::path& base_dir = {});
+
+// Reads and parses a config file; relative paths inside resolve against the file's directory.
+[[nodiscard]] Result<AgentConfig> load_config(const std::filesystem::path& file);
+
+// "4096", "512K", "512M", "2G", "1T" (binary multiples; "MiB"/"MB"-style suffixes accepted).
+[[nodiscard]] Result<std::uint64_t> parse_size(std::string_view text);
+
+}  // namespace snaptier
