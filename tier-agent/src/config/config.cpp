@@ -334,7 +334,9 @@ Result<AgentConfig> parse_root(const toml::table& root, std::string_view source,
       tier.host_count = static_cast<std::uint32_t>(host_count.value_or(4));
       SNAPTIER_TRY(host_index, cxl.integer("host_index", 0, 14));
       if (!host_index) return cxl.error("host_index", nullptr, "required key is missing");
-      if (*host_index >= tier.host_count) {
+      // host_count shapes only a new format; an existing region's layout decides otherwise,
+      // so the index is checked against it only when it is spelled out.
+      if (host_count && *host_index >= tier.host_count) {
         return cxl.error("host_index", cxl_table->get("host_index"),
                          "must be less than host_count (" + std::to_string(tier.host_count) + ")");
       }
