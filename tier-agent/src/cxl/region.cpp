@@ -39,7 +39,11 @@ Result<std::uint64_t> devdax_size(const struct stat& st) {
 Result<std::shared_ptr<MappedRegion>> MappedRegion::open(const std::filesystem::path& path,
                                                          Options options) {
   detail::UniqueFd fd(::open(path.c_str(), O_RDWR | O_CLOEXEC));
-  if (!fd) return fail_errno(errno == ENOENT ? Errc::not_found : Errc::io, "open " + path.string(), errno);
+  if (!fd) {
+    const int err = errno;
+    const Errc code = err == ENOENT ? Errc::not_found : err == EISDIR ? Errc::invalid_argument : Errc::io;
+    return fail_errno(code, "open " + path.string(), err);
+  }
   struct stat st {};
   if (::fstat(fd.get(), &st) != 0) return fail_errno(Errc::io, "fstat " + path.string(), errno);
 

@@ -1,0 +1,397 @@
+// SnapshotStore over any set of tiers. Host-private manifests live in <state_dir>/manifests;
+// manifests of snapshots whose data is entirely on shared tiers are published in the CXL
+// directory, where every attached host finds them and reads the pages in place.
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <fstream>
+#include <mutex>
+#include <system_error>
+
+#include "cxl/crc32c.hpp"
+#include "snaptier/snapshot_store.hpp"
+#include "store/manifest.hpp"
+#include "tiers/posix_util.hpp"
+
+namespace snaptier {
+
+bool is_valid_snapshot_id(std::string_view id) noexcept {
+  if (id.empty() || id.size() > kCxlMaxIdLength || id.front() == '.') return false;
+  return std::all_of(id.begin(), id.end(), [](char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+           c == '.' || c == '_' || c == ':' || c == '-';
+  });
+}
+
+namespace {
+
+namespace fs = std::filesystem;
+
+alignas(4096) constexpr std::array<std::byte, kPageSize> kZeroPage{};
+
+bool is_zero_page(std::span<const std::byte> page) {
+  return std::memcmp(page.data(), kZeroPage.data(), kPageSize) == 0;
+}
+
+std::uint64_t now_unix_ns() {
+  return static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                        std::chrono::system_clock::now().time_since_epoch())
+                                        .count());
+}
+
+Result<void> check_id(const std::string& id) {
+  if (!is_valid_snapshot_id(id)) {
+    return fail(Errc::invalid_argument, "bad snapshot id '" + id +
+                                            "': use 1..63 characters of [A-Za-z0-9._:-], not starting with '.'");
+  }
+  return {};
+}
+
+// Writes a file so that a crash leaves either the old state or the complete new file.
+Result<void> write_file_atomically(const fs::path& path, std::span<const std::byte> bytes) {
+  const fs::path temporary = path.string() + ".tmp";
+  detail::UniqueFd fd(::open(temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+  if (!fd) return fail_errno(Errc::io, "create " + temporary.string(), errno);
+  std::size_t done = 0;
+  while (done < bytes.size()) {
+    const ssize_t n = ::write(fd.get(), bytes.data() + done, bytes.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return fail_errno(Errc::io, "write " + temporary.string(), errno);
+    done += static_cast<std::size_t>(n);
+  }
+  if (::fsync(fd.get()) != 0) return fail_errno(Errc::io, "fsync " + temporary.string(), errno);
+  fd.reset();
+  if (::rename(temporary.c_str(), path.c_str()) != 0) {
+    return fail_errno(Errc::io, "rename " + temporary.string(), errno);
+  }
+  detail::UniqueFd dir(::open(path.parent_path().c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (dir) (void)::fsync(dir.get());
+  return {};
+}
+
+Result<std::vector<std::byte>> read_file(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return fail(Errc::not_found, "cannot open " + path.string());
+  std::vector<char> raw((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (in.bad()) return fail(Errc::io, "read " + path.string());
+  std::vector<std::byte> bytes(raw.size());
+  if (!raw.empty()) std::memcpy(bytes.data(), raw.data(), raw.size());
+  return bytes;
+}
+
+class TieredSnapshotStore final : public SnapshotStore {
+ public:
+  explicit TieredSnapshotStore(StoreOptions options) : options_(std::move(options)) {}
+
+  Result<SnapshotInfo> put(Snapshot snapshot, std::span<const std::byte> data,
+                           const PlacementRequest& placement) override {
+    std::lock_guard lock(mutex_);
+    const std::string id = snapshot.info.id;
+    if (auto ok = check_id(id); !ok) return tl::unexpected(ok.error());
+    auto& pages = snapshot.pages;
+    if (data.size() != pages.size() * kPageSize) {
+      return fail(Errc::invalid_argument, "put '" + id + "': " + std::to_string(pages.size()) +
+                                              " pages need " + std::to_string(pages.size() * kPageSize) +
+                                              " bytes of data, got " + std::to_string(data.size()));
+    }
+    if (!placement.per_page.empty() && placement.per_page.size() != pages.size()) {
+      return fail(Errc::invalid_argument, "put '" + id + "': per_page placement has " +
+                                              std::to_string(placement.per_page.size()) + " entries for " +
+                                              std::to_string(pages.size()) + " pages");
+    }
+    if (auto exists = find(id); exists || exists.error().code != Errc::not_found) {
+      if (exists) return fail(Errc::already_exists, "snapshot '" + id + "' already exists");
+      return tl::unexpected(exists.error());
+    }
+
+    // Classify pages; zero pages are never stored.
+    std::map<TierKind, std::vector<std::size_t>> pages_per_tier;
+    SnapshotInfo& info = snapshot.info;
+    info.owner_host = options_.host_name;
+    info.created_unix_ns = now_unix_ns();
+    info.page_count = pages.size();
+    info.zero_pages = 0;
+    info.bytes_per_tier.clear();
+    for (std::size_t i = 0; i < pages.size(); ++i) {
+      const auto page = data.subspan(i * kPageSize, kPageSize);
+      pages[i].flags &= ~(page_zero | page_checksummed);
+      if (is_zero_page(page)) {
+        pages[i].flags |= page_zero;
+        pages[i].tier = TierKind::local;
+        pages[i].location = 0;
+        pages[i].crc32c = 0;
+        ++info.zero_pages;
+        continue;
+      }
+      const TierKind tier = (!placement.per_page.empty() && placement.per_page[i])
+                                ? *placement.per_page[i] : placement.default_tier;
+      if (!options_.tiers.contains(tier)) {
+        return fail(Errc::invalid_argument, "put '" + id + "': page " + std::to_string(i) +
+                                                " is placed on tier " + std::string(to_string(tier)) +
+                                                ", which this store does not have");
+      }
+      pages_per_tier[tier].push_back(i);
+    }
+
+    // One extent per tier; on any failure give back what was taken.
+    std::vector<OwnedExtent> extents;
+    auto rollback = [&] {
+      for (const auto& e : extents) (void)options_.tiers.at(e.tier)->release(e.extent);
+    };
+    for (const auto& [tier_kind, indices] : pages_per_tier) {
+      Tier& tier = *options_.tiers.at(tier_kind);
+      auto extent = tier.allocate(indices.size() * kPageSize);
+      if (!extent) {
+        rollback();
+        return fail(extent.error().code, "put '" + id + "': " + extent.error().message);
+      }
+      extents.push_back(OwnedExtent{tier_kind, *extent});
+      // Stage contiguous runs so each tier sees few large writes (matters for file and rdma).
+      constexpr std::size_t kStagePages = 256;
+      std::vector<std::byte> stage;
+      stage.reserve(std::min(indices.size(), kStagePages) * kPageSize);
+      std::size_t staged_from = 0;
+      for (std::size_t k = 0; k < indices.size(); ++k) {
+        const std::size_t i = indices[k];
+        const auto page = data.subspan(i * kPageSize, kPageSize);
+        stage.insert(stage.end(), page.begin(), page.end());
+        pages[i].tier = tier_kind;
+        pages[i].location = extent->offset + k * kPageSize;
+        pages[i].crc32c = crc32c(page);
+        pages[i].flags |= page_checksummed;
+        if (stage.size() == kStagePages * kPageSize || k + 1 == indices.size()) {
+          if (auto ok = tier.write(*extent, staged_from * kPageSize, stage); !ok) {
+            rollback();
+            return fail(ok.error().code, "put '" + id + "': write to " + std::string(tier.name()) +
+                                             ": " + ok.error().message);
+          }
+          staged_from = k + 1;
+          stage.clear();
+        }
+      }
+      info.bytes_per_tier[tier_kind] = indices.size() * kPageSize;
+    }
+
+    const bool all_shared = std::all_of(pages_per_tier.begin(), pages_per_tier.end(), [&](const auto& kv) {
+      return options_.tiers.at(kv.first)->caps().shared;
+    });
+    auto directory = options_.cxl_directory;
+    info.published = all_shared && directory != nullptr;
+    std::vector<Extent> arena_extents;
+    for (const auto& e : extents) {
+      if (e.tier == TierKind::cxl) arena_extents.push_back(e.extent);
+    }
+    const auto manifest = encode_manifest(Manifest{snapshot, extents});
+
+    if (info.published) {
+      auto published = directory->publish(id, manifest, arena_extents, CxlVisibility::published);
+      if (!published) {
+        rollback();
+        return tl::unexpected(published.error());
+      }
+      return info;
+    }
+    // Private snapshot: its CXL extents are still recorded in the directory (owner_only) so that
+    // a restarted host's arena recovery keeps them.
+    if (!arena_extents.empty()) {
+      auto recorded = directory->publish(id, {}, arena_extents, CxlVisibility::owner_only);
+      if (!recorded) {
+        rollback();
+        return tl::unexpected(recorded.error());
+      }
+    }
+    if (auto ok = write_file_atomically(manifest_path(id), manifest); !ok) {
+      if (!arena_extents.empty()) (void)directory->remove(id);
+      for (const auto& e : extents) {
+        if (e.tier != TierKind::cxl) (void)options_.tiers.at(e.tier)->release(e.extent);
+      }
+      return tl::unexpected(ok.error());
+    }
+    return info;
+  }
+
+  Result<Snapshot> get(const std::string& id) override {
+    std::lock_guard lock(mutex_);
+    auto manifest = find(id);
+    if (!manifest) return tl::unexpected(manifest.error());
+    return std::move(manifest->snapshot);
+  }
+
+  Result<std::vector<SnapshotInfo>> list() override {
+    std::lock_guard lock(mutex_);
+    std::map<std::string, SnapshotInfo> found;
+    std::error_code ec;
+    for (const auto& entry : fs::directory_iterator(manifests_dir(), ec)) {
+      if (entry.path().extension() != ".snapman") continue;
+      auto bytes = read_file(entry.path());
+      if (!bytes) continue;
+      // A damaged manifest is reported by get(id); list() shows what is readable.
+      if (auto m = decode_manifest(*bytes)) found.emplace(m->snapshot.info.id, m->snapshot.info);
+    }
+    if (ec) return fail(Errc::io, "list " + manifests_dir().string() + ": " + ec.message());
+    if (options_.cxl_directory) {
+      auto entries = options_.cxl_directory->list();
+      if (!entries) return tl::unexpected(entries.error());
+      for (const auto& entry : *entries) {
+        if (entry.visibility != CxlVisibility::published) continue;
+        auto record = options_.cxl_directory->lookup(entry.id);
+        if (!record) continue;
+        if (auto m = decode_manifest(record->manifest)) found.emplace(entry.id, m->snapshot.info);
+      }
+    }
+    std::vector<SnapshotInfo> out;
+    for (auto& [id, info] : found) out.push_back(std::move(info));
+    return out;
+  }
+
+  Result<void> remove(const std::string& id) override {
+    std::lock_guard lock(mutex_);
+    if (auto ok = check_id(id); !ok) return ok;
+    const fs::path path = manifest_path(id);
+    if (fs::exists(path)) {
+      auto bytes = read_file(path);
+      if (!bytes) return tl::unexpected(bytes.error());
+      auto manifest = decode_manifest(*bytes);
+      if (!manifest) {
+        return fail(Errc::corrupt, "remove '" + id + "': " + manifest.error().message +
+                                       " (extents cannot be released; delete " + path.string() +
+                                       " by hand)");
+      }
+      bool has_cxl = false;
+      for (const auto& e : manifest->extents) {
+        if (e.tier == TierKind::cxl) {
+          has_cxl = true;
+        } else if (auto tier = options_.tiers.find(e.tier); tier != options_.tiers.end()) {
+          (void)tier->second->release(e.extent);
+        }
+      }
+      if (has_cxl && options_.cxl_directory) {
+        if (auto ok = options_.cxl_directory->remove(id); !ok && ok.error().code != Errc::not_found) {
+          return ok;
+        }
+      }
+      std::error_code ec;
+      fs::remove(path, ec);
+      if (ec) return fail(Errc::io, "remove " + path.string() + ": " + ec.message());
+      return {};
+    }
+    if (!options_.cxl_directory) return fail(Errc::not_found, "snapshot '" + id + "' not found");
+    auto record = options_.cxl_directory->lookup(id);
+    if (!record) return tl::unexpected(record.error());
+    // The tombstone goes first: it also checks that this host owns the snapshot.
+    if (auto ok = options_.cxl_directory->remove(id); !ok) return ok;
+    // Extents on other shared tiers (rdma) are released at once; only CXL arena space waits for
+    // every host to move past the tombstone.
+    if (auto manifest = decode_manifest(record->manifest)) {
+      for (const auto& e : manifest->extents) {
+        if (e.tier == TierKind::cxl) continue;
+        if (auto tier = options_.tiers.find(e.tier); tier != options_.tiers.end()) {
+          (void)tier->second->release(e.extent);
+        }
+      }
+    }
+    return {};
+  }
+
+  Result<void> read_page(const Snapshot& snapshot, const PageEntry& page,
+                         std::span<std::byte> out) override {
+    if (out.size() != kPageSize) {
+      return fail(Errc::invalid_argument, "read_page: buffer must be " + std::to_string(kPageSize) + " bytes");
+    }
+    if (page.flags & page_zero) {
+      std::memset(out.data(), 0, out.size());
+      return {};
+    }
+    auto tier = options_.tiers.find(page.tier);
+    if (tier == options_.tiers.end()) {
+      return fail(Errc::unsupported, "read_page: snapshot '" + snapshot.info.id + "' has a page on tier " +
+                                         std::string(to_string(page.tier)) + ", which this store does not have");
+    }
+    if (auto ok = tier->second->read(Extent{page.location, kPageSize}, 0, out); !ok) return ok;
+    if (options_.verify_page_checksums && (page.flags & page_checksummed) && crc32c(out) != page.crc32c) {
+      return fail(Errc::corrupt, "snapshot '" + snapshot.info.id + "': page at vaddr " +
+                                     std::to_string(page.vaddr) + " on tier " +
+                                     std::string(to_string(page.tier)) + " fails its checksum");
+    }
+    return {};
+  }
+
+  const std::byte* map_page(const PageEntry& page) override {
+    if (page.flags & page_zero) return kZeroPage.data();
+    auto tier = options_.tiers.find(page.tier);
+    if (tier == options_.tiers.end() || !tier->second->caps().byte_addressable) return nullptr;
+    return tier->second->map(Extent{page.location, kPageSize});
+  }
+
+  Result<void> prepare() {
+    std::error_code ec;
+    fs::create_directories(manifests_dir(), ec);
+    if (ec) return fail(Errc::io, "create " + manifests_dir().string() + ": " + ec.message());
+    return {};
+  }
+
+ private:
+  fs::path manifests_dir() const { return options_.state_dir / "manifests"; }
+  fs::path manifest_path(const std::string& id) const { return manifests_dir() / (id + ".snapman"); }
+
+  // The manifest of `id` from the state dir, else from the CXL directory.
+  Result<Manifest> find(const std::string& id) {
+    if (auto ok = check_id(id); !ok) return tl::unexpected(ok.error());
+    const fs::path path = manifest_path(id);
+    std::error_code ec;
+    if (fs::exists(path, ec)) {
+      auto bytes = read_file(path);
+      if (!bytes) return tl::unexpected(bytes.error());
+      return checked(id, decode_manifest(*bytes), path.string());
+    }
+    if (options_.cxl_directory) {
+      auto record = options_.cxl_directory->lookup(id);
+      if (record && record->entry.visibility == CxlVisibility::published) {
+        return checked(id, decode_manifest(record->manifest), "the CXL directory");
+      }
+      if (!record && record.error().code != Errc::not_found) return tl::unexpected(record.error());
+    }
+    return fail(Errc::not_found, "snapshot '" + id + "' not found");
+  }
+
+  static Result<Manifest> checked(const std::string& id, Result<Manifest> manifest, const std::string& where) {
+    if (!manifest) {
+      return fail(manifest.error().code, "snapshot '" + id + "' in " + where + ": " + manifest.error().message);
+    }
+    if (manifest->snapshot.info.id != id) {
+      return fail(Errc::corrupt, "snapshot '" + id + "' in " + where + ": manifest names '" +
+                                     manifest->snapshot.info.id + "'");
+    }
+    return manifest;
+  }
+
+  StoreOptions options_;
+  std::mutex mutex_;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<SnapshotStore>> make_snapshot_store(StoreOptions options) {
+  if (options.host_name.empty()) return fail(Errc::invalid_argument, "store: host name is empty");
+  if (options.state_dir.empty()) return fail(Errc::invalid_argument, "store: state directory is empty");
+  for (const auto& [kind, tier] : options.tiers) {
+    if (!tier) return fail(Errc::invalid_argument, "store: tier " + std::string(to_string(kind)) + " is null");
+    if (tier->kind() != kind) {
+      return fail(Errc::invalid_argument, "store: tier registered as " + std::string(to_string(kind)) +
+                                              " reports kind " + std::string(to_string(tier->kind())));
+    }
+  }
+  if (options.tiers.contains(TierKind::cxl) && !options.cxl_directory) {
+    return fail(Errc::invalid_argument, "store: a cxl tier needs the CXL directory it allocates from");
+  }
+  auto store = std::make_unique<TieredSnapshotStore>(std::move(options));
+  if (auto ok = store->prepare(); !ok) return tl::unexpected(ok.error());
+  return std::unique_ptr<SnapshotStore>(std::move(store));
+}
+
+}  // namespace snaptier
