@@ -1,5 +1,6 @@
 #include "cxl/cache_model_access.hpp"
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 
@@ -9,10 +10,11 @@ namespace {
 constexpr std::uint64_t kWords = kCacheLine / 8;
 }
 
-CacheModelAccess::CacheModelAccess(std::shared_ptr<MappedRegion> shared)
+CacheModelAccess::CacheModelAccess(std::shared_ptr<MappedRegion> shared, bool prefetch_page)
     : shared_region_(std::move(shared)),
       shared_(shared_region_->data()),
       size_(shared_region_->size()),
+      prefetch_page_(prefetch_page),
       copy_(size_),
       present_((size_ + kCacheLine - 1) / kCacheLine, 0),
       dirty_(present_.size(), 0) {}
@@ -26,6 +28,16 @@ void CacheModelAccess::fetch_line(std::uint64_t line) {
   present_[line] = 1;
 }
 
+void CacheModelAccess::miss(std::uint64_t line) {
+  fetch_line(line);
+  if (!prefetch_page_) return;
+  constexpr std::uint64_t kLinesPerPage = 4096 / kCacheLine;
+  const std::uint64_t first = line / kLinesPerPage * kLinesPerPage;
+  for (std::uint64_t l = first; l < std::min<std::uint64_t>(first + kLinesPerPage, present_.size()); ++l) {
+    if (!present_[l]) fetch_line(l);
+  }
+}
+
 void CacheModelAccess::writeback_line(std::uint64_t line) {
   auto* src = reinterpret_cast<std::uint64_t*>(copy_.data() + line * kCacheLine);
   auto* dst = reinterpret_cast<std::uint64_t*>(shared_ + line * kCacheLine);
@@ -37,7 +49,7 @@ void CacheModelAccess::load(std::uint64_t offset, std::span<std::byte> out) {
   if (out.empty()) return;
   std::lock_guard lock(mutex_);
   for (std::uint64_t line = offset / kCacheLine; line <= (offset + out.size() - 1) / kCacheLine; ++line) {
-    if (!present_[line]) fetch_line(line);
+    if (!present_[line]) miss(line);
   }
   std::memcpy(out.data(), copy_.data() + offset, out.size());
 }
@@ -46,7 +58,7 @@ void CacheModelAccess::store(std::uint64_t offset, std::span<const std::byte> in
   if (in.empty()) return;
   std::lock_guard lock(mutex_);
   for (std::uint64_t line = offset / kCacheLine; line <= (offset + in.size() - 1) / kCacheLine; ++line) {
-    if (!present_[line]) fetch_line(line);  // write-allocate
+    if (!present_[line]) miss(line);  // write-allocate
     dirty_[line] = 1;
   }
   std::memcpy(copy_.data() + offset, in.data(), in.size());

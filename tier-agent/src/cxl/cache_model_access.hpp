@@ -2,7 +2,9 @@
 // shared bytes: loads are served from this host's copy of a line once it has been fetched, and
 // only invalidate() makes the next load fetch again; stores stay in the copy until writeback()
 // (or an invalidate of a dirty line, as clflushopt does). Write-backs copy whole 64-byte lines,
-// so two hosts writing one line clobber each other here exactly as on hardware.
+// so two hosts writing one line clobber each other here exactly as on hardware. A miss also
+// pulls in the other lines of its 4 KiB page, as hardware prefetchers do, so stale copies of
+// lines this host never asked for exist too.
 #pragma once
 
 #include <memory>
@@ -15,7 +17,7 @@ namespace snaptier {
 
 class CacheModelAccess final : public RegionAccess {
  public:
-  explicit CacheModelAccess(std::shared_ptr<MappedRegion> shared);
+  explicit CacheModelAccess(std::shared_ptr<MappedRegion> shared, bool prefetch_page = true);
 
   std::uint64_t size() const noexcept override { return size_; }
   void load(std::uint64_t offset, std::span<std::byte> out) override;
@@ -32,11 +34,13 @@ class CacheModelAccess final : public RegionAccess {
 
  private:
   void fetch_line(std::uint64_t line);
+  void miss(std::uint64_t line);
   void writeback_line(std::uint64_t line);
 
   std::shared_ptr<MappedRegion> shared_region_;
   std::byte* shared_;
   std::uint64_t size_;
+  bool prefetch_page_;
   mutable std::mutex mutex_;
   std::vector<std::byte> copy_;
   std::vector<std::uint8_t> present_;
