@@ -1,0 +1,349 @@
+// The snapshot store over real tiers: zero pages, placement, manifests in the state dir and in
+// the CXL directory, cross-process restore of published snapshots, bad input and corruption.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <fstream>
+
+#include "cxl/cache_model_access.hpp"
+#include "helpers/temp_dir.hpp"
+#include "snaptier/snapshot_store.hpp"
+#include "snaptier/tiers.hpp"
+
+namespace snaptier {
+namespace {
+
+namespace fs = std::filesystem;
+
+// `count` pages; every page whose index is in `zero` is all zeros, the rest are distinct.
+std::vector<std::byte> page_data(std::size_t count, std::initializer_list<std::size_t> zero = {}, unsigned seed = 1) {
+  std::vector<std::byte> data(count * kPageSize);
+  for (std::size_t p = 0; p < count; ++p) {
+    if (std::find(zero.begin(), zero.end(), p) != zero.end()) continue;
+    for (std::size_t i = 0; i < kPageSize; ++i) {
+      data[p * kPageSize + i] = static_cast<std::byte>((i * 7 + p * 13 + seed * 29 + 1) & 0xFF);
+    }
+    data[p * kPageSize] = std::byte{0xA5};  // never all zero
+  }
+  return data;
+}
+
+Snapshot make_snapshot(const std::string& id, std::size_t pages) {
+  Snapshot s;
+  s.info.id = id;
+  s.blobs["criu/pagemap.img"] = {std::byte{1}, std::byte{2}, std::byte{3}};
+  s.blobs["profile"] = {};
+  for (std::size_t i = 0; i < pages; ++i) {
+    PageEntry p;
+    p.vaddr = 0x7f0000000000ull + i * kPageSize;
+    p.touch_order = static_cast<std::uint32_t>(i % 3);
+    s.pages.push_back(p);
+  }
+  return s;
+}
+
+// Reads every page back through the store and through map_page where the tier allows.
+::testing::AssertionResult restores_exactly(SnapshotStore& store, const Snapshot& snapshot,
+                                            std::span<const std::byte> data, bool expect_mapped) {
+  std::vector<std::byte> page(kPageSize);
+  for (std::size_t i = 0; i < snapshot.pages.size(); ++i) {
+    const auto expected = data.subspan(i * kPageSize, kPageSize);
+    auto ok = store.read_page(snapshot, snapshot.pages[i], page);
+    if (!ok) return ::testing::AssertionFailure() << "page " << i << ": " << ok.error().what();
+    if (!std::equal(page.begin(), page.end(), expected.begin())) {
+      return ::testing::AssertionFailure() << "page " << i << " differs";
+    }
+    const std::byte* mapped = store.map_page(snapshot.pages[i]);
+    if (expect_mapped && (mapped == nullptr || std::memcmp(mapped, expected.data(), kPageSize) != 0)) {
+      return ::testing::AssertionFailure() << "page " << i << " not mapped in place";
+    }
+  }
+  return ::testing::AssertionSuccess();
+}
+
+class StoreTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    local_ = std::shared_ptr<Tier>(*make_local_tier(4 << 20));
+    file_ = std::shared_ptr<Tier>(*make_file_tier(dir_.path() / "file-tier", 4 << 20));
+  }
+
+  std::unique_ptr<SnapshotStore> open_store(std::map<TierKind, std::shared_ptr<Tier>> tiers,
+                                            std::shared_ptr<CxlDirectory> directory = nullptr,
+                                            const std::string& host = "hostA", const std::string& state = "state-a") {
+    auto store = make_snapshot_store(StoreOptions{host, dir_.path() / state, std::move(tiers), std::move(directory)});
+    EXPECT_TRUE(store) << store.error().what();
+    return store ? std::move(*store) : nullptr;
+  }
+
+  void make_region(std::uint32_t hosts = 2) {
+    region_path_ = testing::make_region_file(dir_.path(), 8 << 20);
+    auto region = MappedRegion::open(region_path_);
+    ASSERT_TRUE(region);
+    region_ = *region;
+    CacheModelAccess formatter(region_);
+    ASSERT_TRUE(format_cxl_region(formatter, CxlFormatOptions{.host_count = hosts, .log_entries_per_host = 64}));
+  }
+
+  std::shared_ptr<CxlDirectory> attach(std::uint32_t index, const std::string& name) {
+    auto directory = CxlDirectory::attach(std::make_shared<CacheModelAccess>(region_),
+                                          CxlAttachOptions{.host_index = index, .host_name = name});
+    EXPECT_TRUE(directory) << directory.error().what();
+    return directory ? *directory : nullptr;
+  }
+
+  testing::TempDir dir_;
+  std::shared_ptr<Tier> local_, file_;
+  fs::path region_path_;
+  std::shared_ptr<MappedRegion> region_;
+};
+
+TEST_F(StoreTest, ZeroPagesAreDetectedAndNeverStored) {
+  auto store = open_store({{TierKind::local, local_}});
+  const auto data = page_data(6, {1, 4});
+  auto info = store->put(make_snapshot("zeros", 6), data, PlacementRequest{});
+  ASSERT_TRUE(info) << info.error().what();
+  EXPECT_EQ(info->page_count, 6u);
+  EXPECT_EQ(info->zero_pages, 2u);
+  EXPECT_EQ(info->bytes_per_tier.at(TierKind::local), 4 * kPageSize);
+  EXPECT_EQ(local_->stats().used_bytes, 4 * kPageSize);
+  EXPECT_FALSE(info->published);
+  EXPECT_EQ(info->owner_host, "hostA");
+
+  auto snapshot = store->get("zeros");
+  ASSERT_TRUE(snapshot) << snapshot.error().what();
+  EXPECT_TRUE(snapshot->pages[1].flags & page_zero);
+  EXPECT_FALSE(snapshot->pages[0].flags & page_zero);
+  EXPECT_EQ(snapshot->blobs.at("criu/pagemap.img").size(), 3u);
+  EXPECT_TRUE(snapshot->blobs.contains("profile"));
+  EXPECT_EQ(snapshot->pages[2].touch_order, 2u);
+  EXPECT_TRUE(restores_exactly(*store, *snapshot, data, /*expect_mapped=*/true));
+}
+
+TEST_F(StoreTest, PerPagePlacementSpreadsPagesOverTiers) {
+  auto store = open_store({{TierKind::local, local_}, {TierKind::file, file_}});
+  const auto data = page_data(5);
+  PlacementRequest placement{TierKind::file, {TierKind::local, std::nullopt, TierKind::local, std::nullopt, std::nullopt}};
+  auto info = store->put(make_snapshot("mixed", 5), data, placement);
+  ASSERT_TRUE(info) << info.error().what();
+  EXPECT_EQ(info->bytes_per_tier.at(TierKind::local), 2 * kPageSize);
+  EXPECT_EQ(info->bytes_per_tier.at(TierKind::file), 3 * kPageSize);
+  auto snapshot = *store->get("mixed");
+  EXPECT_EQ(snapshot.pages[0].tier, TierKind::local);
+  EXPECT_EQ(snapshot.pages[1].tier, TierKind::file);
+  EXPECT_TRUE(restores_exactly(*store, snapshot, data, false));
+  EXPECT_NE(store->map_page(snapshot.pages[0]), nullptr);
+  EXPECT_EQ(store->map_page(snapshot.pages[1]), nullptr);  // file tier is not byte addressable
+}
+
+TEST_F(StoreTest, BadRequestsAreRejectedWithReasons) {
+  auto store = open_store({{TierKind::local, local_}});
+  const auto data = page_data(2);
+  EXPECT_EQ(store->put(make_snapshot("../escape", 2), data, {}).error().code, Errc::invalid_argument);
+  EXPECT_EQ(store->put(make_snapshot("", 2), data, {}).error().code, Errc::invalid_argument);
+  EXPECT_EQ(store->put(make_snapshot(std::string(64, 'x'), 2), data, {}).error().code, Errc::invalid_argument);
+  EXPECT_EQ(store->put(make_snapshot("short", 3), data, {}).error().code, Errc::invalid_argument);
+  PlacementRequest wrong_length{TierKind::local, {TierKind::local}};
+  EXPECT_EQ(store->put(make_snapshot("w", 2), data, wrong_length).error().code, Errc::invalid_argument);
+  auto missing_tier = store->put(make_snapshot("w", 2), data, PlacementRequest{TierKind::file, {}});
+  ASSERT_FALSE(missing_tier);
+  EXPECT_NE(missing_tier.error().message.find("file"), std::string::npos);
+  ASSERT_TRUE(store->put(make_snapshot("dup", 2), data, {}));
+  EXPECT_EQ(store->put(make_snapshot("dup", 2), data, {}).error().code, Errc::already_exists);
+  EXPECT_EQ(store->get("nope").error().code, Errc::not_found);
+  EXPECT_EQ(store->get("../../etc/passwd").error().code, Errc::invalid_argument);
+  EXPECT_EQ(local_->stats().used_bytes, 2 * kPageSize);  // failed puts left nothing behind
+  // A cxl tier without its directory is a configuration error.
+  auto no_directory = make_snapshot_store(StoreOptions{"h", dir_.path() / "s", {{TierKind::cxl, local_}}, nullptr});
+  EXPECT_EQ(no_directory.error().code, Errc::invalid_argument);
+}
+
+TEST_F(StoreTest, OutOfSpaceRollsBackEveryTier) {
+  auto small = std::shared_ptr<Tier>(*make_local_tier(2 * kPageSize));
+  auto store = open_store({{TierKind::local, small}, {TierKind::file, file_}});
+  PlacementRequest placement{TierKind::local, {TierKind::file, std::nullopt, std::nullopt, std::nullopt}};
+  auto put = store->put(make_snapshot("big", 4), page_data(4), placement);
+  ASSERT_FALSE(put);
+  EXPECT_EQ(put.error().code, Errc::no_space);
+  EXPECT_EQ(small->stats().used_bytes, 0u);
+  EXPECT_EQ(file_->stats().used_bytes, 0u);
+  EXPECT_EQ(store->get("big").error().code, Errc::not_found);
+}
+
+TEST_F(StoreTest, RemoveReleasesDataAndForgetsTheSnapshot) {
+  auto store = open_store({{TierKind::local, local_}, {TierKind::file, file_}});
+  ASSERT_TRUE(store->put(make_snapshot("a", 3), page_data(3), PlacementRequest{TierKind::file, {}}));
+  ASSERT_TRUE(store->put(make_snapshot("b", 2), page_data(2), {}));
+  ASSERT_EQ(store->list()->size(), 2u);
+  ASSERT_TRUE(store->remove("a"));
+  EXPECT_EQ(file_->stats().used_bytes, 0u);
+  EXPECT_EQ(store->get("a").error().code, Errc::not_found);
+  EXPECT_EQ(store->remove("a").error().code, Errc::not_found);
+  auto listed = store->list();
+  ASSERT_EQ(listed->size(), 1u);
+  EXPECT_EQ((*listed)[0].id, "b");
+}
+
+TEST_F(StoreTest, FileTierSnapshotsSurviveAStoreRestart) {
+  const auto data = page_data(4, {2});
+  {
+    auto store = open_store({{TierKind::file, file_}});
+    ASSERT_TRUE(store->put(make_snapshot("durable", 4), data, PlacementRequest{TierKind::file, {}}));
+  }
+  file_.reset();
+  auto reopened = std::shared_ptr<Tier>(*make_file_tier(dir_.path() / "file-tier", 4 << 20));
+  auto store = open_store({{TierKind::file, reopened}});
+  auto snapshot = store->get("durable");
+  ASSERT_TRUE(snapshot) << snapshot.error().what();
+  EXPECT_TRUE(restores_exactly(*store, *snapshot, data, false));
+}
+
+TEST_F(StoreTest, CorruptAndTruncatedManifestsAreReported) {
+  auto store = open_store({{TierKind::local, local_}});
+  ASSERT_TRUE(store->put(make_snapshot("flip", 2), page_data(2), {}));
+  ASSERT_TRUE(store->put(make_snapshot("cut", 2), page_data(2), {}));
+  const fs::path manifests = dir_.path() / "state-a" / "manifests";
+  {
+    std::fstream f(manifests / "flip.snapman", std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(40);
+    f.put('\x7f');
+  }
+  fs::resize_file(manifests / "cut.snapman", fs::file_size(manifests / "cut.snapman") - 9);
+  auto flipped = store->get("flip");
+  ASSERT_FALSE(flipped);
+  EXPECT_EQ(flipped.error().code, Errc::corrupt);
+  EXPECT_NE(flipped.error().message.find("checksum"), std::string::npos);
+  auto cut = store->get("cut");
+  ASSERT_FALSE(cut);
+  EXPECT_EQ(cut.error().code, Errc::corrupt);
+  EXPECT_NE(cut.error().message.find("truncated"), std::string::npos);
+  EXPECT_TRUE(store->list()->empty());  // unreadable manifests are not listed
+  // A manifest renamed to another id is caught too.
+  ASSERT_TRUE(store->put(make_snapshot("real", 1), page_data(1), {}));
+  fs::copy_file(manifests / "real.snapman", manifests / "alias.snapman");
+  EXPECT_EQ(store->get("alias").error().code, Errc::corrupt);
+}
+
+TEST_F(StoreTest, CorruptPageDataFailsItsChecksum) {
+  auto store = open_store({{TierKind::file, file_}});
+  ASSERT_TRUE(store->put(make_snapshot("pages", 2), page_data(2), PlacementRequest{TierKind::file, {}}));
+  auto snapshot = *store->get("pages");
+  // Damage page 1 behind the store's back, in the extent file on disk.
+  for (const auto& entry : fs::directory_iterator(dir_.path() / "file-tier")) {
+    std::fstream f(entry.path(), std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(static_cast<std::streamoff>(kPageSize + 77));
+    f.put('\x01');
+  }
+  std::vector<std::byte> page(kPageSize);
+  EXPECT_TRUE(store->read_page(snapshot, snapshot.pages[0], page));
+  auto damaged = store->read_page(snapshot, snapshot.pages[1], page);
+  ASSERT_FALSE(damaged);
+  EXPECT_EQ(damaged.error().code, Errc::corrupt);
+  EXPECT_EQ(store->read_page(snapshot, snapshot.pages[0], std::span(page).first(100)).error().code,
+            Errc::invalid_argument);
+}
+
+TEST_F(StoreTest, SharedSnapshotIsPublishedAndRestoredByAnotherProcessInPlace) {
+  make_region(2);
+  const auto data = page_data(8, {3});
+  {
+    auto directory = attach(0, "hostA");
+    auto cxl = std::shared_ptr<Tier>(*make_cxl_tier(directory));
+    auto store = open_store({{TierKind::local, local_}, {TierKind::cxl, cxl}}, directory);
+    auto info = store->put(make_snapshot("shared-fn", 8), data, PlacementRequest{TierKind::cxl, {}});
+    ASSERT_TRUE(info) << info.error().what();
+    EXPECT_TRUE(info->published);
+    EXPECT_FALSE(fs::exists(dir_.path() / "state-a" / "manifests" / "shared-fn.snapman"));
+  }
+
+  // Host B is another process with its own mapping of the region file, cache and state dir.
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    auto region = MappedRegion::open(region_path_);
+    if (!region) ::_exit(30);
+    region_ = *region;
+    auto directory = attach(1, "hostB");
+    if (!directory) ::_exit(31);
+    auto cxl = std::shared_ptr<Tier>(*make_cxl_tier(directory));
+    auto store = make_snapshot_store(StoreOptions{"hostB", dir_.path() / "state-b", {{TierKind::cxl, cxl}}, directory});
+    if (!store) ::_exit(32);
+    auto snapshot = (*store)->get("shared-fn");
+    if (!snapshot || snapshot->info.owner_host != "hostA" || !snapshot->info.published) ::_exit(33);
+    if (!restores_exactly(**store, *snapshot, data, /*expect_mapped=*/true)) ::_exit(34);
+    auto listed = (*store)->list();
+    if (!listed || listed->size() != 1) ::_exit(35);
+    auto removed = (*store)->remove("shared-fn");
+    if (removed || removed.error().code != Errc::permission_denied) ::_exit(36);
+    if (cxl->stats().bytes_read != 7 * kPageSize) ::_exit(37);  // zero page never read
+    ::_exit(0);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "see the _exit codes in the child";
+
+  // The owner removes it; afterwards nobody finds it.
+  auto directory = attach(0, "hostA");
+  auto cxl = std::shared_ptr<Tier>(*make_cxl_tier(directory));
+  auto store = open_store({{TierKind::cxl, cxl}}, directory);
+  ASSERT_TRUE(store->get("shared-fn"));
+  ASSERT_TRUE(store->remove("shared-fn"));
+  EXPECT_EQ(store->get("shared-fn").error().code, Errc::not_found);
+  auto other = attach(1, "hostB");
+  EXPECT_EQ(other->lookup("shared-fn").error().code, Errc::not_found);
+}
+
+TEST_F(StoreTest, MixedPlacementStaysPrivateButKeepsItsCxlSpaceAcrossRestarts) {
+  make_region(2);
+  const auto data = page_data(4);
+  PlacementRequest placement{TierKind::cxl, {TierKind::local, std::nullopt, std::nullopt, std::nullopt}};
+  Snapshot stored;
+  {
+    auto directory = attach(0, "hostA");
+    auto cxl = std::shared_ptr<Tier>(*make_cxl_tier(directory));
+    auto store = open_store({{TierKind::local, local_}, {TierKind::cxl, cxl}}, directory);
+    auto info = store->put(make_snapshot("half", 4), data, placement);
+    ASSERT_TRUE(info) << info.error().what();
+    EXPECT_FALSE(info->published);
+    stored = *store->get("half");
+    EXPECT_EQ(attach(1, "hostB")->lookup("half").error().code, Errc::not_found);
+  }
+  // A restarted host must not hand out the CXL pages of its private snapshot again.
+  auto directory = attach(0, "hostA");
+  EXPECT_GE(directory->arena_used_bytes(), 3 * kPageSize);
+  auto cxl = std::shared_ptr<Tier>(*make_cxl_tier(directory));
+  auto fresh = cxl->allocate(3 * kPageSize);
+  ASSERT_TRUE(fresh);
+  ASSERT_TRUE(cxl->write(*fresh, 0, std::vector<std::byte>(3 * kPageSize, std::byte{0xEE})));
+  auto store = open_store({{TierKind::local, local_}, {TierKind::cxl, cxl}}, directory);
+  std::vector<std::byte> page(kPageSize);
+  for (std::size_t i = 1; i < 4; ++i) {
+    ASSERT_TRUE(store->read_page(stored, stored.pages[i], page)) << i;
+    EXPECT_EQ(0, std::memcmp(page.data(), data.data() + i * kPageSize, kPageSize));
+  }
+  ASSERT_TRUE(store->remove("half"));
+  EXPECT_EQ(store->get("half").error().code, Errc::not_found);
+}
+
+TEST_F(StoreTest, CorruptPublishedManifestIsReported) {
+  make_region(2);
+  auto directory = attach(0, "hostA");
+  auto cxl = std::shared_ptr<Tier>(*make_cxl_tier(directory));
+  auto store = open_store({{TierKind::cxl, cxl}}, directory);
+  ASSERT_TRUE(store->put(make_snapshot("pub", 2), page_data(2), PlacementRequest{TierKind::cxl, {}}));
+  auto record = directory->lookup("pub");
+  ASSERT_TRUE(record);
+  region_->data()[record->entry.record.offset + record->entry.record.length - 20] ^= std::byte{1};
+  auto reader = attach(1, "hostB");
+  auto reader_cxl = std::shared_ptr<Tier>(*make_cxl_tier(reader));
+  auto reader_store = open_store({{TierKind::cxl, reader_cxl}}, reader, "hostB", "state-b");
+  auto got = reader_store->get("pub");
+  ASSERT_FALSE(got);
+  EXPECT_EQ(got.error().code, Errc::corrupt);
+}
+
+}  // namespace
+}  // namespace snaptier
