@@ -1,0 +1,212 @@
+// tier_bench: page read latency (p50/p99) and throughput of one tier, for 4 KiB and 64 KiB reads
+// at random aligned offsets of a filled extent. Any Tier works: open_tier() is the only place
+// that knows the backends, so a new one (rdma) is one more branch there.
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <random>
+#include <unistd.h>
+#include <vector>
+
+#include "snaptier/cxl_directory.hpp"
+#include "snaptier/tiers.hpp"
+
+namespace snaptier {
+namespace {
+
+namespace fs = std::filesystem;
+
+struct BenchConfig {
+  std::uint64_t working_set_bytes = 64ull << 20;
+  std::uint64_t iterations = 20000;
+  std::vector<std::uint64_t> block_sizes{4096, 65536};
+};
+
+struct BlockResult {
+  std::uint64_t block_bytes = 0;
+  std::uint64_t reads = 0;
+  double p50_ns = 0, p99_ns = 0, mean_ns = 0, max_ns = 0;
+  double throughput_mib_s = 0;
+};
+
+// Everything a tier needs to stay alive while it is benchmarked (a CXL tier holds its directory).
+struct OpenedTier {
+  std::unique_ptr<Tier> tier;
+  std::shared_ptr<CxlDirectory> directory;
+  std::string note;
+};
+
+Result<OpenedTier> open_tier(TierKind kind, fs::path path, std::uint64_t capacity, bool format_region,
+                             std::uint32_t host_index) {
+  switch (kind) {
+    case TierKind::local: {
+      auto tier = make_local_tier(capacity);
+      if (!tier) return tl::unexpected(tier.error());
+      return OpenedTier{std::move(*tier), nullptr, "anonymous DRAM"};
+    }
+    case TierKind::file: {
+      auto tier = make_file_tier(path, capacity);
+      if (!tier) return tl::unexpected(tier.error());
+      return OpenedTier{std::move(*tier), nullptr, "pread from the page cache (warm after fill)"};
+    }
+    case TierKind::cxl: {
+      auto region = MappedRegion::open(path);
+      if (!region) return tl::unexpected(region.error());
+      auto access = make_direct_region_access(*region);
+      if (format_region) {
+        auto layout = format_cxl_region(*access, CxlFormatOptions{.host_count = 1, .log_entries_per_host = 64,
+                                                                  .overwrite_existing = true});
+        if (!layout) return tl::unexpected(layout.error());
+      }
+      auto directory = CxlDirectory::attach(access, CxlAttachOptions{.host_index = host_index, .host_name = "bench"});
+      if (!directory) return tl::unexpected(directory.error());
+      auto tier = make_cxl_tier(*directory);
+      if (!tier) return tl::unexpected(tier.error());
+      const std::string what = (*region)->is_device_dax() ? "devdax" : "regular file standing in for devdax";
+      return OpenedTier{std::move(*tier), *directory,
+                        what + ", invalidate (" + std::string(cache_writeback_method()) + " family) + load per read"};
+    }
+    case TierKind::rdma: break;
+  }
+  return fail(Errc::unsupported, "tier " + std::string(to_string(kind)) + " is not wired into tier_bench yet");
+}
+
+double percentile(std::vector<double>& sorted, double p) {
+  const auto index = static_cast<std::size_t>(p * static_cast<double>(sorted.size() - 1) + 0.5);
+  return sorted[std::min(index, sorted.size() - 1)];
+}
+
+Result<std::vector<BlockResult>> run_benchmark(Tier& tier, const BenchConfig& config) {
+  auto extent = tier.allocate(config.working_set_bytes);
+  if (!extent) return tl::unexpected(extent.error());
+  // Fill with non-zero data so nothing is served from a shared zero page.
+  std::vector<std::byte> chunk(1 << 20);
+  for (std::size_t i = 0; i < chunk.size(); ++i) chunk[i] = static_cast<std::byte>(i * 31 + 7);
+  for (std::uint64_t offset = 0; offset < extent->length; offset += chunk.size()) {
+    const auto n = std::min<std::uint64_t>(chunk.size(), extent->length - offset);
+    if (auto ok = tier.write(*extent, offset, std::span(chunk).first(n)); !ok) return tl::unexpected(ok.error());
+  }
+
+  std::vector<BlockResult> results;
+  std::mt19937_64 rng(42);
+  for (std::uint64_t block : config.block_sizes) {
+    if (block > extent->length) continue;
+    std::vector<std::byte> buffer(block);
+    std::uniform_int_distribution<std::uint64_t> pick(0, extent->length / block - 1);
+    std::vector<double> latencies;
+    latencies.reserve(config.iterations);
+    const auto start = std::chrono::steady_clock::now();
+    for (std::uint64_t i = 0; i < config.iterations; ++i) {
+      const std::uint64_t offset = pick(rng) * block;
+      const auto t0 = std::chrono::steady_clock::now();
+      if (auto ok = tier.read(*extent, offset, buffer); !ok) return tl::unexpected(ok.error());
+      const auto t1 = std::chrono::steady_clock::now();
+      latencies.push_back(std::chrono::duration<double, std::nano>(t1 - t0).count());
+    }
+    const double total_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    std::sort(latencies.begin(), latencies.end());
+    BlockResult r;
+    r.block_bytes = block;
+    r.reads = config.iterations;
+    r.p50_ns = percentile(latencies, 0.50);
+    r.p99_ns = percentile(latencies, 0.99);
+    r.max_ns = latencies.back();
+    double sum = 0;
+    for (double l : latencies) sum += l;
+    r.mean_ns = sum / static_cast<double>(latencies.size());
+    r.throughput_mib_s = static_cast<double>(block * config.iterations) / total_s / (1 << 20);
+    results.push_back(r);
+  }
+  (void)tier.release(*extent);
+  return results;
+}
+
+}  // namespace
+}  // namespace snaptier
+
+int main(int argc, char** argv) {
+  using namespace snaptier;
+  CLI::App app{"Page read latency and throughput of one snaptier tier"};
+  std::string tier_name = "local";
+  std::string path;
+  std::uint64_t size = 64ull << 20;
+  std::uint64_t iterations = 20000;
+  std::uint32_t host_index = 0;
+  bool json = false;
+  bool format_region = false;
+  app.add_option("--tier", tier_name, "local | file | cxl")->check(CLI::IsMember({"local", "file", "cxl", "rdma"}));
+  app.add_option("--path", path, "file: directory; cxl: devdax device or region file (default: a temp file)");
+  app.add_option("--size", size, "working set in bytes")->check(CLI::Range(std::uint64_t{65536}, std::uint64_t{1} << 40));
+  app.add_option("--iterations", iterations, "reads per block size")->check(CLI::PositiveNumber);
+  app.add_option("--host-index", host_index, "cxl: this host's slot in the region");
+  app.add_flag("--format", format_region, "cxl: format the region first (destroys its directory)");
+  app.add_flag("--json", json, "print JSON");
+  CLI11_PARSE(app, argc, argv);
+
+  auto kind = tier_kind_from_string(tier_name);
+  if (!kind) {
+    std::cerr << kind.error().what() << "\n";
+    return 2;
+  }
+  // Scratch storage when no path is given; removed at exit.
+  fs::path scratch;
+  if (path.empty() && (*kind == TierKind::file || *kind == TierKind::cxl)) {
+    scratch = fs::temp_directory_path() / ("tier_bench-" + std::to_string(::getpid()));
+    fs::create_directories(scratch);
+    if (*kind == TierKind::file) {
+      path = scratch.string();
+    } else {
+      path = (scratch / "region.cxl").string();
+      std::ofstream(path).close();
+      fs::resize_file(path, size + (8ull << 20));  // data + superblock, slots and a small log
+      format_region = true;
+    }
+  }
+  const std::uint64_t capacity = size + (1ull << 20);
+  auto opened = open_tier(*kind, path, capacity, format_region, host_index);
+  if (!opened) {
+    std::cerr << "tier_bench: " << opened.error().what() << "\n";
+    if (!scratch.empty()) fs::remove_all(scratch);
+    return 1;
+  }
+  BenchConfig config;
+  config.working_set_bytes = size;
+  config.iterations = iterations;
+  auto results = run_benchmark(*opened->tier, config);
+  if (!scratch.empty()) fs::remove_all(scratch);
+  if (!results) {
+    std::cerr << "tier_bench: " << results.error().what() << "\n";
+    return 1;
+  }
+
+  if (json) {
+    nlohmann::json out;
+    out["tier"] = tier_name;
+    out["backing"] = opened->note;
+    out["working_set_bytes"] = size;
+    out["iterations"] = iterations;
+    out["units"] = {{"latency", "ns"}, {"throughput", "MiB/s"}, {"block", "bytes"}};
+    out["results"] = nlohmann::json::array();
+    for (const auto& r : *results) {
+      out["results"].push_back({{"block_bytes", r.block_bytes}, {"reads", r.reads}, {"p50_ns", r.p50_ns},
+                                {"p99_ns", r.p99_ns}, {"mean_ns", r.mean_ns}, {"max_ns", r.max_ns},
+                                {"throughput_mib_s", r.throughput_mib_s}});
+    }
+    std::cout << out.dump(2) << "\n";
+  } else {
+    std::printf("tier %s (%s), working set %llu bytes, %llu reads per size\n", tier_name.c_str(),
+                opened->note.c_str(), static_cast<unsigned long long>(size), static_cast<unsigned long long>(iterations));
+    std::printf("%10s %12s %12s %12s %14s\n", "block", "p50 [ns]", "p99 [ns]", "mean [ns]", "MiB/s");
+    for (const auto& r : *results) {
+      std::printf("%10llu %12.0f %12.0f %12.0f %14.1f\n", static_cast<unsigned long long>(r.block_bytes), r.p50_ns,
+                  r.p99_ns, r.mean_ns, r.throughput_mib_s);
+    }
+  }
+  return 0;
+}
