@@ -216,9 +216,13 @@ class ControlClient {
   std::uint64_t next_id_ = 1;
 };
 
+// Human-readable rendering of an op's result (tierctl without --json): a few lines or a table.
+[[nodiscard]] std::string render_result(const Command& command, const nlohmann::json& result);
+
 // The compute side of the RDMA pool (rdma.hpp's seam) over this control plane: rdma.connect,
-// rdma.alloc and rdma.free to a memory node. Connects lazily and reconnects once after a
-// transport failure; thread-safe.
+// rdma.alloc and rdma.free to a memory node. Connects lazily; after a transport failure the
+// next call reconnects (a failed request is not retried: rdma.alloc is not idempotent).
+// Thread-safe.
 [[nodiscard]] std::shared_ptr<RdmaPoolClient> make_control_rdma_pool_client(ClientOptions options);
 
 }  // namespace control

@@ -1,0 +1,153 @@
+// tierctl: talk to a tier agent's control plane.
+//   exit 0 ok | 1 the agent replied with an error | 2 usage | 3 cannot connect / timeout
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+
+#include <CLI/CLI.hpp>
+
+#include "snaptier/control.hpp"
+
+namespace {
+
+using namespace snaptier;
+using namespace snaptier::control;
+
+constexpr int kExitOk = 0;
+constexpr int kExitErrorReply = 1;
+constexpr int kExitUsage = 2;
+constexpr int kExitTransport = 3;
+
+int usage_error(const std::string& message) {
+  std::cerr << "tierctl: " << message << "\n";
+  return kExitUsage;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"tierctl: control a snaptier tier agent"};
+  app.require_subcommand(1);
+  std::string socket_path = "/run/snaptier/agent.sock";
+  std::string connect_address;
+  std::string token;
+  std::string token_file;
+  bool json_output = false;
+  int timeout_ms = 30000;
+  auto* socket_option = app.add_option("--socket", socket_path, "agent's Unix socket")->capture_default_str();
+  auto* connect_option = app.add_option("--connect", connect_address, "agent's TCP control address ADDR:PORT");
+  auto* token_option = app.add_option("--token", token, "control token (TCP)");
+  auto* token_file_option = app.add_option("--token-file", token_file, "file whose first line is the token");
+  socket_option->excludes(connect_option);
+  token_option->excludes(token_file_option);
+  app.add_flag("--json", json_output, "print the result as one JSON document");
+  app.add_option("--timeout-ms", timeout_ms, "bound on connect, send and receive")->check(CLI::Range(1, 86'400'000))
+      ->capture_default_str();
+
+  std::optional<Command> command;
+  app.add_subcommand("ping", "check that the agent answers")->callback([&] { command = Ping{}; });
+  app.add_subcommand("status", "host, role, tiers with capacity and stats, snapshot count")->callback([&] {
+    command = Status{};
+  });
+
+  SnapshotPut put;
+  std::string put_path;
+  std::string put_tier;
+  std::uint64_t base_vaddr = 0;
+  std::vector<std::string> metadata;
+  auto* put_cmd = app.add_subcommand("put", "store a snapshot from a file of raw pages (size a multiple of 4096)");
+  put_cmd->add_option("id", put.id, "snapshot id")->required();
+  put_cmd->add_option("file", put_path, "page data file")->required();
+  put_cmd->add_option("--base-vaddr", base_vaddr, "virtual address of the first page");
+  put_cmd->add_option("--tier", put_tier, "local | file | cxl | rdma (default: the agent's default tier)");
+  put_cmd->add_option("--metadata", metadata, "NAME=FILE, repeatable: opaque blobs stored with the snapshot");
+  put_cmd->callback([&] { command = put; });
+
+  app.add_subcommand("list", "list snapshots")->callback([&] { command = SnapshotList{}; });
+  SnapshotInfoQuery info;
+  auto* info_cmd = app.add_subcommand("info", "page table summary of one snapshot");
+  info_cmd->add_option("id", info.id, "snapshot id")->required();
+  info_cmd->callback([&] { command = info; });
+
+  SnapshotRead read;
+  std::string read_path;
+  auto* read_cmd = app.add_subcommand("read", "write a snapshot's page data to a file");
+  read_cmd->add_option("id", read.id, "snapshot id")->required();
+  read_cmd->add_option("output", read_path, "output file")->required();
+  read_cmd->callback([&] { command = read; });
+
+  SnapshotDelete remove;
+  auto* delete_cmd = app.add_subcommand("delete", "delete a snapshot");
+  delete_cmd->add_option("id", remove.id, "snapshot id")->required();
+  delete_cmd->callback([&] { command = remove; });
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    int code = app.exit(e);
+    return code == 0 ? kExitOk : kExitUsage;
+  }
+  if (!command) return usage_error("no command given");
+
+  // Paths are resolved here: the agent's working directory is not ours.
+  if (auto* p = std::get_if<SnapshotPut>(&*command)) {
+    p->data_path = std::filesystem::absolute(put_path);
+    p->base_vaddr = base_vaddr;
+    if (!put_tier.empty()) {
+      p->tier = tier_kind_from_name(put_tier);
+      if (!p->tier) return usage_error("--tier must be local, file, cxl or rdma, got \"" + put_tier + "\"");
+    }
+    for (const auto& item : metadata) {
+      auto eq = item.find('=');
+      if (eq == std::string::npos || eq == 0 || eq + 1 == item.size()) {
+        return usage_error("--metadata expects NAME=FILE, got \"" + item + "\"");
+      }
+      p->metadata[item.substr(0, eq)] = std::filesystem::absolute(item.substr(eq + 1));
+    }
+  } else if (auto* r = std::get_if<SnapshotRead>(&*command)) {
+    r->output_path = std::filesystem::absolute(read_path);
+  }
+
+  ClientOptions options;
+  if (!connect_address.empty()) {
+    auto address = parse_net_address(connect_address);
+    if (!address) return usage_error("--connect: " + address.error().message);
+    options.endpoint = *address;
+    if (!token_file.empty()) {
+      std::ifstream in(token_file);
+      if (!in || !std::getline(in, token)) return usage_error("--token-file: cannot read " + token_file);
+      while (!token.empty() && std::isspace(static_cast<unsigned char>(token.back()))) token.pop_back();
+    }
+    if (token.empty()) return usage_error("--connect needs --token or --token-file");
+  } else {
+    options.endpoint = UnixEndpoint{socket_path};
+  }
+  options.token = token;
+  options.connect_timeout = std::chrono::milliseconds(timeout_ms);
+  options.io_timeout = std::chrono::milliseconds(timeout_ms);
+
+  auto client = ControlClient::connect(options);
+  if (!client) {
+    std::cerr << "tierctl: cannot reach the agent: " << client.error().what() << "\n";
+    return kExitTransport;
+  }
+  auto response = client->call(*command);
+  if (!response) {
+    std::cerr << "tierctl: " << op_name(*command) << ": " << response.error().what() << "\n";
+    return kExitTransport;
+  }
+  if (!response->outcome) {
+    const Error& error = response->outcome.error();
+    if (json_output) {
+      std::cout << nlohmann::json{{"error", {{"code", errc_name(error.code)}, {"message", error.message}}}}.dump(2) << "\n";
+    }
+    std::cerr << "tierctl: " << op_name(*command) << " failed: " << errc_name(error.code) << ": " << error.message << "\n";
+    return kExitErrorReply;
+  }
+  if (json_output) {
+    std::cout << response->outcome->dump(2, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
+  } else {
+    std::cout << render_result(*command, *response->outcome);
+  }
+  return kExitOk;
+}

@@ -1,0 +1,174 @@
+// tierctl's human output. Reads results defensively (value() with defaults): a newer agent may
+// add fields, and rendering must never throw on a result it only partly understands.
+#include <cstdio>
+#include <sstream>
+
+#include "snaptier/control.hpp"
+
+namespace snaptier::control {
+
+using nlohmann::json;
+
+namespace {
+
+std::string human_bytes(std::uint64_t bytes) {
+  static constexpr const char* kUnits[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  double value = static_cast<double>(bytes);
+  int unit = 0;
+  while (value >= 1024 && unit < 4) {
+    value /= 1024;
+    ++unit;
+  }
+  char text[32];
+  if (unit == 0) {
+    std::snprintf(text, sizeof text, "%llu B", static_cast<unsigned long long>(bytes));
+  } else {
+    std::snprintf(text, sizeof text, "%.1f %s", value, kUnits[unit]);
+  }
+  return text;
+}
+
+std::uint64_t u64(const json& j, const char* key) {
+  auto it = j.find(key);
+  return it != j.end() && it->is_number_unsigned() ? it->get<std::uint64_t>() : 0;
+}
+
+std::string str(const json& j, const char* key) {
+  auto it = j.find(key);
+  if (it == j.end()) return "-";
+  if (it->is_string()) return it->get<std::string>();
+  if (it->is_null()) return "-";
+  return it->dump();
+}
+
+std::string yes_no(const json& j, const char* key) {
+  auto it = j.find(key);
+  return it != j.end() && it->is_boolean() && it->get<bool>() ? "yes" : "no";
+}
+
+std::string tiers_summary(const json& bytes_per_tier) {
+  if (!bytes_per_tier.is_object() || bytes_per_tier.empty()) return "-";
+  std::string text;
+  for (auto it = bytes_per_tier.begin(); it != bytes_per_tier.end(); ++it) {
+    if (!text.empty()) text += ", ";
+    text += it.key() + " " + human_bytes(it->is_number_unsigned() ? it->get<std::uint64_t>() : 0);
+  }
+  return text;
+}
+
+// Left-aligned columns sized to their widest cell.
+std::string table(const std::vector<std::vector<std::string>>& rows) {
+  std::vector<std::size_t> widths;
+  for (const auto& row : rows) {
+    widths.resize(std::max(widths.size(), row.size()));
+    for (std::size_t i = 0; i < row.size(); ++i) widths[i] = std::max(widths[i], row[i].size());
+  }
+  std::ostringstream out;
+  for (const auto& row : rows) {
+    std::string line;
+    for (std::size_t i = 0; i < row.size(); ++i) {
+      line += row[i];
+      if (i + 1 < row.size()) line += std::string(widths[i] - row[i].size() + 2, ' ');
+    }
+    out << line << "\n";
+  }
+  return out.str();
+}
+
+std::string render_status(const json& r) {
+  std::ostringstream out;
+  out << "host:         " << str(r, "host") << "\n"
+      << "role:         " << str(r, "role") << "\n"
+      << "default tier: " << str(r, "default_tier") << "\n"
+      << "snapshots:    " << str(r, "snapshots") << "\n";
+  if (auto it = r.find("store_error"); it != r.end()) out << "store error:  " << str(*it, "message") << "\n";
+  std::vector<std::vector<std::string>> rows{{"TIER", "UP", "CAPACITY", "USED", "READS", "WRITES", "SOURCE / ERROR"}};
+  for (const auto& tier : r.value("tiers", json::array())) {
+    const json stats = tier.value("stats", json::object());
+    std::string source = str(tier, "source");
+    if (auto error = tier.find("error"); error != tier.end()) source += ": " + str(*error, "message");
+    bool up = tier.value("up", false);
+    rows.push_back({str(tier, "kind"), up ? "yes" : "NO", up ? human_bytes(u64(stats, "capacity_bytes")) : "-",
+                    up ? human_bytes(u64(stats, "used_bytes")) : "-", up ? std::to_string(u64(stats, "reads")) : "-",
+                    up ? std::to_string(u64(stats, "writes")) : "-", source});
+  }
+  out << "\n" << table(rows);
+  if (auto pool = r.find("rdma_pool"); pool != r.end()) {
+    if (pool->value("up", false)) {
+      const json stats = pool->value("stats", json::object());
+      out << "\nrdma pool: " << human_bytes(u64(stats, "used_bytes")) << " of "
+          << human_bytes(u64(stats, "capacity_bytes")) << " lent\n";
+    } else {
+      out << "\nrdma pool: DOWN: " << str(pool->value("error", json::object()), "message") << "\n";
+    }
+  }
+  return out.str();
+}
+
+std::string render_info(const json& r) {
+  std::ostringstream out;
+  out << "id:          " << str(r, "id") << "\n"
+      << "owner:       " << str(r, "owner_host") << "\n"
+      << "pages:       " << u64(r, "pages") << " (" << u64(r, "zero_pages") << " zero, " << u64(r, "hot_pages")
+      << " hot)\n"
+      << "tiers:       " << tiers_summary(r.value("bytes_per_tier", json::object())) << "\n"
+      << "published:   " << yes_no(r, "published") << "\n";
+  if (r.contains("vaddr_first")) {
+    char range[64];
+    std::snprintf(range, sizeof range, "0x%llx - 0x%llx", static_cast<unsigned long long>(u64(r, "vaddr_first")),
+                  static_cast<unsigned long long>(u64(r, "vaddr_last")));
+    out << "vaddr:       " << range << "\n";
+  }
+  const json blobs = r.value("blobs", json::object());
+  out << "metadata:    ";
+  if (blobs.empty()) out << "-";
+  bool first = true;
+  for (auto it = blobs.begin(); it != blobs.end(); ++it) {
+    out << (first ? "" : ", ") << it.key() << " (" << human_bytes(it->is_number_unsigned() ? it->get<std::uint64_t>() : 0)
+        << ")";
+    first = false;
+  }
+  out << "\n";
+  return out.str();
+}
+
+}  // namespace
+
+std::string render_result(const Command& command, const json& r) {
+  return std::visit(
+      [&](const auto& c) -> std::string {
+        using T = std::decay_t<decltype(c)>;
+        if constexpr (std::is_same_v<T, Ping>) {
+          return "pong from " + str(r, "host") + "\n";
+        } else if constexpr (std::is_same_v<T, Status>) {
+          return render_status(r);
+        } else if constexpr (std::is_same_v<T, SnapshotPut>) {
+          return "stored " + str(r, "id") + ": " + std::to_string(u64(r, "pages")) + " pages (" +
+                 std::to_string(u64(r, "zero_pages")) + " zero) on " +
+                 tiers_summary(r.value("bytes_per_tier", json::object())) + ", published: " + yes_no(r, "published") +
+                 "\n";
+        } else if constexpr (std::is_same_v<T, SnapshotList>) {
+          std::vector<std::vector<std::string>> rows{{"ID", "OWNER", "PAGES", "ZERO", "TIERS", "PUBLISHED"}};
+          for (const auto& info : r.value("snapshots", json::array())) {
+            rows.push_back({str(info, "id"), str(info, "owner_host"), std::to_string(u64(info, "pages")),
+                            std::to_string(u64(info, "zero_pages")),
+                            tiers_summary(info.value("bytes_per_tier", json::object())), yes_no(info, "published")});
+          }
+          if (rows.size() == 1) return "no snapshots\n";
+          return table(rows);
+        } else if constexpr (std::is_same_v<T, SnapshotInfoQuery>) {
+          return render_info(r);
+        } else if constexpr (std::is_same_v<T, SnapshotRead>) {
+          return "wrote " + std::to_string(u64(r, "bytes")) + " bytes (" + std::to_string(u64(r, "pages")) +
+                 " pages, " + std::to_string(u64(r, "mapped_pages")) + " straight from mapped tiers) to " +
+                 str(r, "path") + "\nsha256 " + str(r, "sha256") + "\n";
+        } else if constexpr (std::is_same_v<T, SnapshotDelete>) {
+          return "deleted " + str(r, "id") + "\n";
+        } else {
+          return r.dump(2) + "\n";
+        }
+      },
+      command);
+}
+
+}  // namespace snaptier::control
