@@ -1,0 +1,300 @@
+// A real tier agent (make_agent from a config: local, file and a file-backed CXL region) behind
+// a real control server, driven through the client exactly as tierctl drives it.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <fstream>
+#include <random>
+
+#include "control/sha256.hpp"
+#include "snaptier/agent.hpp"
+#include "snaptier/config.hpp"
+#include "snaptier/control.hpp"
+
+namespace snaptier {
+namespace {
+
+using namespace std::chrono_literals;
+using namespace control;
+using nlohmann::json;
+
+std::string read_file(const std::filesystem::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+std::string sha256_hex(const std::string& bytes) {
+  detail::Sha256 digest;
+  digest.update(bytes);
+  return detail::Sha256::hex(digest.finish());
+}
+
+class AgentTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = std::filesystem::temp_directory_path() /
+           ("snaptier-agent-" + std::to_string(::getpid()) + "-" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    std::filesystem::remove_all(dir_);
+    std::filesystem::create_directories(dir_);
+    std::filesystem::resize_file(touch(dir_ / "cxl.img"), 64ull << 20);
+    auto config = parse_config(R"(
+[agent]
+host = "compute0"
+state_dir = "state"
+[control]
+unix_socket = "agent.sock"
+tcp_listen = "127.0.0.1:0"
+token = "agent-test-token-0123456789"
+request_timeout_ms = 5000
+[tiers.local]
+capacity = "32M"
+[tiers.file]
+dir = "file-tier"
+capacity = "32M"
+[tiers.cxl]
+path = "cxl.img"
+host_index = 0
+host_count = 2
+format = true
+[tiers.rdma]
+memnode = "127.0.0.1:9"
+token = "memnode-token-0123456789"
+)",
+                               "agent_test.toml", dir_);
+    ASSERT_TRUE(config.has_value()) << config.error().what();
+    config_ = *config;
+    start_agent();
+
+    // 12 pages: 9 random, 3 zero (one of them in the middle).
+    std::mt19937_64 random(42);
+    pages_.resize(12 * kPageSize);
+    for (std::size_t i = 0; i < pages_.size(); ++i) pages_[i] = static_cast<char>(random());
+    std::fill_n(pages_.begin() + 4 * kPageSize, kPageSize, '\0');
+    std::fill_n(pages_.end() - 2 * kPageSize, 2 * kPageSize, '\0');
+    std::ofstream(dir_ / "pages.bin", std::ios::binary) << pages_;
+    std::ofstream(dir_ / "criu.img", std::ios::binary) << "criu image bytes";
+  }
+
+  void TearDown() override {
+    client_.reset();
+    stop_agent();
+    std::filesystem::remove_all(dir_);
+  }
+
+  static std::filesystem::path touch(const std::filesystem::path& path) {
+    std::ofstream(path).close();
+    return path;
+  }
+
+  void start_agent() {
+    auto agent = make_agent(config_);
+    ASSERT_TRUE(agent.has_value()) << agent.error().what();
+    agent_ = std::move(*agent);
+    auto server = ControlServer::start(server_options(config_.control),
+                                       [agent = agent_.get()](const Command& c) { return agent->handle(c); });
+    ASSERT_TRUE(server.has_value()) << server.error().what();
+    server_ = std::move(*server);
+    auto client = ControlClient::connect(ClientOptions{UnixEndpoint{config_.control.unix_socket}, "", 2s, 5s});
+    ASSERT_TRUE(client.has_value()) << client.error().what();
+    client_.emplace(std::move(*client));
+  }
+
+  void stop_agent() {
+    if (server_) EXPECT_TRUE(server_->stop(2s));
+    server_.reset();
+    agent_.reset();
+  }
+
+  json ok(const Command& command) {
+    auto result = client_->call_ok(command);
+    EXPECT_TRUE(result.has_value()) << op_name(command) << ": " << result.error().what();
+    return result ? *result : json();
+  }
+
+  Error error(const Command& command) {
+    auto result = client_->call_ok(command);
+    EXPECT_FALSE(result.has_value()) << op_name(command) << " succeeded: " << result->dump();
+    return result ? Error{Errc::protocol, "no error"} : result.error();
+  }
+
+  SnapshotPut put_cmd(std::string id, std::optional<TierKind> tier = std::nullopt) {
+    SnapshotPut put;
+    put.id = std::move(id);
+    put.data_path = dir_ / "pages.bin";
+    put.base_vaddr = 0x7f0000000000;
+    put.tier = tier;
+    return put;
+  }
+
+  std::filesystem::path dir_;
+  AgentConfig config_;
+  std::unique_ptr<Agent> agent_;
+  std::unique_ptr<ControlServer> server_;
+  std::optional<ControlClient> client_;
+  std::string pages_;
+};
+
+TEST_F(AgentTest, StatusShowsEveryConfiguredTierAndWhyOneIsDown) {
+  json status = ok(Status{});
+  EXPECT_EQ(status["host"], "compute0");
+  EXPECT_EQ(status["role"], "compute");
+  EXPECT_EQ(status["snapshots"], 0);
+  EXPECT_EQ(status["default_tier"], "cxl");
+  std::map<std::string, json> tiers;
+  for (const auto& tier : status["tiers"]) tiers[tier["kind"]] = tier;
+  ASSERT_EQ(tiers.size(), 4u);
+  for (const char* kind : {"local", "file", "cxl"}) {
+    ASSERT_TRUE(tiers[kind]["up"].get<bool>()) << kind << ": " << tiers[kind].dump();
+    EXPECT_GT(tiers[kind]["stats"]["capacity_bytes"].get<std::uint64_t>(), 0u) << kind;
+  }
+  EXPECT_TRUE(tiers["cxl"]["caps"]["byte_addressable"].get<bool>());
+  EXPECT_TRUE(tiers["cxl"]["caps"]["shared"].get<bool>());
+  // No memory node listens on port 9: the rdma tier is reported down with a reason.
+  EXPECT_FALSE(tiers["rdma"]["up"].get<bool>());
+  EXPECT_FALSE(tiers["rdma"]["error"]["message"].get<std::string>().empty());
+  EXPECT_EQ(ok(Ping{})["host"], "compute0");
+}
+
+TEST_F(AgentTest, PutListInfoReadDeleteOnEveryTier) {
+  SnapshotPut on_cxl = put_cmd("fn-cxl");  // default placement
+  on_cxl.metadata["criu"] = dir_ / "criu.img";
+  json stored = ok(on_cxl);
+  EXPECT_EQ(stored["pages"], 12);
+  EXPECT_EQ(stored["zero_pages"], 3);
+  EXPECT_EQ(stored["bytes_per_tier"]["cxl"], 9 * kPageSize);
+  EXPECT_TRUE(stored["published"].get<bool>()) << "all pages on CXL: visible to other hosts";
+  ok(put_cmd("fn-local", TierKind::local));
+  json on_file = ok(put_cmd("fn-file", TierKind::file));
+  EXPECT_EQ(on_file["bytes_per_tier"]["file"], 9 * kPageSize);
+  EXPECT_FALSE(on_file["published"].get<bool>());
+
+  json list = ok(SnapshotList{});
+  std::set<std::string> ids;
+  for (const auto& info : list["snapshots"]) ids.insert(info["id"]);
+  EXPECT_EQ(ids, (std::set<std::string>{"fn-cxl", "fn-local", "fn-file"}));
+  EXPECT_EQ(ok(Status{})["snapshots"], 3);
+
+  json info = ok(SnapshotInfoQuery{"fn-cxl"});
+  EXPECT_EQ(info["owner_host"], "compute0");
+  EXPECT_EQ(info["pages"], 12);
+  EXPECT_EQ(info["zero_pages"], 3);
+  EXPECT_EQ(info["pages_per_tier"]["cxl"], 9);
+  EXPECT_EQ(info["blobs"]["criu"], std::string("criu image bytes").size());
+  EXPECT_EQ(info["vaddr_first"], 0x7f0000000000u);
+  EXPECT_EQ(info["vaddr_last"], 0x7f0000000000u + 11 * kPageSize);
+
+  const std::string expected_sha = sha256_hex(pages_);
+  for (const char* id : {"fn-cxl", "fn-local", "fn-file"}) {
+    auto out = dir_ / (std::string(id) + ".out");
+    json read = ok(SnapshotRead{id, out});
+    EXPECT_EQ(read["bytes"], pages_.size()) << id;
+    EXPECT_EQ(read["sha256"], expected_sha) << id;
+    EXPECT_TRUE(read_file(out) == pages_) << id << ": output differs from the input";
+  }
+  // CXL and local pages are written straight from their mapping; file pages are copied.
+  EXPECT_EQ(ok(SnapshotRead{"fn-cxl", dir_ / "again.out"})["mapped_pages"], 9);
+  EXPECT_EQ(ok(SnapshotRead{"fn-file", dir_ / "again.out"})["copied_pages"], 9);
+
+  EXPECT_EQ(ok(SnapshotDelete{"fn-file"})["deleted"], true);
+  EXPECT_EQ(ok(SnapshotList{})["snapshots"].size(), 2u);
+  EXPECT_EQ(error(SnapshotInfoQuery{"fn-file"}).code, Errc::not_found);
+  EXPECT_EQ(error(SnapshotRead{"fn-file", dir_ / "gone.out"}).code, Errc::not_found);
+  EXPECT_FALSE(std::filesystem::exists(dir_ / "gone.out"));
+  EXPECT_EQ(error(SnapshotDelete{"fn-file"}).code, Errc::not_found);
+}
+
+TEST_F(AgentTest, PutRefusesBadInputsWithTheRightCode) {
+  std::ofstream(dir_ / "ragged.bin", std::ios::binary) << std::string(5000, 'x');
+  SnapshotPut ragged = put_cmd("ragged");
+  ragged.data_path = dir_ / "ragged.bin";
+  Error e = error(ragged);
+  EXPECT_EQ(e.code, Errc::invalid_argument);
+  EXPECT_NE(e.message.find("multiple of the page size"), std::string::npos) << e.message;
+
+  SnapshotPut missing = put_cmd("missing");
+  missing.data_path = dir_ / "no-such-file.bin";
+  EXPECT_EQ(error(missing).code, Errc::not_found);
+
+  SnapshotPut bad_blob = put_cmd("bad-blob");
+  bad_blob.metadata["criu"] = dir_ / "no-such-blob";
+  e = error(bad_blob);
+  EXPECT_EQ(e.code, Errc::not_found);
+  EXPECT_NE(e.message.find("criu"), std::string::npos) << e.message;
+
+  e = error(put_cmd("to-rdma", TierKind::rdma));
+  EXPECT_EQ(e.code, Errc::unavailable);
+  EXPECT_NE(e.message.find("rdma is down"), std::string::npos) << e.message;
+
+  ok(put_cmd("twice"));
+  EXPECT_EQ(error(put_cmd("twice", TierKind::local)).code, Errc::already_exists);
+  EXPECT_EQ(ok(SnapshotList{})["snapshots"].size(), 1u) << "failed puts must leave nothing behind";
+}
+
+TEST_F(AgentTest, ReadIntoAnUnwritableLocationFailsCleanly) {
+  ok(put_cmd("s"));
+  Error e = error(SnapshotRead{"s", dir_ / "no-such-dir" / "out.bin"});
+  EXPECT_EQ(e.code, Errc::io);
+  EXPECT_FALSE(std::filesystem::exists(dir_ / "no-such-dir"));
+}
+
+TEST_F(AgentTest, RdmaOpsOnAComputeAgentAreUnsupported) {
+  EXPECT_EQ(error(RdmaAlloc{4096}).code, Errc::unsupported);
+  EXPECT_EQ(error(RdmaFree{Extent{0, 4096}}).code, Errc::unsupported);
+}
+
+TEST_F(AgentTest, PersistentTiersSurviveAnAgentRestart) {
+  ok(put_cmd("on-cxl", TierKind::cxl));
+  ok(put_cmd("on-file", TierKind::file));
+  client_.reset();
+  stop_agent();
+  start_agent();
+  const std::string expected_sha = sha256_hex(pages_);
+  for (const char* id : {"on-cxl", "on-file"}) {
+    json read = ok(SnapshotRead{id, dir_ / "after-restart.out"});
+    EXPECT_EQ(read["sha256"], expected_sha) << id;
+  }
+}
+
+TEST_F(AgentTest, TcpClientsNeedTheConfiguredToken) {
+  NetAddress address{"127.0.0.1", *server_->tcp_port()};
+  auto good = ControlClient::connect(ClientOptions{address, config_.control.token, 2s, 2s});
+  ASSERT_TRUE(good.has_value());
+  EXPECT_TRUE(good->call_ok(Status{}).has_value());
+  auto bad = ControlClient::connect(ClientOptions{address, "guessed-token-0123456789", 2s, 2s});
+  ASSERT_TRUE(bad.has_value());
+  auto refused = bad->call_ok(Status{});
+  ASSERT_FALSE(refused.has_value());
+  EXPECT_EQ(refused.error().code, Errc::permission_denied);
+}
+
+// tierctl's exit codes are its contract with scripts (the testbed polls `tierctl ping`).
+TEST_F(AgentTest, TierctlExitCodes) {
+  auto tierctl = std::filesystem::canonical("/proc/self/exe").parent_path() / "../../tier-agent/tierctl";
+  if (!std::filesystem::exists(tierctl)) GTEST_SKIP() << "tierctl is not built next to this test";
+  auto run = [&](const std::string& args) {
+    std::string command = tierctl.string() + " " + args + " > " + (dir_ / "stdout").string() + " 2> " +
+                          (dir_ / "stderr").string();
+    int status = std::system(command.c_str());
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  };
+  const std::string socket = "--socket " + config_.control.unix_socket.string();
+  EXPECT_EQ(run(socket + " ping"), 0);
+  EXPECT_EQ(run(socket + " --json put cli-snap " + (dir_ / "pages.bin").string() + " --tier local"), 0);
+  json stored = json::parse(read_file(dir_ / "stdout"));
+  EXPECT_EQ(stored["pages"], 12);
+  EXPECT_EQ(run(socket + " info nope"), 1);
+  EXPECT_NE(read_file(dir_ / "stderr").find("not_found"), std::string::npos);
+  EXPECT_EQ(run(socket + " frobnicate"), 2);
+  EXPECT_EQ(run(socket + " put only-an-id"), 2);
+  EXPECT_EQ(run("--socket " + (dir_ / "nothing.sock").string() + " ping"), 3);
+  EXPECT_EQ(run("--connect 127.0.0.1:" + std::to_string(*server_->tcp_port()) + " --token wrong-token-0123456789 ping"), 1);
+  EXPECT_EQ(run("--connect 127.0.0.1:" + std::to_string(*server_->tcp_port()) + " --token " + config_.control.token +
+                " --json list"),
+            0);
+  EXPECT_EQ(json::parse(read_file(dir_ / "stdout"))["snapshots"].size(), 1u);
+}
+
+}  // namespace
+}  // namespace snaptier
