@@ -1,6 +1,7 @@
 // Tier backends (local, file, cxl) and the extent allocator they share.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstring>
 #include <numeric>
 #include <vector>

@@ -1,5 +1,7 @@
 #include "tiers/extent_allocator.hpp"
 
+#include <algorithm>
+#include <iterator>
 #include <string>
 
 namespace snaptier {
