@@ -40,7 +40,23 @@ struct RdmaDeviceOptions {
   int port = 1;
   int gid_index = 1;        // RoCEv2 GID of rxe on IPv4 is index 1
   int timeout_ms = 5000;    // every completion wait and connection step is bounded
+  // The rdma tier's registered staging buffer: one-sided ops larger than this are chunked.
+  std::uint64_t bounce_bytes = 1ull << 20;
 };
+
+// What the chosen device and port look like (diagnostics; the selftest prints it).
+struct RdmaDeviceInfo {
+  std::string name;             // "rxe0"
+  int port = 1;
+  int gid_index = 1;
+  std::string gid;              // 32 hex digits
+  std::string gid_type;         // "RoCEv2", "RoCEv1", "IB" or "unknown"
+  std::string link_layer;       // "Ethernet" or "InfiniBand"
+  std::string port_state;       // "ACTIVE", "DOWN", ...
+  int active_mtu_bytes = 0;     // path MTU used for RC connections
+  std::uint32_t max_msg_bytes = 0;
+};
+[[nodiscard]] Result<RdmaDeviceInfo> query_rdma_device(const RdmaDeviceOptions& device);
 
 // Compute side: the control-plane client to a memory node. Implemented over the control plane
 // (control/), faked nowhere: tests without a device skip.
@@ -65,6 +81,11 @@ class RdmaPoolServer {
 
 [[nodiscard]] Result<std::unique_ptr<RdmaPoolServer>> make_rdma_pool_server(
     const RdmaDeviceOptions& device, std::uint64_t pool_size);
+
+// A pool client that calls a server in the same process (a host that is its own memory node,
+// the selftest, tests). connect() is server->accept(); the server must outlive nothing else.
+[[nodiscard]] std::shared_ptr<RdmaPoolClient> make_local_rdma_pool_client(
+    std::shared_ptr<RdmaPoolServer> server);
 
 // A Tier whose extents live in one memory node's pool.
 [[nodiscard]] Result<std::unique_ptr<Tier>> make_rdma_tier(const RdmaDeviceOptions& device,

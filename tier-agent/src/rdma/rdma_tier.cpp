@@ -1,0 +1,290 @@
+// Compute side of the RDMA pool: a Tier whose bytes live in a memory node's registered pool and
+// move with one-sided RDMA READ/WRITE over one RC queue pair. Caller buffers are not registered,
+// so data is staged through one registered bounce buffer; requests larger than it are chunked.
+//
+// Failure model: every completion is awaited with a deadline. A timeout or an error completion
+// moves the QP to the error state (flushing anything still in flight, so no late DMA can land in
+// the bounce buffer) and marks the tier broken: every later read/write/allocate fails at once
+// with Errc::unavailable. Recovery is rebuilding the tier (make_rdma_tier) - a new QP and grant.
+#include <sys/mman.h>
+
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <mutex>
+
+#include "rdma/verbs.hpp"
+#include "snaptier/rdma.hpp"
+#include "tiers/posix_util.hpp"
+
+namespace snaptier {
+namespace {
+
+using namespace rdma_detail;
+
+constexpr std::uint64_t kMinBounce = 4096;
+constexpr std::uint64_t kMaxBounce = 1ull << 30;
+constexpr std::uint32_t kSendQueueDepth = 16;
+
+class RdmaTier final : public Tier {
+ public:
+  RdmaTier(Device device, CompletionQueue cq, detail::UniqueMapping bounce, MrPtr bounce_mr,
+           QpPtr qp, std::shared_ptr<RdmaPoolClient> pool, RdmaPoolGrant grant, int timeout_ms)
+      : pool_(std::move(pool)),
+        device_(std::move(device)),
+        cq_(std::move(cq)),
+        bounce_(std::move(bounce)),
+        bounce_mr_(std::move(bounce_mr)),
+        qp_(std::move(qp)),
+        grant_(std::move(grant)),
+        timeout_(std::chrono::milliseconds(timeout_ms)) {
+    const std::uint64_t max_msg = device_.port_attr.max_msg_sz;
+    chunk_bytes_ = max_msg > 0 ? std::min<std::uint64_t>(bounce_.size(), max_msg) : bounce_.size();
+  }
+
+  std::string_view name() const noexcept override { return "rdma"; }
+  TierKind kind() const noexcept override { return TierKind::rdma; }
+  TierCaps caps() const noexcept override {
+    return TierCaps{.byte_addressable = false, .shared = true, .remote = true, .persistent = false};
+  }
+
+  Result<Extent> allocate(std::uint64_t length) override {
+    if (broken_.load(std::memory_order_acquire)) return broken_error();
+    if (length > grant_.pool_size) {
+      return fail(Errc::no_space, "rdma: allocate " + std::to_string(length) +
+                                      " bytes: the pool has " + std::to_string(grant_.pool_size));
+    }
+    auto extent = pool_->allocate(length);
+    if (!extent) return extent;
+    // The pool decides offsets; one outside the grant would only fail later, on the wire.
+    if (!detail::check_access("rdma", *extent, 0, 0, 0, grant_.pool_size) || extent->length < length) {
+      (void)pool_->release(*extent);
+      return fail(Errc::protocol, "rdma: the memory node returned extent {" +
+                                      std::to_string(extent->offset) + ", " +
+                                      std::to_string(extent->length) + "} outside its pool of " +
+                                      std::to_string(grant_.pool_size) + " bytes");
+    }
+    used_.fetch_add(extent->length, std::memory_order_relaxed);
+    return extent;
+  }
+
+  Result<void> release(Extent extent) override {
+    // Allowed on a broken tier: the pool is reached over the control plane, not the QP.
+    auto ok = pool_->release(extent);
+    if (ok) used_.fetch_sub(std::min(extent.length, used_.load()), std::memory_order_relaxed);
+    return ok;
+  }
+
+  Result<void> read(Extent extent, std::uint64_t offset, std::span<std::byte> out) override {
+    auto ok = transfer(IBV_WR_RDMA_READ, extent, offset, out.size(), out.data(), nullptr);
+    if (ok) {
+      reads_.fetch_add(1, std::memory_order_relaxed);
+      bytes_read_.fetch_add(out.size(), std::memory_order_relaxed);
+    }
+    return ok;
+  }
+
+  Result<void> write(Extent extent, std::uint64_t offset, std::span<const std::byte> in) override {
+    auto ok = transfer(IBV_WR_RDMA_WRITE, extent, offset, in.size(), nullptr, in.data());
+    if (ok) {
+      writes_.fetch_add(1, std::memory_order_relaxed);
+      bytes_written_.fetch_add(in.size(), std::memory_order_relaxed);
+    }
+    return ok;
+  }
+
+  TierStats stats() const override {
+    return TierStats{.capacity_bytes = grant_.pool_size, .used_bytes = used_.load(),
+                     .reads = reads_.load(), .writes = writes_.load(),
+                     .bytes_read = bytes_read_.load(), .bytes_written = bytes_written_.load()};
+  }
+
+ private:
+  Result<void> transfer(ibv_wr_opcode opcode, Extent extent, std::uint64_t offset,
+                        std::uint64_t size, std::byte* read_into, const std::byte* write_from) {
+    if (auto ok = detail::check_access("rdma", extent, offset, size, 0, grant_.pool_size); !ok) {
+      return ok;
+    }
+    std::lock_guard lock(io_mutex_);
+    if (broken_.load(std::memory_order_relaxed)) return broken_error_locked();
+    std::uint64_t done = 0;
+    while (done < size) {
+      const std::uint64_t chunk = std::min(size - done, chunk_bytes_);
+      const std::uint64_t pool_offset = extent.offset + offset + done;
+      if (write_from != nullptr) std::memcpy(bounce_.data(), write_from + done, chunk);
+      if (auto ok = post_and_wait(opcode, pool_offset, static_cast<std::uint32_t>(chunk)); !ok) {
+        return ok;
+      }
+      if (read_into != nullptr) std::memcpy(read_into + done, bounce_.data(), chunk);
+      done += chunk;
+    }
+    return {};
+  }
+
+  // One signalled WR on the bounce buffer, then its completion. Called with io_mutex_ held, so
+  // at most one WR is in flight and the bounce buffer has one user.
+  Result<void> post_and_wait(ibv_wr_opcode opcode, std::uint64_t pool_offset, std::uint32_t length) {
+    const std::uint64_t wr_id = ++next_wr_id_;
+    ibv_sge sge{.addr = reinterpret_cast<std::uintptr_t>(bounce_.data()), .length = length,
+                .lkey = bounce_mr_->lkey};
+    ibv_send_wr wr{};
+    wr.wr_id = wr_id;
+    wr.sg_list = &sge;
+    wr.num_sge = 1;
+    wr.opcode = opcode;
+    wr.send_flags = IBV_SEND_SIGNALED;
+    wr.wr.rdma.remote_addr = grant_.remote_addr + pool_offset;
+    wr.wr.rdma.rkey = grant_.rkey;
+    ibv_send_wr* bad = nullptr;
+
+    const auto what = [&] {
+      return std::string("rdma: RDMA ") + (opcode == IBV_WR_RDMA_READ ? "READ" : "WRITE") +
+             " of " + std::to_string(length) + " bytes at pool offset " +
+             std::to_string(pool_offset) + " (memory node qpn " +
+             std::to_string(grant_.endpoint.qpn) + ")";
+    };
+    if (int rc = ibv_post_send(qp_.get(), &wr, &bad); rc != 0) {
+      const int err = rc > 0 ? rc : (errno != 0 ? errno : EIO);
+      auto error = fail_errno(Errc::unavailable, what() + ": ibv_post_send", err);
+      mark_broken(error.value().message);
+      return error;
+    }
+    auto wc = wait_completion(cq_, wr_id, std::chrono::steady_clock::now() + timeout_);
+    if (!wc) {
+      const Errc code = wc.error().code == Errc::timeout ? Errc::timeout : Errc::unavailable;
+      std::string message = what() + ": " + wc.error().message;
+      if (code == Errc::timeout) {
+        message = what() + ": no completion within " + std::to_string(timeout_.count()) +
+                  " ms (memory node unreachable?)";
+      }
+      mark_broken(message);
+      return fail(code, message);
+    }
+    if (wc->status != IBV_WC_SUCCESS) {
+      std::string message = what() + ": " + ibv_wc_status_str(wc->status) + " (status " +
+                            std::to_string(static_cast<int>(wc->status)) + ", vendor_err " +
+                            std::to_string(wc->vendor_err) + ")";
+      mark_broken(message);
+      return fail(Errc::unavailable, std::move(message));
+    }
+    return {};
+  }
+
+  // Called with io_mutex_ held.
+  void mark_broken(const std::string& reason) {
+    qp_to_error(qp_.get());  // flush in-flight work; nothing may DMA into the bounce buffer later
+    broken_reason_ = reason;
+    broken_.store(true, std::memory_order_release);
+  }
+
+  tl::unexpected<Error> broken_error_locked() const {
+    return fail(Errc::unavailable, "rdma: the queue pair to the memory node failed earlier (" +
+                                       broken_reason_ + "); rebuild the tier to reconnect");
+  }
+  tl::unexpected<Error> broken_error() const {
+    std::lock_guard lock(io_mutex_);
+    return broken_error_locked();
+  }
+
+  std::shared_ptr<RdmaPoolClient> pool_;
+  // Declaration order is destruction order reversed: the QP goes first (no more DMA), then the
+  // bounce MR, the mapping it pins, the CQ, and last the PD and device context.
+  Device device_;
+  CompletionQueue cq_;
+  detail::UniqueMapping bounce_;
+  MrPtr bounce_mr_;
+  QpPtr qp_;
+  RdmaPoolGrant grant_;
+  std::chrono::milliseconds timeout_;
+  std::uint64_t chunk_bytes_ = 0;
+
+  mutable std::mutex io_mutex_;
+  std::uint64_t next_wr_id_ = 0;
+  std::atomic<bool> broken_{false};
+  std::string broken_reason_;
+  std::atomic<std::uint64_t> used_{0};
+  std::atomic<std::uint64_t> reads_{0}, writes_{0}, bytes_read_{0}, bytes_written_{0};
+};
+
+}  // namespace
+
+Result<std::unique_ptr<Tier>> make_rdma_tier(const RdmaDeviceOptions& options,
+                                             std::shared_ptr<RdmaPoolClient> pool) {
+  if (!pool) return fail(Errc::invalid_argument, "rdma tier: no pool client");
+  if (options.timeout_ms <= 0) {
+    return fail(Errc::invalid_argument,
+                "rdma tier: timeout_ms must be positive, got " + std::to_string(options.timeout_ms));
+  }
+  if (options.bounce_bytes < kMinBounce || options.bounce_bytes > kMaxBounce) {
+    return fail(Errc::invalid_argument, "rdma tier: bounce_bytes " +
+                                            std::to_string(options.bounce_bytes) +
+                                            " is outside 4 KiB..1 GiB");
+  }
+  const std::uint64_t bounce_size = detail::round_up(options.bounce_bytes, detail::kTierPage);
+
+  auto device = open_device(options);
+  if (!device) return tl::unexpected(device.error());
+  auto cq = create_completion_queue(*device, static_cast<int>(kSendQueueDepth) * 2,
+                                    /*with_channel=*/true);
+  if (!cq) return tl::unexpected(cq.error());
+
+  void* data = ::mmap(nullptr, bounce_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                      -1, 0);
+  if (data == MAP_FAILED) return fail_errno(Errc::no_space, "rdma tier: mmap bounce buffer", errno);
+  detail::UniqueMapping bounce(data, bounce_size);
+  errno = 0;
+  MrPtr bounce_mr(ibv_reg_mr(device->pd.get(), data, bounce_size, IBV_ACCESS_LOCAL_WRITE));
+  if (!bounce_mr) {
+    return fail_errno(Errc::io, "rdma tier: ibv_reg_mr(bounce buffer, " +
+                                    std::to_string(bounce_size) + " bytes)",
+                      errno != 0 ? errno : ENOMEM);
+  }
+
+  auto qp = create_rc_qp(*device, cq->cq.get(), kSendQueueDepth);
+  if (!qp) return tl::unexpected(qp.error());
+  // The initiator grants no remote rights: nobody may READ/WRITE into this host.
+  if (auto ok = qp_to_init(qp->get(), *device, 0); !ok) return tl::unexpected(ok.error());
+  const std::uint32_t psn = random_psn();
+
+  auto grant = pool->connect(local_endpoint(*device, qp->get(), psn));
+  if (!grant) return tl::unexpected(grant.error());
+  if (grant->pool_size == 0) {
+    return fail(Errc::protocol, "rdma tier: the memory node granted an empty pool");
+  }
+  if (grant->remote_addr + grant->pool_size < grant->remote_addr) {
+    return fail(Errc::protocol, "rdma tier: the granted pool wraps the address space");
+  }
+  if (auto ok = qp_to_rtr(qp->get(), *device, grant->endpoint); !ok) return tl::unexpected(ok.error());
+  if (auto ok = qp_to_rts(qp->get(), *device, psn); !ok) return tl::unexpected(ok.error());
+
+  return std::unique_ptr<Tier>(new RdmaTier(std::move(*device), std::move(*cq), std::move(bounce),
+                                            std::move(bounce_mr), std::move(*qp), std::move(pool),
+                                            *grant, options.timeout_ms));
+}
+
+bool rdma_devices_present() {
+  int count = 0;
+  ibv_device** list = ibv_get_device_list(&count);
+  if (list == nullptr) return false;
+  ibv_free_device_list(list);
+  return count > 0;
+}
+
+Result<RdmaDeviceInfo> query_rdma_device(const RdmaDeviceOptions& options) {
+  auto device = open_device(options);
+  if (!device) return tl::unexpected(device.error());
+  return RdmaDeviceInfo{
+      .name = device->name,
+      .port = device->port,
+      .gid_index = device->gid_index,
+      .gid = gid_to_hex(device->gid),
+      .gid_type = std::string(gid_type_name(device->gid_type)),
+      .link_layer = device->is_ethernet() ? "Ethernet" : "InfiniBand",
+      .port_state = std::string(port_state_name(device->port_attr.state)),
+      .active_mtu_bytes = mtu_bytes(device->port_attr.active_mtu),
+      .max_msg_bytes = device->port_attr.max_msg_sz,
+  };
+}
+
+}  // namespace snaptier
