@@ -13,6 +13,7 @@
 #include "cxl/layout.hpp"
 #include "snaptier/cxl_directory.hpp"
 #include "tiers/extent_allocator.hpp"
+#include "tiers/posix_util.hpp"
 
 namespace snaptier {
 
@@ -35,9 +36,7 @@ std::uint32_t crc_before(const T& value, const std::uint32_t& crc_field) {
   return crc32c(bytes_of(value).first(length));
 }
 
-std::uint64_t round_up(std::uint64_t value, std::uint64_t alignment) {
-  return (value + alignment - 1) / alignment * alignment;
-}
+using detail::round_up;
 
 // Records are allocated in whole pages; entries carry the exact byte length.
 Extent allocated_extent(Extent record) { return Extent{record.offset, round_up(record.length, 4096)}; }
