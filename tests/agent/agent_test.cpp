@@ -5,6 +5,9 @@
 #include <unistd.h>
 
 #include <fstream>
+#include <map>
+#include <set>
+#include <string>
 #include <random>
 
 #include "control/sha256.hpp"
@@ -102,7 +105,9 @@ token = "memnode-token-0123456789"
   }
 
   void stop_agent() {
-    if (server_) EXPECT_TRUE(server_->stop(2s));
+    if (server_) {
+      EXPECT_TRUE(server_->stop(2s));
+    }
     server_.reset();
     agent_.reset();
   }

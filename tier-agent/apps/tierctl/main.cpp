@@ -1,6 +1,11 @@
 // tierctl: talk to a tier agent's control plane.
 //   exit 0 ok | 1 the agent replied with an error | 2 usage | 3 cannot connect / timeout
 #include <cstdio>
+#include <cctype>
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <vector>
 #include <fstream>
 #include <iostream>
 

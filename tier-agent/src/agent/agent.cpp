@@ -3,6 +3,10 @@
 #include "snaptier/agent.hpp"
 
 #include <climits>
+#include <algorithm>
+#include <map>
+#include <string>
+#include <vector>
 #include <fstream>
 
 #include <spdlog/spdlog.h>

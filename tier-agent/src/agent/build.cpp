@@ -1,6 +1,8 @@
 // make_agent(): from a validated AgentConfig to running tiers, a store and (memory nodes) a pool.
 // Devices are the part of a config most likely to be wrong on a given machine, so a tier that
 // cannot come up is logged and reported by status instead of keeping the agent down.
+#include <algorithm>
+#include <map>
 #include <spdlog/spdlog.h>
 
 #include "agent/rdma_wiring.hpp"

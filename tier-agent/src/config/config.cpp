@@ -6,6 +6,9 @@
 #include <cctype>
 #include <charconv>
 #include <fstream>
+#include <filesystem>
+#include <string>
+#include <utility>
 #include <limits>
 #include <set>
 #include <sstream>

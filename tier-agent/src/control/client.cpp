@@ -8,6 +8,10 @@
 #include <boost/asio/read.hpp>
 #include <boost/asio/write.hpp>
 #include <functional>
+#include <algorithm>
+#include <array>
+#include <optional>
+#include <variant>
 #include <mutex>
 
 #include "snaptier/control.hpp"

@@ -4,6 +4,9 @@
 #include <array>
 #include <cctype>
 #include <charconv>
+#include <string>
+#include <type_traits>
+#include <vector>
 
 #include <boost/asio/ip/address.hpp>
 

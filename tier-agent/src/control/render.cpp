@@ -1,6 +1,9 @@
 // tierctl's human output. Reads results defensively (value() with defaults): a newer agent may
 // add fields, and rendering must never throw on a result it only partly understands.
 #include <cstdio>
+#include <algorithm>
+#include <string>
+#include <vector>
 #include <sstream>
 
 #include "snaptier/control.hpp"
