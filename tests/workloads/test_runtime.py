@@ -192,3 +192,24 @@ def test_start_function_reports_init_failure(tmp_path):
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
     assert "exited before it was ready" in result.stderr and "no_such_module_here" in result.stderr
+
+
+def test_start_function_runs_a_native_entry_point(tmp_path):
+    # A folder with an executable `run` is started as `run --socket --ready --log`; this one
+    # stands in for a native binary by exec'ing the Python runtime on helloworld.
+    native = tmp_path / "native"
+    native.mkdir()
+    (native / "function.toml").write_text('description = "native stand-in"\n')
+    run = native / "run"
+    run.write_text(f'#!/bin/sh\nexec {sys.executable} -B {WORKLOADS / "runtime" / "function_runtime.py"} '
+                   f'{WORKLOADS / "helloworld"} "$@"\n')
+    run.chmod(0o755)
+    result = subprocess.run([START_FUNCTION, str(native), "--socket", str(tmp_path / "s.sock"),
+                             "--ready", str(tmp_path / "ready"), "--timeout", "15"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    pid = int(result.stdout)
+    try:
+        assert call(str(tmp_path / "s.sock"), {"input": {}})[0]["output"] == {"message": "Hello, world!"}
+    finally:
+        os.kill(pid, 9)
