@@ -301,5 +301,87 @@ TEST_F(AgentTest, TierctlExitCodes) {
   EXPECT_EQ(json::parse(read_file(dir_ / "stdout"))["snapshots"].size(), 1u);
 }
 
+// A memory node: without an RDMA device its pool is reported down and rdma.* say so; with one
+// (the testbed guests), a compute agent's rdma tier stores and reads a snapshot through it.
+TEST(MemnodeAgentTest, PoolIsServedOrReportedDown) {
+  auto dir = std::filesystem::temp_directory_path() / ("snaptier-memnode-" + std::to_string(::getpid()));
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  const std::string token = "memnode-test-token-0123456789";
+  auto config = parse_config(R"(
+[agent]
+host = "mem0"
+role = "memnode"
+state_dir = "state"
+[control]
+unix_socket = "mem.sock"
+tcp_listen = "127.0.0.1:0"
+token = ")" + token + R"("
+[memnode]
+pool_size = "16M"
+)",
+                             "memnode.toml", dir);
+  ASSERT_TRUE(config.has_value()) << config.error().what();
+  auto agent = make_agent(*config);
+  ASSERT_TRUE(agent.has_value()) << agent.error().what();
+  auto server = ControlServer::start(server_options(config->control),
+                                     [a = agent->get()](const Command& c) { return a->handle(c); });
+  ASSERT_TRUE(server.has_value()) << server.error().what();
+  const NetAddress memnode{"127.0.0.1", *(*server)->tcp_port()};
+  auto client = ControlClient::connect(ClientOptions{memnode, token, 2s, 5s});
+  ASSERT_TRUE(client.has_value());
+  auto status = client->call_ok(Status{});
+  ASSERT_TRUE(status.has_value()) << status.error().what();
+  EXPECT_EQ((*status)["role"], "memnode");
+
+  if (!rdma_devices_present()) {
+    EXPECT_FALSE((*status)["rdma_pool"]["up"].get<bool>());
+    auto alloc = client->call_ok(RdmaAlloc{4096});
+    ASSERT_FALSE(alloc.has_value());
+    EXPECT_EQ(alloc.error().code, Errc::unavailable) << alloc.error().what();
+  } else {
+    ASSERT_TRUE((*status)["rdma_pool"]["up"].get<bool>()) << status->dump();
+    auto alloc = client->call_ok(RdmaAlloc{8192});
+    ASSERT_TRUE(alloc.has_value()) << alloc.error().what();
+    auto extent = decode_extent(*alloc);
+    ASSERT_TRUE(extent.has_value());
+    EXPECT_EQ(extent->length, 8192u);
+    EXPECT_TRUE(client->call_ok(RdmaFree{*extent}).has_value());
+
+    // A compute agent whose rdma tier lives in this memory node's pool.
+    std::vector<char> pages(8 * kPageSize);
+    for (std::size_t i = 0; i < pages.size(); ++i) pages[i] = static_cast<char>(i * 7 + 1);
+    std::ofstream(dir / "pages.bin", std::ios::binary).write(pages.data(), static_cast<std::streamsize>(pages.size()));
+    auto compute_config = parse_config(R"(
+[agent]
+host = "compute0"
+state_dir = "compute-state"
+[control]
+unix_socket = "compute.sock"
+[tiers.rdma]
+memnode = ")" + memnode.to_string() + R"("
+token = ")" + token + R"("
+)",
+                                       "compute.toml", dir);
+    ASSERT_TRUE(compute_config.has_value()) << compute_config.error().what();
+    auto compute = make_agent(*compute_config);
+    ASSERT_TRUE(compute.has_value()) << compute.error().what();
+    ASSERT_TRUE((*compute)->parts().tiers.at(0).tier)
+        << "rdma tier down: " << (*compute)->parts().tiers.at(0).problem->what();
+    SnapshotPut put;
+    put.id = "over-rdma";
+    put.data_path = dir / "pages.bin";
+    put.tier = TierKind::rdma;
+    auto stored = (*compute)->handle(put);
+    ASSERT_TRUE(stored.has_value()) << stored.error().what();
+    auto read = (*compute)->handle(SnapshotRead{"over-rdma", dir / "out.bin"});
+    ASSERT_TRUE(read.has_value()) << read.error().what();
+    EXPECT_EQ(read_file(dir / "out.bin"), std::string(pages.begin(), pages.end()));
+  }
+  client->close();
+  EXPECT_TRUE((*server)->stop(2s));
+  std::filesystem::remove_all(dir);
+}
+
 }  // namespace
 }  // namespace snaptier

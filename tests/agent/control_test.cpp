@@ -224,6 +224,27 @@ TEST(ControlCodecTest, ResponsesRoundTripIncludingErrorCodes) {
   EXPECT_FALSE(parse_response(R"({"v":1,"id":"1","ok":true,"result":{}})").has_value());
 }
 
+// rdma.hpp's to_json/from_json (used by the RDMA component) and the control plane's validating
+// codec must agree on the wire format in both directions.
+TEST(ControlCodecTest, RdmaJsonOfTheRdmaComponentMatchesTheWireCodec) {
+  RdmaPoolGrant grant{RdmaEndpoint{"fe800000000000000000000000000001", 0x123456, 0x654321, 7}, 0x7f1234567000,
+                      0xdeadbeef, 1ull << 33};
+  EXPECT_EQ(json(grant), encode_grant(grant));
+  EXPECT_EQ(json(grant.endpoint), encode_endpoint(grant.endpoint));
+  auto decoded = decode_grant(json(grant));
+  ASSERT_TRUE(decoded.has_value()) << decoded.error().what();
+  EXPECT_EQ(decoded->endpoint.gid, grant.endpoint.gid);
+  EXPECT_EQ(decoded->endpoint.qpn, grant.endpoint.qpn);
+  EXPECT_EQ(decoded->endpoint.psn, grant.endpoint.psn);
+  EXPECT_EQ(decoded->endpoint.lid, grant.endpoint.lid);
+  EXPECT_EQ(decoded->remote_addr, grant.remote_addr);
+  EXPECT_EQ(decoded->rkey, grant.rkey);
+  EXPECT_EQ(decoded->pool_size, grant.pool_size);
+  auto back = encode_grant(grant).get<RdmaPoolGrant>();
+  EXPECT_EQ(back.endpoint.gid, grant.endpoint.gid);
+  EXPECT_EQ(back.rkey, grant.rkey);
+}
+
 TEST(ControlCodecTest, FrameHeaderIsBigEndian) {
   std::string frame = encode_frame(std::string(0x010203, 'x'));
   EXPECT_EQ(frame.substr(0, 4), std::string("\x00\x01\x02\x03", 4));
