@@ -46,10 +46,13 @@ def start_instance(tmp_path):
     started = []
 
     def start(name, config=None, extra_args=()):
+        # name: a folder under workloads/, or a Path to any function folder.
+        function_dir = name if isinstance(name, Path) else WORKLOADS / name
+        name = function_dir.name
         socket_path = tmp_path / f"{name}.sock"
         ready_path = tmp_path / f"{name}.ready"
         log_path = tmp_path / f"{name}.log"
-        command = [sys.executable, "-B", str(RUNTIME), str(WORKLOADS / name),
+        command = [sys.executable, "-B", str(RUNTIME), str(function_dir),
                    "--socket", str(socket_path), "--ready", str(ready_path), "--log", str(log_path),
                    *extra_args]
         if config is not None:

@@ -213,3 +213,16 @@ def test_start_function_runs_a_native_entry_point(tmp_path):
         assert call(str(tmp_path / "s.sock"), {"input": {}})[0]["output"] == {"message": "Hello, world!"}
     finally:
         os.kill(pid, 9)
+
+
+def test_output_the_wire_cannot_carry_is_an_error(start_instance, tmp_path):
+    function_dir = tmp_path / "unserializable"
+    function_dir.mkdir()
+    (function_dir / "function.toml").write_text('description = "returns what JSON cannot hold"\n')
+    (function_dir / "function.py").write_text(
+        "def handle(input):\n    return {'nan': float('nan')} if input.get('nan') else {'set': {1, 2}}\n")
+    instance = start_instance(function_dir)
+    for input in ({"nan": True}, {}):
+        response, _ = call(instance.socket_path, {"id": 1, "input": input})
+        assert response["ok"] is False and response["error"].startswith("output is not JSON-serializable"), response
+    assert call(instance.socket_path, {"op": "digest"})[0]["output"]["state_bytes"] == 0

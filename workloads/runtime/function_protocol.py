@@ -34,7 +34,8 @@ class TruncatedFrame(ProtocolError):
 
 
 def encode_frame(message: dict) -> bytes:
-    payload = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    # allow_nan=False: NaN and Infinity are not JSON, and other clients' parsers reject them.
+    payload = json.dumps(message, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
     return FRAME_HEADER.pack(len(payload)) + payload
 
 

@@ -166,7 +166,7 @@ def respond(instance: FunctionInstance, message: dict) -> dict:
     response = {"id": request_id, "ok": True, "output": output,
                 "duration_ms": round((time.perf_counter() - started) * 1000.0, 3)}
     try:
-        json.dumps(response)
+        encode_frame(response)  # refuse here what the wire cannot carry (sets, NaN, objects)
     except (TypeError, ValueError) as error:
         return error_response(request_id, f"output is not JSON-serializable: {error}")
     return response

@@ -62,7 +62,7 @@ roundtrip_one() {
     }
     trap cleanup EXIT
     step() { current_step=$*; log "$name: $*"; }
-    trap 'echo "FAILED at: $current_step" > "$work/failure"' ERR
+    trap 'echo "at: $current_step" > "$work/failure"' ERR
 
     rm -rf "$work"
     mkdir -p "$work/images"
