@@ -1,0 +1,399 @@
+// RDMA pool server and rdma tier. JSON and argument checks run everywhere; the data path needs a
+// device (rdma_rxe exists only in the testbed guests) and skips without one. Environment:
+// SNAPTIER_RDMA_DEVICE (default: first device), SNAPTIER_RDMA_GID_INDEX (default 1).
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <functional>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "snaptier/control.hpp"
+#include "snaptier/rdma.hpp"
+
+namespace snaptier {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using json = nlohmann::json;
+
+constexpr std::uint64_t KiB = 1024;
+constexpr std::uint64_t MiB = 1024 * KiB;
+
+#define SKIP_WITHOUT_RDMA()                                                          \
+  do {                                                                               \
+    if (!rdma_devices_present()) {                                                   \
+      GTEST_SKIP() << "no RDMA device (rdma_rxe exists only in the testbed guests)"; \
+    }                                                                                \
+  } while (0)
+
+std::vector<std::byte> random_bytes(std::size_t size, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<std::byte> bytes(size);
+  for (auto& b : bytes) b = static_cast<std::byte>(rng() & 0xff);
+  return bytes;
+}
+
+RdmaDeviceOptions test_options() {
+  RdmaDeviceOptions options;
+  if (const char* device = std::getenv("SNAPTIER_RDMA_DEVICE")) options.device = device;
+  if (const char* gid = std::getenv("SNAPTIER_RDMA_GID_INDEX")) options.gid_index = std::atoi(gid);
+  options.timeout_ms = 2000;  // short: a failing test must fail fast, not wait 5 s per op
+  return options;
+}
+
+// ----- JSON (host) -----------------------------------------------------------------------------
+
+RdmaPoolGrant sample_grant() {
+  return RdmaPoolGrant{
+      .endpoint = RdmaEndpoint{.gid = "fe80000000000000505400fffe123456", .qpn = 0x11, .psn = 0xabcdef, .lid = 0},
+      .remote_addr = 0x7f12'3456'7000ull,
+      .rkey = 0xdeadbeef,
+      .pool_size = 64 * MiB};
+}
+
+TEST(RdmaJsonTest, EndpointRoundTrips) {
+  const RdmaEndpoint endpoint{.gid = "00000000000000000000ffff0a000002", .qpn = 0xffffff, .psn = 7, .lid = 3};
+  const json j = endpoint;
+  EXPECT_EQ(j.at("gid"), endpoint.gid);
+  EXPECT_EQ(j.at("qpn"), 0xffffff);
+  const auto back = j.get<RdmaEndpoint>();
+  EXPECT_EQ(back.gid, endpoint.gid);
+  EXPECT_EQ(back.qpn, endpoint.qpn);
+  EXPECT_EQ(back.psn, endpoint.psn);
+  EXPECT_EQ(back.lid, endpoint.lid);
+}
+
+TEST(RdmaJsonTest, GrantRoundTripsThroughText) {
+  const RdmaPoolGrant grant = sample_grant();
+  const auto back = json::parse(json(grant).dump()).get<RdmaPoolGrant>();
+  EXPECT_EQ(back.endpoint.gid, grant.endpoint.gid);
+  EXPECT_EQ(back.endpoint.qpn, grant.endpoint.qpn);
+  EXPECT_EQ(back.endpoint.psn, grant.endpoint.psn);
+  EXPECT_EQ(back.remote_addr, grant.remote_addr);
+  EXPECT_EQ(back.rkey, grant.rkey);
+  EXPECT_EQ(back.pool_size, grant.pool_size);
+}
+
+TEST(RdmaJsonTest, LidIsOptionalAndMissingFieldsThrow) {
+  const auto endpoint = json::parse(R"({"gid":"00000000000000000000ffff0a000002","qpn":5,"psn":6})")
+                            .get<RdmaEndpoint>();
+  EXPECT_EQ(endpoint.lid, 0);
+  EXPECT_THROW((void)json::parse(R"({"qpn":5,"psn":6})").get<RdmaEndpoint>(), json::exception);
+  EXPECT_THROW((void)json::parse(R"({"endpoint":{}})").get<RdmaPoolGrant>(), json::exception);
+}
+
+TEST(RdmaJsonTest, AgreesWithTheControlPlaneCodec) {
+  const RdmaPoolGrant grant = sample_grant();
+  auto decoded = control::decode_grant(json(grant));
+  ASSERT_TRUE(decoded) << decoded.error().what();
+  EXPECT_EQ(decoded->endpoint.gid, grant.endpoint.gid);
+  EXPECT_EQ(decoded->rkey, grant.rkey);
+  EXPECT_EQ(decoded->remote_addr, grant.remote_addr);
+  const auto back = control::encode_grant(grant).get<RdmaPoolGrant>();
+  EXPECT_EQ(back.endpoint.qpn, grant.endpoint.qpn);
+  EXPECT_EQ(back.pool_size, grant.pool_size);
+}
+
+// ----- Argument checks and absence of a device (host) ------------------------------------------
+
+TEST(RdmaArgsTest, RejectsBadArgumentsBeforeTouchingADevice) {
+  auto no_pool = make_rdma_tier(test_options(), nullptr);
+  ASSERT_FALSE(no_pool);
+  EXPECT_EQ(no_pool.error().code, Errc::invalid_argument);
+
+  auto server = make_rdma_pool_server(test_options(), 0);
+  ASSERT_FALSE(server);
+  EXPECT_EQ(server.error().code, Errc::invalid_argument);
+
+  RdmaDeviceOptions bad_port = test_options();
+  bad_port.port = 0;
+  auto info = query_rdma_device(bad_port);
+  ASSERT_FALSE(info);
+  EXPECT_EQ(info.error().code, Errc::invalid_argument);
+}
+
+class NullPool final : public RdmaPoolClient {
+ public:
+  Result<RdmaPoolGrant> connect(const RdmaEndpoint&) override { return fail(Errc::unavailable, "null"); }
+  Result<Extent> allocate(std::uint64_t) override { return fail(Errc::unavailable, "null"); }
+  Result<void> release(Extent) override { return fail(Errc::unavailable, "null"); }
+};
+
+TEST(RdmaArgsTest, WithoutADeviceEverythingIsUnavailable) {
+  if (rdma_devices_present()) GTEST_SKIP() << "this machine has an RDMA device";
+  auto server = make_rdma_pool_server(test_options(), MiB);
+  ASSERT_FALSE(server);
+  EXPECT_EQ(server.error().code, Errc::unavailable) << server.error().what();
+  auto tier = make_rdma_tier(test_options(), std::make_shared<NullPool>());
+  ASSERT_FALSE(tier);
+  EXPECT_EQ(tier.error().code, Errc::unavailable) << tier.error().what();
+  auto info = query_rdma_device(test_options());
+  ASSERT_FALSE(info);
+  EXPECT_EQ(info.error().code, Errc::unavailable);
+}
+
+// ----- Data path (guests) ----------------------------------------------------------------------
+
+class RdmaTierTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    SKIP_WITHOUT_RDMA();
+    options_ = test_options();
+    options_.bounce_bytes = 64 * KiB;  // small, so that modest requests exercise chunking
+    auto server = make_rdma_pool_server(options_, kPool);
+    ASSERT_TRUE(server) << server.error().what();
+    server_ = std::move(*server);
+    auto tier = make_rdma_tier(options_, make_local_rdma_pool_client(server_));
+    ASSERT_TRUE(tier) << tier.error().what();
+    tier_ = std::move(*tier);
+  }
+
+  void expect_round_trip(std::uint64_t extent_size, std::uint64_t offset, std::uint64_t size) {
+    SCOPED_TRACE("extent " + std::to_string(extent_size) + ", offset " + std::to_string(offset) +
+                 ", size " + std::to_string(size));
+    auto extent = tier_->allocate(extent_size);
+    ASSERT_TRUE(extent) << extent.error().what();
+    EXPECT_EQ(extent->offset % 4096, 0u);
+    EXPECT_GE(extent->length, extent_size);
+    const auto data = random_bytes(size, offset * 31 + size);
+    auto written = tier_->write(*extent, offset, data);
+    ASSERT_TRUE(written) << written.error().what();
+    std::vector<std::byte> back(size, std::byte{0xee});
+    auto read = tier_->read(*extent, offset, back);
+    ASSERT_TRUE(read) << read.error().what();
+    EXPECT_TRUE(back == data);
+    ASSERT_TRUE(tier_->release(*extent));
+  }
+
+  static constexpr std::uint64_t kPool = 16 * MiB;
+  RdmaDeviceOptions options_;
+  std::shared_ptr<RdmaPoolServer> server_;
+  std::unique_ptr<Tier> tier_;
+};
+
+TEST_F(RdmaTierTest, KindAndCaps) {
+  EXPECT_EQ(tier_->kind(), TierKind::rdma);
+  const TierCaps caps = tier_->caps();
+  EXPECT_TRUE(caps.remote);
+  EXPECT_TRUE(caps.shared);
+  EXPECT_FALSE(caps.byte_addressable);
+  EXPECT_FALSE(caps.persistent);
+  EXPECT_EQ(tier_->stats().capacity_bytes, kPool);
+}
+
+TEST_F(RdmaTierTest, RoundTripsSizesAndUnalignedOffsets) {
+  expect_round_trip(4 * KiB, 0, 4 * KiB);
+  expect_round_trip(64 * KiB, 0, 64 * KiB);
+  expect_round_trip(MiB, 0, MiB);           // 16 bounce-buffer chunks
+  expect_round_trip(8 * KiB, 1, 4095);
+  expect_round_trip(64 * KiB, 4093, 10'000);
+  expect_round_trip(2 * MiB, 123'457, MiB + 13);
+  expect_round_trip(4 * KiB, 4095, 1);
+}
+
+TEST_F(RdmaTierTest, OutOfBoundsIsInvalidArgumentAndLeavesTheQpUsable) {
+  auto extent = tier_->allocate(8 * KiB);
+  ASSERT_TRUE(extent);
+  std::vector<std::byte> buffer(64);
+  auto past_end = tier_->read(*extent, extent->length - 10, buffer);
+  ASSERT_FALSE(past_end);
+  EXPECT_EQ(past_end.error().code, Errc::invalid_argument);
+  auto beyond = tier_->write(*extent, extent->length + 1, std::span<const std::byte>(buffer));
+  ASSERT_FALSE(beyond);
+  EXPECT_EQ(beyond.error().code, Errc::invalid_argument);
+  auto outside_pool = tier_->read(Extent{kPool, 4096}, 0, buffer);
+  ASSERT_FALSE(outside_pool);
+  EXPECT_EQ(outside_pool.error().code, Errc::invalid_argument);
+  auto huge = tier_->read(Extent{4096, ~0ull - 100}, 0, buffer);
+  ASSERT_FALSE(huge);
+  EXPECT_EQ(huge.error().code, Errc::invalid_argument);
+  // Nothing reached the wire: the queue pair still works.
+  EXPECT_TRUE(tier_->write(*extent, 0, std::span<const std::byte>(buffer)));
+  EXPECT_TRUE(tier_->read(*extent, 0, buffer));
+  ASSERT_TRUE(tier_->release(*extent));
+}
+
+TEST_F(RdmaTierTest, AllocateBeyondThePoolIsNoSpaceAndReleaseCoalesces) {
+  auto too_big = tier_->allocate(kPool + 4096);
+  ASSERT_FALSE(too_big);
+  EXPECT_EQ(too_big.error().code, Errc::no_space);
+
+  std::vector<Extent> extents;
+  for (;;) {
+    auto extent = tier_->allocate(MiB);
+    if (!extent) {
+      EXPECT_EQ(extent.error().code, Errc::no_space) << extent.error().what();
+      break;
+    }
+    extents.push_back(*extent);
+    ASSERT_LE(extents.size(), kPool / MiB);
+  }
+  EXPECT_EQ(extents.size(), kPool / MiB);
+  EXPECT_EQ(server_->stats().used_bytes, kPool);
+  EXPECT_EQ(tier_->stats().used_bytes, kPool);
+  for (const Extent& e : extents) ASSERT_TRUE(tier_->release(e));
+  EXPECT_EQ(server_->stats().used_bytes, 0u);
+  EXPECT_EQ(tier_->stats().used_bytes, 0u);
+  auto whole = tier_->allocate(kPool);  // coalesced back into one free range
+  ASSERT_TRUE(whole) << whole.error().what();
+  ASSERT_TRUE(tier_->release(*whole));
+}
+
+TEST_F(RdmaTierTest, TwoTiersShareThePool) {
+  auto other = make_rdma_tier(options_, make_local_rdma_pool_client(server_));
+  ASSERT_TRUE(other) << other.error().what();
+  auto extent = tier_->allocate(64 * KiB);
+  ASSERT_TRUE(extent);
+  const auto data = random_bytes(64 * KiB, 42);
+  ASSERT_TRUE(tier_->write(*extent, 0, data));
+  std::vector<std::byte> back(data.size());
+  auto read = (*other)->read(*extent, 0, back);
+  ASSERT_TRUE(read) << read.error().what();
+  EXPECT_TRUE(back == data);
+  ASSERT_TRUE(tier_->release(*extent));
+}
+
+TEST_F(RdmaTierTest, ConcurrentCallersAreSerialised) {
+  constexpr int kThreads = 4;
+  std::vector<Extent> extents;
+  for (int i = 0; i < kThreads; ++i) {
+    auto extent = tier_->allocate(128 * KiB);
+    ASSERT_TRUE(extent);
+    extents.push_back(*extent);
+  }
+  std::vector<int> failures(kThreads, 0);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int round = 0; round < 5; ++round) {
+        const auto data = random_bytes(100 * KiB + 7, static_cast<std::uint64_t>(t * 100 + round));
+        std::vector<std::byte> back(data.size());
+        if (!tier_->write(extents[t], 11, data) || !tier_->read(extents[t], 11, back) || back != data) {
+          ++failures[t];
+        }
+      }
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  for (int t = 0; t < kThreads; ++t) EXPECT_EQ(failures[t], 0) << "thread " << t;
+  for (const Extent& e : extents) ASSERT_TRUE(tier_->release(e));
+}
+
+// A pool client whose grants are rewritten: a wrong QP number or rkey, as a buggy or restarted
+// memory node would hand out. Allocation is served locally (the pool is never reached).
+class RewritingPool final : public RdmaPoolClient {
+ public:
+  RewritingPool(std::shared_ptr<RdmaPoolServer> server, std::function<void(RdmaPoolGrant&)> rewrite)
+      : server_(std::move(server)), rewrite_(std::move(rewrite)) {}
+  Result<RdmaPoolGrant> connect(const RdmaEndpoint& local) override {
+    auto grant = server_->accept(local);
+    if (grant) rewrite_(*grant);
+    return grant;
+  }
+  Result<Extent> allocate(std::uint64_t length) override { return server_->allocate(length); }
+  Result<void> release(Extent extent) override { return server_->release(extent); }
+
+ private:
+  std::shared_ptr<RdmaPoolServer> server_;
+  std::function<void(RdmaPoolGrant&)> rewrite_;
+};
+
+void expect_fails_fast_then_stays_broken(Tier& tier, int timeout_ms, const char* what) {
+  SCOPED_TRACE(what);
+  auto extent = tier.allocate(4096);
+  ASSERT_TRUE(extent) << extent.error().what();
+  std::vector<std::byte> buffer(4096);
+  auto start = Clock::now();
+  auto first = tier.read(*extent, 0, buffer);
+  const auto first_ms =
+      std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - start).count();
+  ASSERT_FALSE(first);
+  EXPECT_TRUE(first.error().code == Errc::timeout || first.error().code == Errc::unavailable)
+      << first.error().what();
+  EXPECT_LE(first_ms, timeout_ms + 1000) << first.error().what();
+
+  start = Clock::now();
+  auto second = tier.write(*extent, 0, std::span<const std::byte>(buffer));
+  const auto second_ms =
+      std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - start).count();
+  ASSERT_FALSE(second);
+  EXPECT_EQ(second.error().code, Errc::unavailable) << second.error().what();
+  EXPECT_LT(second_ms, 100);
+  auto allocate = tier.allocate(4096);
+  ASSERT_FALSE(allocate);
+  EXPECT_EQ(allocate.error().code, Errc::unavailable);
+  EXPECT_TRUE(tier.release(*extent));  // the control plane still works
+}
+
+TEST_F(RdmaTierTest, BogusEndpointFailsWithinTheTimeoutAndNeverHangs) {
+  RdmaDeviceOptions options = options_;
+  options.timeout_ms = 1500;
+  auto pool = std::make_shared<RewritingPool>(server_, [](RdmaPoolGrant& grant) {
+    grant.endpoint.qpn = (grant.endpoint.qpn + 0x5a5a5) & 0xffffff;  // nobody listens there
+  });
+  auto tier = make_rdma_tier(options, pool);
+  ASSERT_TRUE(tier) << tier.error().what();
+  expect_fails_fast_then_stays_broken(**tier, options.timeout_ms, "bogus qpn");
+}
+
+TEST_F(RdmaTierTest, WrongRkeyIsUnavailable) {
+  auto pool = std::make_shared<RewritingPool>(server_, [](RdmaPoolGrant& grant) {
+    grant.rkey ^= 0x00ffff00u;
+  });
+  auto tier = make_rdma_tier(options_, pool);
+  ASSERT_TRUE(tier) << tier.error().what();
+  expect_fails_fast_then_stays_broken(**tier, options_.timeout_ms, "wrong rkey");
+}
+
+TEST_F(RdmaTierTest, UnreachableGidFailsAtConnectOrFirstOperation) {
+  RdmaDeviceOptions options = options_;
+  options.timeout_ms = 1500;
+  auto pool = std::make_shared<RewritingPool>(server_, [](RdmaPoolGrant& grant) {
+    grant.endpoint.gid = "00000000000000000000ffffc0000201";  // 192.0.2.1 (TEST-NET-1)
+  });
+  const auto start = Clock::now();
+  auto tier = make_rdma_tier(options, pool);
+  if (!tier) {
+    // rxe may refuse RTR when it cannot resolve a route; that is a clean failure too.
+    EXPECT_LE(std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - start).count(),
+              options.timeout_ms + 1000);
+    return;
+  }
+  expect_fails_fast_then_stays_broken(**tier, options.timeout_ms, "unreachable gid");
+}
+
+TEST_F(RdmaTierTest, DestroyingATierLeavesThePoolUsable) {
+  for (int i = 0; i < 3; ++i) {
+    auto tier = make_rdma_tier(options_, make_local_rdma_pool_client(server_));
+    ASSERT_TRUE(tier) << tier.error().what();
+    auto extent = (*tier)->allocate(4096);
+    ASSERT_TRUE(extent);
+    std::vector<std::byte> buffer(4096, std::byte{0x42});
+    ASSERT_TRUE((*tier)->write(*extent, 0, std::span<const std::byte>(buffer)));
+    ASSERT_TRUE((*tier)->release(*extent));
+  }
+  expect_round_trip(4 * KiB, 0, 4 * KiB);
+}
+
+TEST(RdmaDeviceTest, QueryDescribesAnActivePort) {
+  SKIP_WITHOUT_RDMA();
+  auto info = query_rdma_device(test_options());
+  ASSERT_TRUE(info) << info.error().what();
+  EXPECT_FALSE(info->name.empty());
+  EXPECT_EQ(info->gid.size(), 32u);
+  EXPECT_EQ(info->port_state, "ACTIVE");
+  EXPECT_GE(info->active_mtu_bytes, 256);
+
+  RdmaDeviceOptions missing = test_options();
+  missing.device = "no_such_device0";
+  auto none = query_rdma_device(missing);
+  ASSERT_FALSE(none);
+  EXPECT_EQ(none.error().code, Errc::not_found);
+}
+
+}  // namespace
+}  // namespace snaptier
