@@ -6,6 +6,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -226,3 +227,25 @@ def test_output_the_wire_cannot_carry_is_an_error(start_instance, tmp_path):
         response, _ = call(instance.socket_path, {"id": 1, "input": input})
         assert response["ok"] is False and response["error"].startswith("output is not JSON-serializable"), response
     assert call(instance.socket_path, {"op": "digest"})[0]["output"]["state_bytes"] == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="unshare --pid needs root")
+def test_start_function_timeout_leaves_no_process(tmp_path):
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    (slow / "function.toml").write_text('description = "init never finishes in time"\n')
+    (slow / "function.py").write_text("import time\ndef init():\n    time.sleep(60)\ndef handle(input):\n    return {}\n")
+    result = subprocess.run([START_FUNCTION, str(slow), "--pidns", "--socket", str(tmp_path / "s.sock"),
+                             "--ready", str(tmp_path / "ready"), "--timeout", "1"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and "not ready after 1s" in result.stderr
+    time.sleep(0.2)
+    survivors = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                if str(slow).encode() in cmdline.read():
+                    survivors.append(pid)
+        except OSError:
+            pass
+    assert survivors == []
