@@ -351,10 +351,16 @@ Result<void> qp_to_rtr(ibv_qp* qp, const Device& device, const RdmaEndpoint& rem
   const int mask = IBV_QP_STATE | IBV_QP_AV | IBV_QP_PATH_MTU | IBV_QP_DEST_QPN |
                    IBV_QP_RQ_PSN | IBV_QP_MAX_DEST_RD_ATOMIC | IBV_QP_MIN_RNR_TIMER;
   if (int rc = ibv_modify_qp(qp, &attr, mask); rc != 0) {
-    return fail_errno(Errc::io,
+    // On RoCE the kernel resolves the peer's MAC from its GID here (ARP/ND): an unreachable
+    // peer shows up as one of these after the neighbour timeout (~1 s), and is a peer problem.
+    const int err = verbs_errno(rc);
+    const bool unreachable =
+        err == ETIMEDOUT || err == EHOSTUNREACH || err == ENETUNREACH || err == EADDRNOTAVAIL;
+    return fail_errno(unreachable ? Errc::unavailable : Errc::io,
                       "rdma: modify QP " + std::to_string(qp->qp_num) + " to RTR (remote qpn " +
-                          std::to_string(remote.qpn) + ", gid " + remote.gid + ")",
-                      verbs_errno(rc));
+                          std::to_string(remote.qpn) + ", gid " + remote.gid +
+                          (unreachable ? "; peer unreachable" : "") + ")",
+                      err);
   }
   return {};
 }
