@@ -30,7 +30,7 @@ testbed: deps image guest-agent  ## boot the default topology (or reuse it), hea
 	 else $(TB) down && $(TB) up; fi
 	$(TB) status
 	$(TB) health
-	bash testbed/scenarios/agent-smoke.sh
+	$(TB) scenario agent-smoke
 
 up: image
 	$(TB) up

@@ -121,6 +121,11 @@ def cmd_agents(args, topo) -> int:
     return 0
 
 
+def cmd_scenario(args, topo) -> int:
+    from .scenarios import SCENARIOS
+    return SCENARIOS[args.name](topo)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="testbed/tb", description="snaptier multi-host QEMU testbed")
     p.add_argument("-t", "--topology", default=os.environ.get("SNAPTIER_TOPOLOGY", str(DEFAULT_TOPOLOGY)),
@@ -153,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("action", choices=["config", "start", "stop", "restart"])
     g.add_argument("hosts", nargs="*")
     g.set_defaults(fn=cmd_agents)
+    sc = sub.add_parser("scenario", help="run an end-to-end scenario on the running topology")
+    sc.add_argument("name", choices=["agent-smoke"])
+    sc.set_defaults(fn=cmd_scenario)
     args = p.parse_args(argv)
     try:
         topo = load_topology(args.topology)
