@@ -3,11 +3,17 @@
 // sizes and unaligned offsets, checks the error paths, measures read latency and throughput.
 //   exit 0 ok | 1 a check failed | 2 usage | 77 no RDMA device (automake's "skipped")
 // stdout: one JSON object; stderr: human-readable progress and failures.
+// Two hosts, no agent needed: `rdma-selftest --serve DIR` on the memory node and
+// `rdma-selftest --connect DIR` on the compute host, DIR a directory both see (e.g. /shared/x).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <iostream>
+#include <sstream>
+#include <thread>
 #include <random>
 #include <string>
 #include <vector>
@@ -15,6 +21,7 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include "snaptier/control.hpp"
 #include "snaptier/rdma.hpp"
 
 namespace {
@@ -36,7 +43,8 @@ struct Failure {
 
 class Selftest {
  public:
-  explicit Selftest(Tier& tier, RdmaPoolServer& server, std::uint64_t pool_size)
+  // `server` is null when the pool lives on another host (--connect).
+  explicit Selftest(Tier& tier, RdmaPoolServer* server, std::uint64_t pool_size)
       : tier_(tier), server_(server), pool_size_(pool_size) {}
 
   // Each check either passes (counted) or records the first failure and stops the run.
@@ -182,9 +190,11 @@ class Selftest {
 
   void final_accounting() {
     if (!ok()) return;
-    check(server_.stats().used_bytes == 0,
-          "pool still has " + std::to_string(server_.stats().used_bytes) +
-              " bytes allocated after every extent was released");
+    if (server_ != nullptr) {
+      check(server_->stats().used_bytes == 0,
+            "pool still has " + std::to_string(server_->stats().used_bytes) +
+                " bytes allocated after every extent was released");
+    }
     check(tier_.stats().used_bytes == 0, "tier still counts used bytes after release");
   }
 
@@ -196,12 +206,109 @@ class Selftest {
   static double round2(double v) { return std::round(v * 100.0) / 100.0; }
 
   Tier& tier_;
-  RdmaPoolServer& server_;
+  RdmaPoolServer* server_;
   std::uint64_t pool_size_;
   int checks_ = 0;
   std::optional<Failure> failure_;
   std::mt19937_64 rng_{std::random_device{}()};
 };
+
+// ---- Two hosts without the agent: a file rendezvous in a directory both can see (the
+// testbed's /shared). The client writes endpoint.json, the server answers with grant.json, the
+// client writes done when finished. Files appear by rename, so a reader never sees half a file.
+
+bool write_file_atomically(const std::filesystem::path& path, const std::string& text) {
+  const auto tmp = path.string() + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    out << text;
+    if (!out.flush()) return false;
+  }
+  std::error_code ec;
+  std::filesystem::rename(tmp, path, ec);
+  return !ec;
+}
+
+Result<json> wait_for_json(const std::filesystem::path& path, std::chrono::seconds limit) {
+  const auto deadline = Clock::now() + limit;
+  while (Clock::now() < deadline) {
+    std::ifstream in(path);
+    if (in) {
+      std::stringstream text;
+      text << in.rdbuf();
+      json j = json::parse(text.str(), nullptr, /*allow_exceptions=*/false);
+      if (j.is_discarded()) return fail(Errc::protocol, path.string() + ": not JSON");
+      return j;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  return fail(Errc::timeout, "no " + path.string() + " within " + std::to_string(limit.count()) + " s");
+}
+
+// The compute side's pool client over the rendezvous. Allocation is a bump pointer over the
+// granted pool: the remote server's allocator is out of reach without the control plane, and
+// this client is the pool's only user.
+class RendezvousPoolClient final : public RdmaPoolClient {
+ public:
+  explicit RendezvousPoolClient(std::filesystem::path dir) : dir_(std::move(dir)) {}
+  Result<RdmaPoolGrant> connect(const RdmaEndpoint& local) override {
+    if (!write_file_atomically(dir_ / "endpoint.json", control::encode_endpoint(local).dump())) {
+      return fail(Errc::io, "cannot write " + (dir_ / "endpoint.json").string());
+    }
+    auto j = wait_for_json(dir_ / "grant.json", std::chrono::seconds(60));
+    if (!j) return tl::unexpected(j.error());
+    auto grant = control::decode_grant(*j);
+    if (grant) pool_size_ = grant->pool_size;
+    return grant;
+  }
+  Result<Extent> allocate(std::uint64_t length) override {
+    const std::uint64_t rounded = (length + 4095) / 4096 * 4096;
+    if (length == 0 || rounded > pool_size_ - next_) {
+      return fail(Errc::no_space, "rendezvous pool: " + std::to_string(pool_size_ - next_) + " bytes left");
+    }
+    const Extent extent{next_, rounded};
+    next_ += rounded;
+    return extent;
+  }
+  Result<void> release(Extent) override { return {}; }
+
+ private:
+  std::filesystem::path dir_;
+  std::uint64_t pool_size_ = 0;
+  std::uint64_t next_ = 0;
+};
+
+int serve(const RdmaDeviceOptions& options, std::uint64_t pool_size, const std::filesystem::path& dir) {
+  auto server = make_rdma_pool_server(options, pool_size);
+  if (!server) {
+    std::cerr << "rdma-selftest: pool server: " << server.error().what() << "\n";
+    return kExitFailed;
+  }
+  std::cerr << "rdma-selftest: serving " << pool_size << " bytes; waiting for " << (dir / "endpoint.json") << "\n";
+  auto endpoint_json = wait_for_json(dir / "endpoint.json", std::chrono::seconds(120));
+  if (!endpoint_json) {
+    std::cerr << "rdma-selftest: " << endpoint_json.error().what() << "\n";
+    return kExitFailed;
+  }
+  auto endpoint = control::decode_endpoint(*endpoint_json);
+  if (!endpoint) {
+    std::cerr << "rdma-selftest: endpoint: " << endpoint.error().what() << "\n";
+    return kExitFailed;
+  }
+  auto grant = (*server)->accept(*endpoint);
+  if (!grant) {
+    std::cerr << "rdma-selftest: accept: " << grant.error().what() << "\n";
+    return kExitFailed;
+  }
+  if (!write_file_atomically(dir / "grant.json", control::encode_grant(*grant).dump())) {
+    std::cerr << "rdma-selftest: cannot write " << (dir / "grant.json") << "\n";
+    return kExitFailed;
+  }
+  // The pool must stay registered until the client is done with it.
+  auto done = wait_for_json(dir / "done", std::chrono::seconds(600));
+  std::cout << json{{"ok", done.has_value()}, {"served_bytes", pool_size}}.dump() << std::endl;
+  return done ? kExitOk : kExitFailed;
+}
 
 int report_failure(json out, int checks, const std::string& message) {
   out["ok"] = false;
@@ -234,6 +341,14 @@ int main(int argc, char** argv) {
       ->capture_default_str()->check(CLI::Range(1, 1'000'000));
   app.add_option("--throughput-mib", throughput_mib, "bytes moved for the throughput figures")
       ->capture_default_str()->check(CLI::Range(std::uint64_t{1}, std::uint64_t{1} << 20));
+  std::string serve_dir;
+  std::string connect_dir;
+  auto* serve_option = app.add_option(
+      "--serve", serve_dir,
+      "two hosts: be the memory node; rendezvous through files in this shared directory");
+  app.add_option("--connect", connect_dir,
+                 "two hosts: be the compute host of a --serve peer using this shared directory")
+      ->excludes(serve_option);
   CLI11_PARSE(app, argc, argv);
 
   json out;
@@ -262,14 +377,24 @@ int main(int argc, char** argv) {
             << "] " << info->gid << " (" << info->gid_type << ", " << info->link_layer << ", mtu "
             << info->active_mtu_bytes << ")\n";
 
-  const std::uint64_t pool_size = pool_mib * MiB;
-  auto server = make_rdma_pool_server(options, pool_size);
-  if (!server) return report_failure(out, 0, "pool server: " + server.error().what());
-  std::shared_ptr<RdmaPoolServer> shared_server = std::move(*server);
-  auto tier = make_rdma_tier(options, make_local_rdma_pool_client(shared_server));
+  std::uint64_t pool_size = pool_mib * MiB;
+  if (!serve_dir.empty()) return serve(options, pool_size, serve_dir);
+  std::shared_ptr<RdmaPoolServer> shared_server;
+  std::shared_ptr<RdmaPoolClient> pool_client;
+  if (connect_dir.empty()) {
+    auto server = make_rdma_pool_server(options, pool_size);
+    if (!server) return report_failure(out, 0, "pool server: " + server.error().what());
+    shared_server = std::move(*server);
+    pool_client = make_local_rdma_pool_client(shared_server);
+  } else {
+    pool_client = std::make_shared<RendezvousPoolClient>(connect_dir);
+  }
+  auto tier = make_rdma_tier(options, pool_client);
   if (!tier) return report_failure(out, 0, "rdma tier: " + tier.error().what());
+  pool_size = (*tier)->stats().capacity_bytes;  // the granted pool, for a remote server
+  out["mode"] = connect_dir.empty() ? "loopback" : "remote";
 
-  Selftest test(**tier, *shared_server, pool_size);
+  Selftest test(**tier, shared_server.get(), pool_size);
   test.check((*tier)->kind() == TierKind::rdma && (*tier)->caps().remote && (*tier)->caps().shared &&
                  !(*tier)->caps().byte_addressable,
              "tier kind/caps");
@@ -283,7 +408,7 @@ int main(int argc, char** argv) {
   test.round_trip(4 * MiB, 123'457, MiB + 13);
   test.round_trip(3 * bounce + 8 * KiB, 777, 3 * bounce + 5);
   test.error_paths();
-  {
+  if (shared_server) {
     auto second = make_rdma_tier(options, make_local_rdma_pool_client(shared_server));
     if (test.check_ok(second, "second rdma tier on the same pool")) test.shared_pool(**second);
   }
@@ -297,6 +422,9 @@ int main(int argc, char** argv) {
   out["bytes_written"] = stats.bytes_written;
   out["elapsed_ms"] =
       std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - started).count();
+  if (!connect_dir.empty()) {
+    (void)write_file_atomically(std::filesystem::path(connect_dir) / "done", test.ok() ? "true" : "false");
+  }
   if (!test.ok()) return report_failure(out, test.checks(), test.failure());
   out["ok"] = true;
   out["checks"] = test.checks();
