@@ -1,14 +1,13 @@
 """Every function's handle() output passes its checks, in-process (no runtime, no socket)."""
 
 import hashlib
-import inspect
 import shutil
 import subprocess
 
 import pytest
 
 from conftest import WORKLOADS, function_names
-from function_folder import check_output, import_function_module, load_function_folder
+from function_folder import check_output, import_function_module, load_function_folder, run_init
 
 # Debian packages a function needs on the host; missing ones skip that function's tests.
 REQUIRED_PACKAGES = {"pyaes": "python3-pyaes", "image_rotate": "python3-pil",
@@ -43,10 +42,7 @@ def loaded_function(name):
             module = import_function_module(folder)
         except ImportError as error:
             pytest.skip(f"{name} needs {REQUIRED_PACKAGES.get(name, 'a library')} on the host ({error})")
-        if inspect.signature(module.init).parameters:
-            module.init(dict(folder.config))
-        else:
-            module.init()
+        run_init(module, folder.config)
         _loaded[name] = (folder, module)
     return _loaded[name]
 

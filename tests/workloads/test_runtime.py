@@ -11,7 +11,8 @@ import time
 import pytest
 
 from conftest import WORKLOADS
-from function_protocol import DEFAULT_MAX_FRAME_BYTES, call, encode_frame, read_frame, decode_message
+from function_folder import import_function_module, load_function_folder, run_init
+from function_protocol import DEFAULT_MAX_FRAME_BYTES, call, decode_message, encode_frame, read_frame
 
 INVOKE = str(WORKLOADS / "bin" / "invoke")
 START_FUNCTION = str(WORKLOADS / "bin" / "start-function")
@@ -106,10 +107,9 @@ def test_digest_is_stable_and_covers_the_state(start_instance):
     second, _ = call(instance.socket_path, {"op": "digest"})
     assert first["ok"] and first["output"] == second["output"]
     # The digest is SHA-256 over what state() exports: here the canonical JSON of the document.
-    sys.path.insert(0, str(WORKLOADS / "json_serdes"))
-    from function_folder import import_function_module, load_function_folder
-    module = import_function_module(load_function_folder(str(WORKLOADS / "json_serdes")))
-    module.init({"records": 50, "seed": 42})
+    folder = load_function_folder(str(WORKLOADS / "json_serdes"))
+    module = import_function_module(folder)
+    run_init(module, {**folder.config, "records": 50})
     assert first["output"]["sha256"] == hashlib.sha256(module.state()).hexdigest()
     assert first["output"]["state_bytes"] == len(module.state())
 

@@ -15,6 +15,7 @@ check(input, output) when a caller has imported it.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -66,6 +67,17 @@ def import_function_module(folder: FunctionFolder) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_init(module: ModuleType, config: dict) -> None:
+    """The module's init(config), or init() if it takes no configuration, or nothing."""
+    init = getattr(module, "init", None)
+    if init is None:
+        return
+    if inspect.signature(init).parameters:
+        init(dict(config))
+    else:
+        init()
 
 
 def check_expected(folder: FunctionFolder, output: dict) -> list[str]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import inspect
 import json
 import os
 import signal
@@ -38,7 +37,7 @@ for _thread_variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THR
 sys.dont_write_bytecode = True
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from function_folder import FunctionFolder, import_function_module, load_function_folder  # noqa: E402
+from function_folder import FunctionFolder, import_function_module, load_function_folder, run_init  # noqa: E402
 from function_protocol import (  # noqa: E402
     DEFAULT_MAX_FRAME_BYTES, FrameTooLarge, ProtocolError, TruncatedFrame, decode_message,
     encode_frame, read_frame)
@@ -85,13 +84,7 @@ class FunctionInstance:
         self.module = import_function_module(self.folder)
         if not callable(getattr(self.module, "handle", None)):
             raise TypeError(f"{self.folder.module_path} defines no handle(input)")
-        init = getattr(self.module, "init", None)
-        if init is not None:
-            # init(config) if the function takes configuration, else init().
-            if inspect.signature(init).parameters:
-                init(dict(self.config))
-            else:
-                init()
+        run_init(self.module, self.config)
         self.init_ms = (time.perf_counter() - started) * 1000.0
 
     def invoke(self, input: dict) -> dict:

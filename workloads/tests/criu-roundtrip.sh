@@ -147,6 +147,7 @@ for name in "${functions[@]}"; do
     [ "${ROUNDTRIP_KEEP:-0}" = 1 ] || rm -rf "$work"
 done
 
+[ "${ROUNDTRIP_KEEP:-0}" = 1 ] || rmdir "$roundtrip_dir" 2>/dev/null || true
 echo
 {
     echo "function|init ms|rss MB|image MB|dump ms|restore ms (copy1/copy2)|1st invoke ms (copy1/copy2)|digest match"
