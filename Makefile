@@ -17,7 +17,7 @@ build: deps      ## build the agent, tests and benchmarks for this host
 
 test: build      ## unit tests: GoogleTest (ctest) and the testbed's Python tests
 	cd $(BUILD) && ctest --output-on-failure --timeout 300 -j$(JOBS)
-	/usr/bin/python3 -m pytest -q tests/testbed
+	/usr/bin/python3 -m pytest -q tests/testbed tests/workloads
 
 image: deps      ## the Debian trixie guest image (cached; rebuilt when guests/ changes)
 	bash guests/build-image.sh
