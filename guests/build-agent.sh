@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the tier agent for the guests: compiled inside the guest's own trixie rootfs (a
 # chroot), so it links against exactly the libraries the guests run. Output: build/guest/,
-# which the guests see at /opt/snaptier/build/guest through the read-only project share.
+# which the guests see at /opt/snaptier/build/guest through the read-only project share. The
+# chroot mounts the checkout at that same path, so paths compiled into tests hold in the guests.
 #   guests/build-agent.sh [extra cmake --build args]
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -17,12 +18,12 @@ log "building the tier agent in the $(sed -n 's/^suite=//p' "$image/info") chroo
 # A private mount namespace: the bind mounts vanish with the process, even if the build fails.
 timeout 1800 unshare --mount --propagation private bash -euo pipefail -c '
   rootfs=$1 repo=$2; shift 2
-  mkdir -p "$rootfs/mnt/snaptier"
-  mount --bind "$repo" "$rootfs/mnt/snaptier"
+  mkdir -p "$rootfs/opt/snaptier"
+  mount --bind "$repo" "$rootfs/opt/snaptier"
   mount -t proc proc "$rootfs/proc"
   mount --bind /dev "$rootfs/dev"
   chroot "$rootfs" /bin/bash -euo pipefail -c "
-    cd /mnt/snaptier
+    cd /opt/snaptier
     cmake -S . -B build/guest -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSNAPTIER_BUILD_BENCH=ON > /dev/null
     cmake --build build/guest -j2 $*
   "
