@@ -87,7 +87,10 @@ class RdmaPoolServer {
 [[nodiscard]] std::shared_ptr<RdmaPoolClient> make_local_rdma_pool_client(
     std::shared_ptr<RdmaPoolServer> server);
 
-// A Tier whose extents live in one memory node's pool.
+// A Tier whose extents live in one memory node's pool: one RC QP, one-sided READ/WRITE through
+// a registered bounce buffer. Each completion waits at most timeout_ms (Errc::timeout); an error
+// completion is Errc::unavailable. After either the tier is broken: later read/write/allocate
+// fail at once with unavailable (release still works); rebuild the tier to reconnect.
 [[nodiscard]] Result<std::unique_ptr<Tier>> make_rdma_tier(const RdmaDeviceOptions& device,
                                                            std::shared_ptr<RdmaPoolClient> pool);
 
