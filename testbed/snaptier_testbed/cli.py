@@ -84,7 +84,7 @@ def cmd_status(args, topo) -> int:
 
 
 def cmd_exec(args, topo) -> int:
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    command = list(args.command) + args.after_separator
     if not command:
         raise TestbedError("exec needs a command: testbed/tb exec HOST -- CMD ...")
     # One string keeps the guest shell's view of quoting the same as the user's.
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("exec", help="run a command in a host: exec HOST -- CMD ...")
     e.add_argument("host")
     e.add_argument("--timeout", type=float, default=None, help="seconds before the command is abandoned")
-    e.add_argument("command", nargs=argparse.REMAINDER)
+    e.add_argument("command", nargs="*", help="the command (put it after '--' if it has options)")
     e.set_defaults(fn=cmd_exec)
     c = sub.add_parser("console", help="attach to a host's serial console")
     c.add_argument("host")
@@ -161,7 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     sc = sub.add_parser("scenario", help="run an end-to-end scenario on the running topology")
     sc.add_argument("name", choices=["agent-smoke"])
     sc.set_defaults(fn=cmd_scenario)
+    # Everything after the first '--' is the guest command, untouched by option parsing.
+    argv = list(sys.argv[1:] if argv is None else argv)
+    after = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
     args = p.parse_args(argv)
+    args.after_separator = after
     try:
         topo = load_topology(args.topology)
         return args.fn(args, topo)

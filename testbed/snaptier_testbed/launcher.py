@@ -285,7 +285,7 @@ def ssh(state_dir: Path, port: int, command: list[str], timeout: float | None = 
     argv = ["ssh", "-i", str(state_dir / "id_ed25519"), "-p", str(port), *SSH_OPTS]
     if tty:
         argv.append("-t")
-    argv += ["root@127.0.0.1", "--", *command]
+    argv += ["root@127.0.0.1", *command]
     try:
         return subprocess.run(argv, stdin=stdin, capture_output=capture, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
