@@ -4,6 +4,8 @@
   daxprobe.py info                      device, size, sequential read/write speed (JSON)
   daxprobe.py put NONCE                 write a marker into the device's last cache line
   daxprobe.py wait NONCE [TIMEOUT]      wait until that marker is visible here (JSON)
+  daxprobe.py wipe-head                 zero the first 2 MiB (the agent's superblock), so that a
+                                        benchmark's scratch format is not mistaken for a directory
 
 The marker lives in the last 64 bytes of the device; `put` saves what was there and
 `restore` puts it back, so the check never damages data another tool keeps in the region.
@@ -96,6 +98,14 @@ if __name__ == "__main__":
         cmd_put(sys.argv[2])
     elif cmd == "wait":
         sys.exit(cmd_wait(sys.argv[2], float(sys.argv[3]) if len(sys.argv) > 3 else 10))
+    elif cmd == "wipe-head":
+        path, size, _ = device()
+        fd = os.open(path, os.O_RDWR)
+        m = mmap.mmap(fd, CHUNK, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
+        m[:] = bytes(CHUNK)
+        m.close()
+        os.close(fd)
+        print(json.dumps({"wiped_bytes": CHUNK}))
     elif cmd == "restore":
         cmd_restore()
     else:

@@ -121,6 +121,11 @@ def cmd_agents(args, topo) -> int:
     return 0
 
 
+def cmd_bench(args, topo) -> int:
+    from .bench import run_bench
+    return run_bench(topo, size_mib=args.size_mib, iterations=args.iterations)
+
+
 def cmd_scenario(args, topo) -> int:
     from .scenarios import SCENARIOS
     return SCENARIOS[args.name](topo)
@@ -158,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("action", choices=["config", "start", "stop", "restart"])
     g.add_argument("hosts", nargs="*")
     g.set_defaults(fn=cmd_agents)
+    b = sub.add_parser("bench", help="tier_bench per tier in the guests (JSON + CSV in the state dir)")
+    b.add_argument("--size-mib", type=int, default=16)
+    b.add_argument("--iterations", type=int, default=2000)
+    b.set_defaults(fn=cmd_bench)
     sc = sub.add_parser("scenario", help="run an end-to-end scenario on the running topology")
     sc.add_argument("name", choices=["agent-smoke"])
     sc.set_defaults(fn=cmd_scenario)

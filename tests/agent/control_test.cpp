@@ -558,5 +558,20 @@ TEST_F(ControlTest, RdmaPoolClientSpeaksTheControlPlane) {
   EXPECT_EQ(denied.error().code, Errc::permission_denied);
 }
 
+// A compute agent's pool client sits idle between snapshots for longer than the memory node's
+// idle timeout; its next call must still work (seen in the testbed: "connection closed by peer").
+TEST_F(ControlTest, RdmaPoolClientWorksAfterTheMemoryNodeClosedAnIdleConnection) {
+  ServerOptions options;
+  options.idle_timeout = 200ms;
+  start_server(options);
+  auto pool = make_control_rdma_pool_client(tcp_options());
+  auto first = pool->allocate(4096);
+  ASSERT_TRUE(first.has_value()) << first.error().what();
+  std::this_thread::sleep_for(400ms);
+  auto second = pool->allocate(4096);
+  ASSERT_TRUE(second.has_value()) << second.error().what();
+  EXPECT_TRUE(pool->release(*second).has_value());
+}
+
 }  // namespace
 }  // namespace snaptier::control

@@ -14,7 +14,9 @@
 #include <unistd.h>
 #include <vector>
 
+#include "snaptier/control.hpp"
 #include "snaptier/cxl_directory.hpp"
+#include "snaptier/rdma.hpp"
 #include "snaptier/tiers.hpp"
 
 namespace snaptier {
@@ -42,8 +44,16 @@ struct OpenedTier {
   std::string note;
 };
 
+// Where an rdma tier finds its memory node: the same settings as the agent's [tiers.rdma].
+struct RdmaTarget {
+  std::string memnode;  // ADDR:PORT of the memory node's control plane
+  std::string token;
+  std::string device;
+  int gid_index = 1;
+};
+
 Result<OpenedTier> open_tier(TierKind kind, fs::path path, std::uint64_t capacity, bool format_region,
-                             std::uint32_t host_index) {
+                             std::uint32_t host_index, const RdmaTarget& rdma) {
   switch (kind) {
     case TierKind::local: {
       auto tier = make_local_tier(capacity);
@@ -72,9 +82,22 @@ Result<OpenedTier> open_tier(TierKind kind, fs::path path, std::uint64_t capacit
       return OpenedTier{std::move(*tier), *directory,
                         what + ", invalidate (" + std::string(cache_writeback_method()) + " family) + load per read"};
     }
-    case TierKind::rdma: break;
+    case TierKind::rdma: {
+      auto address = parse_net_address(rdma.memnode);
+      if (!address) return tl::unexpected(address.error());
+      control::ClientOptions memnode;
+      memnode.endpoint = *address;
+      memnode.token = rdma.token;
+      RdmaDeviceOptions device;
+      device.device = rdma.device;
+      device.gid_index = rdma.gid_index;
+      auto tier = make_rdma_tier(device, control::make_control_rdma_pool_client(std::move(memnode)));
+      if (!tier) return tl::unexpected(tier.error());
+      return OpenedTier{std::move(*tier), nullptr,
+                        "one-sided RDMA READ from memory node " + rdma.memnode + " via a 1 MiB bounce buffer"};
+    }
   }
-  return fail(Errc::unsupported, "tier " + std::string(to_string(kind)) + " is not wired into tier_bench yet");
+  return fail(Errc::unsupported, "unknown tier");
 }
 
 double percentile(std::vector<double>& sorted, double p) {
@@ -140,7 +163,12 @@ int main(int argc, char** argv) {
   std::uint32_t host_index = 0;
   bool json = false;
   bool format_region = false;
-  app.add_option("--tier", tier_name, "local | file | cxl")->check(CLI::IsMember({"local", "file", "cxl", "rdma"}));
+  RdmaTarget rdma;
+  app.add_option("--memnode", rdma.memnode, "rdma: ADDR:PORT of a memory node's control plane");
+  app.add_option("--token", rdma.token, "rdma: the memory node's control token");
+  app.add_option("--device", rdma.device, "rdma: device name (default: the first)");
+  app.add_option("--gid-index", rdma.gid_index, "rdma: GID index (RoCEv2 over IPv4: 1)");
+  app.add_option("--tier", tier_name, "local | file | cxl | rdma")->check(CLI::IsMember({"local", "file", "cxl", "rdma"}));
   app.add_option("--path", path, "file: directory; cxl: devdax device or region file (default: a temp file)");
   app.add_option("--size", size, "working set in bytes")->check(CLI::Range(std::uint64_t{65536}, std::uint64_t{1} << 40));
   app.add_option("--iterations", iterations, "reads per block size")->check(CLI::PositiveNumber);
@@ -169,7 +197,11 @@ int main(int argc, char** argv) {
     }
   }
   const std::uint64_t capacity = size + (1ull << 20);
-  auto opened = open_tier(*kind, path, capacity, format_region, host_index);
+  if (*kind == TierKind::rdma && rdma.memnode.empty()) {
+    std::cerr << "tier_bench: --tier rdma needs --memnode ADDR:PORT (and --token)\n";
+    return 2;
+  }
+  auto opened = open_tier(*kind, path, capacity, format_region, host_index, rdma);
   if (!opened) {
     std::cerr << "tier_bench: " << opened.error().what() << "\n";
     if (!scratch.empty()) fs::remove_all(scratch);

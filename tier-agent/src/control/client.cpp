@@ -243,26 +243,21 @@ class ControlRdmaPoolClient final : public RdmaPoolClient {
   }
 
  private:
-  // Requests are not retried: rdma.alloc is not idempotent, and a retry after a lost response
-  // would leak pool memory. A broken connection is replaced on the next call instead.
+  // One connection per call. Pool calls are rare (a few per snapshot), and the memory node
+  // closes idle connections: a kept connection would fail its next call after any pause.
+  // Requests are never retried: rdma.alloc is not idempotent, and a retry after a lost
+  // response would leak pool memory.
   Result<nlohmann::json> call(const Command& command) {
     std::lock_guard lock(mutex_);
-    if (!client_) {
-      auto connected = ControlClient::connect(options_);
-      if (!connected) return tl::unexpected(connected.error());
-      client_.emplace(std::move(*connected));
-    }
-    auto response = client_->call(command);
-    if (!response) {
-      client_.reset();
-      return tl::unexpected(response.error());
-    }
+    auto client = ControlClient::connect(options_);
+    if (!client) return tl::unexpected(client.error());
+    auto response = client->call(command);
+    if (!response) return tl::unexpected(response.error());
     return std::move(response->outcome);
   }
 
   ClientOptions options_;
   std::mutex mutex_;
-  std::optional<ControlClient> client_;
 };
 
 }  // namespace

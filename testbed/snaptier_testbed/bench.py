@@ -1,0 +1,78 @@
+"""Tier benchmark in a running topology: tier_bench (the agent's own tiers, built for trixie)
+per tier inside the guests: local DRAM, file, CXL (whatever emulation the topology uses) and the
+RDMA pool of a memory node. Results: run/<topology>/bench-tiers.json and .csv, and a table.
+
+The CXL run formats the shared region as scratch, so agents are stopped first and the region's
+head is wiped afterwards; agents are started again on a fresh directory (published snapshots
+are gone after a bench, by design)."""
+from __future__ import annotations
+
+import csv
+import json
+import time
+
+from . import agents, launcher
+from .launcher import TestbedError, say
+from .state import state_dir_for
+from .topology import Topology
+
+BENCH = f"{agents.GUEST_BUILD}/tier_bench"
+
+
+def _bench(topo, host, args, label, timeout=900):
+    r = launcher.exec_in(topo, host, [f"cd /tmp && timeout {timeout - 30} {BENCH} --json {args}"], timeout=timeout)
+    if r.returncode != 0:
+        raise TestbedError(f"tier_bench {label} on {host} failed: {r.stderr.strip()[-300:]}")
+    doc = json.loads(r.stdout)
+    doc["label"] = label
+    doc["host"] = host
+    return doc
+
+
+def run_bench(topo: Topology, size_mib: int = 16, iterations: int = 2000) -> int:
+    launcher.load_running(topo)
+    state_dir = state_dir_for(topo.name)
+    dev = next((c for c in topo.cxl), None)
+    host = dev.hosts[0] if dev else next(h.name for h in topo.hosts if h.role == "compute")
+    common = f"--size {size_mib << 20} --iterations {iterations}"
+    results = []
+    t0 = time.monotonic()
+    say(f"tier_bench on {host}: {size_mib} MiB working set, {iterations} random reads per block size")
+    results.append(_bench(topo, host, common + " --tier local", "local DRAM"))
+    results.append(_bench(topo, host, common + " --tier file --path /var/tmp/tier-bench", "file (ext4 on virtio-blk)"))
+    link = topo.link_of(host)
+    memnode = next((m for m in topo.hosts if m.role == "memory" and link and m.name in link.hosts), None)
+    if memnode:
+        agents.start(topo)
+        token = (state_dir / "agent-token").read_text().strip()
+        addr = f"{link.address_of(memnode.name).ip}:{agents.CONTROL_PORT}"
+        results.append(_bench(topo, host, f"{common} --tier rdma --memnode {addr} --token {token} "
+                                          f"--device rxe0 --gid-index 1", f"rdma (rxe, pool on {memnode.name})"))
+    if dev:
+        agents.stop(topo)
+        try:
+            results.append(_bench(topo, host, f"{common} --tier cxl --path /dev/dax0.0 --format --host-index 0",
+                                  f"cxl ({dev.emulation})"))
+        finally:
+            launcher.exec_in(topo, host, ["python3 /opt/snaptier/testbed/guest/daxprobe.py wipe-head"], timeout=120)
+            agents.start(topo)
+    out = {"topology": topo.name, "seconds": round(time.monotonic() - t0, 1),
+           "units": {"latency": "us", "throughput": "MiB/s"}, "runs": results}
+    (state_dir / "bench-tiers.json").write_text(json.dumps(out, indent=1) + "\n")
+    with open(state_dir / "bench-tiers.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["topology", "tier", "host", "block_bytes", "p50_us", "p99_us", "mean_us", "throughput_mib_s"])
+        for run in results:
+            for r in run["results"]:
+                w.writerow([topo.name, run["label"], run["host"], r["block_bytes"], round(r["p50_ns"] / 1e3, 2),
+                            round(r["p99_ns"] / 1e3, 2), round(r["mean_ns"] / 1e3, 2), round(r["throughput_mib_s"], 1)])
+    local = {r["block_bytes"]: r for r in results[0]["results"]}
+    print(f"\ntier benchmark on topology {topo.name}, host {host} (emulated: compare ratios, not absolutes)")
+    print(f"  {'tier':32} {'block':>6} {'p50 us':>9} {'p99 us':>9} {'MiB/s':>8} {'p50 vs local':>13}")
+    for run in results:
+        for r in run["results"]:
+            ratio = r["p50_ns"] / local[r["block_bytes"]]["p50_ns"] if r["block_bytes"] in local else 0
+            print(f"  {run['label']:32} {r['block_bytes'] // 1024:>5}K {r['p50_ns'] / 1e3:>9.1f} {r['p99_ns'] / 1e3:>9.1f} "
+                  f"{r['throughput_mib_s']:>8.1f} {ratio:>12.0f}x")
+    print(f"results: {state_dir / 'bench-tiers.json'} and .csv")
+    return 0
