@@ -15,35 +15,13 @@
 #include <utility>
 #include <vector>
 
+#include "core/unique_fd.hpp"
 #include "snaptier/error.hpp"
 
 namespace snaptier::agent_detail {
 
-class UniqueFd {
- public:
-  UniqueFd() = default;
-  explicit UniqueFd(int fd) noexcept : fd_(fd) {}
-  UniqueFd(UniqueFd&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
-  UniqueFd& operator=(UniqueFd&& other) noexcept {
-    if (this != &other) {
-      reset();
-      fd_ = std::exchange(other.fd_, -1);
-    }
-    return *this;
-  }
-  ~UniqueFd() { reset(); }
-  UniqueFd(const UniqueFd&) = delete;
-  UniqueFd& operator=(const UniqueFd&) = delete;
-
-  [[nodiscard]] int get() const noexcept { return fd_; }
-  void reset() noexcept {
-    if (fd_ >= 0) ::close(fd_);
-    fd_ = -1;
-  }
-
- private:
-  int fd_ = -1;
-};
+using detail::UniqueFd;
+using detail::UniqueMapping;
 
 // A whole regular file mapped read-only (nothing mapped for an empty file).
 class ReadOnlyMapping {
@@ -55,36 +33,18 @@ class ReadOnlyMapping {
     if (::fstat(fd.get(), &st) != 0) return fail_errno(Errc::io, "stat " + path.string(), errno);
     if (!S_ISREG(st.st_mode)) return fail(Errc::invalid_argument, path.string() + " is not a regular file");
     ReadOnlyMapping mapping;
-    mapping.size_ = static_cast<std::size_t>(st.st_size);
-    if (mapping.size_ == 0) return mapping;
-    void* data = ::mmap(nullptr, mapping.size_, PROT_READ, MAP_PRIVATE, fd.get(), 0);
+    const auto size = static_cast<std::size_t>(st.st_size);
+    if (size == 0) return mapping;
+    void* data = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd.get(), 0);
     if (data == MAP_FAILED) return fail_errno(Errc::io, "mmap " + path.string(), errno);
-    mapping.data_ = static_cast<const std::byte*>(data);
+    mapping.mapping_ = UniqueMapping(data, size);
     return mapping;
   }
 
-  ReadOnlyMapping() = default;
-  ReadOnlyMapping(ReadOnlyMapping&& other) noexcept
-      : data_(std::exchange(other.data_, nullptr)), size_(std::exchange(other.size_, 0)) {}
-  ReadOnlyMapping& operator=(ReadOnlyMapping&& other) noexcept {
-    if (this != &other) {
-      unmap();
-      data_ = std::exchange(other.data_, nullptr);
-      size_ = std::exchange(other.size_, 0);
-    }
-    return *this;
-  }
-  ~ReadOnlyMapping() { unmap(); }
-
-  [[nodiscard]] std::span<const std::byte> bytes() const noexcept { return {data_, size_}; }
+  [[nodiscard]] std::span<const std::byte> bytes() const noexcept { return {mapping_.data(), mapping_.size()}; }
 
  private:
-  void unmap() noexcept {
-    if (data_ != nullptr) ::munmap(const_cast<std::byte*>(data_), size_);
-    data_ = nullptr;
-  }
-  const std::byte* data_ = nullptr;
-  std::size_t size_ = 0;
+  UniqueMapping mapping_;
 };
 
 // Writes all of `iov` at `offset`, continuing after short writes.
