@@ -78,6 +78,8 @@ def agent_smoke(topo: Topology) -> int:
     writer, reader = cxl.hosts[0], cxl.hosts[1]
     steps = Steps()
     t0 = time.monotonic()
+    # A reused topology may run agents from an older build: always test the current one.
+    agents.stop(topo)
     agents.start(topo)
     run = secrets.token_hex(3)
     pages = 1024  # 4 MiB: a few seconds through the emulated CXL MMIO path
