@@ -46,7 +46,8 @@ def agent_config(topo: Topology, host: str, token: str, guest_status: dict) -> s
     if dev and cxl:
         lines += ["[tiers.cxl]", f"path = {_toml_str(cxl['device'])}",
                   f"host_index = {dev.hosts.index(host)}",
-                  f"format = {'true' if dev.hosts[0] == host else 'false'}", ""]
+                  f"format = {'true' if dev.hosts[0] == host else 'false'}",
+                  f"host_count = {len(dev.hosts)}", ""]
     memnodes = [m for m in topo.hosts if m.role == "memory" and link and m.name in link.hosts]
     if link and link.rdma and memnodes:
         lines += ["[tiers.rdma]", 'device = "rxe0"', "gid_index = 1",

@@ -17,6 +17,7 @@ GiB = 1 << 30
 ROLES = ("compute", "memory")
 EMULATIONS = ("type3", "nvdimm")
 ACCELS = ("auto", "kvm", "tcg")
+MAX_CXL_HOSTS = 15  # per-host slots in the agent's CXL directory (docs/cxl-directory.md)
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 
 
@@ -182,6 +183,8 @@ def _parse_cxl(t: dict, where: str, known: set[str]) -> CxlDevice:
     if size % (256 * MiB) or not 256 * MiB <= size <= 64 * GiB:
         raise TopologyError(f"{where}.size: {size} bytes is impossible (a multiple of 256M from 256M to 64G)")
     hosts = _host_list(_require(t, "hosts", where), f"{where}.hosts", known)
+    if len(hosts) > MAX_CXL_HOSTS:
+        raise TopologyError(f"{where}.hosts: {len(hosts)} hosts; the agent's shared directory has slots for {MAX_CXL_HOSTS}")
     backing = t.get("backing")
     if backing is not None:
         backing = _str(backing, f"{where}.backing")

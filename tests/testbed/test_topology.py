@@ -115,6 +115,15 @@ def test_a_host_attaches_one_cxl_device_and_one_link():
         parse_topology(doc)
 
 
+def test_a_cxl_device_has_at_most_fifteen_hosts():
+    doc = {"host": [{"name": f"h{i}", "role": "compute", "memory": "512M"} for i in range(16)],
+           "cxl": [{"name": "c", "size": "256M", "hosts": [f"h{i}" for i in range(16)]}]}
+    with pytest.raises(TopologyError, match=r"cxl\[0\]\.hosts: 16 hosts; .* slots for 15"):
+        parse_topology(doc)
+    doc["cxl"][0]["hosts"] = doc["cxl"][0]["hosts"][:15]
+    assert len(parse_topology(doc).cxl[0].hosts) == 15
+
+
 def test_file_errors(tmp_path):
     with pytest.raises(TopologyError, match="no such topology file"):
         load_topology(tmp_path / "missing.toml")
