@@ -30,8 +30,8 @@ using Bytes = std::vector<std::byte>;
 namespace {
 
 const fs::path kData = fs::path(__FILE__).parent_path() / "data" / "criu";
-const fs::path kSingle = kData / "single";  // one task, pid 7337
-const fs::path kTree = kData / "tree";      // parent 10528, child 10530
+const fs::path kSingle = kData / "single";  // one task, pid 15884
+const fs::path kTree = kData / "tree";      // parent 15901, child 15903
 
 Bytes read_file(const fs::path& p) {
   std::ifstream in(p, std::ios::binary);
@@ -143,9 +143,9 @@ std::vector<Fixture> metadata_fixtures() {
       {kSingle / "inventory.img", 4, [](auto s) { return code_of(parse_inventory(s)); }},
       {kSingle / "pstree.img", 8, [](auto s) { return code_of(parse_pstree(s)); }},
       {kTree / "pstree.img", 8, [](auto s) { return code_of(parse_pstree(s)); }},
-      {kSingle / "mm-7337.img", 8, [](auto s) { return code_of(parse_mm(s)); }},
-      {kSingle / "pagemap-7337.img", 8, [](auto s) { return code_of(parse_pagemap(s)); }},
-      {kTree / "pagemap-10530.img", 8, [](auto s) { return code_of(parse_pagemap(s)); }},
+      {kSingle / "mm-15884.img", 8, [](auto s) { return code_of(parse_mm(s)); }},
+      {kSingle / "pagemap-15884.img", 8, [](auto s) { return code_of(parse_pagemap(s)); }},
+      {kTree / "pagemap-15903.img", 8, [](auto s) { return code_of(parse_pagemap(s)); }},
   };
 }
 
@@ -260,15 +260,15 @@ TEST(CriuImages, PstreeMatchesCrit) {
   auto tree = parse_pstree(read_file(kTree / "pstree.img"));
   ASSERT_TRUE(tree);
   ASSERT_EQ(tree->size(), 2u);
-  EXPECT_EQ((*tree)[0].pid, 10528u);
+  EXPECT_EQ((*tree)[0].pid, 15901u);
   EXPECT_EQ((*tree)[0].ppid, 0u);
-  EXPECT_EQ((*tree)[1].pid, 10530u);
-  EXPECT_EQ((*tree)[1].ppid, 10528u);
-  EXPECT_EQ((*tree)[1].threads, std::vector<std::uint32_t>{10530});
+  EXPECT_EQ((*tree)[1].pid, 15903u);
+  EXPECT_EQ((*tree)[1].ppid, 15901u);
+  EXPECT_EQ((*tree)[1].threads, std::vector<std::uint32_t>{15903});
 }
 
 TEST(CriuImages, MmMatchesCrit) {
-  for (const auto& img : {kSingle / "mm-7337.img", kTree / "mm-10528.img", kTree / "mm-10530.img"}) {
+  for (const auto& img : {kSingle / "mm-15884.img", kTree / "mm-15901.img", kTree / "mm-15903.img"}) {
     SCOPED_TRACE(img.string());
     auto mm = parse_mm(read_file(img));
     ASSERT_TRUE(mm) << mm.error().what();
@@ -308,7 +308,7 @@ TEST(CriuImages, MmMatchesCrit) {
     }
   }
   // The fixture process's own mapping: 8 private anonymous rw pages at 0x10000000.
-  auto mm = parse_mm(read_file(kSingle / "mm-7337.img"));
+  auto mm = parse_mm(read_file(kSingle / "mm-15884.img"));
   ASSERT_TRUE(mm);
   ASSERT_EQ(mm->vmas.size(), 12u);
   const auto& v = mm->vmas[6];
@@ -325,7 +325,7 @@ TEST(CriuImages, MmMatchesCrit) {
 }
 
 TEST(CriuImages, PagemapMatchesCrit) {
-  for (const auto& img : {kSingle / "pagemap-7337.img", kTree / "pagemap-10528.img", kTree / "pagemap-10530.img"}) {
+  for (const auto& img : {kSingle / "pagemap-15884.img", kTree / "pagemap-15901.img", kTree / "pagemap-15903.img"}) {
     SCOPED_TRACE(img.string());
     auto pm = parse_pagemap(read_file(img));
     ASSERT_TRUE(pm) << pm.error().what();
@@ -344,27 +344,27 @@ TEST(CriuImages, PagemapMatchesCrit) {
     }
     EXPECT_EQ(pm->present_bytes(), offset);
   }
-  auto pm = parse_pagemap(read_file(kSingle / "pagemap-7337.img"));
+  auto pm = parse_pagemap(read_file(kSingle / "pagemap-15884.img"));
   ASSERT_TRUE(pm);
   EXPECT_EQ(pm->pages_id, 1u);
   ASSERT_EQ(pm->entries.size(), 8u);
   EXPECT_EQ(pm->entries[3].vaddr, 0x10000000u);
   EXPECT_EQ(pm->entries[3].nr_pages, 3u);
   EXPECT_EQ(pm->entries[3].flags, kPeLazy | kPePresent);
-  EXPECT_EQ(pm->entries[3].data_offset, 7 * kPageSize);  // after 1 + 5 + 1 pages
+  EXPECT_EQ(pm->entries[3].data_offset, 8 * kPageSize);  // after 1 + 5 + 2 pages
   EXPECT_EQ(pm->entries[0].flags, kPePresent);           // file-backed text page: not lazy
-  EXPECT_EQ(pm->present_pages, 18u);
+  EXPECT_EQ(pm->present_pages, 20u);
 }
 
 TEST(CriuImages, LoadCheckpointSingleTaskPagesHoldTheKnownPattern) {
   auto cp = load_checkpoint(kSingle);
   ASSERT_TRUE(cp) << cp.error().what();
   ASSERT_EQ(cp->tasks.size(), 1u);
-  const Task* t = cp->find(7337);
+  const Task* t = cp->find(15884);
   ASSERT_NE(t, nullptr);
   ASSERT_TRUE(t->mm && t->pagemap);
   EXPECT_EQ(t->pages_path.filename(), "pages-1.img");
-  EXPECT_EQ(t->pages_file_bytes, 18 * kPageSize);
+  EXPECT_EQ(t->pages_file_bytes, 20 * kPageSize);
   EXPECT_EQ(cp->find(1), nullptr);
   // The fixture filled pages 0, 1, 2 and 6 of its mapping with 0xA0 + page index.
   const Bytes pages = read_file(t->pages_path);
@@ -387,11 +387,11 @@ TEST(CriuImages, LoadCheckpointTreeAndLazyFlagsAgreeWithVmas) {
   auto cp = load_checkpoint(kTree);
   ASSERT_TRUE(cp) << cp.error().what();
   ASSERT_EQ(cp->tasks.size(), 2u);
-  EXPECT_EQ(cp->tasks[0].pstree.pid, 10528u);
-  const Task* child = cp->find(10530);
+  EXPECT_EQ(cp->tasks[0].pstree.pid, 15901u);
+  const Task* child = cp->find(15903);
   ASSERT_NE(child, nullptr);
   EXPECT_EQ(child->pages_path.filename(), "pages-2.img");
-  EXPECT_EQ(child->pages_file_bytes, 21 * kPageSize);
+  EXPECT_EQ(child->pages_file_bytes, 19 * kPageSize);
   // The child also wrote page 3 (0xC3) after the fork: its entry is 4 pages long.
   const Bytes pages = read_file(child->pages_path);
   bool found = false;
@@ -480,7 +480,7 @@ TEST(CriuImagesCorrupt, EveryBitFlipIsCleanOrStillValid) {
 }
 
 TEST(CriuImagesCorrupt, MagicsAndLengths) {
-  const Bytes pm = read_file(kSingle / "pagemap-7337.img");
+  const Bytes pm = read_file(kSingle / "pagemap-15884.img");
   auto r = parse_mm(pm, "mm-1.img");  // a pagemap is not an mm image
   ASSERT_FALSE(r);
   EXPECT_EQ(r.error().code, Errc::corrupt);
@@ -488,13 +488,13 @@ TEST(CriuImagesCorrupt, MagicsAndLengths) {
 
   Bytes service = pm;
   service[0] = std::byte{0x40}, service[1] = std::byte{0x59}, service[2] = std::byte{0x10}, service[3] = std::byte{0x55};
-  auto s = parse_pagemap(service, "pagemap-7337.img");
+  auto s = parse_pagemap(service, "pagemap-15884.img");
   ASSERT_FALSE(s);
   EXPECT_NE(s.error().message.find("service image"), std::string::npos) << s.error().message;
 
   Bytes beyond = pm;  // first entry's length -> beyond the file
   beyond[8] = std::byte{0xff}, beyond[9] = std::byte{0xff};
-  auto b = parse_pagemap(beyond, "pagemap-7337.img");
+  auto b = parse_pagemap(beyond, "pagemap-15884.img");
   ASSERT_FALSE(b);
   EXPECT_NE(b.error().message.find("entry 0 at offset 8: length 65535 runs past the end"), std::string::npos)
       << b.error().message;
@@ -574,12 +574,12 @@ TEST(CriuCheckpointCorrupt, MissingFilesAndDirectories) {
   fs::copy_file(kSingle / "pstree.img", tmp.path() / "pstree.img");
   ASSERT_TRUE(load_checkpoint(tmp.path()));
 
-  fs::rename(tmp.path() / "mm-7337.img", tmp.path() / "mm-x.img");
+  fs::rename(tmp.path() / "mm-15884.img", tmp.path() / "mm-x.img");
   auto r = load_checkpoint(tmp.path());
   ASSERT_FALSE(r);
   EXPECT_EQ(r.error().code, Errc::corrupt);
-  EXPECT_NE(r.error().message.find("mm-7337.img is missing"), std::string::npos) << r.error().message;
-  fs::remove(tmp.path() / "pagemap-7337.img");  // neither image: a task without memory (zombie)
+  EXPECT_NE(r.error().message.find("mm-15884.img is missing"), std::string::npos) << r.error().message;
+  fs::remove(tmp.path() / "pagemap-15884.img");  // neither image: a task without memory (zombie)
   auto z = load_checkpoint(tmp.path());
   ASSERT_TRUE(z) << z.error().what();
   EXPECT_FALSE(z->tasks[0].mm);
@@ -589,12 +589,12 @@ TEST(CriuCheckpointCorrupt, PagesFileSizeMustMatch) {
   snaptier::testing::TempDir tmp;
   copy_dir(kSingle, tmp.path());
   const auto pages = tmp.path() / "pages-1.img";
-  for (std::uint64_t size : {std::uint64_t{0}, 17 * kPageSize, 18 * kPageSize - 1, 18 * kPageSize + 1, 19 * kPageSize}) {
+  for (std::uint64_t size : {std::uint64_t{0}, 19 * kPageSize, 20 * kPageSize - 1, 20 * kPageSize + 1, 21 * kPageSize}) {
     fs::resize_file(pages, size);
     auto r = load_checkpoint(tmp.path());
     ASSERT_FALSE(r) << size;
     EXPECT_EQ(r.error().code, Errc::corrupt);
-    EXPECT_NE(r.error().message.find("pages-1.img: " + std::to_string(size) + " bytes, but pagemap-7337.img has 18 "
+    EXPECT_NE(r.error().message.find("pages-1.img: " + std::to_string(size) + " bytes, but pagemap-15884.img has 20 "
                                      "present pages"),
               std::string::npos)
         << r.error().message;
@@ -611,7 +611,7 @@ TEST(CriuCheckpointCorrupt, PagemapEntriesMustLieInsideVmas) {
   copy_dir(kSingle, tmp.path());
   auto write_pm = [&](std::vector<Msg> entries) {
     entries.insert(entries.begin(), Msg{}.v(1, 1));
-    write_file(tmp.path() / "pagemap-7337.img", image(kPagemapMagic, entries));
+    write_file(tmp.path() / "pagemap-15884.img", image(kPagemapMagic, entries));
     fs::resize_file(tmp.path() / "pages-1.img", 0);
     std::uint64_t n = 0;
     const auto parsed = parse_pagemap(image(kPagemapMagic, entries));
@@ -620,20 +620,20 @@ TEST(CriuCheckpointCorrupt, PagemapEntriesMustLieInsideVmas) {
     fs::resize_file(tmp.path() / "pages-1.img", n * kPageSize);
     return load_checkpoint(tmp.path());
   };
-  // Inside one VMA; spanning the adjacent VMAs [0x4a0000,0x4a4000) + [0x4a4000,0x4a7000) (as CRIU writes).
+  // Inside one VMA; spanning the adjacent VMAs [0x4a2000,0x4a6000) + [0x4a6000,0x4a9000) (as CRIU wrote it).
   EXPECT_TRUE(write_pm({pe(0x10000000, 8, kPePresent)}));
-  EXPECT_TRUE(write_pm({pe(0x4a2000, 5, kPePresent)}));
+  EXPECT_TRUE(write_pm({pe(0x4a4000, 5, kPePresent)}));
   // Past the end of the 8-page VMA, in the gap before it, spanning a hole, above everything.
   for (const auto& [bad, addr] : std::vector<std::pair<Msg, std::string>>{
            {pe(0x10000000, 9, kPePresent), "0x10008000"},
            {pe(0x0fff0000, 1, kPePresent), "0xfff0000"},
-           {pe(0x4ab000, 2, kPeLazy | kPePresent), "0x4ac000"},
+           {pe(0x4ae000, 2, kPeLazy | kPePresent), "0x4af000"},
            {pe(0xfffffffffffff000, 1, kPePresent), "0xfffffffffffff000"}}) {
     auto r = write_pm({pe(0x401000, 1, kPePresent), bad});
     ASSERT_FALSE(r) << addr;
     EXPECT_EQ(r.error().code, Errc::corrupt);
-    EXPECT_NE(r.error().message.find("pagemap-7337.img: entry 2 "), std::string::npos) << r.error().message;
-    EXPECT_NE(r.error().message.find("address " + addr + " is outside every vma of mm-7337.img"), std::string::npos)
+    EXPECT_NE(r.error().message.find("pagemap-15884.img: entry 2 "), std::string::npos) << r.error().message;
+    EXPECT_NE(r.error().message.find("address " + addr + " is outside every vma of mm-15884.img"), std::string::npos)
         << r.error().message;
   }
   // In-parent entries are checked against the VMAs too, but need no data.
@@ -649,31 +649,31 @@ TEST(CriuCheckpointCorrupt, TreeAndVmaConsistency) {
     return r ? std::string() : r.error().message;
   };
   auto task = [](std::uint32_t pid, std::uint32_t ppid) { return Msg{}.v(1, pid).v(2, ppid).v(3, 1).v(4, 1).v(5, pid); };
-  EXPECT_EQ(pstree({task(10528, 0), task(10530, 10528)}), "");
+  EXPECT_EQ(pstree({task(15901, 0), task(15903, 15901)}), "");
   EXPECT_NE(pstree({}).find("no tasks"), std::string::npos);
-  EXPECT_NE(pstree({task(10528, 0), task(10528, 10528)}).find("pid 10528 appears twice"), std::string::npos);
-  EXPECT_NE(pstree({task(10528, 0), task(10530, 77)}).find("parent 77 is not in the tree"), std::string::npos);
-  EXPECT_NE(pstree({task(10528, 10530), task(10530, 10528)}).find("entry 0 (the root)"), std::string::npos);
-  pstree({task(10528, 0), task(10530, 10528)});
+  EXPECT_NE(pstree({task(15901, 0), task(15901, 15901)}).find("pid 15901 appears twice"), std::string::npos);
+  EXPECT_NE(pstree({task(15901, 0), task(15903, 77)}).find("parent 77 is not in the tree"), std::string::npos);
+  EXPECT_NE(pstree({task(15901, 15903), task(15903, 15901)}).find("entry 0 (the root)"), std::string::npos);
+  pstree({task(15901, 0), task(15903, 15901)});
 
   // Two tasks pointing at one pages file.
-  write_file(tmp.path() / "pagemap-10530.img", read_file(kTree / "pagemap-10528.img"));
+  write_file(tmp.path() / "pagemap-15903.img", read_file(kTree / "pagemap-15901.img"));
   auto shared = load_checkpoint(tmp.path());
   ASSERT_FALSE(shared);
-  EXPECT_NE(shared.error().message.find("pages_id 1 is also used by task 10528"), std::string::npos)
+  EXPECT_NE(shared.error().message.find("pages_id 1 is also used by task 15901"), std::string::npos)
       << shared.error().message;
-  write_file(tmp.path() / "pagemap-10530.img", read_file(kTree / "pagemap-10530.img"));
+  write_file(tmp.path() / "pagemap-15903.img", read_file(kTree / "pagemap-15903.img"));
 
   auto mm = [&](std::vector<Msg> vmas) {
-    write_file(tmp.path() / "mm-10530.img", image(kMmMagic, {mm_with(vmas)}));
+    write_file(tmp.path() / "mm-15903.img", image(kMmMagic, {mm_with(vmas)}));
     auto r = load_checkpoint(tmp.path());
     return r ? std::string() : r.error().message;
   };
-  EXPECT_NE(mm({vma(0x1000, 0x1000)}).find("mm-10530.img: vma 0 [0x1000, 0x1000) is empty"), std::string::npos);
+  EXPECT_NE(mm({vma(0x1000, 0x1000)}).find("mm-15903.img: vma 0 [0x1000, 0x1000) is empty"), std::string::npos);
   EXPECT_NE(mm({vma(0x1000, 0x1800)}).find("not page aligned"), std::string::npos);
   EXPECT_NE(mm({vma(0x1000, 0x4000), vma(0x3000, 0x5000)}).find("vma 1 [0x3000, 0x5000) overlaps"),
             std::string::npos);
-  EXPECT_NE(mm({vma(0x0, 0x1000)}).find("pagemap-10530.img: entry 1 "), std::string::npos);  // VMAs gone
+  EXPECT_NE(mm({vma(0x0, 0x1000)}).find("pagemap-15903.img: entry 1 "), std::string::npos);  // VMAs gone
 }
 
 TEST(CriuCheckpointCorrupt, DamagedImagesInADirectoryFailCleanly) {
@@ -681,7 +681,7 @@ TEST(CriuCheckpointCorrupt, DamagedImagesInADirectoryFailCleanly) {
   // and only Errc::corrupt / Errc::unsupported (an inventory version byte) or success.
   snaptier::testing::TempDir tmp;
   copy_dir(kSingle, tmp.path());
-  for (const char* name : {"inventory.img", "pstree.img", "mm-7337.img", "pagemap-7337.img"}) {
+  for (const char* name : {"inventory.img", "pstree.img", "mm-15884.img", "pagemap-15884.img"}) {
     const Bytes good = read_file(kSingle / name);
     for (std::size_t i = 0; i < good.size(); ++i) {
       Bytes bad = good;
