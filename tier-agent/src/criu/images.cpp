@@ -10,7 +10,6 @@
 #include <cerrno>
 #include <cstdio>
 #include <limits>
-#include <set>
 #include <unordered_map>
 #include <unordered_set>
 #include <utility>
