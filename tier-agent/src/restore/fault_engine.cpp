@@ -13,7 +13,9 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <cstdio>
 #include <deque>
+#include <string>
 #include <nlohmann/json.hpp>
 
 #include "core/unique_fd.hpp"
