@@ -1,0 +1,342 @@
+// LazyPagesServer against a test "restorer" speaking criu restore's side of the lazy-pages
+// protocol exactly (connect, int pid, uffd via SCM_RIGHTS + one dummy byte, RSTF), with real
+// userfaultfd and the committed criu 4.1.1 fixture tests/agent/data/criu/single (pid 15884; its
+// PE_LAZY entries include 0x10000000 (3 pages, pages 0-2) and 0x10006000 (page 6), filled with
+// 0xA0 + page index; pages 3,4,5,7 of that 8-page mapping are not in the pagemap -> zero).
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <vector>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "snaptier/criu_images.hpp"
+#include "snaptier/fault_engine.hpp"
+#include "snaptier/lazy_pages.hpp"
+
+namespace fs = std::filesystem;
+using namespace snaptier;
+using namespace std::chrono_literals;
+
+namespace {
+
+constexpr std::uint64_t kBase = 0x10000000;
+constexpr std::size_t kPages = 8;
+constexpr std::int32_t kPid = 15884;
+constexpr std::uint64_t kPage = 4096;
+
+fs::path fixture_dir() { return fs::path(__FILE__).parent_path() / "data" / "criu" / "single"; }
+
+enum class Mode { good, garbage_pid, no_fd, early_close, no_rstf, zombie_then_good };
+
+void send_int(int sk, std::int32_t v) { (void)!::send(sk, &v, sizeof v, MSG_NOSIGNAL); }
+
+void send_fd(int sk, int fd) {
+  char dummy = 0;
+  iovec iov{&dummy, 1};
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  if (fd >= 0) {
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof control;
+    cmsghdr* c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    std::memcpy(CMSG_DATA(c), &fd, sizeof(int));
+  }
+  (void)!::sendmsg(sk, &msg, MSG_NOSIGNAL);
+}
+
+bool wait_fd(int fd, int ms) {
+  pollfd p{fd, POLLIN, 0};
+  return ::poll(&p, 1, ms) > 0;
+}
+
+// The restorer child: never returns. Exit 0 = pages as expected; 3x = setup; 1x+i = page i wrong.
+[[noreturn]] void restorer(const fs::path& socket, Mode mode, int go_fd, const std::vector<std::byte>& expected) {
+  void* m = ::mmap(reinterpret_cast<void*>(kBase), kPages * kPage, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+  if (m != reinterpret_cast<void*>(kBase)) ::_exit(30);
+  auto uffd = create_userfaultfd(0);  // criu's restorer: UFFDIO_API with features 0
+  if (!uffd) ::_exit(31);
+  if (!register_missing(*uffd, m, kPages * kPage)) ::_exit(32);
+  int sk = ::socket(AF_UNIX, SOCK_STREAM, 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::strncpy(addr.sun_path, socket.c_str(), sizeof(addr.sun_path) - 1);
+  if (::connect(sk, reinterpret_cast<sockaddr*>(&addr), sizeof addr) < 0) ::_exit(33);
+  switch (mode) {
+    case Mode::garbage_pid:
+      send_int(sk, 4242);
+      send_fd(sk, *uffd);
+      break;
+    case Mode::no_fd:
+      send_int(sk, kPid);
+      send_fd(sk, -1);
+      break;
+    case Mode::early_close:
+      send_int(sk, kPid);
+      send_fd(sk, *uffd);
+      ::close(sk);
+      break;
+    case Mode::no_rstf:
+      send_int(sk, kPid);
+      send_fd(sk, *uffd);
+      break;
+    case Mode::zombie_then_good:
+    case Mode::good:
+      send_int(sk, kPid);
+      send_fd(sk, *uffd);
+      send_int(sk, static_cast<std::int32_t>(lazy::kRestoreFinished));
+      break;
+  }
+  ::close(*uffd);  // the server holds it now
+  if (mode != Mode::good && mode != Mode::zombie_then_good) {
+    ::sleep(20);  // the server must kill us well before this
+    ::_exit(40);
+  }
+  if (go_fd >= 0 && !wait_fd(go_fd, 5000)) ::_exit(34);
+  const auto* p = static_cast<const unsigned char*>(m);
+  for (std::size_t i = 0; i < kPages; ++i) {
+    const bool data = i <= 2 || i == 6;
+    for (std::size_t b = 0; b < kPage; ++b) {
+      unsigned char want = data ? static_cast<unsigned char>(expected[i * kPage + b]) : 0;
+      if (p[i * kPage + b] != want) ::_exit(10 + static_cast<int>(i));
+    }
+  }
+  ::_exit(0);
+}
+
+struct RunResult {
+  lazy::LazyPagesReport report;
+  int status = -1;
+  double ms = 0;
+};
+
+class LazyPagesTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    work_ = fs::temp_directory_path() / ("lazy_pages_test." + std::to_string(::getpid()) + "." +
+                                         ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(work_);
+    fs::create_directories(work_);
+    // Expected bytes of the 8-page mapping, straight from pages-1.img (offsets: page 8 of the
+    // file for 0x10000000, page 11 for 0x10006000; see the fixture's pagemap).
+    std::ifstream f(fixture_dir() / "pages-1.img", std::ios::binary);
+    std::vector<char> all((std::istreambuf_iterator<char>(f)), {});
+    ASSERT_EQ(all.size(), 20 * kPage);
+    expected_.assign(kPages * kPage, std::byte{0});
+    std::memcpy(expected_.data(), all.data() + 8 * kPage, 3 * kPage);
+    std::memcpy(expected_.data() + 6 * kPage, all.data() + 11 * kPage, kPage);
+    for (std::size_t i : {0, 1, 2, 6}) ASSERT_EQ(static_cast<unsigned char>(expected_[i * kPage]), 0xA0 + i);
+  }
+  void TearDown() override { fs::remove_all(work_); }
+
+  RunResult run(Mode mode, lazy::LazyPagesOptions o, const fs::path& images = fixture_dir()) {
+    RunResult out;
+    o.images_dir = images;
+    o.work_dir = work_;
+    int go[2];
+    EXPECT_EQ(::pipe2(go, O_CLOEXEC), 0);
+    o.on_resumed = [&] { (void)!::write(go[1], "g", 1); };
+    auto server = lazy::LazyPagesServer::bind(o);
+    EXPECT_TRUE(server) << (server ? "" : server.error().what());
+    if (!server) return out;
+    const fs::path socket = (*server)->socket_path();
+    pid_t child = ::fork();
+    if (child == 0) restorer(socket, mode, go[0], expected_);
+    const auto t0 = std::chrono::steady_clock::now();
+    out.report = (*server)->run();
+    out.ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    // Bounded reap: the child either finished or was killed; kill it anyway after 5 s.
+    for (int i = 0; i < 500; ++i) {
+      if (::waitpid(child, &out.status, WNOHANG) == child) break;
+      ::usleep(10'000);
+      if (i == 499) {
+        ::kill(child, SIGKILL);
+        ::waitpid(child, &out.status, 0);
+        ADD_FAILURE() << "restorer child still alive 5 s after the server returned";
+      }
+    }
+    ::close(go[0]);
+    ::close(go[1]);
+    EXPECT_FALSE(fs::exists(socket)) << "socket file left behind";
+    return out;
+  }
+
+  static lazy::LazyPagesOptions quick() {
+    lazy::LazyPagesOptions o;
+    o.accept_timeout = 2000ms;
+    o.step_timeout = 1000ms;
+    o.serve_timeout = 5000ms;
+    return o;
+  }
+
+  fs::path work_;
+  std::vector<std::byte> expected_;
+};
+
+TEST_F(LazyPagesTest, PageSourceLazyRangesFromRealFixture) {
+  auto cp = criu::load_checkpoint(fixture_dir());
+  ASSERT_TRUE(cp) << cp.error().what();
+  auto src = lazy::CheckpointPageSource::open(*cp);
+  ASSERT_TRUE(src) << src.error().what();
+  auto ranges = (*src)->lazy_ranges(kPid);
+  // 0x4ad000/2, 0x10000000/3, 0x10006000/1, heap 0x25ebe000/2, stack 4 pages.
+  ASSERT_EQ(ranges.size(), 5u);
+  EXPECT_EQ(ranges[1].start, kBase);
+  EXPECT_EQ(ranges[1].end, kBase + 3 * kPage);
+  EXPECT_EQ(ranges[1].file_offset, 8 * kPage);
+  EXPECT_EQ(ranges[2].start, kBase + 6 * kPage);
+  EXPECT_EQ(ranges[2].file_offset, 11 * kPage);
+  EXPECT_EQ((*src)->lazy_page_count(), 12u);
+  std::vector<std::byte> buf(4 * kPage);
+  auto f = (*src)->fetch(kPid, kBase + kPage, 4, buf);
+  ASSERT_TRUE(f);
+  EXPECT_EQ(f->answer, PageAnswer::copy);
+  EXPECT_EQ(f->pages, 2u);  // cut at the range end
+  EXPECT_EQ(std::memcmp(buf.data(), expected_.data() + kPage, 2 * kPage), 0);
+  auto z = (*src)->fetch(kPid, kBase + 3 * kPage, 4, buf);
+  ASSERT_TRUE(z);
+  EXPECT_EQ(z->answer, PageAnswer::zero);
+  EXPECT_EQ(z->pages, 3u);  // up to the next lazy range (page 6)
+  // Non-lazy present data (the binary's .data at 0x401000) is not lazy: zero by CRIU's rule.
+  auto nl = (*src)->fetch(kPid, 0x401000, 1, buf);
+  ASSERT_TRUE(nl);
+  EXPECT_EQ(nl->answer, PageAnswer::zero);
+  EXPECT_FALSE((*src)->fetch(4242, kBase, 1, buf));
+}
+
+TEST_F(LazyPagesTest, DemandFaultsServeThePagesFileAndZeroOutside) {
+  auto r = run(Mode::good, quick());
+  ASSERT_FALSE(r.report.error) << r.report.error->what();
+  ASSERT_TRUE(WIFEXITED(r.status)) << r.status;
+  EXPECT_EQ(WEXITSTATUS(r.status), 0) << "10+i: page i had the wrong bytes";
+  EXPECT_TRUE(r.report.rstf);
+  ASSERT_EQ(r.report.tasks.size(), 1u);
+  EXPECT_EQ(r.report.tasks[0].pid, kPid);
+  EXPECT_GT(r.report.tasks[0].host_pid, 0);  // from SCM_CREDENTIALS
+  const auto& m = r.report.metrics;
+  EXPECT_EQ(m.pages_prefetched, 0u);
+  EXPECT_GE(m.faults, 2u);  // at least one fault per lazy range touched, zero range faults too
+  EXPECT_GE(m.pages_copied_per_tier.at(TierKind::file), 4u);
+  EXPECT_GE(m.pages_zero, 4u);
+  EXPECT_TRUE(m.first_fault_ns.has_value());
+  nlohmann::json j = r.report;
+  EXPECT_TRUE(j["ok"].get<bool>());
+  EXPECT_EQ(j["policy"], "none");
+}
+
+TEST_F(LazyPagesTest, PrefetchAllInstallsEveryLazyPageBeforeResume) {
+  auto o = quick();
+  o.prefetch = lazy::PrefetchPolicy::all;
+  auto r = run(Mode::good, o);
+  ASSERT_FALSE(r.report.error) << r.report.error->what();
+  ASSERT_TRUE(WIFEXITED(r.status));
+  EXPECT_EQ(WEXITSTATUS(r.status), 0);
+  // The 4 lazy pages of the registered mapping; the others' ranges are not registered here.
+  EXPECT_EQ(r.report.prefetched_pages, 4u);
+  EXPECT_EQ(r.report.metrics.pages_copied_per_tier.at(TierKind::file), 4u);
+  // The touches after resume fault only on the zero pages (3,4,5,7), never on lazy data.
+  EXPECT_EQ(r.report.metrics.faults, r.report.metrics.zero_filled_faults);
+}
+
+TEST_F(LazyPagesTest, GarbagePidIsAProtocolErrorAndKillsTheSender) {
+  auto r = run(Mode::garbage_pid, quick());
+  ASSERT_TRUE(r.report.error);
+  EXPECT_EQ(r.report.error->code, Errc::protocol) << r.report.error->what();
+  EXPECT_NE(r.report.error->message.find("4242"), std::string::npos);
+  EXPECT_TRUE(WIFSIGNALED(r.status) && WTERMSIG(r.status) == SIGKILL) << r.status;
+  EXPECT_LT(r.ms, 2000);
+}
+
+TEST_F(LazyPagesTest, MissingFdIsAProtocolError) {
+  auto r = run(Mode::no_fd, quick());
+  ASSERT_TRUE(r.report.error);
+  EXPECT_EQ(r.report.error->code, Errc::protocol) << r.report.error->what();
+  EXPECT_TRUE(WIFSIGNALED(r.status) && WTERMSIG(r.status) == SIGKILL) << r.status;
+}
+
+TEST_F(LazyPagesTest, EarlyCloseBeforeRstfIsAProtocolError) {
+  auto r = run(Mode::early_close, quick());
+  ASSERT_TRUE(r.report.error);
+  EXPECT_EQ(r.report.error->code, Errc::protocol) << r.report.error->what();
+  EXPECT_NE(r.report.error->message.find("before RSTF"), std::string::npos);
+  EXPECT_TRUE(WIFSIGNALED(r.status) && WTERMSIG(r.status) == SIGKILL) << r.status;
+}
+
+TEST_F(LazyPagesTest, NoRstfWithinStepTimeoutTimesOutAndKills) {
+  auto o = quick();
+  o.step_timeout = 300ms;
+  auto r = run(Mode::no_rstf, o);
+  ASSERT_TRUE(r.report.error);
+  EXPECT_EQ(r.report.error->code, Errc::timeout) << r.report.error->what();
+  EXPECT_TRUE(WIFSIGNALED(r.status) && WTERMSIG(r.status) == SIGKILL) << r.status;
+  EXPECT_LT(r.ms, 1500);
+}
+
+TEST_F(LazyPagesTest, NoRestorerTimesOutAndUnlinksStaleSocket) {
+  { std::ofstream(work_ / lazy::kSocketName) << "stale"; }
+  auto o = quick();
+  o.images_dir = fixture_dir();
+  o.work_dir = work_;
+  o.accept_timeout = 200ms;
+  auto server = lazy::LazyPagesServer::bind(o);
+  ASSERT_TRUE(server) << server.error().what();
+  const auto t0 = std::chrono::steady_clock::now();
+  auto report = (*server)->run();
+  ASSERT_TRUE(report.error);
+  EXPECT_EQ(report.error->code, Errc::timeout);
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 1s);
+  EXPECT_FALSE(fs::exists(work_ / lazy::kSocketName));
+}
+
+TEST_F(LazyPagesTest, PageSourceFailureKillsTheTree) {
+  const fs::path images = work_ / "images";
+  fs::create_directories(images);
+  for (const auto& e : fs::directory_iterator(fixture_dir())) fs::copy(e.path(), images / e.path().filename());
+  auto o = quick();
+  o.images_dir = images;
+  o.work_dir = work_;
+  int go[2];
+  ASSERT_EQ(::pipe2(go, O_CLOEXEC), 0);
+  o.on_resumed = [&] { (void)!::write(go[1], "g", 1); };
+  auto server = lazy::LazyPagesServer::bind(o);
+  ASSERT_TRUE(server) << server.error().what();
+  fs::resize_file(images / "pages-1.img", 8 * kPage);  // the lazy data vanishes after bind
+  pid_t child = ::fork();
+  if (child == 0) restorer((*server)->socket_path(), Mode::good, go[0], expected_);
+  auto report = (*server)->run();
+  int status = 0;
+  for (int i = 0; i < 500 && ::waitpid(child, &status, WNOHANG) != child; ++i) ::usleep(10'000);
+  ::kill(child, SIGKILL);
+  ::waitpid(child, &status, WNOHANG);
+  ::close(go[0]);
+  ::close(go[1]);
+  ASSERT_TRUE(report.error);
+  EXPECT_EQ(report.error->code, Errc::corrupt) << report.error->what();
+  EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL) << status;
+  EXPECT_GE(report.metrics.errors, 1u);
+}
+
+TEST_F(LazyPagesTest, PolicyParsing) {
+  EXPECT_EQ(*lazy::parse_policy("none"), lazy::PrefetchPolicy::none);
+  EXPECT_EQ(*lazy::parse_policy("all"), lazy::PrefetchPolicy::all);
+  EXPECT_FALSE(lazy::parse_policy("some"));
+}
+
+}  // namespace

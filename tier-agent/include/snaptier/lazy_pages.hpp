@@ -1,0 +1,140 @@
+// CRIU lazy-pages server: a drop-in replacement for `criu lazy-pages` that serves the restored
+// tasks' userfaultfd faults with the FaultEngine from a checkpoint directory (docs/lazy-restore.md).
+//
+// Protocol (criu/uffd.c, criu 4.x): the server binds `lazy-pages.socket` in the work dir;
+// `criu restore --lazy-pages` connects; per task it sends a raw int pid (the pstree pid; negative
+// for a zombie, then no fd) and the task's uffd via SCM_RIGHTS with one dummy byte; after the
+// whole tree the u32 0x52535446 ("RSTF"). Host pids of the senders come from SCM_CREDENTIALS
+// (SO_PASSCRED): they are what the server watches and kills. Every wait is bounded.
+#pragma once
+
+#include <sys/types.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <nlohmann/json_fwd.hpp>
+
+#include "snaptier/criu_images.hpp"
+#include "snaptier/error.hpp"
+#include "snaptier/fault_engine.hpp"
+
+namespace snaptier::lazy {
+
+inline constexpr std::uint32_t kRestoreFinished = 0x52535446;  // "RSTF"
+inline constexpr const char* kSocketName = "lazy-pages.socket";
+
+enum class PrefetchPolicy : std::uint8_t {
+  none,  // pure demand faults
+  all,   // install every lazy page after RSTF, before control returns (see resume_after_prefetch)
+};
+[[nodiscard]] Result<PrefetchPolicy> parse_policy(std::string_view name);
+[[nodiscard]] std::string_view to_string(PrefetchPolicy policy) noexcept;
+
+// One lazy range of a task: [start, end) with its data at `file_offset` in pages-<id>.img.
+struct LazyRange {
+  std::uint64_t start = 0;
+  std::uint64_t end = 0;
+  std::uint64_t file_offset = 0;
+};
+
+// A PageSource over a checkpoint directory. TaskId = pstree pid. Lazy ranges are the PE_LAZY
+// pagemap entries cut at VMA bounds (as CRIU's collect_lazy_iovecs); data is pread from the
+// task's pages file. Anything outside the lazy ranges answers `zero` (CRIU's rule).
+class CheckpointPageSource final : public PageSource {
+ public:
+  // Errc::unsupported for lazy entries whose pages are in a parent checkpoint.
+  [[nodiscard]] static Result<std::shared_ptr<CheckpointPageSource>> open(const criu::Checkpoint& checkpoint);
+  ~CheckpointPageSource() override;
+
+  [[nodiscard]] Result<PageFill> fetch(TaskId task, std::uint64_t vaddr, std::size_t max_pages,
+                                       std::span<std::byte> buffer) override;
+
+  [[nodiscard]] bool has_task(TaskId task) const noexcept;
+  [[nodiscard]] std::vector<LazyRange> lazy_ranges(TaskId task) const;
+  [[nodiscard]] std::vector<std::uint64_t> lazy_pages(TaskId task) const;  // page addresses
+  [[nodiscard]] std::uint64_t lazy_page_count() const noexcept;
+
+  struct Impl;
+
+ private:
+  explicit CheckpointPageSource(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+struct LazyPagesOptions {
+  std::filesystem::path images_dir;
+  std::filesystem::path work_dir;  // where lazy-pages.socket is bound; empty = images_dir
+  PrefetchPolicy prefetch = PrefetchPolicy::none;
+  // SIGCONT every restored task after RSTF (+ prefetch): pairs with `criu restore
+  // --lazy-pages --leave-stopped`, so prefetched pages are installed before the tasks run.
+  bool resume_after_prefetch = false;
+  std::chrono::milliseconds accept_timeout{30'000};  // bind -> restorer connects
+  std::chrono::milliseconds step_timeout{60'000};    // between protocol messages, until RSTF
+  std::chrono::milliseconds serve_timeout{600'000};  // RSTF -> all tasks gone
+  // Set (e.g. from a signal handler) to stop serving: remaining lazy pages are drained
+  // (installed) first, so the tasks can run on without the server.
+  const std::atomic<bool>* stop = nullptr;
+  // Called once after RSTF, the prefetch and the SIGCONTs (tests use it as "control returned").
+  std::function<void()> on_resumed;
+  std::function<void(std::string_view)> log;  // progress lines; may be empty
+};
+
+struct RestoredTask {
+  std::int32_t pid = 0;     // as sent by the restorer (pstree pid; negative: zombie)
+  pid_t host_pid = 0;       // from SCM_CREDENTIALS, 0 if unknown
+  bool zombie = false;
+};
+
+struct LazyPagesReport {
+  std::string images_dir;
+  PrefetchPolicy policy = PrefetchPolicy::none;
+  std::vector<RestoredTask> tasks;
+  bool rstf = false;
+  std::optional<double> connected_ms;  // since run() began
+  std::optional<double> rstf_ms;
+  std::uint64_t lazy_pages = 0;         // of the adopted tasks
+  std::uint64_t prefetched_pages = 0;
+  double prefetch_ms = 0;
+  double served_ms = 0;                 // RSTF -> end
+  std::uint64_t drained_pages = 0;      // installed at stop/timeout
+  std::vector<pid_t> killed;            // host pids SIGKILLed because of a failure
+  FaultMetrics metrics;
+  std::optional<Error> error;           // why the restore failed (tree killed)
+};
+void to_json(nlohmann::json& j, const LazyPagesReport& r);
+
+class LazyPagesServer {
+ public:
+  // Loads the checkpoint, opens the page source, binds `lazy-pages.socket` (stale file
+  // unlinked) and listens. Nothing blocks.
+  [[nodiscard]] static Result<std::unique_ptr<LazyPagesServer>> bind(LazyPagesOptions options);
+  ~LazyPagesServer();
+  LazyPagesServer(const LazyPagesServer&) = delete;
+  LazyPagesServer& operator=(const LazyPagesServer&) = delete;
+
+  [[nodiscard]] const std::filesystem::path& socket_path() const noexcept;
+  [[nodiscard]] std::shared_ptr<CheckpointPageSource> source() const noexcept;
+
+  // Accept, receive tasks until RSTF (serving faults meanwhile), prefetch per policy, resume,
+  // serve until every task is gone / stop / serve_timeout. On any failure the restored tree is
+  // killed and report.error says why. Call once.
+  [[nodiscard]] LazyPagesReport run();
+
+  struct Impl;
+
+ private:
+  explicit LazyPagesServer(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace snaptier::lazy
