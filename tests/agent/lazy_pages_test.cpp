@@ -9,6 +9,7 @@
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <linux/userfaultfd.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -38,7 +39,7 @@ constexpr std::uint64_t kPage = 4096;
 
 fs::path fixture_dir() { return fs::path(__FILE__).parent_path() / "data" / "criu" / "single"; }
 
-enum class Mode { good, garbage_pid, no_fd, early_close, no_rstf, zombie_then_good };
+enum class Mode { good, garbage_pid, no_fd, early_close, no_rstf, zombie_then_good, fork_child };
 
 void send_int(int sk, std::int32_t v) { (void)!::send(sk, &v, sizeof v, MSG_NOSIGNAL); }
 
@@ -71,7 +72,8 @@ bool wait_fd(int fd, int ms) {
   void* m = ::mmap(reinterpret_cast<void*>(kBase), kPages * kPage, PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
   if (m != reinterpret_cast<void*>(kBase)) ::_exit(30);
-  auto uffd = create_userfaultfd(0);  // criu's restorer: UFFDIO_API with features 0
+  // criu's restorer: UFFDIO_API with features 0 (fork_child: EVENT_FORK, as a FORK-capable set)
+  auto uffd = create_userfaultfd(mode == Mode::fork_child ? UFFD_FEATURE_EVENT_FORK : 0);
   if (!uffd) ::_exit(31);
   if (!register_missing(*uffd, m, kPages * kPage)) ::_exit(32);
   int sk = ::socket(AF_UNIX, SOCK_STREAM, 0);
@@ -98,6 +100,7 @@ bool wait_fd(int fd, int ms) {
       send_fd(sk, *uffd);
       break;
     case Mode::zombie_then_good:
+    case Mode::fork_child:
     case Mode::good:
       send_int(sk, kPid);
       send_fd(sk, *uffd);
@@ -105,19 +108,31 @@ bool wait_fd(int fd, int ms) {
       break;
   }
   ::close(*uffd);  // the server holds it now
-  if (mode != Mode::good && mode != Mode::zombie_then_good) {
+  if (mode != Mode::good && mode != Mode::zombie_then_good && mode != Mode::fork_child) {
     ::sleep(20);  // the server must kill us well before this
     ::_exit(40);
   }
   if (go_fd >= 0 && !wait_fd(go_fd, 5000)) ::_exit(34);
   const auto* p = static_cast<const unsigned char*>(m);
-  for (std::size_t i = 0; i < kPages; ++i) {
-    const bool data = i <= 2 || i == 6;
-    for (std::size_t b = 0; b < kPage; ++b) {
-      unsigned char want = data ? static_cast<unsigned char>(expected[i * kPage + b]) : 0;
-      if (p[i * kPage + b] != want) ::_exit(10 + static_cast<int>(i));
+  auto check = [&]() -> int {
+    for (std::size_t i = 0; i < kPages; ++i) {
+      const bool data = i <= 2 || i == 6;
+      for (std::size_t b = 0; b < kPage; ++b) {
+        unsigned char want = data ? static_cast<unsigned char>(expected[i * kPage + b]) : 0;
+        if (p[i * kPage + b] != want) return 10 + static_cast<int>(i);
+      }
     }
+    return 0;
+  };
+  if (mode == Mode::fork_child) {
+    // The child faults first (pages untouched in the parent): served through the FORK uffd.
+    pid_t g = ::fork();
+    if (g == 0) ::_exit(check());
+    int st = 0;
+    if (::waitpid(g, &st, 0) != g || !WIFEXITED(st)) ::_exit(35);
+    if (WEXITSTATUS(st) != 0) ::_exit(50 + WEXITSTATUS(st));
   }
+  if (int rc = check(); rc != 0) ::_exit(rc);
   ::_exit(0);
 }
 
@@ -253,6 +268,16 @@ TEST_F(LazyPagesTest, PrefetchAllInstallsEveryLazyPageBeforeResume) {
   EXPECT_EQ(r.report.metrics.pages_copied_per_tier.at(TierKind::file), 4u);
   // The touches after resume fault only on the zero pages (3,4,5,7), never on lazy data.
   EXPECT_EQ(r.report.metrics.faults, r.report.metrics.zero_filled_faults);
+}
+
+TEST_F(LazyPagesTest, ForkedChildInheritsTheParentsPageSource) {
+  if (::geteuid() != 0) GTEST_SKIP() << "UFFD_FEATURE_EVENT_FORK needs CAP_SYS_PTRACE";
+  auto r = run(Mode::fork_child, quick());
+  ASSERT_FALSE(r.report.error) << r.report.error->what();
+  ASSERT_TRUE(WIFEXITED(r.status)) << r.status;
+  EXPECT_EQ(WEXITSTATUS(r.status), 0) << "5x: the forked child saw wrong bytes; 1x: the parent did";
+  EXPECT_EQ(r.report.metrics.events_fork, 1u);
+  EXPECT_EQ(r.report.metrics.tasks_adopted, 2u);
 }
 
 TEST_F(LazyPagesTest, GarbagePidIsAProtocolErrorAndKillsTheSender) {
