@@ -4,7 +4,8 @@ result is a table and a closing 'N passed, N failed' line.
 agent-smoke: tier agents on every host; host0 publishes a snapshot whose pages lie in CXL,
 host1 lists it and reads it back byte-exact straight from the shared region (no copy); host1
 places a snapshot in the RDMA pool, host0 reads it back; the agent on host1 is killed (SIGKILL)
-and restarted and still sees every published snapshot; the RDMA unit tests run against rxe.
+and restarted and still sees every published snapshot; the agent's unit tests run in a guest (RDMA
+against rxe); a real function is dumped with CRIU and restored with snaptier's lazy-pages server.
 """
 from __future__ import annotations
 
@@ -157,6 +158,16 @@ PY""", timeout=900)
                  f"{res.get('tests')} tests: {res.get('failed')} failed, {res.get('skipped')} skipped "
                  f"(no-device cases), {res.get('rdma_ran')} RDMA tier tests on rxe0"
                  + (f"; failed: {', '.join(res.get('bad', []))}" if res.get("bad") else "") if res else r.stderr[-300:])
+
+    # 6. A real function snapshotted with CRIU and restored with snaptier's lazy-pages server
+    #    (demand faults, and everything installed before resume), against criu's own daemon.
+    r = sh(topo, writer, "bash /opt/snaptier/workloads/tests/lazy-restore.sh helloworld json_serdes", timeout=600)
+    closing = next((l for l in reversed(r.stdout.splitlines()) if " passed, " in l), "no summary")
+    rows = [l.split() for l in r.stdout.splitlines() if l.startswith(("helloworld", "json_serdes"))]
+    faults = ", ".join(f"{row[0]} {row[1]}: {row[4]} faults" for row in rows if row[1] in ("none", "all"))
+    steps.record("CRIU dump + lazy restore served by snaptier", writer,
+                 r.returncode == 0 and closing.strip().endswith(" 0 failed"),
+                 f"{closing.strip()}; {faults}" if rows else (r.stderr.strip() or r.stdout.strip())[-300:])
 
     # Clean up: each owner deletes its own snapshot.
     for host, sid in ((writer, cxl_id), (reader, rdma_id)):
