@@ -14,6 +14,7 @@
 set -euo pipefail
 
 workloads_dir=$(cd "$(dirname "$(readlink -f "$0")")/.." && pwd)
+. "$workloads_dir/tests/lib.sh"
 bin_dir=$workloads_dir/bin
 roundtrip_dir=${ROUNDTRIP_DIR:-/tmp/snaptier-roundtrip}
 start_timeout_s=300    # numpy import + a 128 MiB table under TCG take tens of seconds at worst
@@ -24,28 +25,8 @@ restored_copies=2
 [ "$(id -u)" = 0 ] || { echo "criu-roundtrip: run as root (criu needs it)" >&2; exit 2; }
 command -v criu > /dev/null || { echo "criu-roundtrip: criu is not installed" >&2; exit 2; }
 
-if [ $# -gt 0 ]; then
-    functions=("$@")
-else
-    functions=()
-    for metadata in "$workloads_dir"/*/function.toml; do
-        functions+=("$(basename "$(dirname "$metadata")")")
-    done
-fi
+select_functions "$@"
 
-now_ms() { local t=$EPOCHREALTIME; echo $(( ${t%.*} * 1000 + 10#${t#*.} / 1000 )); }
-# One field of a one-line JSON object as printed by invoke/the runtime (string or number).
-json_field() { sed -n "s/.*\"$2\": \"\{0,1\}\([^\",}]*\).*/\1/p" <<< "$1"; }
-log() { echo "[$(date +%T)] $*" >&2; }
-
-# Wait (bounded) until a pid is gone.
-wait_gone() {
-    local pid=$1 deadline=$((SECONDS + 30))
-    while kill -0 "$pid" 2>/dev/null; do
-        [ "$SECONDS" -lt "$deadline" ] || { log "pid $pid still alive after 30s"; return 1; }
-        sleep 0.1
-    done
-}
 
 # The round trip of one function; runs in a subshell with `set -e`, writes its table row to
 # $work/row. Any failing command fails the function (the message says which step).
@@ -149,14 +130,7 @@ done
 
 [ "${ROUNDTRIP_KEEP:-0}" = 1 ] || rmdir "$roundtrip_dir" 2>/dev/null || true
 echo
-{
-    echo "function|init ms|rss MB|image MB|dump ms|restore ms (copy1/copy2)|1st invoke ms (copy1/copy2)|digest match"
-    printf '%s\n' "${rows[@]}"
-} | awk -F'|' '{ for (i = 1; i <= NF; i++) { cell[NR, i] = $i; if (length($i) > width[i]) width[i] = length($i) }
-                 if (NF > columns) columns = NF }
-           END { for (r = 1; r <= NR; r++) { line = ""
-                   for (i = 1; i <= columns; i++) line = line sprintf("%-" width[i] + 2 "s", cell[r, i])
-                   sub(/ +$/, "", line); print line } }'
+print_table "function|init ms|rss MB|image MB|dump ms|restore ms (copy1/copy2)|1st invoke ms (copy1/copy2)|digest match" "${rows[@]}"
 echo
 echo "$passed passed, $failed failed"
 [ "$failed" = 0 ]

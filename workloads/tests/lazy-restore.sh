@@ -19,6 +19,7 @@
 set -euo pipefail
 
 workloads_dir=$(cd "$(dirname "$(readlink -f "$0")")/.." && pwd)
+. "$workloads_dir/tests/lib.sh"
 repo_dir=$(cd "$workloads_dir/.." && pwd)
 bin_dir=$workloads_dir/bin
 lazy_bin=${LAZY_BIN:-$repo_dir/build/guest/tier-agent/snaptier-lazy-pages}
@@ -32,27 +33,8 @@ policies=(criu none all)
 command -v criu > /dev/null || { echo "lazy-restore: criu is not installed" >&2; exit 2; }
 [ -x "$lazy_bin" ] || { echo "lazy-restore: $lazy_bin missing (bash guests/build-agent.sh --target snaptier-lazy-pages on the host)" >&2; exit 2; }
 
-if [ $# -gt 0 ]; then
-    functions=("$@")
-else
-    functions=()
-    for metadata in "$workloads_dir"/*/function.toml; do
-        functions+=("$(basename "$(dirname "$metadata")")")
-    done
-fi
+select_functions "$@"
 
-now_ms() { local t=$EPOCHREALTIME; echo $(( ${t%.*} * 1000 + 10#${t#*.} / 1000 )); }
-json_field() { sed -n "s/.*\"$2\": \"\{0,1\}\([^\",}]*\).*/\1/p" <<< "$1"; }
-log() { echo "[$(date +%T)] $*" >&2; }
-
-wait_gone() {
-    local pid=$1 limit=${2:-30} deadline
-    deadline=$((SECONDS + limit))
-    while kill -0 "$pid" 2>/dev/null; do
-        [ "$SECONDS" -lt "$deadline" ] || { log "pid $pid still alive after ${limit}s"; return 1; }
-        sleep 0.1
-    done
-}
 
 # Numbers from the daemon's metrics JSON: faults pages_copied prefetched first_fault_ms.
 metrics_of() {
@@ -193,14 +175,7 @@ done
 
 [ "${LAZY_KEEP:-0}" = 1 ] || rmdir "$lazy_dir" 2>/dev/null || true
 echo
-{
-    echo "function|policy|restore ms|1st invoke ms|faults|pages copied|prefetched|1st fault ms"
-    printf '%s\n' "${rows[@]}"
-} | awk -F'|' '{ for (i = 1; i <= NF; i++) { cell[NR, i] = $i; if (length($i) > width[i]) width[i] = length($i) }
-                 if (NF > columns) columns = NF }
-           END { for (r = 1; r <= NR; r++) { line = ""
-                   for (i = 1; i <= columns; i++) line = line sprintf("%-" width[i] + 2 "s", cell[r, i])
-                   sub(/ +$/, "", line); print line } }'
+print_table "function|policy|restore ms|1st invoke ms|faults|pages copied|prefetched|1st fault ms" "${rows[@]}"
 echo
 echo "$passed passed, $failed failed"
 [ "$failed" = 0 ]
