@@ -15,6 +15,8 @@
 #include <sys/un.h>
 #include <toml++/toml.h>
 
+#include "core/try.hpp"
+
 namespace snaptier {
 
 std::string_view to_string(AgentRole role) noexcept {
@@ -202,13 +204,6 @@ class TableReader {
   std::string_view source_;
   std::set<std::string> seen_;
 };
-
-#ifndef SNAPTIER_TRY
-#define SNAPTIER_TRY(var, expr)                      \
-  auto var##_result = (expr);                        \
-  if (!var##_result) return tl::unexpected(var##_result.error()); \
-  auto var = std::move(*var##_result)
-#endif
 
 std::filesystem::path resolve(const std::filesystem::path& base, const std::string& value) {
   std::filesystem::path path(value);

@@ -12,16 +12,10 @@
 
 #include <nlohmann/json.hpp>
 
+#include "core/try.hpp"
 #include "snaptier/error.hpp"
 
 namespace snaptier::control::detail {
-
-#ifndef SNAPTIER_TRY
-#define SNAPTIER_TRY(var, expr)                                    \
-  auto var##_result = (expr);                                      \
-  if (!var##_result) return tl::unexpected(var##_result.error()); \
-  auto var = std::move(*var##_result)
-#endif
 
 class JsonReader {
  public:
