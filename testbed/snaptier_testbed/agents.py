@@ -83,24 +83,24 @@ def start(topo: Topology, timeout: float = 120) -> None:
     write_configs(topo)
     for h in _order(topo):
         log = f"/shared/logs/{h.name}-agent.log"
-        r = launcher.exec_in(topo, h.name, [
+        r = launcher.run_in(topo, h.name, (
             f"mkdir -p /shared/logs /var/lib/snaptier; "
             f"if [ -f /run/snaptier/agent.pid ] && kill -0 $(cat /run/snaptier/agent.pid) 2>/dev/null; then exit 0; fi; "
             f"rm -f {AGENT_SOCKET}; "
             f"nohup {GUEST_BUILD}/tier-agent --config /shared/agents/{h.name}.toml >> {log} 2>&1 < /dev/null & "
-            f"echo $! > /run/snaptier/agent.pid"], timeout=30)
+            f"echo $! > /run/snaptier/agent.pid"), timeout=30)
         if r.returncode != 0:
             raise TestbedError(f"{h.name}: could not start tier-agent: {r.stderr.strip()}")
         deadline = time.monotonic() + timeout
         while True:
-            ping = launcher.exec_in(topo, h.name, [f"{GUEST_BUILD}/tierctl --socket {AGENT_SOCKET} --timeout-ms 5000 ping"],
+            ping = launcher.run_in(topo, h.name, f"{GUEST_BUILD}/tierctl --socket {AGENT_SOCKET} --timeout-ms 5000 ping",
                                     timeout=30)
             if ping.returncode == 0:
                 say(f"{h.name}: tier-agent up")
                 break
-            alive = launcher.exec_in(topo, h.name, ["kill -0 $(cat /run/snaptier/agent.pid)"], timeout=20)
+            alive = launcher.run_in(topo, h.name, "kill -0 $(cat /run/snaptier/agent.pid)", timeout=20)
             if alive.returncode != 0 or time.monotonic() > deadline:
-                tail = launcher.exec_in(topo, h.name, [f"tail -15 {log}"], timeout=20).stdout
+                tail = launcher.run_in(topo, h.name, f"tail -15 {log}", timeout=20).stdout
                 raise TestbedError(f"{h.name}: tier-agent did not come up:\n{tail}")
             time.sleep(1)
 
@@ -111,6 +111,5 @@ def stop(topo: Topology, hosts: list[str] | None = None) -> None:
         if hosts and h.name not in hosts:
             continue
         # SIGTERM, bounded wait, then SIGKILL: the agent must never outlive the request.
-        launcher.exec_in(topo, h.name, [
-            "p=$(cat /run/snaptier/agent.pid 2>/dev/null) || exit 0; kill $p 2>/dev/null || exit 0; "
-            "for i in $(seq 50); do kill -0 $p 2>/dev/null || exit 0; sleep 0.1; done; kill -9 $p"], timeout=30)
+        launcher.run_in(topo, h.name, "p=$(cat /run/snaptier/agent.pid 2>/dev/null) || exit 0; kill $p 2>/dev/null || exit 0; "
+            "for i in $(seq 50); do kill -0 $p 2>/dev/null || exit 0; sleep 0.1; done; kill -9 $p", timeout=30)

@@ -20,7 +20,7 @@ BENCH = f"{agents.GUEST_BUILD}/tier_bench"
 
 
 def _bench(topo, host, args, label, timeout=900):
-    r = launcher.exec_in(topo, host, [f"cd /tmp && timeout {timeout - 30} {BENCH} --json {args}"], timeout=timeout)
+    r = launcher.run_in(topo, host, f"cd /tmp && timeout {timeout - 30} {BENCH} --json {args}", timeout=timeout)
     if r.returncode != 0:
         raise TestbedError(f"tier_bench {label} on {host} failed: {r.stderr.strip()[-300:]}")
     doc = json.loads(r.stdout)
@@ -54,7 +54,7 @@ def run_bench(topo: Topology, size_mib: int = 16, iterations: int = 2000) -> int
             results.append(_bench(topo, host, f"{common} --tier cxl --path /dev/dax0.0 --format --host-index 0",
                                   f"cxl ({dev.emulation})"))
         finally:
-            launcher.exec_in(topo, host, ["python3 /opt/snaptier/testbed/guest/daxprobe.py wipe-head"], timeout=120)
+            launcher.run_in(topo, host, "python3 /opt/snaptier/testbed/guest/daxprobe.py wipe-head", timeout=120)
             agents.start(topo)
     out = {"topology": topo.name, "seconds": round(time.monotonic() - t0, 1),
            "units": {"latency": "us", "throughput": "MiB/s"}, "runs": results}

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from . import launcher
-from .launcher import TestbedError, say
+from .launcher import TestbedError
 from .machine import Runtime, describe
 from .state import REPO, TestbedState, state_dir_for
 from .topology import MiB, TopologyError, load_topology

@@ -8,27 +8,15 @@ import json
 import re
 import secrets
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 from . import launcher
-from .launcher import TestbedError, say
+from .launcher import run_in, say
+from .report import Check, print_checks
 from .state import state_dir_for
 from .topology import MiB, Topology
 
 PROBE = "python3 /opt/snaptier/testbed/guest/daxprobe.py"
-
-
-@dataclass
-class Check:
-    check: str
-    host: str
-    ok: bool
-    detail: str
-    values: dict
-
-
-def _run(topo, host, cmd, timeout=60):
-    return launcher.exec_in(topo, host, [cmd], timeout=timeout)
 
 
 def _json_line(text: str) -> dict:
@@ -42,7 +30,7 @@ def check_cxl_devices(topo: Topology) -> list[Check]:
     out = []
     for dev in topo.cxl:
         for host in dev.hosts:
-            r = _run(topo, host, f"{PROBE} info")
+            r = run_in(topo, host, f"{PROBE} info")
             try:
                 info = _json_line(r.stdout)
                 # An nvdimm devdax namespace keeps its info block (2 MiB) at the front.
@@ -67,12 +55,12 @@ def check_cxl_sharing(topo: Topology) -> list[Check]:
         # Every host writes once; every other host must see it.
         for writer in dev.hosts:
             nonce = secrets.token_hex(6)
-            w = _run(topo, writer, f"{PROBE} put {nonce}")
+            w = run_in(topo, writer, f"{PROBE} put {nonce}")
             try:
                 for reader in dev.hosts:
                     if reader == writer:
                         continue
-                    r = _run(topo, reader, f"{PROBE} wait {nonce} 10", timeout=30)
+                    r = run_in(topo, reader, f"{PROBE} wait {nonce} 10", timeout=30)
                     try:
                         res = _json_line(r.stdout)
                     except ValueError:
@@ -82,16 +70,16 @@ def check_cxl_sharing(topo: Topology) -> list[Check]:
                               if ok else f"{reader} did not see {writer}'s value ({r.stderr.strip()[-200:]})")
                     out.append(Check(f"cxl shared {writer}->{reader}", reader, ok, detail, res))
             finally:
-                _run(topo, writer, f"{PROBE} restore")
+                run_in(topo, writer, f"{PROBE} restore")
     return out
 
 
 def _perftest(topo, server, server_ip, client, tool, extra, port, timeout=90):
     # The server runs detached under a timeout so that a lost client can never leave it behind.
-    _run(topo, server, f"nohup timeout 60 {tool} -d rxe0 -x 1 -F -p {port} {extra} > /tmp/{tool}-{port}.log 2>&1 &")
+    run_in(topo, server, f"nohup timeout 60 {tool} -d rxe0 -x 1 -F -p {port} {extra} > /tmp/{tool}-{port}.log 2>&1 &")
     deadline = time.monotonic() + 30
     while True:
-        r = _run(topo, client, f"timeout 50 {tool} -d rxe0 -x 1 -F -p {port} {extra} {server_ip}", timeout=timeout)
+        r = run_in(topo, client, f"timeout 50 {tool} -d rxe0 -x 1 -F -p {port} {extra} {server_ip}", timeout=timeout)
         if r.returncode == 0 or time.monotonic() > deadline:
             return r
         time.sleep(1)  # the server may not listen yet
@@ -131,7 +119,7 @@ def check_criu(topo: Topology) -> list[Check]:
     for h in topo.hosts:
         if h.role != "compute":
             continue
-        r = _run(topo, h.name, "criu --version | head -1; criu check 2>&1 | tail -1")
+        r = run_in(topo, h.name, "criu --version | head -1; criu check 2>&1 | tail -1")
         lines = r.stdout.strip().splitlines()
         ok = r.returncode == 0 and bool(lines) and lines[-1].strip() == "Looks good."
         version = lines[0].replace("Version: ", "criu ") if lines else "?"
@@ -161,12 +149,7 @@ def run_health(topo: Topology, json_out: bool = False) -> int:
     (state_dir_for(topo.name) / "health.json").write_text(json.dumps(report, indent=1) + "\n")
     if json_out:
         print(json.dumps(report, indent=1))
-    else:
-        width = max(len(c.check) for c in checks) if checks else 10
-        print(f"\nhealth of topology {topo.name} ({report['seconds']} s)")
-        print(f"  {'check':{width}}  {'host':6}  {'result':6}  detail")
-        for c in checks:
-            print(f"  {c.check:{width}}  {c.host:6}  {'ok' if c.ok else 'FAIL':6}  {c.detail}")
-        print(f"\n  CXL shared: {summary['cxl_shared']}; RDMA read: {summary['rdma_read']}; criu: {summary['criu']}")
-        print(f"health: {passed} passed, {failed} failed")
-    return 0 if failed == 0 else 1
+        return 0 if failed == 0 else 1
+    return print_checks(f"health of topology {topo.name} ({report['seconds']} s)", checks, "health",
+                        (f"CXL shared: {summary['cxl_shared']}; RDMA read: {summary['rdma_read']}; "
+                         f"criu: {summary['criu']}",))

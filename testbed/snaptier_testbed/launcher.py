@@ -244,7 +244,6 @@ def wait_ready(topology: Topology, specs: list[MachineSpec], runtime: Runtime, t
 def down(topology: Topology, quiet: bool = False) -> int:
     """Stops every process of this topology (by tag) and removes its volatile files."""
     state_dir = state_dir_for(topology.name)
-    stopped = 0
     tag_prefix = f"snaptier-{topology.name}-"
     pids = {}
     for h in topology.hosts:
@@ -314,3 +313,8 @@ def exec_in(topology: Topology, host: str, command: list[str], timeout: float | 
         raise TestbedError(f"no host named {host!r} in topology {topology.name!r}")
     return ssh(state_dir, state.ssh_ports[host], command, timeout=timeout, capture=capture,
                stdin=None if not capture else subprocess.DEVNULL)
+
+
+def run_in(topology: Topology, host: str, script: str, timeout: float | None = 120) -> subprocess.CompletedProcess:
+    """One shell command line in a guest, its output captured."""
+    return exec_in(topology, host, [script], timeout=timeout)

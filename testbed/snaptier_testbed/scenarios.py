@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from dataclasses import asdict
 
-from . import agents, launcher
-from .launcher import TestbedError, say
+from . import agents
+from .launcher import TestbedError, run_in, say
+from .report import Check, print_checks
 from .state import state_dir_for
 from .topology import Topology
 
@@ -23,30 +25,22 @@ TESTS = "/opt/snaptier/build/guest/tests/agent"
 
 
 class Steps:
+    """Scenario steps as health-style checks, each announced as it finishes."""
+
     def __init__(self) -> None:
-        self.rows: list[tuple[str, str, bool, str]] = []
+        self.rows: list[Check] = []
 
     def record(self, name: str, host: str, ok: bool, detail: str) -> bool:
-        self.rows.append((name, host, ok, detail))
+        self.rows.append(Check(name, host, ok, detail))
         say(f"{'ok  ' if ok else 'FAIL'} {name} [{host}] {detail}")
         return ok
 
     def report(self, title: str) -> int:
-        width = max(len(r[0]) for r in self.rows)
-        print(f"\n{title}")
-        for name, host, ok, detail in self.rows:
-            print(f"  {name:{width}}  {host:6}  {'ok' if ok else 'FAIL':4}  {detail}")
-        passed = sum(r[2] for r in self.rows)
-        print(f"scenario: {passed} passed, {len(self.rows) - passed} failed")
-        return 0 if passed == len(self.rows) else 1
-
-
-def sh(topo: Topology, host: str, cmd: str, timeout: float = 120):
-    return launcher.exec_in(topo, host, [cmd], timeout=timeout)
+        return print_checks(title, self.rows, "scenario")
 
 
 def tierctl_json(topo: Topology, host: str, args: str, timeout: float = 180) -> tuple[int, dict, str]:
-    r = sh(topo, host, f"{BIN}/tierctl --json --timeout-ms {int(timeout * 1000) - 5000} {args}", timeout=timeout)
+    r = run_in(topo, host, f"{BIN}/tierctl --json --timeout-ms {int(timeout * 1000) - 5000} {args}", timeout=timeout)
     try:
         doc = json.loads(r.stdout) if r.stdout.strip() else {}
     except ValueError:
@@ -56,7 +50,7 @@ def tierctl_json(topo: Topology, host: str, args: str, timeout: float = 180) -> 
 
 def make_data(topo: Topology, host: str, path: str, seed: int, pages: int) -> tuple[str, int]:
     """Random pages with every fourth page zero; returns (sha256, zero page count)."""
-    r = sh(topo, host, f"""python3 - <<'PY'
+    r = run_in(topo, host, f"""python3 - <<'PY'
 import hashlib, random
 rng = random.Random({seed}); zero = bytes(4096); out = bytearray(); zeros = 0
 for i in range({pages}):
@@ -72,7 +66,6 @@ PY""")
 
 
 def agent_smoke(topo: Topology) -> int:
-    compute = [h.name for h in topo.hosts if h.role == "compute"]
     cxl = next((c for c in topo.cxl if len(c.hosts) >= 2), None)
     if cxl is None or not any(h.role == "memory" for h in topo.hosts):
         raise TestbedError("agent-smoke needs two hosts sharing a CXL device and a memory node")
@@ -122,7 +115,7 @@ def agent_smoke(topo: Topology) -> int:
                  f"{got.get('copied_pages')} pages fetched by one-sided READ" if rc == 0 else err)
 
     # 4. Kill host1's agent outright and restart it: nothing published is lost.
-    sh(topo, reader, "kill -9 $(cat /run/snaptier/agent.pid)")
+    run_in(topo, reader, "kill -9 $(cat /run/snaptier/agent.pid)")
     agents.start(topo)
     rc, listing, err = tierctl_json(topo, reader, "list")
     ids = [s.get("id") for s in listing.get("snapshots", [])]
@@ -132,7 +125,7 @@ def agent_smoke(topo: Topology) -> int:
                  f"both snapshots listed and {cxl_id} reads back byte-exact" if rc == 0 and rc2 == 0 else err + err2)
 
     # 5. The agent's unit tests as built for trixie, in the guest: RDMA tests run against rxe0.
-    r = sh(topo, writer, f"""cd /tmp && rm -f /tmp/gtest-*.json
+    r = run_in(topo, writer, f"""cd /tmp && rm -f /tmp/gtest-*.json
 for t in {TESTS}/*_test; do
   timeout 300 $t --gtest_brief=1 --gtest_output=json:/tmp/gtest-$(basename $t).json > /dev/null 2>&1
 done
@@ -161,7 +154,7 @@ PY""", timeout=900)
 
     # 6. A real function snapshotted with CRIU and restored with snaptier's lazy-pages server
     #    (demand faults, and everything installed before resume), against criu's own daemon.
-    r = sh(topo, writer, "bash /opt/snaptier/workloads/tests/lazy-restore.sh helloworld json_serdes", timeout=600)
+    r = run_in(topo, writer, "bash /opt/snaptier/workloads/tests/lazy-restore.sh helloworld json_serdes", timeout=600)
     closing = next((l for l in reversed(r.stdout.splitlines()) if " passed, " in l), "no summary")
     rows = [l.split() for l in r.stdout.splitlines() if l.startswith(("helloworld", "json_serdes"))]
     faults = ", ".join(f"{row[0]} {row[1]}: {row[4]} faults" for row in rows if row[1] in ("none", "all"))
@@ -175,7 +168,7 @@ PY""", timeout=900)
         steps.record("owner deletes its snapshot", host, rc == 0, sid if rc == 0 else err)
 
     (state_dir_for(topo.name) / "scenario-agent-smoke.json").write_text(json.dumps(
-        [dict(zip(("step", "host", "ok", "detail"), r)) for r in steps.rows], indent=1) + "\n")
+        [asdict(r) for r in steps.rows], indent=1) + "\n")
     return steps.report(f"scenario agent-smoke on topology {topo.name} ({time.monotonic() - t0:.0f} s)")
 
 
