@@ -105,32 +105,9 @@ roundtrip_one() {
 
     printf '%s|%s|%s|%s|%s|%s|%s|%s\n' "$name" "${init_ms%.*}" "$((rss_bytes / 1048576))" \
         "$((image_bytes / 1048576))" "$dump_ms" "$(IFS=/; echo "${restore_ms[*]}")" \
-        "$(IFS=/; printf '%s' "${first_invoke_ms[*]%.*}")" "$digests_match ($restored_copies copies)" > "$work/row"
+        "$(IFS=/; printf '%s' "${first_invoke_ms[*]%.*}")" "$digests_match ($restored_copies copies)" > "$work/rows"
 }
 
 mkdir -p "$roundtrip_dir"
-passed=0 failed=0 rows=()
-for name in "${functions[@]}"; do
-    if [ ! -f "$workloads_dir/$name/function.toml" ]; then
-        rows+=("$name|-|-|-|-|-|-|FAILED: no such function"); failed=$((failed + 1)); continue
-    fi
-    set +e
-    ( set -e; roundtrip_one "$name" )
-    status=$?
-    set -e
-    work=$roundtrip_dir/$name
-    if [ "$status" = 0 ] && [ -f "$work/row" ]; then
-        rows+=("$(cat "$work/row")"); passed=$((passed + 1))
-    else
-        rows+=("$name|-|-|-|-|-|-|FAILED $(cat "$work/failure" 2>/dev/null || echo "(status $status)")")
-        failed=$((failed + 1))
-    fi
-    [ "${ROUNDTRIP_KEEP:-0}" = 1 ] || rm -rf "$work"
-done
-
-[ "${ROUNDTRIP_KEEP:-0}" = 1 ] || rmdir "$roundtrip_dir" 2>/dev/null || true
-echo
-print_table "function|init ms|rss MB|image MB|dump ms|restore ms (copy1/copy2)|1st invoke ms (copy1/copy2)|digest match" "${rows[@]}"
-echo
-echo "$passed passed, $failed failed"
-[ "$failed" = 0 ]
+run_functions roundtrip_one "$roundtrip_dir" "${ROUNDTRIP_KEEP:-0}" \
+    "function|init ms|rss MB|image MB|dump ms|restore ms (copy1/copy2)|1st invoke ms (copy1/copy2)|digest match"

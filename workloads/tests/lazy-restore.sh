@@ -152,30 +152,5 @@ lazy_one() {
 }
 
 mkdir -p "$lazy_dir"
-passed=0 failed=0 rows=()
-for name in "${functions[@]}"; do
-    if [ ! -f "$workloads_dir/$name/function.toml" ]; then
-        rows+=("$name|-|-|-|-|-|-|FAILED: no such function"); failed=$((failed + 1)); continue
-    fi
-    set +e
-    ( set -e; lazy_one "$name" )
-    status=$?
-    set -e
-    work=$lazy_dir/$name
-    if [ "$status" = 0 ]; then
-        while IFS= read -r row; do rows+=("$row"); done < "$work/rows"
-        passed=$((passed + 1))
-    else
-        [ -f "$work/rows" ] && while IFS= read -r row; do rows+=("$row"); done < "$work/rows"
-        rows+=("$name|-|-|-|-|-|-|FAILED $(cat "$work/failure" 2>/dev/null || echo "(status $status)")")
-        failed=$((failed + 1))
-    fi
-    [ "${LAZY_KEEP:-0}" = 1 ] || rm -rf "$work"
-done
-
-[ "${LAZY_KEEP:-0}" = 1 ] || rmdir "$lazy_dir" 2>/dev/null || true
-echo
-print_table "function|policy|restore ms|1st invoke ms|faults|pages copied|prefetched|1st fault ms" "${rows[@]}"
-echo
-echo "$passed passed, $failed failed"
-[ "$failed" = 0 ]
+run_functions lazy_one "$lazy_dir" "${LAZY_KEEP:-0}" \
+    "function|policy|restore ms|1st invoke ms|faults|pages copied|prefetched|1st fault ms"

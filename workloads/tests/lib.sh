@@ -37,3 +37,39 @@ print_table() {
                 for (i = 1; i <= columns; i++) line = line sprintf("%-" width[i] + 2 "s", cell[r, i])
                 sub(/ +$/, "", line); print line } }'
 }
+
+# Runs ONE NAME (a function of the calling script) for every selected function, in a subshell
+# with `set -e`. A run leaves its table rows in BASE/NAME/rows, and BASE/NAME/failure when it
+# fails. Prints the table under HEADER and "N passed, N failed"; returns 1 if any failed.
+# KEEP=1 keeps the per-function work directories.
+run_functions() {
+    local one=$1 base=$2 keep=$3 header=$4
+    local name work status row passed=0 failed=0
+    local -a rows=()
+    for name in "${functions[@]}"; do
+        work=$base/$name
+        if [ ! -f "$workloads_dir/$name/function.toml" ]; then
+            rows+=("$name|-|-|-|-|-|-|FAILED: no such function"); failed=$((failed + 1)); continue
+        fi
+        set +e
+        ( set -e; "$one" "$name" )
+        status=$?
+        set -e
+        if [ -f "$work/rows" ]; then
+            while IFS= read -r row; do rows+=("$row"); done < "$work/rows"
+        fi
+        if [ "$status" = 0 ] && [ -s "$work/rows" ]; then
+            passed=$((passed + 1))
+        else
+            rows+=("$name|-|-|-|-|-|-|FAILED $(cat "$work/failure" 2>/dev/null || echo "(status $status)")")
+            failed=$((failed + 1))
+        fi
+        [ "$keep" = 1 ] || rm -rf "$work"
+    done
+    [ "$keep" = 1 ] || rmdir "$base" 2>/dev/null || true
+    echo
+    print_table "$header" "${rows[@]}"
+    echo
+    echo "$passed passed, $failed failed"
+    [ "$failed" = 0 ]
+}
