@@ -4,7 +4,7 @@ TB := testbed/tb
 BUILD := build/host
 JOBS ?= 2
 
-.PHONY: all deps build test test-unit test-python image guest-agent testbed up down status health scenario clean
+.PHONY: all deps build test test-unit test-python image guest-agent testbed up down status health scenario matrix clean
 
 all: build
 
@@ -31,6 +31,7 @@ testbed: deps image guest-agent  ## boot the default topology (or reuse it), hea
 	$(TB) status
 	$(TB) health
 	$(TB) scenario agent-smoke
+	$(TB) matrix --functions helloworld --policies lazy-cxl,lazy-rdma,tiered
 
 up: image
 	$(TB) up
@@ -40,6 +41,8 @@ status:
 	$(TB) status
 health:
 	$(TB) health
+matrix:          ## every function x every restore policy, host0 -> host1 (on the running topology)
+	$(TB) matrix
 
 clean:
 	rm -rf build

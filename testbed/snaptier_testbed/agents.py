@@ -19,6 +19,9 @@ from .topology import MiB, Topology
 GUEST_BUILD = "/opt/snaptier/build/guest/tier-agent"
 CONTROL_PORT = 7400
 AGENT_SOCKET = "/run/snaptier/agent.sock"
+WORKLOADS_DIR = "/opt/snaptier/workloads"   # the checkout's workloads/, shared read-only
+FUNCTIONS_WORK_DIR = "/run/snaptier/functions"
+OPERATION_TIMEOUT_S = 900                    # snapshot/restore of one function (tb matrix waits as long)
 
 
 def _toml_str(value: str) -> str:
@@ -36,6 +39,10 @@ def agent_config(topo: Topology, host: str, token: str, guest_status: dict) -> s
     if link:
         lines.append(f"tcp_listen = {_toml_str(f'{link.address_of(host).ip}:{CONTROL_PORT}')}")
     lines += [f"token = {_toml_str(token)}", ""]
+    # Every other agent on this host's link, for requests forwarded agent to agent (same token).
+    peers = [p for p in link.hosts if p != host] if link else []
+    if peers:
+        lines += ["[peers]"] + [f"{p} = {_toml_str(f'{link.address_of(p).ip}:{CONTROL_PORT}')}" for p in peers] + [""]
     if h.role == "memory":
         lines += ["[memnode]", f'pool_size = "{h.pool // MiB}M"', 'device = "rxe0"', "gid_index = 1", ""]
         return "\n".join(lines)
@@ -53,6 +60,8 @@ def agent_config(topo: Topology, host: str, token: str, guest_status: dict) -> s
         lines += ["[tiers.rdma]", 'device = "rxe0"', "gid_index = 1",
                   f"memnode = {_toml_str(f'{link.address_of(memnodes[0].name).ip}:{CONTROL_PORT}')}",
                   f"token = {_toml_str(token)}", ""]
+    lines += ["[functions]", f"workloads_dir = {_toml_str(WORKLOADS_DIR)}",
+              f"work_dir = {_toml_str(FUNCTIONS_WORK_DIR)}", f"operation_timeout_s = {OPERATION_TIMEOUT_S}", ""]
     return "\n".join(lines)
 
 

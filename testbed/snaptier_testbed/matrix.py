@@ -1,0 +1,523 @@
+"""Restore matrix: every function x every restore policy, across two hosts of a running topology.
+
+For each function the snapshot host's agent starts it, dumps it with CRIU, ingests it into the
+tiered store and profiles it (`tierctl snapshot`); then, for each policy, the snapshot host asks
+its agent to restore it on the restore host (`tierctl restore ID --policy P --host H`, forwarded
+agent to agent). Every cell is recorded, failed ones included; nothing aborts the matrix.
+
+Outputs (in --out, default run/<topology>/results/matrix-<UTC time>/): results.json (the raw
+tierctl objects and the run's metadata), matrix.csv (one row per function x policy), matrix.png,
+and a table on stdout. Exit status 0 iff every cell restored with a correct answer and an equal
+state digest; 1 otherwise; 2 for usage errors (nothing contacted). Reference: docs/testbed.md.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import secrets
+import shlex
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import agents, launcher
+from .launcher import TestbedError, say
+from .state import REPO, state_dir_for
+from .topology import MiB, Topology
+
+POLICIES = ("criu-eager", "criu-lazy", "criu-remote", "lazy-cxl", "lazy-rdma", "reap", "tiered")
+WORKLOADS = REPO / "workloads"
+TIERCTL = f"{agents.GUEST_BUILD}/tierctl --socket {agents.AGENT_SOCKET}"
+SNAPSHOT_TIMEOUT_S = 900
+RESTORE_TIMEOUT_S = 600
+SSH_MARGIN_S = 60            # the launcher's timeout is tierctl's plus this
+FAULTS_BASELINE = "lazy-cxl"
+FIRST_RESPONSE_BASELINE = "criu-eager"
+FIXED_TIERS = ("cxl", "rdma")  # always a column; other tiers (local, file) when some result has them
+TIER_ORDER = ("cxl", "rdma", "local", "file")
+
+
+class UsageError(TestbedError):
+    """Bad arguments: reported before any guest is contacted (exit 2)."""
+
+
+# ------------------------------------------------------------------ arguments
+def available_functions(root: Path = WORKLOADS) -> list[str]:
+    """Function folders: directories of workloads/ with a function.toml, sorted by name."""
+    return sorted(p.name for p in root.iterdir() if (p / "function.toml").is_file()) if root.is_dir() else []
+
+
+def parse_list(text: str | None, allowed: list[str] | tuple[str, ...], noun: str, flag: str) -> list[str]:
+    """A comma-separated choice from `allowed` (all of them if text is None), duplicates dropped."""
+    if text is None:
+        return list(allowed)
+    items = list(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+    if not items:
+        raise UsageError(f"{flag}: empty list; known: {', '.join(allowed)}")
+    unknown = [x for x in items if x not in allowed]
+    if unknown:
+        plural = ("ies" if noun.endswith("y") else "s") if len(unknown) > 1 else ""
+        noun = noun[:-1] if plural == "ies" else noun
+        raise UsageError(f"{flag}: unknown {noun}{plural} {', '.join(repr(x) for x in unknown)}; "
+                         f"known: {', '.join(allowed) or 'none'}")
+    return items
+
+
+def pick_hosts(topo: Topology, snapshot_host: str | None, restore_host: str | None) -> tuple[str, str]:
+    compute = [h.name for h in topo.hosts if h.role == "compute"]
+    for flag, name in (("--snapshot-host", snapshot_host), ("--restore-host", restore_host)):
+        if name is not None and name not in compute:
+            known = {h.name for h in topo.hosts}
+            what = "is a memory node" if name in known else f"is not a host of topology {topo.name!r}"
+            raise UsageError(f"{flag} {name!r} {what}; compute hosts: {', '.join(compute) or 'none'}")
+    snap = snapshot_host or (compute[0] if compute else None)
+    if snap is None:
+        raise UsageError(f"topology {topo.name!r} has no compute host")
+    if restore_host is None:
+        others = [h for h in compute if h != snap]
+        if not others:
+            raise UsageError(f"topology {topo.name!r} has one compute host; give --restore-host {snap} "
+                             "to restore on the snapshot host itself")
+        # The second compute host, unless it was chosen as the snapshot host.
+        restore_host = compute[1] if len(compute) > 1 and compute[1] != snap else others[0]
+    if restore_host != snap:
+        link = topo.link_of(snap)
+        if link is None or restore_host not in link.hosts:
+            raise UsageError(f"{restore_host} is not on a link with {snap}: the agent of {snap} "
+                             "cannot forward the restore to it")
+    return snap, restore_host
+
+
+# ------------------------------------------------------------------ running tierctl
+def parse_json_output(stdout: str) -> dict | None:
+    """tierctl --json prints one object; tolerate stray lines before it."""
+    text = stdout.strip()
+    if not text:
+        return None
+    try:
+        doc = json.loads(text)
+        return doc if isinstance(doc, dict) else None
+    except ValueError:
+        pass
+    for line in reversed(text.splitlines()):
+        if line.startswith("{"):
+            try:
+                doc = json.loads(line)
+                return doc if isinstance(doc, dict) else None
+            except ValueError:
+                continue
+    return None
+
+
+def describe_failure(rc: int, stderr: str, stdout: str, timeout_s: float) -> str:
+    msg = " ".join((stderr.strip() or stdout.strip()).split())[-300:]
+    if rc == 1:
+        return msg or "the agent replied with an error"
+    if rc == 2:
+        return f"tierctl refused the arguments (an older build?): {msg}"
+    if rc == 3:
+        return f"cannot reach the agent or it timed out: {msg}" if msg else "cannot reach the agent or it timed out"
+    if rc == 124:
+        return f"no answer within {timeout_s:.0f} s"
+    if rc == 255:
+        return f"ssh to the guest failed: {msg}"
+    return f"tierctl exited {rc}: {msg}"
+
+
+def tierctl(run, topo: Topology, host: str, args: str, timeout_s: int) -> tuple[int, dict | None, str]:
+    """(exit status, parsed JSON object or None, error text or '')."""
+    command = f"{TIERCTL} --timeout-ms {timeout_s * 1000} --json {args}"
+    try:
+        r = run(topo, host, command, timeout=timeout_s + SSH_MARGIN_S)
+    except TestbedError as e:  # e.g. the topology went down mid-matrix
+        return 255, None, str(e)
+    doc = parse_json_output(r.stdout or "")
+    err = "" if r.returncode == 0 and doc is not None else describe_failure(
+        r.returncode, r.stderr or "", r.stdout or "", timeout_s + SSH_MARGIN_S)
+    if r.returncode == 0 and doc is None:
+        err = f"tierctl printed no JSON object: {(r.stdout or '').strip()[-200:]!r}"
+    return r.returncode, doc, err
+
+
+# ------------------------------------------------------------------ rows
+def _num(value):
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def row_of(cell: dict) -> dict:
+    """One CSV/table row from one recorded cell (its raw restore object plus what the testbed saw)."""
+    r = cell.get("restore") if isinstance(cell.get("restore"), dict) else {}
+    faults = r.get("faults") if isinstance(r.get("faults"), dict) else {}
+    per_tier = faults.get("per_tier") if isinstance(faults.get("per_tier"), dict) else {}
+    moved = r.get("bytes_moved_per_tier") if isinstance(r.get("bytes_moved_per_tier"), dict) else {}
+    errors = []
+    if cell.get("error"):
+        errors.append(cell["error"])
+    if r:
+        if r.get("ok") is not True:
+            errors.append(r.get("error") or "restore failed (no error message)")
+        elif r.get("error"):
+            errors.append(str(r["error"]))
+        problems = r.get("problems") or []
+        if problems:
+            errors.append("; ".join(str(p) for p in problems))
+        if r.get("ok") is True and r.get("answer_ok") is not True and not problems:
+            errors.append("wrong answer" if r.get("answer_ok") is False else "answer not checked")
+        if r.get("ok") is True and r.get("digest_ok") is not True:
+            errors.append("state digest differs" if r.get("digest_ok") is False else "state digest not checked")
+        want = cell.get("restore_host")
+        if r.get("host") and want and r["host"] != want:
+            errors.append(f"restored on {r['host']}, not on {want}: the request was not forwarded")
+    elif not errors:
+        errors.append("no restore result")
+    ok = not errors and r.get("ok") is True and r.get("answer_ok") is True and r.get("digest_ok") is True
+    row = {
+        "function": cell.get("function"), "policy": cell.get("policy"), "snapshot_id": cell.get("snapshot_id"),
+        "snapshot_host": cell.get("snapshot_host"), "restore_host": cell.get("restore_host"),
+        "ok": ok,
+        "restore_ms": _num(r.get("restore_ms")), "first_response_ms": _num(r.get("first_response_ms")),
+        "faults_total": _num(faults.get("total")), "faults_read": _num(faults.get("read")),
+        "faults_write": _num(faults.get("write")), "faults_zero": _num(faults.get("zero")),
+    }
+    for tier, n in per_tier.items():
+        row[f"faults_{tier}"] = _num(n)
+    for tier, n in moved.items():
+        row[f"bytes_{tier}"] = _num(n)
+    row.update({
+        "pages_prefetched": _num(r.get("pages_prefetched")), "pages_background": _num(r.get("pages_background")),
+        "zero_pages": _num(r.get("zero_pages")), "local_memory_bytes": _num(r.get("local_memory_bytes")),
+        "answer_ok": r.get("answer_ok") if isinstance(r.get("answer_ok"), bool) else None,
+        "digest_ok": r.get("digest_ok") if isinstance(r.get("digest_ok"), bool) else None,
+        "error": " | ".join(dict.fromkeys(str(e) for e in errors)) or None,
+    })
+    return row
+
+
+def add_ratios(rows: list[dict]) -> list[dict]:
+    """faults vs lazy-cxl and first response vs criu-eager of the same function, in percent
+    (None when either cell failed or has no number, or the baseline is 0)."""
+    by = {(r["function"], r["policy"]): r for r in rows}
+    for r in rows:
+        for key, metric, base_policy in (("faults_vs_lazy_cxl_pct", "faults_total", FAULTS_BASELINE),
+                                         ("first_response_vs_criu_eager_pct", "first_response_ms",
+                                          FIRST_RESPONSE_BASELINE)):
+            base = by.get((r["function"], base_policy))
+            mine = r.get(metric)
+            ref = base.get(metric) if base and base["ok"] else None
+            r[key] = round(100.0 * mine / ref, 1) if r["ok"] and mine is not None and ref else None
+    return rows
+
+
+def rows_of(results: dict) -> list[dict]:
+    return add_ratios([row_of(c) for c in results.get("cells", [])])
+
+
+def tier_columns(rows: list[dict]) -> list[str]:
+    seen = {k.split("_", 1)[1] for r in rows for k in r if k.startswith(("faults_", "bytes_"))} - {
+        "total", "read", "write", "zero", "vs_lazy_cxl_pct"}
+    extra = [t for t in TIER_ORDER if t in seen and t not in FIXED_TIERS] + sorted(seen - set(TIER_ORDER))
+    return list(FIXED_TIERS) + extra
+
+
+def csv_columns(rows: list[dict]) -> list[str]:
+    tiers = tier_columns(rows)
+    return (["function", "policy", "snapshot_id", "snapshot_host", "restore_host", "ok",
+             "restore_ms", "first_response_ms", "faults_total", "faults_read", "faults_write", "faults_zero"]
+            + [f"faults_{t}" for t in tiers] + [f"bytes_{t}" for t in tiers]
+            + ["pages_prefetched", "pages_background", "zero_pages", "local_memory_bytes",
+               "faults_vs_lazy_cxl_pct", "first_response_vs_criu_eager_pct", "answer_ok", "digest_ok", "error"])
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    columns = csv_columns(rows)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(columns)
+        for r in rows:
+            w.writerow(["" if r.get(c) is None else (str(r[c]).lower() if isinstance(r.get(c), bool) else r[c])
+                        for c in columns])
+
+
+def _fmt(value, spec: str = ".1f") -> str:
+    if value is None:
+        return "-"
+    return format(round(value), "d") if spec == "d" else format(value, spec)
+
+
+def _pct(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f}%" if value < 10 else f"{value:.0f}%"
+
+
+def render_table(results: dict, rows: list[dict]) -> str:
+    """A terminal table: one line per function x policy, a blank line between functions, the
+    failures spelled out below it, and a closing 'N passed, N failed' line."""
+    tiers = tier_columns(rows)
+    fw = max([8] + [len(str(r["function"])) for r in rows])
+    pw = max([6] + [len(str(r["policy"])) for r in rows])
+    head = (f"  {'function':{fw}} {'policy':{pw}} {'result':6} {'restore ms':>10} {'1st resp ms':>11} {'faults':>7}"
+            + "".join(f" {t + ' flt':>8}" for t in tiers)
+            + f" {'moved MiB':>9} {'local MiB':>9} {'faults vs ' + FAULTS_BASELINE:>18}"
+            f" {'1st resp vs ' + FIRST_RESPONSE_BASELINE:>22}")
+    hosts = results.get("hosts", {})
+    out = [f"restore matrix on topology {results.get('topology')}: snapshots on {hosts.get('snapshot')}, "
+           f"restored on {hosts.get('restore')} (emulated hardware: compare ratios, not absolutes)", head]
+    last = None
+    for r in rows:
+        if last is not None and r["function"] != last:
+            out.append("")
+        last = r["function"]
+        moved = [r.get(f"bytes_{t}") for t in tier_columns([r]) if r.get(f"bytes_{t}") is not None]
+        out.append(
+            f"  {r['function']:{fw}} {r['policy']:{pw}} {'ok' if r['ok'] else 'FAIL':6} {_fmt(r['restore_ms']):>10}"
+            f" {_fmt(r['first_response_ms']):>11} {_fmt(r['faults_total'], 'd'):>7}"
+            + "".join(f" {_fmt(r.get(f'faults_{t}'), 'd'):>8}" for t in tiers)
+            + f" {_fmt(sum(moved) / MiB if moved else None):>9}"
+            f" {_fmt(r['local_memory_bytes'] / MiB if r['local_memory_bytes'] is not None else None):>9}"
+            f" {_pct(r['faults_vs_lazy_cxl_pct']):>18} {_pct(r['first_response_vs_criu_eager_pct']):>22}")
+    failed = [r for r in rows if not r["ok"]]
+    if failed:
+        out += ["", "  failures:"]
+        out += [f"    {r['function']} {r['policy']}: {r['error']}" for r in failed]
+    out.append(f"matrix: {len(rows) - len(failed)} passed, {len(failed)} failed")
+    return "\n".join(out)
+
+
+def exit_status(rows: list[dict]) -> int:
+    return 0 if rows and all(r["ok"] for r in rows) else 1
+
+
+# ------------------------------------------------------------------ outputs
+def git_commit() -> dict:
+    def git(*args):
+        r = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=30)
+        return r.stdout.strip() if r.returncode == 0 else None
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": bool(dirty) if dirty is not None else None}
+
+
+def write_outputs(out_dir: Path, results: dict) -> list[dict]:
+    """results.json (atomically) and matrix.csv; returns the rows."""
+    rows = rows_of(results)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / ".results.json.tmp"
+    tmp.write_text(json.dumps({**results, "rows": rows}, indent=1) + "\n")
+    tmp.replace(out_dir / "results.json")
+    write_csv(out_dir / "matrix.csv", rows)
+    return rows
+
+
+def load_results(results_dir: Path) -> dict:
+    path = results_dir / "results.json" if results_dir.is_dir() else results_dir
+    try:
+        return json.loads(path.read_text())
+    except OSError as e:
+        raise UsageError(f"no matrix results at {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise UsageError(f"{path} is not a matrix results.json: {e}") from None
+
+
+def plot(results: dict, png: Path) -> Path:
+    """Grouped bars per function, one bar per policy: first response (log) and faults (log)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = rows_of(results)
+    functions = list(dict.fromkeys(r["function"] for r in rows))
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    by = {(r["function"], r["policy"]): r for r in rows}
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.6 * len(functions) + 3), 7.5), sharex=True)
+    width = 0.8 / max(1, len(policies))
+    for ax, metric, label in ((axes[0], "first_response_ms", "first response [ms] (log)"),
+                              (axes[1], "faults_total", "page faults (log)")):
+        for i, policy in enumerate(policies):
+            xs, ys = [], []
+            for j, fn in enumerate(functions):
+                r = by.get((fn, policy))
+                v = r.get(metric) if r and r["ok"] else None
+                if v is not None and v > 0:  # a log axis has no place for 0 or failed cells
+                    xs.append(j + i * width)
+                    ys.append(v)
+                elif r and not r["ok"]:
+                    ax.text(j + i * width, 0.02, "failed", transform=ax.get_xaxis_transform(), rotation=90,
+                            ha="center", va="bottom", fontsize=7, color="red")
+            ax.bar(xs, ys, width, label=policy, color=f"C{i}")
+        ax.set_yscale("log")
+        ax.set_ylabel(label)
+        ax.grid(axis="y", which="major", alpha=0.3)
+    axes[1].set_xticks([j + width * (len(policies) - 1) / 2 for j in range(len(functions))])
+    axes[1].set_xticklabels(functions)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8, title="policy", title_fontsize=8)
+    hosts = results.get("hosts", {})
+    axes[0].set_title(f"snaptier restore matrix, topology {results.get('topology')}: "
+                      f"{hosts.get('snapshot')} -> {hosts.get('restore')} (emulated: compare ratios)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 0.86, 1))
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+def try_plot(results: dict, png: Path) -> Path | None:
+    try:
+        return plot(results, png)
+    except ImportError:
+        say("matplotlib is missing: no matrix.png (apt-get install python3-matplotlib)")
+    except Exception as e:  # a plot must never cost the measurements
+        say(f"could not draw {png.name}: {e}")
+    return None
+
+
+# ------------------------------------------------------------------ the matrix
+def _cell(function: str, policy: str, snapshot_id: str | None, snap_host: str, restore_host: str,
+          restore: dict | None = None, error: str | None = None, rc: int | None = None, seconds: float = 0.0) -> dict:
+    return {"function": function, "policy": policy, "snapshot_id": snapshot_id, "snapshot_host": snap_host,
+            "restore_host": restore_host, "tierctl_rc": rc, "seconds": round(seconds, 1),
+            "error": error, "restore": restore}
+
+
+def _progress(row: dict) -> str:
+    if row["ok"]:
+        return (f"ok   {row['function']} {row['policy']}: restore {_fmt(row['restore_ms'])} ms, first response "
+                f"{_fmt(row['first_response_ms'])} ms, {_fmt(row['faults_total'], 'd')} faults")
+    return f"FAIL {row['function']} {row['policy']}: {row['error']}"
+
+
+def run_matrix(topo: Topology, functions: list[str], policies: list[str], snap_host: str, restore_host: str,
+               out_dir: Path, keep: bool = False, run=None, ensure_agents=None) -> int:
+    """Runs every cell; `run` is launcher.run_in (tests pass a fake), `ensure_agents` agents.start."""
+    run = run or launcher.run_in
+    if ensure_agents is None:
+        launcher.load_running(topo)
+        ensure_agents = agents.start
+    ensure_agents(topo)
+    t0 = time.monotonic()
+    tag = secrets.token_hex(3)
+    results = {
+        "topology": topo.name, "topology_file": str(topo.source or ""),
+        "hosts": {"snapshot": snap_host, "restore": restore_host,
+                  "all": [{"name": h.name, "role": h.role,
+                           "data_address": str(topo.link_of(h.name).address_of(h.name).ip)
+                           if topo.link_of(h.name) else None} for h in topo.hosts]},
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "git": git_commit(), "functions": functions, "policies": policies,
+        "timeouts_s": {"snapshot": SNAPSHOT_TIMEOUT_S, "restore": RESTORE_TIMEOUT_S},
+        "snapshots": {}, "cells": [], "cleanup": [], "seconds": 0.0,
+    }
+    say(f"restore matrix: {len(functions)} functions x {len(policies)} policies, snapshots on {snap_host}, "
+        f"restores on {restore_host}; results in {out_dir}")
+    for fn in functions:
+        sid = f"{fn}-{tag}"
+        ts = time.monotonic()
+        say(f"{fn}: snapshot on {snap_host} (start, criu dump, ingest, profiling restore)")
+        rc, snap, err = tierctl(run, topo, snap_host, f"snapshot {shlex.quote(fn)} --id {shlex.quote(sid)}",
+                                SNAPSHOT_TIMEOUT_S)
+        results["snapshots"][fn] = {"requested_id": sid, "tierctl_rc": rc, "seconds": round(time.monotonic() - ts, 1),
+                                    "error": err or None, "result": snap}
+        if rc != 0 or snap is None:
+            say(f"FAIL {fn}: snapshot: {err}")
+            for policy in policies:
+                results["cells"].append(_cell(fn, policy, None, snap_host, restore_host,
+                                              error=f"snapshot failed: {err}", rc=rc))
+            write_outputs(out_dir, results)
+            continue
+        sid = snap.get("id") or sid
+        prof = snap.get("profile") or {}
+        say(f"{fn}: snapshot {sid}: {snap.get('pages')} pages, {prof.get('hot')} hot / {prof.get('cold')} cold, "
+            f"{len(snap.get('variants') or [])} variants ({time.monotonic() - ts:.0f} s)")
+        forward = f" --host {shlex.quote(restore_host)}" if restore_host != snap_host else ""
+        for policy in policies:
+            tc = time.monotonic()
+            rc, doc, err = tierctl(run, topo, snap_host,
+                                   f"restore {shlex.quote(sid)} --policy {shlex.quote(policy)}{forward}",
+                                   RESTORE_TIMEOUT_S)
+            if doc is not None and rc != 0 and doc.get("ok") is True:
+                err = err or f"tierctl exited {rc}"
+            elif doc is not None:
+                err = ""  # the object says what happened (ok false + error)
+            cell = _cell(fn, policy, sid, snap_host, restore_host, restore=doc, error=err or None, rc=rc,
+                         seconds=time.monotonic() - tc)
+            results["cells"].append(cell)
+            say(_progress(row_of(cell)))
+            results["seconds"] = round(time.monotonic() - t0, 1)
+            write_outputs(out_dir, results)
+        if not keep:
+            ids = [v.get("id") for v in snap.get("variants") or [] if isinstance(v, dict) and v.get("id")]
+            for vid in dict.fromkeys([i for i in ids if i != sid] + [sid]):
+                rc, _, err = tierctl(run, topo, snap_host, f"delete {shlex.quote(vid)}", 120)
+                results["cleanup"].append({"id": vid, "ok": rc == 0, "error": err or None})
+                if rc != 0:
+                    say(f"note: could not delete {vid} on {snap_host}: {err}")
+    results["seconds"] = round(time.monotonic() - t0, 1)
+    rows = write_outputs(out_dir, results)
+    print(render_table(results, rows))
+    png = try_plot(results, out_dir / "matrix.png")
+    print(f"results: {out_dir / 'results.json'}, matrix.csv" + (", matrix.png" if png else ""))
+    return exit_status(rows)
+
+
+# ------------------------------------------------------------------ command line
+def default_out_dir(topo: Topology) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return state_dir_for(topo.name) / "results" / f"matrix-{stamp}"
+
+
+def build_parser(default_topology: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="testbed/tb", description="snaptier multi-host QEMU testbed")
+    p.add_argument("-t", "--topology", default=os.environ.get("SNAPTIER_TOPOLOGY", default_topology),
+                   help="topology file (default: %(default)s)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("matrix", help="restore every function with every policy across two hosts; table, CSV, plot",
+                       description="Snapshot each function on one host, restore it with each policy on another "
+                                   "(forwarded by the snapshot host's agent). Exit 0 iff every cell is ok, "
+                                   "answers correctly and has an equal state digest.")
+    m.add_argument("--functions", help="comma-separated (default: every folder of workloads/ with function.toml)")
+    m.add_argument("--policies", help=f"comma-separated (default, in this order: {','.join(POLICIES)})")
+    m.add_argument("--snapshot-host", help="where functions are snapshotted (default: the first compute host)")
+    m.add_argument("--restore-host", help="where they are restored (default: the second compute host)")
+    m.add_argument("--out", help="results directory (default: run/<topology>/results/matrix-<UTC time>/)")
+    m.add_argument("--keep", action="store_true", help="keep the snapshots in the store afterwards")
+    m.add_argument("--plot", metavar="RESULTS_DIR",
+                   help="only draw RESULTS_DIR/matrix.png (and print the table) from an earlier run")
+    return p
+
+
+def main(argv: list[str], default_topology: str | None = None, run=None, ensure_agents=None) -> int:
+    """`testbed/tb [-t TOPOLOGY] matrix ...`; usage errors exit 2 before any guest is contacted."""
+    from .topology import TopologyError, load_topology
+    default_topology = default_topology or str(REPO / "testbed" / "topologies" / "default.toml")
+    args = build_parser(default_topology).parse_args(argv)
+    try:
+        if args.plot:
+            results = load_results(Path(args.plot))
+            rows = rows_of(results)
+            print(render_table(results, rows))
+            png = try_plot(results, (Path(args.plot) if Path(args.plot).is_dir() else Path(args.plot).parent)
+                           / "matrix.png")
+            if png:
+                print(png)
+            return 0 if png else 1
+        topo = load_topology(args.topology)
+        functions = parse_list(args.functions, available_functions(), "function", "--functions")
+        policies = parse_list(args.policies, POLICIES, "policy", "--policies")
+        snap_host, restore_host = pick_hosts(topo, args.snapshot_host, args.restore_host)
+        out_dir = Path(args.out) if args.out else default_out_dir(topo)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise UsageError(f"--out {out_dir} exists and is not a directory")
+        return run_matrix(topo, functions, policies, snap_host, restore_host, out_dir, keep=args.keep,
+                          run=run, ensure_agents=ensure_agents)
+    except (TopologyError, TestbedError) as e:
+        print(f"testbed: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,285 @@
+"""tb matrix without QEMU: rows, CSV, table and ratios from synthetic tierctl objects; argument
+checks that stop before any guest is contacted; the exit rule; the agent configs it relies on."""
+import csv
+import json
+import os
+import subprocess
+import tomllib
+
+import pytest
+
+from conftest import REPO
+from snaptier_testbed import matrix
+from snaptier_testbed.agents import agent_config
+from snaptier_testbed.topology import load_topology, parse_topology
+
+TB = ["/usr/bin/python3", str(REPO / "testbed" / "tb")]
+DEFAULT = load_topology(REPO / "testbed/topologies/default.toml")
+
+
+def restore(policy, function="helloworld", faults=1000, first=100.0, ok=True, answer_ok=True, digest_ok=True,
+            tiers=("cxl",), host="host1", **extra):
+    doc = {"snapshot": function, "function": function, "policy": policy, "host": host, "ok": ok,
+           "error": None if ok else "criu restore failed: exit 1", "answer_ok": answer_ok, "problems": [],
+           "digest_ok": digest_ok, "restore_ms": 800.0 + first, "first_response_ms": first,
+           "faults": {"total": faults, "read": faults - 150, "write": 150, "zero": 12,
+                      "per_tier": {t: faults // len(tiers) for t in tiers}},
+           "bytes_moved_per_tier": {t: 4096 * faults // len(tiers) for t in tiers}, "pages_prefetched": 0,
+           "pages_background": 0, "zero_pages": 321, "local_memory_bytes": 25 * 2**20,
+           "snapshot_bytes_per_tier": {t: 45_000_000 for t in tiers}}
+    doc.update(extra)
+    return doc
+
+
+def cell(policy, function="helloworld", error=None, **kw):
+    return {"function": function, "policy": policy, "snapshot_id": function, "snapshot_host": "host0",
+            "restore_host": "host1", "tierctl_rc": 0 if error is None else 1, "error": error,
+            "restore": None if error else restore(policy, function, **kw)}
+
+
+def results(cells):
+    return {"topology": "default", "hosts": {"snapshot": "host0", "restore": "host1"}, "cells": cells}
+
+
+GOOD = [cell("criu-eager", faults=0, first=400.0, tiers=("local",)), cell("lazy-cxl", faults=1000, first=120.0),
+        cell("lazy-rdma", faults=1000, first=300.0, tiers=("rdma",)),
+        cell("tiered", faults=850, first=100.0, tiers=("cxl", "rdma"))]
+
+
+def by_policy(rows, function="helloworld"):
+    return {r["policy"]: r for r in rows if r["function"] == function}
+
+
+# ---------------------------------------------------------------- rows and ratios
+def test_rows_carry_the_numbers_and_the_ratios():
+    rows = by_policy(matrix.rows_of(results(GOOD)))
+    t = rows["tiered"]
+    assert t["ok"] and t["error"] is None
+    assert (t["faults_total"], t["faults_read"], t["faults_write"], t["faults_cxl"], t["faults_rdma"]) == (850, 700, 150, 425, 425)
+    assert t["bytes_cxl"] == 425 * 4096 and t["local_memory_bytes"] == 25 * 2**20
+    assert t["faults_vs_lazy_cxl_pct"] == 85.0
+    assert t["first_response_vs_criu_eager_pct"] == 25.0
+    assert rows["lazy-cxl"]["faults_vs_lazy_cxl_pct"] == 100.0
+    # A zero baseline has no meaningful percentage.
+    assert rows["criu-eager"]["faults_vs_lazy_cxl_pct"] == 0.0
+    assert matrix.exit_status(list(rows.values())) == 0
+
+
+def test_missing_or_failed_baseline_gives_no_ratio():
+    rows = by_policy(matrix.rows_of(results([cell("tiered", faults=850)])))
+    assert rows["tiered"]["ok"]
+    assert rows["tiered"]["faults_vs_lazy_cxl_pct"] is None and rows["tiered"]["first_response_vs_criu_eager_pct"] is None
+    failed_base = [cell("lazy-cxl", error="cannot reach the agent"), cell("tiered", faults=850)]
+    rows = by_policy(matrix.rows_of(results(failed_base)))
+    assert rows["tiered"]["faults_vs_lazy_cxl_pct"] is None
+    zero_base = [cell("criu-eager", first=0.0), cell("tiered")]
+    assert by_policy(matrix.rows_of(results(zero_base)))["tiered"]["first_response_vs_criu_eager_pct"] is None
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"ok": False, "answer_ok": None, "digest_ok": None}, "criu restore failed: exit 1"),
+    ({"answer_ok": False}, "wrong answer"),
+    ({"digest_ok": False}, "state digest differs"),
+    ({"digest_ok": None}, "state digest not checked"),
+    ({"host": "host0"}, "restored on host0, not on host1"),
+    ({"problems": ["output.message: expected 'Hello, snaptier!'"], "answer_ok": False}, "expected 'Hello"),
+])
+def test_a_cell_passes_only_if_ok_answer_and_digest(kw, message):
+    rows = matrix.rows_of(results([cell("lazy-cxl", **kw), cell("tiered")]))
+    bad = by_policy(rows)["lazy-cxl"]
+    assert not bad["ok"] and message in bad["error"]
+    assert bad["faults_vs_lazy_cxl_pct"] is None and by_policy(rows)["tiered"]["faults_vs_lazy_cxl_pct"] is None
+    assert matrix.exit_status(rows) == 1
+
+
+def test_exit_status_of_an_empty_matrix_is_failure():
+    assert matrix.exit_status([]) == 1
+
+
+# ---------------------------------------------------------------- CSV and table
+MIXED = GOOD + [cell("lazy-cxl", function="pyaes", error="snapshot failed: criu dump: exit 1"),
+                cell("tiered", function="pyaes", ok=False, answer_ok=None, digest_ok=None)]
+
+
+def test_csv_has_one_row_per_cell_with_units_in_the_header(tmp_path):
+    rows = matrix.write_outputs(tmp_path, results(MIXED))
+    with open(tmp_path / "matrix.csv") as f:
+        table = list(csv.DictReader(f))
+    header = list(table[0])
+    for column in ("restore_ms", "first_response_ms", "faults_total", "faults_read", "faults_write", "faults_cxl",
+                   "faults_rdma", "bytes_cxl", "bytes_rdma", "bytes_local", "pages_prefetched", "zero_pages",
+                   "local_memory_bytes", "answer_ok", "digest_ok", "error", "faults_vs_lazy_cxl_pct"):
+        assert column in header
+    assert header.index("faults_cxl") < header.index("faults_rdma") < header.index("faults_local")
+    assert len(table) == len(MIXED) == len(rows)
+    tiered = next(r for r in table if r["function"] == "helloworld" and r["policy"] == "tiered")
+    assert (tiered["ok"], tiered["faults_total"], tiered["faults_vs_lazy_cxl_pct"], tiered["digest_ok"]) == ("true", "850", "85.0", "true")
+    snapfail = next(r for r in table if r["function"] == "pyaes" and r["policy"] == "lazy-cxl")
+    assert snapfail["ok"] == "false" and snapfail["restore_ms"] == "" and "criu dump" in snapfail["error"]
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["cells"] == MIXED and len(doc["rows"]) == len(MIXED)
+
+
+def test_table_is_readable_and_names_the_failures():
+    res = results(MIXED)
+    text = matrix.render_table(res, matrix.rows_of(res))
+    lines = text.splitlines()
+    assert "snapshots on host0, restored on host1" in lines[0]
+    assert "faults vs lazy-cxl" in lines[1] and "1st resp vs criu-eager" in lines[1]
+    tiered = next(l for l in lines if "helloworld" in l and " tiered " in l)
+    assert tiered.split()[2] == "ok" and "85%" in tiered and "25%" in tiered
+    pyaes = [l for l in lines if l.startswith("  pyaes ")]
+    assert len(pyaes) == 2 and all(l.split()[2] == "FAIL" for l in pyaes)
+    assert "" in lines  # a blank line between functions
+    assert "    pyaes lazy-cxl: snapshot failed: criu dump: exit 1" in lines
+    assert "    pyaes tiered: criu restore failed: exit 1" in lines
+    assert lines[-1] == "matrix: 4 passed, 2 failed"
+    assert max(len(l) for l in lines if "failed:" not in l and not l.startswith("restore matrix")) < 170
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    png = matrix.plot(results(MIXED), tmp_path / "matrix.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------- arguments
+def test_defaults_are_every_function_folder_and_every_policy_in_order():
+    functions = matrix.available_functions()
+    assert "helloworld" in functions and functions == sorted(functions)
+    assert all((REPO / "workloads" / f / "function.toml").is_file() for f in functions)
+    assert "runtime" not in functions and "tests" not in functions
+    assert matrix.parse_list(None, matrix.POLICIES, "policy", "--policies") == list(matrix.POLICIES)
+    assert matrix.POLICIES == ("criu-eager", "criu-lazy", "criu-remote", "lazy-cxl", "lazy-rdma", "reap", "tiered")
+    assert matrix.parse_list("tiered, lazy-cxl,tiered", matrix.POLICIES, "policy", "--policies") == ["tiered", "lazy-cxl"]
+    assert matrix.pick_hosts(DEFAULT, None, None) == ("host0", "host1")
+    assert matrix.pick_hosts(DEFAULT, "host1", None) == ("host1", "host0")
+
+
+def _refuse(**kw):
+    raise AssertionError("a guest was contacted")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--policies", "lazy-cxl,eager"], "--policies: unknown policy 'eager'; known: criu-eager,"),
+    (["--functions", "helloworld,nope"], "--functions: unknown function 'nope'; known: helloworld,"),
+    (["--functions", ","], "--functions: empty list"),
+    (["--restore-host", "mem0"], "--restore-host 'mem0' is a memory node"),
+    (["--snapshot-host", "host9"], "--snapshot-host 'host9' is not a host of topology 'default'"),
+])
+def test_bad_arguments_exit_2_before_any_guest(args, message, capsys):
+    rc = matrix.main(["matrix", *args], run=lambda *a, **k: _refuse(), ensure_agents=lambda topo: _refuse())
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("testbed: error: ") and message in err
+
+
+def test_hosts_must_share_a_link_for_forwarding():
+    topo = parse_topology({"name": "t", "host": [{"name": "a", "role": "compute"}, {"name": "b", "role": "compute"}],
+                           "link": [{"name": "l0", "subnet": "10.9.0.0/24", "hosts": ["a"]},
+                                    {"name": "l1", "subnet": "10.9.1.0/24", "hosts": ["b"]}]})
+    with pytest.raises(matrix.UsageError, match="b is not on a link with a"):
+        matrix.pick_hosts(topo, None, None)
+    assert matrix.pick_hosts(topo, "a", "a") == ("a", "a")
+    lonely = parse_topology({"name": "t", "host": [{"name": "a", "role": "compute"}]})
+    with pytest.raises(matrix.UsageError, match="one compute host"):
+        matrix.pick_hosts(lonely, None, None)
+
+
+def test_tb_matrix_usage_error_through_the_entry_point(tmp_path):
+    env = {**os.environ, "SNAPTIER_STATE": str(tmp_path)}
+    r = subprocess.run([*TB, "matrix", "--policies", "bogus"], capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 2 and "unknown policy 'bogus'" in r.stderr and "not up" not in r.stderr
+    r = subprocess.run([*TB, "matrix"], capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 2 and "is not up" in r.stderr
+    assert not any(tmp_path.iterdir())  # no results directory for a run that never started
+
+
+# ---------------------------------------------------------------- a whole run against a fake guest
+class FakeGuests:
+    """Answers tierctl like the agent would; pyaes's snapshot fails, reap's restore returns ok:false."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, topo, host, command, timeout=None):
+        self.calls.append((host, command, timeout))
+        words = command.split()
+        op = words[words.index("--json") + 1]
+        out, err, rc = "", "", 0
+        if op == "snapshot":
+            fn, sid = words[words.index("snapshot") + 1], words[words.index("--id") + 1]
+            if fn == "pyaes":
+                err, rc = "error: criu dump failed: exit 1\n", 1
+            else:
+                out = json.dumps({"id": sid, "function": fn, "host": host, "digest": "ab" * 32, "pages": 100,
+                                  "zero_pages": 3, "profile": {"hot": 10, "cold": 90},
+                                  "variants": [{"id": sid, "placement": "tiered"}, {"id": f"{sid}@cxl"},
+                                               {"id": f"{sid}@rdma"}]})
+        elif op == "restore":
+            policy = words[words.index("--policy") + 1]
+            target = words[words.index("--host") + 1]
+            doc = restore(policy, words[words.index("restore") + 1].rsplit("-", 1)[0], host=target,
+                          ok=policy != "reap")
+            out, rc = json.dumps(doc), 0 if policy != "reap" else 1
+        return subprocess.CompletedProcess(command, rc, out, err)
+
+
+def test_a_whole_matrix_with_failures_is_recorded_and_exits_1(tmp_path, capsys):
+    fake = FakeGuests()
+    rc = matrix.main(["matrix", "--functions", "helloworld,pyaes", "--policies", "lazy-cxl,reap,tiered",
+                      "--out", str(tmp_path / "out")], run=fake, ensure_agents=lambda topo: None)
+    assert rc == 1
+    # Everything ran on the snapshot host; restores were forwarded to host1, with long timeouts.
+    assert {h for h, _, _ in fake.calls} == {"host0"}
+    snaps = [c for c in fake.calls if " snapshot " in c[1]]
+    restores = [c for c in fake.calls if " restore " in c[1]]
+    deletes = [c for c in fake.calls if " delete " in c[1]]
+    assert len(snaps) == 2 and len(restores) == 3 and len(deletes) == 3
+    assert all("--socket /run/snaptier/agent.sock" in c for _, c, _ in fake.calls)
+    assert "--timeout-ms 900000" in snaps[0][1] and snaps[0][2] > 900
+    assert all("--host host1" in c and "--timeout-ms 600000" in c and t > 600 for _, c, t in restores)
+    out = capsys.readouterr().out
+    assert "matrix: 2 passed, 4 failed" in out
+    doc = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert doc["hosts"]["snapshot"] == "host0" and doc["hosts"]["restore"] == "host1" and doc["date"]
+    assert "commit" in doc["git"] and doc["snapshots"]["pyaes"]["error"] == "error: criu dump failed: exit 1"
+    rows = {(r["function"], r["policy"]): r for r in doc["rows"]}
+    assert len(rows) == 6
+    assert rows[("helloworld", "tiered")]["ok"] and rows[("helloworld", "tiered")]["faults_vs_lazy_cxl_pct"] == 100.0
+    assert not rows[("helloworld", "reap")]["ok"] and "criu restore failed" in rows[("helloworld", "reap")]["error"]
+    assert all(not rows[("pyaes", p)]["ok"] and "snapshot failed" in rows[("pyaes", p)]["error"]
+               for p in ("lazy-cxl", "reap", "tiered"))
+    assert (tmp_path / "out" / "matrix.csv").exists()
+    # --plot redraws from the results directory alone.
+    assert matrix.main(["matrix", "--plot", str(tmp_path / "out")]) == 0
+
+
+# ---------------------------------------------------------------- agent configs
+STATUS = {"cxl": {"device": "/dev/dax0.0"}}
+
+
+def config_of(topo, host):
+    return tomllib.loads(agent_config(topo, host, "t" * 32, STATUS))
+
+
+def test_compute_configs_have_functions_and_every_config_has_its_peers():
+    for host in ("host0", "host1"):
+        cfg = config_of(DEFAULT, host)
+        assert cfg["functions"] == {"workloads_dir": "/opt/snaptier/workloads", "work_dir": "/run/snaptier/functions",
+                                    "operation_timeout_s": 900}
+    assert config_of(DEFAULT, "host0")["peers"] == {"host1": "10.77.0.2:7400", "mem0": "10.77.0.3:7400"}
+    assert config_of(DEFAULT, "host1")["peers"] == {"host0": "10.77.0.1:7400", "mem0": "10.77.0.3:7400"}
+    mem = config_of(DEFAULT, "mem0")
+    assert mem["peers"] == {"host0": "10.77.0.1:7400", "host1": "10.77.0.2:7400"} and "functions" not in mem
+
+
+def test_peers_only_on_the_same_link_and_none_without_a_link():
+    topo = parse_topology({"name": "t", "host": [{"name": "a", "role": "compute"}, {"name": "b", "role": "compute"},
+                                                 {"name": "c", "role": "compute"}, {"name": "d", "role": "compute"}],
+                           "link": [{"name": "l0", "subnet": "10.9.0.0/24", "hosts": ["a", "b"], "rdma": False},
+                                    {"name": "l1", "subnet": "10.9.1.0/24", "hosts": ["c"], "rdma": False}]})
+    assert config_of(topo, "a")["peers"] == {"b": "10.9.0.2:7400"}
+    assert "peers" not in config_of(topo, "c")   # alone on its link
+    assert "peers" not in config_of(topo, "d")   # no link at all
+    assert "functions" in config_of(topo, "d")
