@@ -1,0 +1,315 @@
+// Child processes with bounded waits: exit codes, signals, timeouts that kill the whole process
+// group, clean errors for missing executables, log tails, RAII kill, release.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include "helpers/temp_dir.hpp"
+#include "snaptier/process.hpp"
+
+namespace snaptier::proc {
+namespace {
+
+using namespace std::chrono_literals;
+using Clock = std::chrono::steady_clock;
+
+std::string read_file(const std::filesystem::path& path) {
+  std::ifstream in(path);
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+// Running = exists and is not a zombie (orphans are reaped by whoever is pid 1, maybe late).
+bool running(pid_t pid) {
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  if (!stat) return false;
+  std::string line;
+  std::getline(stat, line);
+  const auto paren = line.rfind(')');
+  return paren != std::string::npos && paren + 2 < line.size() && line[paren + 2] != 'Z';
+}
+
+bool stops_running_within(pid_t pid, std::chrono::milliseconds bound) {
+  const auto deadline = Clock::now() + bound;
+  while (running(pid)) {
+    if (Clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(5ms);
+  }
+  return true;
+}
+
+// The first line of a log file that a shell writes `$!` into, once it is there.
+pid_t wait_for_pid_line(const std::filesystem::path& log) {
+  const auto deadline = Clock::now() + 3s;
+  while (Clock::now() < deadline) {
+    std::istringstream text(read_file(log));
+    long pid = 0;
+    if (text >> pid && pid > 0) return static_cast<pid_t>(pid);
+    std::this_thread::sleep_for(5ms);
+  }
+  return -1;
+}
+
+TEST(ProcessTest, ExitCodes) {
+  auto ok = run({"true"}, 5s);
+  ASSERT_TRUE(ok) << ok.error().what();
+  EXPECT_TRUE(ok->status.ok());
+  EXPECT_EQ(ok->status.exit_code, 0);
+
+  auto three = run({"sh", "-c", "exit 3"}, 5s);
+  ASSERT_TRUE(three) << three.error().what();
+  EXPECT_EQ(three->status.exit_code, 3);
+  EXPECT_EQ(three->status.signal, 0);
+  EXPECT_FALSE(three->status.timed_out);
+  EXPECT_FALSE(three->status.ok());
+  EXPECT_GT(three->status.elapsed_ms, 0.0);
+  EXPECT_EQ(describe({"sh", "-c", "exit 3"}, *three), "sh exited with 3");
+}
+
+TEST(ProcessTest, KilledBySignal) {
+  auto r = run({"sh", "-c", "kill -TERM $$"}, 5s);
+  ASSERT_TRUE(r) << r.error().what();
+  EXPECT_EQ(r->status.signal, SIGTERM);
+  EXPECT_EQ(r->status.exit_code, -1);
+  EXPECT_FALSE(r->status.timed_out);
+  EXPECT_EQ(describe({"sh", "-c", "x"}, *r), "sh was killed by SIGTERM");
+}
+
+TEST(ProcessTest, ChildGetsDefaultSignalHandlingEvenIfWeIgnoreIt) {
+  struct sigaction ignore {}, previous{};
+  ignore.sa_handler = SIG_IGN;
+  ASSERT_EQ(::sigaction(SIGTERM, &ignore, &previous), 0);
+  auto child = spawn({"sleep", "100"});
+  ::sigaction(SIGTERM, &previous, nullptr);
+  ASSERT_TRUE(child) << child.error().what();
+  child->kill(SIGTERM);
+  auto status = child->wait(5s);
+  ASSERT_TRUE(status) << status.error().what();
+  EXPECT_EQ(status->signal, SIGTERM);
+}
+
+TEST(ProcessTest, WaitReturnsPromptlyWhenTheChildExits) {
+  auto child = spawn({"sleep", "0.05"});
+  ASSERT_TRUE(child) << child.error().what();
+  const auto started = Clock::now();
+  auto status = child->wait(10s);
+  ASSERT_TRUE(status) << status.error().what();
+  EXPECT_TRUE(status->ok());
+  EXPECT_LT(Clock::now() - started, 1s);
+  // Reaped: a second wait and try_wait give the same status, kill is a no-op.
+  child->kill();
+  auto again = child->wait(1ms);
+  ASSERT_TRUE(again);
+  EXPECT_EQ(again->exit_code, 0);
+  ASSERT_TRUE(child->try_wait().has_value());
+  EXPECT_TRUE(child->finished());
+
+  auto forever = spawn({"true"});  // an "infinite" timeout does not overflow the deadline
+  ASSERT_TRUE(forever) << forever.error().what();
+  auto done = forever->wait(std::chrono::milliseconds::max());
+  ASSERT_TRUE(done) << done.error().what();
+  EXPECT_EQ(done->exit_code, 0);
+}
+
+TEST(ProcessTest, TryWaitDoesNotBlock) {
+  auto child = spawn({"sleep", "0.2"});
+  ASSERT_TRUE(child) << child.error().what();
+  const auto started = Clock::now();
+  EXPECT_FALSE(child->try_wait().has_value());
+  EXPECT_LT(Clock::now() - started, 50ms);
+  auto status = child->wait(5s);
+  ASSERT_TRUE(status) << status.error().what();
+  EXPECT_EQ(status->exit_code, 0);
+}
+
+TEST(ProcessTest, TimeoutKillsTheWholeProcessGroupIncludingAGrandchild) {
+  testing::TempDir dir;
+  SpawnOptions options;
+  options.log_file = dir.path() / "log";
+  auto child = spawn({"sh", "-c", "sleep 100 & echo $!; sleep 100"}, options);
+  ASSERT_TRUE(child) << child.error().what();
+  const pid_t grandchild = wait_for_pid_line(options.log_file);
+  ASSERT_GT(grandchild, 0) << read_file(options.log_file);
+  ASSERT_TRUE(running(grandchild));
+  EXPECT_EQ(::getpgid(grandchild), child->pid());
+
+  const auto started = Clock::now();
+  auto status = child->wait(200ms);
+  const auto waited = Clock::now() - started;
+  ASSERT_TRUE(status) << status.error().what();
+  EXPECT_TRUE(status->timed_out);
+  EXPECT_EQ(status->signal, SIGKILL);
+  EXPECT_GE(waited, 190ms);
+  EXPECT_LT(waited, 2s);
+  EXPECT_TRUE(stops_running_within(grandchild, 2s)) << "grandchild " << grandchild << " survived";
+  RunResult r{*status, ""};
+  EXPECT_NE(describe({"sh", "-c", "x"}, r).find("sh timed out after "), std::string::npos);
+}
+
+TEST(ProcessTest, RunTimesOutWithinTheBound) {
+  const auto started = Clock::now();
+  auto r = run({"sh", "-c", "echo waiting; sleep 100"}, 150ms);
+  ASSERT_TRUE(r) << r.error().what();
+  EXPECT_TRUE(r->status.timed_out);
+  EXPECT_LT(Clock::now() - started, 2s);
+  EXPECT_EQ(r->log_tail, "waiting");
+}
+
+TEST(ProcessTest, MissingExecutableIsACleanNotFound) {
+  auto by_name = spawn({"snaptier-no-such-tool", "--flag"});
+  ASSERT_FALSE(by_name);
+  EXPECT_EQ(by_name.error().code, Errc::not_found);
+  EXPECT_NE(by_name.error().message.find("snaptier-no-such-tool"), std::string::npos) << by_name.error().message;
+
+  auto by_path = run({"/nonexistent/bin/tool"}, 1s);
+  ASSERT_FALSE(by_path);
+  EXPECT_EQ(by_path.error().code, Errc::not_found);
+  EXPECT_NE(by_path.error().message.find("/nonexistent/bin/tool"), std::string::npos);
+
+  testing::TempDir dir;  // a file that is not executable is not an executable
+  { std::ofstream(dir.path() / "script") << "#!/bin/sh\n"; }
+  auto not_executable = spawn({(dir.path() / "script").string()});
+  ASSERT_FALSE(not_executable);
+  EXPECT_EQ(not_executable.error().code, Errc::not_found);
+
+  auto empty = spawn({});
+  ASSERT_FALSE(empty);
+  EXPECT_EQ(empty.error().code, Errc::invalid_argument);
+
+  SpawnOptions bad_cwd;
+  bad_cwd.cwd = "/nonexistent/dir";
+  auto no_dir = spawn({"true"}, bad_cwd);
+  ASSERT_FALSE(no_dir);
+  EXPECT_EQ(no_dir.error().code, Errc::not_found);
+}
+
+TEST(ProcessTest, LogTailIsTheEndOfThisRunsOutputFromALineStart) {
+  testing::TempDir dir;
+  SpawnOptions options;
+  options.log_file = dir.path() / "run.log";
+  { std::ofstream(options.log_file) << "old run\n"; }
+  const std::vector<std::string> argv = {
+      "sh", "-c", "i=0; while [ $i -lt 500 ]; do echo \"line $i\"; i=$((i+1)); done; echo 'error: boom' >&2; exit 1"};
+  auto r = run(argv, 5s, options);
+  ASSERT_TRUE(r) << r.error().what();
+  EXPECT_EQ(r->status.exit_code, 1);
+  EXPECT_LE(r->log_tail.size(), 2048u);
+  EXPECT_GT(r->log_tail.size(), 1500u);
+  EXPECT_EQ(r->log_tail.rfind("line ", 0), 0u) << r->log_tail.substr(0, 40);  // starts at a line
+  EXPECT_TRUE(r->log_tail.ends_with("line 499\nerror: boom"));
+  const std::string message = describe(argv, *r);
+  EXPECT_EQ(message.rfind("sh exited with 1: ", 0), 0u) << message;
+  EXPECT_TRUE(message.ends_with("line 499\nerror: boom"));
+  EXPECT_LT(std::count(message.begin(), message.end(), '\n'), 10);  // the last lines only
+
+  // The file was appended to; a short run's tail excludes what was there before.
+  EXPECT_EQ(read_file(options.log_file).rfind("old run\nline 0\n", 0), 0u);
+  auto short_run = run({"sh", "-c", "echo only this"}, 5s, options);
+  ASSERT_TRUE(short_run) << short_run.error().what();
+  EXPECT_EQ(short_run->log_tail, "only this");
+
+  // Without a log file, run() still captures a tail (through a temporary file).
+  auto no_log = run({"sh", "-c", "echo to stderr >&2; exit 4"}, 5s);
+  ASSERT_TRUE(no_log) << no_log.error().what();
+  EXPECT_EQ(no_log->log_tail, "to stderr");
+  EXPECT_EQ(describe({"criu", "restore", "-D", "/x"}, *no_log), "criu restore exited with 4: to stderr");
+}
+
+TEST(ProcessTest, EnvironmentWorkingDirectoryAndStdin) {
+  testing::TempDir dir;
+  SpawnOptions options;
+  options.cwd = dir.path();
+  options.env_extra = {{"SNAPTIER_TEST_VALUE", "forty two"}, {"HOME", "/nowhere"}};
+  auto r = run({"sh", "-c", "echo \"$SNAPTIER_TEST_VALUE|$HOME|$(pwd)\"; if read line; then echo got; else echo eof; fi"}, 5s,
+               options);
+  ASSERT_TRUE(r) << r.error().what();
+  EXPECT_EQ(r->log_tail, "forty two|/nowhere|" + std::filesystem::canonical(dir.path()).string() + "\neof");
+}
+
+TEST(ProcessTest, NewSessionOrNot) {
+  auto leader = spawn({"sleep", "10"});
+  ASSERT_TRUE(leader) << leader.error().what();
+  EXPECT_EQ(::getsid(leader->pid()), leader->pid());
+  EXPECT_EQ(::getpgid(leader->pid()), leader->pid());
+
+  SpawnOptions same;
+  same.new_session = false;
+  auto member = spawn({"sleep", "10"}, same);
+  ASSERT_TRUE(member) << member.error().what();
+  EXPECT_EQ(::getpgid(member->pid()), ::getpgid(0));
+  member->kill();
+  auto status = member->wait(5s);
+  ASSERT_TRUE(status) << status.error().what();
+  EXPECT_EQ(status->signal, SIGKILL);
+}
+
+TEST(ProcessTest, DestructorKillsTheGroupAndReaps) {
+  testing::TempDir dir;
+  SpawnOptions options;
+  options.log_file = dir.path() / "log";
+  pid_t pid = -1;
+  pid_t grandchild = -1;
+  {
+    auto child = spawn({"sh", "-c", "sleep 100 & echo $!; wait"}, options);
+    ASSERT_TRUE(child) << child.error().what();
+    pid = child->pid();
+    grandchild = wait_for_pid_line(options.log_file);
+    ASSERT_GT(grandchild, 0);
+  }
+  // Reaped by the destructor: not even a zombie of ours is left.
+  EXPECT_EQ(::waitpid(pid, nullptr, WNOHANG), -1);
+  EXPECT_EQ(errno, ECHILD);
+  EXPECT_FALSE(running(pid));
+  EXPECT_TRUE(stops_running_within(grandchild, 2s));
+}
+
+TEST(ProcessTest, MoveTransfersOwnership) {
+  auto spawned = spawn({"sleep", "100"});
+  ASSERT_TRUE(spawned) << spawned.error().what();
+  Child owner = std::move(*spawned);
+  const pid_t pid = owner.pid();
+  EXPECT_EQ(spawned->pid(), -1);
+  EXPECT_FALSE(spawned->wait(1ms));
+  Child other;
+  other = std::move(owner);
+  EXPECT_EQ(other.pid(), pid);
+  EXPECT_TRUE(running(pid));
+  other = Child();  // assigning over a live child kills and reaps it
+  EXPECT_FALSE(running(pid));
+}
+
+TEST(ProcessTest, ReleasedChildOutlivesTheChildObject) {
+  pid_t pid = -1;
+  {
+    auto child = spawn({"sleep", "100"});
+    ASSERT_TRUE(child) << child.error().what();
+    pid = child->release();
+    EXPECT_EQ(child->pid(), -1);
+  }
+  ASSERT_GT(pid, 0);
+  EXPECT_TRUE(running(pid));
+  // Ours to clean up now.
+  ASSERT_EQ(::kill(pid, SIGKILL), 0);
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  EXPECT_TRUE(WIFSIGNALED(status));
+}
+
+TEST(ProcessTest, FindExecutable) {
+  auto sh = find_executable("sh");
+  ASSERT_TRUE(sh) << sh.error().what();
+  EXPECT_TRUE(sh->is_absolute());
+  auto restricted = find_executable("sh", "/nonexistent");
+  ASSERT_FALSE(restricted);
+  EXPECT_EQ(restricted.error().code, Errc::not_found);
+}
+
+}  // namespace
+}  // namespace snaptier::proc

@@ -1,0 +1,110 @@
+// Child processes with bounded waits: criu, start-function, restore-function, helpers.
+//
+// spawn() uses posix_spawn (safe in the multi-threaded agent: no code of ours runs between
+// fork and exec), resolves the executable on PATH up front (a missing one is Errc::not_found,
+// not a child exiting 127), gives the child stdin = /dev/null, stdout+stderr appended to a log
+// file, all other descriptors closed, default signal dispositions and an empty signal mask.
+// Every wait is bounded; a Child that goes out of scope unreaped is SIGKILLed (its whole
+// process group when it leads one) and reaped.
+#pragma once
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <cstdint>
+#include <csignal>
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "snaptier/error.hpp"
+
+namespace snaptier::proc {
+
+struct SpawnOptions {
+  std::filesystem::path log_file;            // stdout+stderr appended here; empty = /dev/null
+  std::filesystem::path cwd;                 // empty = inherit
+  std::vector<std::pair<std::string, std::string>> env_extra;  // added to the inherited env (replacing same names)
+  bool new_session = true;                   // setsid(): the child leads its own process group
+};
+
+struct ExitStatus {
+  int exit_code = -1;      // WEXITSTATUS if it exited, else -1
+  int signal = 0;          // the signal that killed it, else 0
+  bool timed_out = false;  // wait() ran out and killed it
+  double elapsed_ms = 0;   // spawn to reap
+
+  [[nodiscard]] bool ok() const noexcept { return exit_code == 0 && signal == 0 && !timed_out; }
+};
+
+class Child;
+[[nodiscard]] Result<Child> spawn(const std::vector<std::string>& argv, const SpawnOptions& options = {});
+
+class Child {
+ public:
+  Child() = default;
+  Child(Child&& other) noexcept;
+  Child& operator=(Child&& other) noexcept;
+  Child(const Child&) = delete;
+  Child& operator=(const Child&) = delete;
+  // Still running and owned: SIGKILL (the group if new_session) and reap.
+  ~Child();
+
+  [[nodiscard]] pid_t pid() const noexcept { return pid_; }
+  // True once wait()/try_wait() reaped it (or it was released / moved from).
+  [[nodiscard]] bool finished() const noexcept { return pid_ <= 0 || reaped_.has_value(); }
+
+  // Waits at most `timeout`; then SIGKILLs (the group if new_session), reaps, timed_out = true.
+  // Errc::timeout only if the child survives SIGKILL for seconds (uninterruptible sleep);
+  // Errc::io if it cannot be waited for (someone else reaped it). Calling again after the
+  // child was reaped returns the same status.
+  [[nodiscard]] Result<ExitStatus> wait(std::chrono::milliseconds timeout);
+  // Non-blocking: the status if it has exited (reaping it), else nullopt.
+  [[nodiscard]] std::optional<ExitStatus> try_wait();
+  // To the process group if new_session, else to the pid; nothing once reaped.
+  void kill(int sig = SIGKILL) noexcept;
+  // Stop owning: no kill on destruction, no waits. For daemons that must outlive us.
+  pid_t release() noexcept;
+
+ private:
+  friend Result<Child> spawn(const std::vector<std::string>& argv, const SpawnOptions& options);
+  Child(pid_t pid, int pidfd, bool group, std::chrono::steady_clock::time_point started) noexcept
+      : pid_(pid), pidfd_(pidfd), group_(group), started_(started) {}
+  int reap(int flags) noexcept;  // 1 reaped (reaped_ set), 0 still running, -errno
+  int reap_until(std::chrono::steady_clock::time_point deadline) noexcept;
+  void close_pidfd() noexcept;
+  void terminate() noexcept;  // SIGKILL + bounded reap if owned and unreaped
+
+  pid_t pid_ = -1;
+  int pidfd_ = -1;  // pidfd_open() of the child, -1 if the kernel lacks it (then we poll)
+  bool group_ = false;
+  std::chrono::steady_clock::time_point started_{};
+  std::optional<ExitStatus> reaped_;
+};
+
+// spawn + wait; the tail (last ~2 KiB, from a line start) of the log file is returned for error
+// messages. With an empty options.log_file the output goes to a temporary file (removed
+// afterwards) so that the tail is still there.
+struct RunResult {
+  ExitStatus status;
+  std::string log_tail;
+};
+[[nodiscard]] Result<RunResult> run(const std::vector<std::string>& argv, std::chrono::milliseconds timeout,
+                                    const SpawnOptions& options = {});
+
+// "criu restore exited with 1: <last lines of log>", "sleep was killed by SIGKILL",
+// "start-function timed out after 2000 ms (killed)".
+[[nodiscard]] std::string describe(const std::vector<std::string>& argv, const RunResult& r);
+
+// Additions used by the above and by callers:
+// The executable argv0 names: itself if it contains '/', else the first match on `path_env`
+// (colon-separated; empty = $PATH, or /usr/local/bin:/usr/bin:/bin). Errc::not_found.
+[[nodiscard]] Result<std::filesystem::path> find_executable(const std::string& name, const std::string& path_env = {});
+// The last `max_bytes` of a file from offset `from` on, starting after a line break if cut,
+// trailing whitespace removed; "" if unreadable.
+[[nodiscard]] std::string read_tail(const std::filesystem::path& file, std::size_t max_bytes = 2048,
+                                    std::uintmax_t from = 0);
+
+}  // namespace snaptier::proc
