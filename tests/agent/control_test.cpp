@@ -129,7 +129,9 @@ TEST(ControlCodecTest, EveryCommandSurvivesEncodeAndParse) {
                                 SnapshotDelete{"a"},
                                 RdmaConnect{RdmaEndpoint{"fe800000000000000000000000000001", 0x11, 0x22, 3}},
                                 RdmaAlloc{1 << 20},
-                                RdmaFree{Extent{4096, 8192}}};
+                                RdmaFree{Extent{4096, 8192}},
+                                FunctionSnapshot{"matmul", "mm-1", "host0"},
+                                FunctionRestore{"mm-1", "tiered", "host1", true}};
   ASSERT_EQ(commands.size(), std::variant_size_v<Command>) << "a new op needs a case here";
   std::uint64_t id = 40;
   for (const auto& command : commands) {
@@ -150,6 +152,33 @@ TEST(ControlCodecTest, EveryCommandSurvivesEncodeAndParse) {
   EXPECT_EQ(back.metadata, put.metadata);
   auto parsed_free = parse_request(encode_request(Request{1, "", RdmaFree{Extent{4096, 8192}}}));
   EXPECT_EQ(std::get<RdmaFree>(parsed_free->command).extent, (Extent{4096, 8192}));
+  auto parsed_restore = parse_request(encode_request(Request{1, "", FunctionRestore{"mm-1", "tiered", "host1", true}}));
+  const auto& restore = std::get<FunctionRestore>(parsed_restore->command);
+  EXPECT_EQ(restore.snapshot, "mm-1");
+  EXPECT_EQ(restore.policy, "tiered");
+  EXPECT_EQ(restore.host, std::optional<std::string>("host1"));
+  EXPECT_TRUE(restore.keep);
+  EXPECT_TRUE(is_long_running(parsed_restore->command));
+  EXPECT_FALSE(is_long_running(Command{Ping{}}));
+}
+
+TEST(ControlCodecTest, RejectsBadFunctionRequests) {
+  const std::vector<std::pair<std::string, std::string>> cases{
+      {R"({"v":1,"id":1,"op":"function.snapshot","args":{}})", "function"},
+      {R"({"v":1,"id":1,"op":"function.snapshot","args":{"function":"../etc"}})", "function"},
+      {R"({"v":1,"id":1,"op":"function.snapshot","args":{"function":"a/b"}})", "function"},
+      {R"({"v":1,"id":1,"op":"function.snapshot","args":{"function":"m","id":"x:cxl"}})", "id"},
+      {R"({"v":1,"id":1,"op":"function.snapshot","args":{"function":"m","host":"a b"}})", "host"},
+      {R"({"v":1,"id":1,"op":"function.restore","args":{"id":"m"}})", "policy"},
+      {R"({"v":1,"id":1,"op":"function.restore","args":{"id":"m","policy":"tiered","keep":"yes"}})", "keep"},
+      {R"({"v":1,"id":1,"op":"function.restore","args":{"id":"m","policy":"tiered","extra":1}})", "extra"},
+  };
+  for (const auto& [payload, field] : cases) {
+    auto parsed = parse_request(payload);
+    ASSERT_FALSE(parsed.has_value()) << payload;
+    EXPECT_EQ(parsed.error().error.code, Errc::invalid_argument) << payload;
+    EXPECT_NE(parsed.error().error.message.find(field), std::string::npos) << payload << ": " << parsed.error().error.message;
+  }
 }
 
 TEST(ControlCodecTest, RejectsMalformedRequestsWithTheRightCodeAndId) {

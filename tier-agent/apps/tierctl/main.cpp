@@ -1,6 +1,7 @@
 // tierctl: talk to a tier agent's control plane.
 //   exit 0 ok | 1 the agent replied with an error | 2 usage | 3 cannot connect / timeout
 #include <cstdio>
+#include <algorithm>
 #include <cctype>
 #include <filesystem>
 #include <optional>
@@ -86,6 +87,34 @@ int main(int argc, char** argv) {
   delete_cmd->add_option("id", remove.id, "snapshot id")->required();
   delete_cmd->callback([&] { command = remove; });
 
+  FunctionSnapshot function_snapshot;
+  std::string snapshot_host;
+  std::string snapshot_id;
+  auto* snapshot_cmd = app.add_subcommand(
+      "snapshot", "start FUNCTION, criu-dump it, ingest it into the tiers and profile its first invocation");
+  snapshot_cmd->add_option("function", function_snapshot.function, "a function folder of the agent's workloads_dir")->required();
+  snapshot_cmd->add_option("--host", snapshot_host, "the agent that snapshots (default: the one tierctl talks to)");
+  snapshot_cmd->add_option("--id", snapshot_id, "snapshot id (default: the function's name)");
+  snapshot_cmd->callback([&] {
+    if (!snapshot_host.empty()) function_snapshot.host = snapshot_host;
+    if (!snapshot_id.empty()) function_snapshot.id = snapshot_id;
+    command = function_snapshot;
+  });
+
+  FunctionRestore function_restore;
+  std::string restore_host;
+  auto* restore_cmd = app.add_subcommand(
+      "restore", "restore a function snapshot with a policy, invoke it once, check its answer and memory digest");
+  restore_cmd->add_option("snapshot", function_restore.snapshot, "snapshot id")->required();
+  restore_cmd->add_option("--policy", function_restore.policy,
+                          "criu-eager | criu-lazy | criu-remote | lazy-cxl | lazy-rdma | reap | tiered")->required();
+  restore_cmd->add_option("--host", restore_host, "the agent that restores (default: the one tierctl talks to)");
+  restore_cmd->add_flag("--keep", function_restore.keep, "leave the restored instance running");
+  restore_cmd->callback([&] {
+    if (!restore_host.empty()) function_restore.host = restore_host;
+    command = function_restore;
+  });
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -128,8 +157,10 @@ int main(int argc, char** argv) {
     options.endpoint = UnixEndpoint{socket_path};
   }
   options.token = token;
-  options.connect_timeout = std::chrono::milliseconds(timeout_ms);
-  options.io_timeout = std::chrono::milliseconds(timeout_ms);
+  // Function operations take minutes under emulation; their default bound is the agent's.
+  const bool long_running = is_long_running(*command) && app.get_option("--timeout-ms")->count() == 0;
+  options.connect_timeout = std::chrono::milliseconds(std::min(timeout_ms, 30'000));
+  options.io_timeout = std::chrono::milliseconds(long_running ? 900'000 : timeout_ms);
 
   auto client = ControlClient::connect(options);
   if (!client) {

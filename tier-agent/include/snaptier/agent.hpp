@@ -3,6 +3,7 @@
 // builds an Agent with make_agent(), serves agent.handle() and waits for a signal.
 #pragma once
 
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -13,6 +14,7 @@
 #include "snaptier/config.hpp"
 #include "snaptier/control.hpp"
 #include "snaptier/error.hpp"
+#include "snaptier/function_service.hpp"
 #include "snaptier/rdma.hpp"
 #include "snaptier/store.hpp"
 #include "snaptier/tier.hpp"
@@ -37,6 +39,9 @@ struct AgentParts {
   std::optional<Error> pool_problem;        // why a configured pool is missing
   // Placement of snapshot.put without "tier": the first of cxl, local, file, rdma that is up.
   std::optional<TierKind> default_tier;
+  std::shared_ptr<FunctionService> functions;  // null: function.* answer `unsupported`
+  std::map<std::string, NetAddress> peers;     // requests for another host go there
+  std::string peer_token;
 };
 
 class Agent {
@@ -57,6 +62,9 @@ class Agent {
   [[nodiscard]] Result<nlohmann::json> remove(const control::SnapshotDelete& remove);
   [[nodiscard]] Result<SnapshotStore*> require_store();
   [[nodiscard]] Result<RdmaPoolServer*> require_pool();
+  [[nodiscard]] Result<FunctionService*> require_functions();
+  // Sends `command` (host field cleared) to peer `host` and returns its result.
+  [[nodiscard]] Result<nlohmann::json> forward(const std::string& host, control::Command command);
 
   AgentParts parts_;
 };

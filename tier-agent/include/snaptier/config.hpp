@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstdint>
 #include <filesystem>
+#include <map>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -57,6 +58,14 @@ struct MemnodeConfig {
   int gid_index = 1;
 };
 
+// Serverless functions this (compute) agent can snapshot and restore (docs/agent-config.md).
+struct FunctionsConfig {
+  std::filesystem::path workloads_dir;            // folders with function.toml (docs/functions.md)
+  std::filesystem::path work_dir;                 // instances, images, restores (tmpfs is best)
+  std::string criu = "criu";                      // the criu binary (PATH lookup)
+  std::chrono::seconds operation_timeout{900};    // bound on one snapshot or restore
+};
+
 struct AgentConfig {
   std::filesystem::path source;  // the file this was loaded from ("" for in-memory text)
   std::string host;              // this agent's name; defaults to the machine's hostname
@@ -68,6 +77,10 @@ struct AgentConfig {
   std::optional<CxlTierConfig> cxl;
   std::optional<RdmaTierConfig> rdma;
   std::optional<MemnodeConfig> memnode;  // present iff role == memnode
+  std::optional<FunctionsConfig> functions;
+  // Other agents by host name (their TCP control address; they share this agent's token):
+  // requests naming another host are forwarded there.
+  std::map<std::string, NetAddress> peers;
 };
 
 // Parses TOML text. `source_name` labels error messages; relative paths (token_file, dirs) are

@@ -85,8 +85,26 @@ struct RdmaFree {
   Extent extent;
 };
 
+// Functions (docs/functions.md): snapshot one on this agent's host, restore one here. `host`,
+// when it names another agent (a [peers] entry), makes this agent forward the request there.
+struct FunctionSnapshot {
+  std::string function;               // a folder of the agent's workloads_dir
+  std::optional<std::string> id;      // snapshot id; default: the function's name
+  std::optional<std::string> host;
+};
+struct FunctionRestore {
+  std::string snapshot;               // id given at snapshot time
+  std::string policy;                 // docs/restore-policies.md
+  std::optional<std::string> host;
+  bool keep = false;                  // leave the restored instance running (else killed after checks)
+};
+
 using Command = std::variant<Ping, Status, SnapshotPut, SnapshotList, SnapshotInfoQuery,
-                             SnapshotRead, SnapshotDelete, RdmaConnect, RdmaAlloc, RdmaFree>;
+                             SnapshotRead, SnapshotDelete, RdmaConnect, RdmaAlloc, RdmaFree,
+                             FunctionSnapshot, FunctionRestore>;
+
+// Ops that run for minutes (function snapshot/restore): ServerOptions::long_request_timeout.
+[[nodiscard]] bool is_long_running(const Command& command) noexcept;
 
 [[nodiscard]] std::string_view op_name(const Command& command) noexcept;
 
@@ -140,6 +158,7 @@ struct ServerOptions {
   // A request whose handler has not finished by then gets a `timeout` response (the handler
   // keeps running on its worker; its late result is dropped).
   std::chrono::milliseconds request_timeout{30'000};
+  std::chrono::milliseconds long_request_timeout{900'000};  // for is_long_running() ops
   // A connection must deliver each complete frame, and read each response, within this time of
   // becoming ready for it, or it is closed. Stalled half-frames therefore cannot pin a slot.
   std::chrono::milliseconds idle_timeout{60'000};

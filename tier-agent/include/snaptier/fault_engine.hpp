@@ -76,6 +76,7 @@ struct FaultMetrics {
   std::uint64_t write_faults = 0;         // UFFD_PAGEFAULT_FLAG_WRITE set
   std::uint64_t zero_filled_faults = 0;   // served with UFFDIO_ZEROPAGE
   std::map<TierKind, std::uint64_t> pages_copied_per_tier;  // demand + prefetch + background
+  std::map<TierKind, std::uint64_t> demand_pages_per_tier;  // copied because of a fault
   std::uint64_t pages_demand = 0;         // pages installed because of a fault (copy or zero)
   std::uint64_t pages_prefetched = 0;     // installed by prefetch() before resume
   std::uint64_t pages_background = 0;     // installed by the background prefetch
@@ -109,6 +110,15 @@ struct FaultFailure {
   Error error;
 };
 
+// One PAGEFAULT as the engine saw it, before serving it (profiling restores record these).
+struct FaultObservation {
+  TaskId task = 0;                          // the faulting uffd's task
+  TaskId source_task = 0;                   // whose snapshot view it reads (see PageSource)
+  std::uint64_t address = 0;                // faulting page, current address
+  std::optional<std::uint64_t> source_address;  // the page in the snapshot; nullopt = zero range
+  bool write = false;                       // UFFD_PAGEFAULT_FLAG_WRITE
+};
+
 struct FaultEngineOptions {
   std::size_t prefetch_batch_pages = 64;    // max pages per UFFDIO_COPY (prefetch and background)
   std::size_t background_batch_pages = 32;  // background pages installed per poll round
@@ -118,6 +128,8 @@ struct FaultEngineOptions {
   std::function<bool(const FaultFailure&)> on_failure;
   // A FORK event created task `child` (engine-assigned id) from `parent`.
   std::function<void(TaskId parent, TaskId child)> on_fork;
+  // Called for every PAGEFAULT message, before it is served. Must be cheap and must not throw.
+  std::function<void(const FaultObservation&)> on_fault;
   // EAGAIN retries of one fault give up (and fail the restore) after this long.
   std::chrono::milliseconds eagain_deadline{1000};
 };

@@ -47,10 +47,31 @@ struct LazyRange {
   std::uint64_t file_offset = 0;
 };
 
+// What the server serves from: a PageSource that also knows the restored tasks and which of
+// their pages are lazy (CRIU leaves those to the daemon). CheckpointPageSource reads a CRIU
+// image directory; the agent's StorePageSource reads the tiered snapshot store.
+class LazySource : public PageSource {
+ public:
+  [[nodiscard]] virtual bool has_task(TaskId task) const noexcept = 0;
+  [[nodiscard]] virtual std::vector<std::uint64_t> lazy_pages(TaskId task) const = 0;  // ascending
+};
+
+// Pages to install per task (snapshot addresses): before the tasks resume, and in the
+// background interleaved with demand faults afterwards.
+struct TaskPrefetch {
+  std::vector<std::uint64_t> before_resume;
+  std::vector<std::uint64_t> background;
+};
+using PrefetchPlanner = std::function<TaskPrefetch(TaskId task, const LazySource& source)>;
+
+// The lazy ranges of one task: PE_LAZY pagemap entries cut at VMA bounds (CRIU's
+// collect_lazy_iovecs). Errc::unsupported for lazy pages kept in a parent checkpoint.
+[[nodiscard]] Result<std::vector<LazyRange>> lazy_ranges_of(const criu::Task& task);
+
 // A PageSource over a checkpoint directory. TaskId = pstree pid. Lazy ranges are the PE_LAZY
 // pagemap entries cut at VMA bounds (as CRIU's collect_lazy_iovecs); data is pread from the
 // task's pages file. Anything outside the lazy ranges answers `zero` (CRIU's rule).
-class CheckpointPageSource final : public PageSource {
+class CheckpointPageSource final : public LazySource {
  public:
   // Errc::unsupported for lazy entries whose pages are in a parent checkpoint.
   [[nodiscard]] static Result<std::shared_ptr<CheckpointPageSource>> open(const criu::Checkpoint& checkpoint);
@@ -59,9 +80,9 @@ class CheckpointPageSource final : public PageSource {
   [[nodiscard]] Result<PageFill> fetch(TaskId task, std::uint64_t vaddr, std::size_t max_pages,
                                        std::span<std::byte> buffer) override;
 
-  [[nodiscard]] bool has_task(TaskId task) const noexcept;
+  [[nodiscard]] bool has_task(TaskId task) const noexcept override;
   [[nodiscard]] std::vector<LazyRange> lazy_ranges(TaskId task) const;
-  [[nodiscard]] std::vector<std::uint64_t> lazy_pages(TaskId task) const;  // page addresses
+  [[nodiscard]] std::vector<std::uint64_t> lazy_pages(TaskId task) const override;  // page addresses
   [[nodiscard]] std::uint64_t lazy_page_count() const noexcept;
 
   struct Impl;
@@ -75,6 +96,12 @@ struct LazyPagesOptions {
   std::filesystem::path images_dir;
   std::filesystem::path work_dir;  // where lazy-pages.socket is bound; empty = images_dir
   PrefetchPolicy prefetch = PrefetchPolicy::none;
+  // Where pages come from; null = a CheckpointPageSource over images_dir.
+  std::shared_ptr<LazySource> source;
+  // Overrides `prefetch`: asked once per adopted task after RSTF.
+  PrefetchPlanner planner;
+  // Every PAGEFAULT before it is served (profiling); runs on the server's thread.
+  std::function<void(const FaultObservation&)> on_fault;
   // SIGCONT every restored task after RSTF (+ prefetch): pairs with `criu restore
   // --lazy-pages --leave-stopped`, so prefetched pages are installed before the tasks run.
   bool resume_after_prefetch = false;
@@ -103,7 +130,8 @@ struct LazyPagesReport {
   std::optional<double> connected_ms;  // since run() began
   std::optional<double> rstf_ms;
   std::uint64_t lazy_pages = 0;         // of the adopted tasks
-  std::uint64_t prefetched_pages = 0;
+  std::uint64_t prefetched_pages = 0;   // installed before resume (copied or zero)
+  std::uint64_t background_queued = 0;  // queued for background installation
   double prefetch_ms = 0;
   double served_ms = 0;                 // RSTF -> end
   std::uint64_t drained_pages = 0;      // installed at stop/timeout
@@ -123,7 +151,12 @@ class LazyPagesServer {
   LazyPagesServer& operator=(const LazyPagesServer&) = delete;
 
   [[nodiscard]] const std::filesystem::path& socket_path() const noexcept;
-  [[nodiscard]] std::shared_ptr<CheckpointPageSource> source() const noexcept;
+  [[nodiscard]] std::shared_ptr<LazySource> source() const noexcept;
+
+  // The engine's metrics as of now, from any thread while run() serves (the serving loop
+  // copies them within one poll round). Errc::timeout if run() does not answer in `timeout`,
+  // Errc::unavailable once run() has returned.
+  [[nodiscard]] Result<FaultMetrics> metrics_now(std::chrono::milliseconds timeout);
 
   // Accept, receive tasks until RSTF (serving faults meanwhile), prefetch per policy, resume,
   // serve until every task is gone / stop / serve_timeout. On any failure the restored tree is

@@ -118,9 +118,50 @@ Result<nlohmann::json> Agent::handle(const control::Command& command) {
           if (!pool) return tl::unexpected(pool.error());
           if (auto ok = (*pool)->release(c.extent); !ok) return tl::unexpected(ok.error());
           return json::object();
+        } else if constexpr (std::is_same_v<T, FunctionSnapshot> || std::is_same_v<T, FunctionRestore>) {
+          if (c.host && *c.host != parts_.host) {
+            T local = c;
+            local.host.reset();
+            return forward(*c.host, local);
+          }
+          auto service = require_functions();
+          if (!service) return tl::unexpected(service.error());
+          if constexpr (std::is_same_v<T, FunctionSnapshot>) {
+            return (*service)->snapshot(c);
+          } else {
+            return (*service)->restore(c);
+          }
         }
       },
       command);
+}
+
+Result<FunctionService*> Agent::require_functions() {
+  if (!parts_.functions) {
+    return fail(Errc::unsupported, "this agent (" + parts_.host + ") has no [functions] section in its config");
+  }
+  return parts_.functions.get();
+}
+
+Result<nlohmann::json> Agent::forward(const std::string& host, control::Command command) {
+  auto peer = parts_.peers.find(host);
+  if (peer == parts_.peers.end()) {
+    std::string known;
+    for (const auto& [name, address] : parts_.peers) known += (known.empty() ? "" : ", ") + name;
+    return fail(Errc::not_found, "host '" + host + "' is not a peer of " + parts_.host +
+                                     (known.empty() ? " (no [peers] configured)" : " (peers: " + known + ")"));
+  }
+  control::ClientOptions options;
+  options.endpoint = peer->second;
+  options.token = parts_.peer_token;
+  options.connect_timeout = std::chrono::milliseconds(10'000);
+  options.io_timeout = std::chrono::milliseconds(900'000);  // the peer bounds the operation itself
+  auto client = control::ControlClient::connect(options);
+  if (!client) return fail(Errc::unavailable, "cannot reach " + host + " at " + peer->second.to_string() + ": " + client.error().message);
+  auto response = client->call(command);
+  if (!response) return fail(response.error().code, host + ": " + response.error().message);
+  if (!response->outcome) return fail(response->outcome.error().code, host + ": " + response->outcome.error().message);
+  return *response->outcome;
 }
 
 Result<SnapshotStore*> Agent::require_store() {
@@ -341,6 +382,9 @@ control::ServerOptions server_options(const ControlConfig& control) {
   options.max_frame_bytes = control.max_frame_bytes;
   options.request_timeout = control.request_timeout;
   options.idle_timeout = control.idle_timeout;
+  // Function operations hold a worker for minutes (one at a time per agent, see
+  // FunctionService); keep workers free for the short ops meanwhile.
+  options.worker_threads = 4;
   return options;
 }
 

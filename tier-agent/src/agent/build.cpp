@@ -121,6 +121,15 @@ Result<std::unique_ptr<Agent>> make_agent(const AgentConfig& config) {
       parts.pool_problem = pool.error();
     }
   }
+  if (config.functions) {
+    std::map<TierKind, TierCaps> up;
+    for (const auto& slot : parts.tiers) {
+      if (slot.tier) up.emplace(slot.kind, slot.tier->caps());
+    }
+    parts.functions = std::make_shared<FunctionService>(config.host, *config.functions, parts.store, std::move(up));
+  }
+  parts.peers = config.peers;
+  parts.peer_token = config.control.token;
   return std::make_unique<Agent>(std::move(parts));
 }
 

@@ -388,6 +388,44 @@ Result<AgentConfig> parse_root(const toml::table& root, std::string_view source,
     return control.error("tcp_listen", nullptr, "a memory node must listen on TCP (compute hosts reach it there)");
   }
 
+  // [functions]
+  SNAPTIER_TRY(functions_table, top.table("functions"));
+  if (functions_table != nullptr) {
+    TableReader functions(*functions_table, "functions", source);
+    FunctionsConfig fc;
+    SNAPTIER_TRY(workloads_dir, functions.string("workloads_dir"));
+    if (!workloads_dir || workloads_dir->empty()) {
+      return functions.error("workloads_dir", nullptr, "required key is missing (the folder with the function folders)");
+    }
+    fc.workloads_dir = resolve(base_dir, *workloads_dir);
+    SNAPTIER_TRY(work_dir, functions.string("work_dir"));
+    if (!work_dir || work_dir->empty()) {
+      return functions.error("work_dir", nullptr, "required key is missing (where instances and images live)");
+    }
+    fc.work_dir = resolve(base_dir, *work_dir);
+    SNAPTIER_TRY(criu, functions.string("criu"));
+    if (criu) {
+      if (criu->empty()) return functions.error("criu", functions_table->get("criu"), "must not be empty");
+      fc.criu = *criu;
+    }
+    SNAPTIER_TRY(timeout_s, functions.integer("operation_timeout_s", 1, 86'400));
+    if (timeout_s) fc.operation_timeout = std::chrono::seconds(*timeout_s);
+    config.functions = fc;
+    if (auto ok = functions.reject_unknown_keys(); !ok) return tl::unexpected(ok.error());
+  }
+
+  // [peers]: host = "ADDR:PORT"
+  SNAPTIER_TRY(peers_table, top.table("peers"));
+  if (peers_table != nullptr) {
+    TableReader peers(*peers_table, "peers", source);
+    for (auto&& [key, node] : *peers_table) {
+      const std::string name(key.str());
+      SNAPTIER_TRY(address, peers.address(name, /*allow_port_zero=*/false));
+      if (name == config.host) return peers.error(name, &node, "a peer cannot have this agent's own host name");
+      config.peers.emplace(name, *address);
+    }
+  }
+
   if (auto ok = top.reject_unknown_keys(); !ok) return tl::unexpected(ok.error());
   return config;
 }

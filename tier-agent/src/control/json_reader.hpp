@@ -39,6 +39,13 @@ class JsonReader {
     return std::optional<std::string>{value->get<std::string>()};
   }
 
+  [[nodiscard]] Result<std::optional<bool>> boolean(std::string_view key) {
+    const nlohmann::json* value = find(key);
+    if (value == nullptr) return std::optional<bool>{};
+    if (!value->is_boolean()) return error(key, "expected true or false");
+    return std::optional<bool>{value->get<bool>()};
+  }
+
   [[nodiscard]] Result<std::string> required_string(std::string_view key) {
     SNAPTIER_TRY(value, string(key));
     if (!value) return error(key, "required field is missing");

@@ -203,6 +203,56 @@ Result<Command> parse_rdma_free(JsonReader& reader, const json&) {
   return RdmaFree{Extent{offset, length}};
 }
 
+// Function and host names: a folder name / a [peers] key, never a path.
+Result<std::string> check_plain_name(JsonReader& reader, std::string_view key, const std::string& value) {
+  if (value.empty()) return reader.error(key, "must not be empty");
+  if (value.size() > kMaxNameLength) return reader.error(key, "longer than " + std::to_string(kMaxNameLength) + " characters");
+  if (value.front() == '.' || value.front() == '-') return reader.error(key, "must not start with '.' or '-'");
+  for (char c : value) {
+    bool allowed = std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' || c == '-';
+    if (!allowed) return reader.error(key, "may contain only letters, digits, '.', '_' and '-'");
+  }
+  return value;
+}
+
+Result<std::optional<std::string>> optional_host(JsonReader& reader) {
+  SNAPTIER_TRY(host, reader.string("host"));
+  if (!host) return std::optional<std::string>{};
+  SNAPTIER_TRY(checked, check_plain_name(reader, "host", *host));
+  return std::optional<std::string>{checked};
+}
+
+Result<Command> parse_function_snapshot(JsonReader& reader, const json&) {
+  FunctionSnapshot c;
+  SNAPTIER_TRY(function, reader.required_string("function"));
+  SNAPTIER_TRY(checked, check_plain_name(reader, "function", function));
+  c.function = checked;
+  SNAPTIER_TRY(id, reader.string("id"));
+  if (id) {
+    SNAPTIER_TRY(checked_id, check_name(reader, "id", *id));
+    // ':' separates a snapshot from its placement variants ("matmul:cxl").
+    if (checked_id.find(':') != std::string::npos) return reader.error("id", "must not contain ':'");
+    c.id = checked_id;
+  }
+  SNAPTIER_TRY(host, optional_host(reader));
+  c.host = host;
+  return c;
+}
+
+Result<Command> parse_function_restore(JsonReader& reader, const json&) {
+  FunctionRestore c;
+  SNAPTIER_TRY(id, snapshot_id(reader));
+  c.snapshot = id;
+  SNAPTIER_TRY(policy, reader.required_string("policy"));
+  SNAPTIER_TRY(checked_policy, check_plain_name(reader, "policy", policy));
+  c.policy = checked_policy;
+  SNAPTIER_TRY(host, optional_host(reader));
+  c.host = host;
+  SNAPTIER_TRY(keep, reader.boolean("keep"));
+  c.keep = keep.value_or(false);
+  return c;
+}
+
 struct OpEntry {
   std::string_view name;
   CommandParser parse;
@@ -220,6 +270,8 @@ constexpr std::array<OpEntry, std::variant_size_v<Command>> kOps{{
     {"rdma.connect", parse_rdma_connect},
     {"rdma.alloc", parse_rdma_alloc},
     {"rdma.free", parse_rdma_free},
+    {"function.snapshot", parse_function_snapshot},
+    {"function.restore", parse_function_restore},
 }};
 
 json encode_args(const Command& command) {
@@ -246,6 +298,16 @@ json encode_args(const Command& command) {
           return json{{"length", c.length}};
         } else if constexpr (std::is_same_v<T, RdmaFree>) {
           return encode_extent(c.extent);
+        } else if constexpr (std::is_same_v<T, FunctionSnapshot>) {
+          json args{{"function", c.function}};
+          if (c.id) args["id"] = *c.id;
+          if (c.host) args["host"] = *c.host;
+          return args;
+        } else if constexpr (std::is_same_v<T, FunctionRestore>) {
+          json args{{"id", c.snapshot}, {"policy", c.policy}};
+          if (c.host) args["host"] = *c.host;
+          if (c.keep) args["keep"] = true;
+          return args;
         } else {
           return json::object();
         }
@@ -284,6 +346,10 @@ std::optional<TierKind> tier_kind_from_name(std::string_view name) noexcept {
 }
 
 std::string_view op_name(const Command& command) noexcept { return kOps[command.index()].name; }
+
+bool is_long_running(const Command& command) noexcept {
+  return std::holds_alternative<FunctionSnapshot>(command) || std::holds_alternative<FunctionRestore>(command);
+}
 
 tl::expected<Request, RejectedRequest> parse_request(std::string_view payload) {
   auto reject = [](std::optional<std::uint64_t> id, Error error) {

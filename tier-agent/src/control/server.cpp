@@ -213,14 +213,15 @@ class Connection final : public ConnectionBase, public std::enable_shared_from_t
     request_pending_ = true;
     const std::uint64_t sequence = ++sequence_;
     const std::uint64_t id = request.id;
-    request_timer_.expires_after(server_.options().request_timeout);
-    request_timer_.async_wait([self = this->shared_from_this(), sequence, id](const error_code& ec) {
+    const auto limit = is_long_running(request.command) ? server_.options().long_request_timeout
+                                                        : server_.options().request_timeout;
+    request_timer_.expires_after(limit);
+    request_timer_.async_wait([self = this->shared_from_this(), sequence, id, limit](const error_code& ec) {
       if (ec || !self->request_pending_ || self->sequence_ != sequence) return;
       self->request_pending_ = false;
-      spdlog::warn("control: request {} exceeded {} ms", id, self->server_.options().request_timeout.count());
+      spdlog::warn("control: request {} exceeded {} ms", id, limit.count());
       self->respond(Response{id, tl::unexpected(Error{Errc::timeout, "request did not finish within " +
-                                                                        std::to_string(self->server_.options().request_timeout.count()) +
-                                                                        " ms"})},
+                                                                        std::to_string(limit.count()) + " ms"})},
                     /*close_after=*/false);
     });
 

@@ -28,39 +28,46 @@ struct CheckpointPageSource::Impl {
 CheckpointPageSource::CheckpointPageSource(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 CheckpointPageSource::~CheckpointPageSource() = default;
 
+Result<std::vector<LazyRange>> lazy_ranges_of(const criu::Task& task) {
+  std::vector<LazyRange> ranges;
+  if (!task.mm || !task.pagemap) return ranges;
+  const auto& vmas = task.mm->vmas;
+  for (const auto& pe : task.pagemap->entries) {
+    if (!pe.lazy()) continue;
+    if (pe.in_parent() || !pe.data_offset) {
+      return fail(Errc::unsupported, "pagemap-" + std::to_string(task.pstree.pid) +
+                                         ".img: lazy entry at 0x" + std::to_string(pe.vaddr) +
+                                         " has its pages in a parent checkpoint (not supported)");
+    }
+    // Cut at VMA bounds (criu collect_lazy_iovecs): an entry may span adjacent VMAs.
+    std::uint64_t start = pe.vaddr;
+    const std::uint64_t end = pe.end();
+    for (const auto& vma : vmas) {
+      if (start >= end) break;
+      if (vma.end <= start) continue;
+      if (vma.start >= end) break;
+      const std::uint64_t s = std::max(start, vma.start);
+      const std::uint64_t e = std::min(end, vma.end);
+      ranges.push_back(LazyRange{s, e, *pe.data_offset + (s - pe.vaddr)});
+      start = e;
+    }
+  }
+  return ranges;
+}
+
 Result<std::shared_ptr<CheckpointPageSource>> CheckpointPageSource::open(const criu::Checkpoint& checkpoint) {
   auto impl = std::make_unique<Impl>();
   for (const auto& task : checkpoint.tasks) {
     Impl::TaskPages tp;
-    if (task.mm && task.pagemap) {
-      const auto& vmas = task.mm->vmas;
-      for (const auto& pe : task.pagemap->entries) {
-        if (!pe.lazy()) continue;
-        if (pe.in_parent() || !pe.data_offset) {
-          return fail(Errc::unsupported, "pagemap-" + std::to_string(task.pstree.pid) +
-                                             ".img: lazy entry at 0x" + std::to_string(pe.vaddr) +
-                                             " has its pages in a parent checkpoint (not supported)");
-        }
-        // Cut at VMA bounds (criu collect_lazy_iovecs): an entry may span adjacent VMAs.
-        std::uint64_t start = pe.vaddr;
-        const std::uint64_t end = pe.end();
-        for (const auto& vma : vmas) {
-          if (start >= end) break;
-          if (vma.end <= start) continue;
-          if (vma.start >= end) break;
-          const std::uint64_t s = std::max(start, vma.start);
-          const std::uint64_t e = std::min(end, vma.end);
-          tp.ranges.push_back(LazyRange{s, e, *pe.data_offset + (s - pe.vaddr)});
-          impl->total_lazy_pages += (e - s) / kPageSize;
-          start = e;
-        }
-      }
-      if (!tp.ranges.empty()) {
-        int fd = ::open(task.pages_path.c_str(), O_RDONLY | O_CLOEXEC);
-        if (fd < 0) return fail_errno(Errc::io, "open " + task.pages_path.string(), errno);
-        tp.pages_fd = std::make_shared<detail::UniqueFd>(fd);
-        tp.pages_name = task.pages_path.filename().string();
-      }
+    auto ranges = lazy_ranges_of(task);
+    if (!ranges) return tl::unexpected(ranges.error());
+    tp.ranges = std::move(*ranges);
+    for (const auto& r : tp.ranges) impl->total_lazy_pages += (r.end - r.start) / kPageSize;
+    if (!tp.ranges.empty()) {
+      int fd = ::open(task.pages_path.c_str(), O_RDONLY | O_CLOEXEC);
+      if (fd < 0) return fail_errno(Errc::io, "open " + task.pages_path.string(), errno);
+      tp.pages_fd = std::make_shared<detail::UniqueFd>(fd);
+      tp.pages_name = task.pages_path.filename().string();
     }
     impl->tasks.emplace(static_cast<TaskId>(task.pstree.pid), std::move(tp));
   }

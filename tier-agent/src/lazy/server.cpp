@@ -1,4 +1,5 @@
 // LazyPagesServer: CRIU's lazy-pages side of the restore protocol over the FaultEngine.
+#include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
@@ -10,6 +11,8 @@
 #include <cerrno>
 #include <cstring>
 #include <map>
+#include <condition_variable>
+#include <mutex>
 #include <set>
 
 #include <nlohmann/json.hpp>
@@ -42,13 +45,43 @@ struct LazyPagesServer::Impl {
   LazyPagesOptions options;
   std::filesystem::path socket_path;
   UniqueFd listen_fd;
-  std::shared_ptr<CheckpointPageSource> source;
+  std::shared_ptr<LazySource> source;
   std::unique_ptr<FaultEngine> engine;
   std::map<TaskId, TaskId> fork_parent;  // engine child id -> parent id
   std::set<pid_t> host_pids;             // every sender seen (SCM_CREDENTIALS)
   std::vector<TaskId> adopted;           // pstree tasks adopted
   LazyPagesReport report;
   bool ran = false;
+
+  // metrics_now(): another thread asks, the serving loop answers within one round.
+  std::mutex metrics_mutex;
+  std::condition_variable metrics_cv;
+  bool metrics_wanted = false;
+  bool serving_over = false;
+  std::uint64_t metrics_generation = 0;
+  FaultMetrics metrics_copy;
+
+  void answer_metrics_request() {
+    std::lock_guard lock(metrics_mutex);
+    if (!metrics_wanted) return;
+    metrics_copy = engine->metrics();
+    metrics_wanted = false;
+    ++metrics_generation;
+    metrics_cv.notify_all();
+  }
+  void end_metrics_service() {
+    std::lock_guard lock(metrics_mutex);
+    metrics_copy = engine->metrics();
+    serving_over = true;
+    metrics_cv.notify_all();
+  }
+
+  TaskPrefetch plan_for(TaskId t) const {
+    if (options.planner) return options.planner(t, *source);
+    TaskPrefetch p;
+    if (options.prefetch == PrefetchPolicy::all) p.before_resume = source->lazy_pages(t);
+    return p;
+  }
 
   void log(const std::string& line) const {
     if (options.log) options.log(line);
@@ -85,6 +118,33 @@ struct LazyPagesServer::Impl {
       if (Clock::now() >= deadline) {
         return fail(Errc::timeout, "restorer sent no " + std::string(what) + " within " +
                                        std::to_string(options.step_timeout.count()) + " ms");
+      }
+      if (auto r = engine->poll(std::chrono::milliseconds(2)); !r) return tl::unexpected(r.error());
+    }
+  }
+
+  // The state letter of /proc/PID/stat ('R', 'S', 'T', 't', ...), or 0 if the task is gone.
+  static char task_state(pid_t pid) {
+    char path[64];
+    std::snprintf(path, sizeof path, "/proc/%d/stat", static_cast<int>(pid));
+    UniqueFd fd(::open(path, O_RDONLY | O_CLOEXEC));
+    if (!fd) return 0;
+    char buf[512];
+    ssize_t n = ::read(fd.get(), buf, sizeof buf - 1);
+    if (n <= 0) return 0;
+    buf[n] = 0;
+    const char* close = std::strrchr(buf, ')');
+    return (close != nullptr && close[1] == ' ') ? close[2] : 0;
+  }
+
+  Result<void> wait_stopped(pid_t pid, Clock::time_point deadline) {
+    for (;;) {
+      const char state = task_state(pid);
+      if (state == 'T' || state == 0) return {};  // stopped, or gone (nothing to resume)
+      if (engine->failure()) return tl::unexpected(*engine->failure());
+      if (Clock::now() >= deadline) {
+        return fail(Errc::timeout, "task " + std::to_string(pid) + " was not left stopped by the restorer (state '" +
+                                       std::string(1, state) + "'); was criu restore run with --leave-stopped?");
       }
       if (auto r = engine->poll(std::chrono::milliseconds(2)); !r) return tl::unexpected(r.error());
     }
@@ -285,33 +345,52 @@ struct LazyPagesServer::Impl {
     }
     client.reset();
     const auto t_rstf = Clock::now();
-    // 3. prefetch
-    if (options.prefetch == PrefetchPolicy::all) {
+    // 3. prefetch (the tasks are still stopped if the restorer left them so)
+    {
       const auto tp = Clock::now();
       for (TaskId t : adopted) {
-        auto pages = source->lazy_pages(t);
-        if (pages.empty()) continue;
-        auto r = engine->prefetch(t, pages);
-        if (!r) {
-          if (r.error().code == Errc::unavailable) continue;
-          kill_tree(Error{r.error().code, "prefetch of task " + std::to_string(t) + ": " + r.error().message});
-          break;
+        TaskPrefetch plan = plan_for(t);
+        if (!plan.before_resume.empty()) {
+          auto r = engine->prefetch(t, plan.before_resume);
+          if (!r) {
+            if (r.error().code == Errc::unavailable) continue;
+            kill_tree(Error{r.error().code, "prefetch of task " + std::to_string(t) + ": " + r.error().message});
+            break;
+          }
+          report.prefetched_pages += r->pages_installed;
         }
-        report.prefetched_pages += r->pages_installed;
+        if (!plan.background.empty()) {
+          report.background_queued += plan.background.size();
+          if (auto r = engine->prefetch_in_background(t, std::move(plan.background)); !r) {
+            if (r.error().code == Errc::unavailable) continue;
+            kill_tree(r.error());
+            break;
+          }
+        }
       }
       report.prefetch_ms = ms_since(tp);
     }
     // 4. resume
     if (!report.error) {
       if (options.resume_after_prefetch) {
+        // CRIU sends RSTF before it detaches and leaves the tasks stopped; a SIGCONT sent in
+        // between is lost. So wait (serving faults) until each task is in group stop ('T').
         for (const auto& t : report.tasks) {
-          if (t.host_pid > 0 && !t.zombie) (void)::kill(t.host_pid, SIGCONT);
+          if (t.host_pid <= 0 || t.zombie) continue;
+          if (auto r = wait_stopped(t.host_pid, Clock::now() + options.step_timeout); !r) {
+            kill_tree(r.error());
+            break;
+          }
+          (void)::kill(t.host_pid, SIGCONT);
         }
       }
       if (options.on_resumed) options.on_resumed();
       // 5. serve
       const auto deadline = t_rstf + options.serve_timeout;
-      auto r = engine->run_until([&] { return stopping() || adopted_gone(); }, deadline);
+      auto r = engine->run_until([&] {
+        answer_metrics_request();
+        return stopping() || adopted_gone();
+      }, deadline);
       if (!r && r.error().code != Errc::timeout) {
         kill_tree(r.error());
       } else if (auto f = engine->failure()) {
@@ -329,21 +408,39 @@ struct LazyPagesServer::Impl {
   }
 };
 
+Result<FaultMetrics> LazyPagesServer::metrics_now(std::chrono::milliseconds timeout) {
+  Impl& impl = *impl_;
+  std::unique_lock lock(impl.metrics_mutex);
+  if (impl.serving_over) return fail(Errc::unavailable, "the lazy-pages server has stopped serving");
+  const std::uint64_t generation = impl.metrics_generation;
+  impl.metrics_wanted = true;
+  if (!impl.metrics_cv.wait_for(lock, timeout, [&] { return impl.serving_over || impl.metrics_generation != generation; })) {
+    impl.metrics_wanted = false;
+    return fail(Errc::timeout, "the lazy-pages server did not report its metrics within " +
+                                   std::to_string(timeout.count()) + " ms");
+  }
+  return impl.metrics_copy;
+}
+
 LazyPagesServer::LazyPagesServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 LazyPagesServer::~LazyPagesServer() {
   if (impl_ && impl_->listen_fd) ::unlink(impl_->socket_path.c_str());
 }
 
 const std::filesystem::path& LazyPagesServer::socket_path() const noexcept { return impl_->socket_path; }
-std::shared_ptr<CheckpointPageSource> LazyPagesServer::source() const noexcept { return impl_->source; }
+std::shared_ptr<LazySource> LazyPagesServer::source() const noexcept { return impl_->source; }
 
 Result<std::unique_ptr<LazyPagesServer>> LazyPagesServer::bind(LazyPagesOptions options) {
   auto impl = std::make_unique<Impl>();
-  auto checkpoint = criu::load_checkpoint(options.images_dir);
-  if (!checkpoint) return tl::unexpected(checkpoint.error());
-  auto source = CheckpointPageSource::open(*checkpoint);
-  if (!source) return tl::unexpected(source.error());
-  impl->source = *source;
+  if (options.source) {
+    impl->source = options.source;
+  } else {
+    auto checkpoint = criu::load_checkpoint(options.images_dir);
+    if (!checkpoint) return tl::unexpected(checkpoint.error());
+    auto source = CheckpointPageSource::open(*checkpoint);
+    if (!source) return tl::unexpected(source.error());
+    impl->source = *source;
+  }
   Impl* raw = impl.get();
   FaultEngineOptions eo;
   eo.on_failure = [raw](const FaultFailure& f) {
@@ -358,6 +455,7 @@ Result<std::unique_ptr<LazyPagesServer>> LazyPagesServer::bind(LazyPagesOptions 
     return true;
   };
   eo.on_fork = [raw](TaskId parent, TaskId child) { raw->fork_parent[child] = parent; };
+  eo.on_fault = options.on_fault;
   auto engine = FaultEngine::create(impl->source, std::move(eo));
   if (!engine) return tl::unexpected(engine.error());
   impl->engine = std::move(*engine);
@@ -390,6 +488,7 @@ LazyPagesReport LazyPagesServer::run() {
   }
   impl_->ran = true;
   impl_->run(out);
+  impl_->end_metrics_service();
   return out;
 }
 
@@ -405,6 +504,7 @@ void to_json(nlohmann::json& j, const LazyPagesReport& r) {
   j["rstf_ms"] = r.rstf_ms ? nlohmann::json(*r.rstf_ms) : nlohmann::json(nullptr);
   j["lazy_pages"] = r.lazy_pages;
   j["prefetched_pages"] = r.prefetched_pages;
+  j["background_queued"] = r.background_queued;
   j["prefetch_ms"] = r.prefetch_ms;
   j["served_ms"] = r.served_ms;
   j["drained_pages"] = r.drained_pages;

@@ -354,6 +354,7 @@ class Engine final : public FaultEngine {
       metrics_.pages_zero += pages;
     } else {
       metrics_.pages_copied_per_tier[tier] += pages;
+      if (origin == Origin::demand) metrics_.demand_pages_per_tier[tier] += pages;
       metrics_.bytes_copied += pages * kPageSize;
     }
   }
@@ -510,6 +511,17 @@ class Engine final : public FaultEngine {
           ++metrics_.write_faults;
         } else {
           ++metrics_.read_faults;
+        }
+        if (options_.on_fault) {
+          const std::uint64_t page = msg.arg.pagefault.address & kPageMask;
+          const RangeMap::Lookup l = t.view.translate(page);
+          FaultObservation seen;
+          seen.task = t.id;
+          seen.source_task = t.source_task;
+          seen.address = page;
+          if (!l.zero) seen.source_address = l.source;
+          seen.write = (msg.arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WRITE) != 0;
+          options_.on_fault(seen);
         }
         serve_fault(t, msg.arg.pagefault.address & kPageMask,
                     static_cast<pid_t>(msg.arg.pagefault.feat.ptid), start);
@@ -716,10 +728,12 @@ Result<std::unique_ptr<FaultEngine>> FaultEngine::create(std::shared_ptr<PageSou
 void to_json(nlohmann::json& j, const FaultMetrics& m) {
   nlohmann::json tiers = nlohmann::json::object();
   for (const auto& [tier, pages] : m.pages_copied_per_tier) tiers[std::string(to_string(tier))] = pages;
+  nlohmann::json demand_tiers = nlohmann::json::object();
+  for (const auto& [tier, pages] : m.demand_pages_per_tier) demand_tiers[std::string(to_string(tier))] = pages;
   j = nlohmann::json{
       {"faults", {{"total", m.faults}, {"read", m.read_faults}, {"write", m.write_faults},
                   {"zero_filled", m.zero_filled_faults}}},
-      {"pages", {{"copied_per_tier", tiers}, {"demand", m.pages_demand},
+      {"pages", {{"copied_per_tier", tiers}, {"demand_per_tier", demand_tiers}, {"demand", m.pages_demand},
                  {"prefetched", m.pages_prefetched}, {"background", m.pages_background},
                  {"zero", m.pages_zero}}},
       {"bytes_copied", m.bytes_copied},

@@ -1,0 +1,43 @@
+// The agent's function operations (docs/restore-policies.md): snapshot a function on this host
+// (start, criu dump, ingest into the tiers, profile the first invocation) and restore one here
+// with a policy (materialize the images, criu restore, serve the lazy pages, invoke, check the
+// answer and the memory digest, report metrics). One operation runs at a time per agent.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "snaptier/config.hpp"
+#include "snaptier/control.hpp"
+#include "snaptier/error.hpp"
+#include "snaptier/store.hpp"
+#include "snaptier/tier.hpp"
+
+namespace snaptier {
+
+class FunctionService {
+ public:
+  // `tiers` are the tiers that came up on this host (placements need them).
+  FunctionService(std::string host, FunctionsConfig config, std::shared_ptr<SnapshotStore> store,
+                  std::map<TierKind, TierCaps> tiers);
+
+  // The JSON results are documented in docs/restore-policies.md ("Results").
+  [[nodiscard]] Result<nlohmann::json> snapshot(const control::FunctionSnapshot& request);
+  // A restore that ran but failed (wrong answer, a tier failing mid-restore) is a result with
+  // "ok": false and the reason; errors are for requests that could not start.
+  [[nodiscard]] Result<nlohmann::json> restore(const control::FunctionRestore& request);
+
+ private:
+  std::string host_;
+  FunctionsConfig config_;
+  std::shared_ptr<SnapshotStore> store_;
+  std::map<TierKind, TierCaps> tiers_;
+  std::mutex operation_mutex_;  // one snapshot/restore at a time (and the dumped socket path)
+  std::uint64_t restore_counter_ = 0;
+};
+
+}  // namespace snaptier

@@ -1,0 +1,80 @@
+// Placements and restore policies (docs/restore-policies.md).
+//
+// A snapshot's pages are stored once per *placement* (which tier each page goes to, decided
+// from the page profile); a *restore policy* picks one stored placement, a restore mechanism
+// and which pages to install before the restored tasks resume. Both are small classes that see
+// page flags and tier kinds only: the store moves the bytes, the fault engine installs them.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "snaptier/error.hpp"
+#include "snaptier/lazy_pages.hpp"
+#include "snaptier/store.hpp"
+#include "snaptier/tier.hpp"
+
+namespace snaptier::policy {
+
+// ---- Placements ------------------------------------------------------------------------------
+
+class Placement {
+ public:
+  virtual ~Placement() = default;
+  [[nodiscard]] virtual std::string_view name() const noexcept = 0;  // "tiered", "cxl", "rdma"
+  // The tier of every page (zero pages are never stored, whatever this says). `available` are
+  // the tiers this host has up; Errc::unavailable names a missing one.
+  [[nodiscard]] virtual Result<PlacementRequest> place(std::span<const PageEntry> pages,
+                                                       const std::map<TierKind, TierCaps>& available) const = 0;
+};
+
+// "cxl" / "rdma": every page on that tier. "tiered": profiled-hot pages on CXL (byte-addressable,
+// shared by the hosts of one device), cold pages in the RDMA pool (cluster-wide, slower).
+[[nodiscard]] std::vector<std::unique_ptr<Placement>> all_placements();
+[[nodiscard]] Result<std::unique_ptr<Placement>> make_placement(std::string_view name);
+
+// The stored id of `base`'s copy under a placement: "tiered" keeps the base id, the others
+// append ":<placement>" (':' is never part of a base id).
+[[nodiscard]] std::string variant_id(std::string_view base, std::string_view placement);
+
+// ---- Restore policies ------------------------------------------------------------------------
+
+enum class Mechanism : std::uint8_t {
+  criu_eager,     // `criu restore` from complete images on local storage
+  criu_lazy,      // CRIU's own `criu lazy-pages` daemon over complete local images
+  criu_remote,    // CRIU's page server on the snapshot host + `criu lazy-pages --page-server`
+  snaptier_lazy,  // `criu restore --lazy-pages --leave-stopped`, the agent serves the uffds
+};
+[[nodiscard]] std::string_view to_string(Mechanism mechanism) noexcept;
+
+// One lazy page of a task as a policy sees it: the snapshot page's flags and profile order.
+struct LazyPage {
+  std::uint64_t vaddr = 0;
+  std::uint32_t flags = 0;        // PageFlags
+  std::uint32_t touch_order = 0;  // 0 = not touched by the profiled invocation
+  TierKind tier = TierKind::local;
+};
+
+class RestorePolicy {
+ public:
+  virtual ~RestorePolicy() = default;
+  [[nodiscard]] virtual std::string_view name() const noexcept = 0;
+  [[nodiscard]] virtual Mechanism mechanism() const noexcept = 0;
+  // Which stored placement the restore reads ("cxl" for the CRIU baselines too: they copy
+  // complete images out of it before the timed restore starts).
+  [[nodiscard]] virtual std::string_view placement() const noexcept = 0;
+  // snaptier_lazy only: what to install before resume and in the background (snapshot
+  // addresses of `pages`, in the order to install them). Default: everything on demand.
+  [[nodiscard]] virtual lazy::TaskPrefetch plan(std::span<const LazyPage> pages) const;
+};
+
+// criu-eager, criu-lazy, criu-remote, lazy-cxl, lazy-rdma, reap, tiered.
+[[nodiscard]] std::vector<std::string> policy_names();
+[[nodiscard]] Result<std::unique_ptr<RestorePolicy>> make_policy(std::string_view name);
+
+}  // namespace snaptier::policy

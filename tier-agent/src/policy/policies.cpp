@@ -1,0 +1,134 @@
+// The placements and restore policies of docs/restore-policies.md.
+#include <algorithm>
+
+#include "snaptier/restore_policy.hpp"
+
+namespace snaptier::policy {
+
+namespace {
+
+Result<void> require(const std::map<TierKind, TierCaps>& available, TierKind kind, std::string_view placement) {
+  if (available.contains(kind)) return {};
+  return fail(Errc::unavailable, "placement " + std::string(placement) + " needs the " +
+                                     std::string(to_string(kind)) + " tier, which is not up on this host");
+}
+
+class SingleTierPlacement final : public Placement {
+ public:
+  explicit SingleTierPlacement(TierKind kind) : kind_(kind) {}
+  std::string_view name() const noexcept override { return to_string(kind_); }
+  Result<PlacementRequest> place(std::span<const PageEntry>, const std::map<TierKind, TierCaps>& available) const override {
+    if (auto ok = require(available, kind_, name()); !ok) return tl::unexpected(ok.error());
+    PlacementRequest request;
+    request.default_tier = kind_;
+    return request;
+  }
+
+ private:
+  TierKind kind_;
+};
+
+// Hot pages where they can be installed fastest and shared (CXL); the cold rest in the pool.
+class TieredPlacement final : public Placement {
+ public:
+  std::string_view name() const noexcept override { return "tiered"; }
+  Result<PlacementRequest> place(std::span<const PageEntry> pages, const std::map<TierKind, TierCaps>& available) const override {
+    if (auto ok = require(available, TierKind::cxl, name()); !ok) return tl::unexpected(ok.error());
+    if (auto ok = require(available, TierKind::rdma, name()); !ok) return tl::unexpected(ok.error());
+    PlacementRequest request;
+    request.default_tier = TierKind::rdma;
+    request.per_page.resize(pages.size());
+    for (std::size_t i = 0; i < pages.size(); ++i) {
+      if ((pages[i].flags & page_hot) != 0) request.per_page[i] = TierKind::cxl;
+    }
+    return request;
+  }
+};
+
+class Policy final : public RestorePolicy {
+ public:
+  enum class Prefetch { none, hot };
+  Policy(std::string name, Mechanism mechanism, std::string placement, Prefetch prefetch)
+      : name_(std::move(name)), mechanism_(mechanism), placement_(std::move(placement)), prefetch_(prefetch) {}
+  std::string_view name() const noexcept override { return name_; }
+  Mechanism mechanism() const noexcept override { return mechanism_; }
+  std::string_view placement() const noexcept override { return placement_; }
+  lazy::TaskPrefetch plan(std::span<const LazyPage> pages) const override {
+    lazy::TaskPrefetch out;
+    if (prefetch_ == Prefetch::none) return out;
+    // The recorded working set, in first-touch order (REAP's order; the engine coalesces runs).
+    std::vector<const LazyPage*> hot;
+    for (const auto& p : pages) {
+      if ((p.flags & page_hot) != 0) hot.push_back(&p);
+    }
+    std::sort(hot.begin(), hot.end(), [](const LazyPage* a, const LazyPage* b) { return a->touch_order < b->touch_order; });
+    out.before_resume.reserve(hot.size());
+    for (const LazyPage* p : hot) out.before_resume.push_back(p->vaddr);
+    return out;
+  }
+
+ private:
+  std::string name_;
+  Mechanism mechanism_;
+  std::string placement_;
+  Prefetch prefetch_;
+};
+
+}  // namespace
+
+std::vector<std::unique_ptr<Placement>> all_placements() {
+  std::vector<std::unique_ptr<Placement>> out;
+  out.push_back(std::make_unique<TieredPlacement>());
+  out.push_back(std::make_unique<SingleTierPlacement>(TierKind::cxl));
+  out.push_back(std::make_unique<SingleTierPlacement>(TierKind::rdma));
+  return out;
+}
+
+Result<std::unique_ptr<Placement>> make_placement(std::string_view name) {
+  for (auto& p : all_placements()) {
+    if (p->name() == name) return std::move(p);
+  }
+  return fail(Errc::invalid_argument, "unknown placement '" + std::string(name) + "' (tiered, cxl, rdma)");
+}
+
+std::string variant_id(std::string_view base, std::string_view placement) {
+  if (placement == "tiered") return std::string(base);
+  return std::string(base) + ":" + std::string(placement);
+}
+
+std::string_view to_string(Mechanism mechanism) noexcept {
+  switch (mechanism) {
+    case Mechanism::criu_eager: return "criu-eager";
+    case Mechanism::criu_lazy: return "criu-lazy";
+    case Mechanism::criu_remote: return "criu-remote";
+    case Mechanism::snaptier_lazy: return "snaptier-lazy";
+  }
+  return "unknown";
+}
+
+lazy::TaskPrefetch RestorePolicy::plan(std::span<const LazyPage>) const { return {}; }
+
+std::vector<std::string> policy_names() {
+  return {"criu-eager", "criu-lazy", "criu-remote", "lazy-cxl", "lazy-rdma", "reap", "tiered"};
+}
+
+Result<std::unique_ptr<RestorePolicy>> make_policy(std::string_view name) {
+  using P = Policy::Prefetch;
+  auto make = [](std::string n, Mechanism m, std::string placement, P p) -> std::unique_ptr<RestorePolicy> {
+    return std::make_unique<Policy>(std::move(n), m, std::move(placement), p);
+  };
+  if (name == "criu-eager") return make("criu-eager", Mechanism::criu_eager, "cxl", P::none);
+  if (name == "criu-lazy") return make("criu-lazy", Mechanism::criu_lazy, "cxl", P::none);
+  if (name == "criu-remote") return make("criu-remote", Mechanism::criu_remote, "cxl", P::none);
+  if (name == "lazy-cxl") return make("lazy-cxl", Mechanism::snaptier_lazy, "cxl", P::none);
+  if (name == "lazy-rdma") return make("lazy-rdma", Mechanism::snaptier_lazy, "rdma", P::none);
+  // REAP: the recorded working set installed in one go before resume, from one tier.
+  if (name == "reap") return make("reap", Mechanism::snaptier_lazy, "cxl", P::hot);
+  // tiered: hot pages (stored in CXL) installed before resume, cold ones (RDMA) on demand.
+  if (name == "tiered") return make("tiered", Mechanism::snaptier_lazy, "tiered", P::hot);
+  std::string known;
+  for (const auto& n : policy_names()) known += (known.empty() ? "" : ", ") + n;
+  return fail(Errc::invalid_argument, "unknown restore policy '" + std::string(name) + "' (known: " + known + ")");
+}
+
+}  // namespace snaptier::policy
