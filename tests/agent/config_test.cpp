@@ -236,6 +236,85 @@ TEST(ConfigTest, ErrorsCarryTheLineOfTheOffendingKey) {
   EXPECT_NE(config.error().message.find("agent.toml:5:"), std::string::npos) << config.error().message;
 }
 
+TEST(ConfigTest, FunctionsSectionParsesWithDefaults) {
+  auto config = parse_config(with_agent("[functions]\nworkloads_dir = \"/opt/workloads\"\nwork_dir = \"/run/fn\"\n"),
+                             "fn.toml");
+  ASSERT_TRUE(config.has_value()) << config.error().what();
+  ASSERT_TRUE(config->functions.has_value());
+  EXPECT_EQ(config->functions->workloads_dir, "/opt/workloads");
+  EXPECT_EQ(config->functions->work_dir, "/run/fn");
+  EXPECT_EQ(config->functions->criu, "criu");
+  EXPECT_EQ(config->functions->operation_timeout, 900s);
+
+  auto full = parse_config(with_agent("[functions]\nworkloads_dir = \"/w\"\nwork_dir = \"/x\"\ncriu = \"/usr/sbin/criu\"\n"
+                                      "operation_timeout_s = 120\n"),
+                           "fn.toml");
+  ASSERT_TRUE(full.has_value()) << full.error().what();
+  EXPECT_EQ(full->functions->criu, "/usr/sbin/criu");
+  EXPECT_EQ(full->functions->operation_timeout, 120s);
+
+  auto none = parse_config(with_agent(""), "min.toml");
+  ASSERT_TRUE(none.has_value());
+  EXPECT_FALSE(none->functions.has_value());
+  EXPECT_TRUE(none->peers.empty());
+}
+
+TEST(ConfigTest, FunctionsDirectoriesResolveAgainstTheConfigFile) {
+  auto dir = std::filesystem::temp_directory_path() / ("snaptier-config-fn-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  { std::ofstream(dir / "agent.toml") << with_agent("[functions]\nworkloads_dir = \"workloads\"\nwork_dir = \"run/fn\"\n"); }
+  auto config = load_config(dir / "agent.toml");
+  std::filesystem::remove_all(dir);
+  ASSERT_TRUE(config.has_value()) << config.error().what();
+  EXPECT_EQ(config->functions->workloads_dir, dir / "workloads");
+  EXPECT_EQ(config->functions->work_dir, dir / "run/fn");
+}
+
+TEST(ConfigTest, FunctionsSectionMistakesAreRejected) {
+  expect_rejected(with_agent("[functions]\nwork_dir = \"/x\"\n"), "[functions] workloads_dir", "required key is missing");
+  expect_rejected(with_agent("[functions]\nworkloads_dir = \"\"\nwork_dir = \"/x\"\n"), "[functions] workloads_dir",
+                  "required key is missing");
+  expect_rejected(with_agent("[functions]\nworkloads_dir = \"/w\"\n"), "[functions] work_dir", "required key is missing");
+  expect_rejected(with_agent("[functions]\nworkloads_dir = \"/w\"\nwork_dir = \"/x\"\ncriu = \"\"\n"), "[functions] criu",
+                  "must not be empty");
+  expect_rejected(with_agent("[functions]\nworkloads_dir = \"/w\"\nwork_dir = \"/x\"\ncriu_path = \"/bin/criu\"\n"),
+                  "[functions] criu_path", "unknown key");
+  expect_rejected(with_agent("[functions]\nworkloads_dir = \"/w\"\nwork_dir = \"/x\"\noperation_timeout_s = 0\n"),
+                  "[functions] operation_timeout_s", "between 1 and 86400");
+  expect_rejected(with_agent("[functions]\nworkloads_dir = \"/w\"\nwork_dir = \"/x\"\noperation_timeout_s = 86401\n"),
+                  "[functions] operation_timeout_s", "between 1 and 86400");
+  expect_rejected(with_agent("[functions]\nworkloads_dir = \"/w\"\nwork_dir = \"/x\"\noperation_timeout_s = \"60\"\n"),
+                  "[functions] operation_timeout_s", "expected an integer");
+  expect_rejected(with_agent("[functions]\nworkloads_dir = 3\nwork_dir = \"/x\"\n"), "[functions] workloads_dir",
+                  "expected a string");
+  expect_rejected(with_agent("functions = \"/w\"\n"), "[agent] functions", "unknown key");
+}
+
+TEST(ConfigTest, PeersSectionMapsHostsToAddresses) {
+  auto config = parse_config(
+      "[agent]\nhost = \"host0\"\nstate_dir = \"/tmp/st\"\n[peers]\nhost1 = \"10.0.0.2:7400\"\nmem0 = \"[fd00::9]:7401\"\n"
+      "host2 = \"host2.cluster:7400\"\n",
+      "peers.toml");
+  ASSERT_TRUE(config.has_value()) << config.error().what();
+  ASSERT_EQ(config->peers.size(), 3u);
+  EXPECT_EQ(config->peers.at("host1"), (NetAddress{"10.0.0.2", 7400}));
+  EXPECT_EQ(config->peers.at("mem0"), (NetAddress{"fd00::9", 7401}));
+  EXPECT_EQ(config->peers.at("host2"), (NetAddress{"host2.cluster", 7400}));
+  auto empty = parse_config(with_agent("[peers]\n"), "peers.toml");
+  ASSERT_TRUE(empty.has_value()) << empty.error().what();
+  EXPECT_TRUE(empty->peers.empty());
+}
+
+TEST(ConfigTest, PeersSectionMistakesAreRejected) {
+  const std::string agent = "[agent]\nhost = \"host0\"\nstate_dir = \"/tmp/st\"\n";
+  expect_rejected(agent + "[peers]\nhost1 = \"10.0.0.2\"\n", "[peers] host1", "missing :PORT");
+  expect_rejected(agent + "[peers]\nhost1 = \"10.0.0.2:0\"\n", "[peers] host1", "port 0");
+  expect_rejected(agent + "[peers]\nhost1 = \"300.0.0.2:7400\"\n", "[peers] host1", "not an IPv4");
+  expect_rejected(agent + "[peers]\nhost1 = 7400\n", "[peers] host1", "expected a string");
+  expect_rejected(agent + "[peers]\nhost0 = \"10.0.0.1:7400\"\n", "[peers] host0", "own host name");
+  expect_rejected("[peers]\nhost0 = \"10.0.0.1:7400\"\n" + agent, "[peers] host0", "own host name");  // order-free
+}
+
 TEST(ConfigTest, ExampleConfigInTheRepositoryIsValid) {
   auto config = load_config(std::filesystem::path(__FILE__).parent_path() / "../../tier-agent/examples/agent.toml");
   ASSERT_TRUE(config.has_value()) << config.error().what();

@@ -664,18 +664,74 @@ TEST_F(FaultEngineTest, BackgroundPrefetchInterleavesWithDemandFaults) {
   EXPECT_EQ(m.errors, 0u);
 }
 
+TEST_F(FaultEngineTest, OnFaultSeesEveryFaultWithItsWriteFlagAndSourceAddress) {
+  auto source = std::make_shared<MemorySource>(16);
+  source->tier = TierKind::cxl;
+  std::vector<FaultObservation> seen;
+  FaultEngineOptions o;
+  o.on_fault = [&](const FaultObservation& f) { seen.push_back(f); };
+  auto engine = make(source, o);
+  auto c = start(*engine, *source, 16, [](std::byte* base, int sock) {
+    std::vector<std::uint64_t> out;
+    for (std::size_t i = 0; i < 4; ++i) out.push_back(read_sum(base + i * P));  // read faults
+    for (std::size_t i = 4; i < 8; ++i) base[i * P + 1] = std::byte{0x11};      // write faults
+    if (::madvise(base, 2 * P, MADV_DONTNEED) != 0) ::_exit(80);
+    out.push_back(read_sum(base));  // a removed range: zero, no snapshot page behind it
+    void* hole = ::mmap(nullptr, 4 * P, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (hole == MAP_FAILED) ::_exit(81);
+    void* moved = ::mremap(base + 8 * P, 4 * P, 4 * P, MREMAP_MAYMOVE | MREMAP_FIXED, hole);
+    if (moved != hole) ::_exit(82);
+    out.push_back(reinterpret_cast<std::uint64_t>(moved));
+    out.push_back(read_sum(static_cast<std::byte*>(moved) + P));  // snapshot page 9 at a new address
+    send_frame(sock, out);
+  });
+  ASSERT_TRUE(c && c->uffd >= 0);
+  go(*c);
+  auto frames = serve_to_exit(*engine, *c);
+  expect_exit_ok(*c);
+  ASSERT_EQ(frames.size(), 1u);
+  ASSERT_EQ(frames[0].size(), 7u);
+  EXPECT_EQ(frames[0][4], zero_sum());
+  EXPECT_EQ(frames[0][6], source_sum(9));
+  const std::uint64_t moved = frames[0][5];
+
+  ASSERT_EQ(seen.size(), 10u);
+  EXPECT_EQ(seen.size(), engine->metrics().faults);
+  for (std::size_t i = 0; i < 8; ++i) {
+    SCOPED_TRACE("fault " + std::to_string(i));
+    EXPECT_EQ(seen[i].task, 1);
+    EXPECT_EQ(seen[i].source_task, 1);
+    EXPECT_EQ(seen[i].address, c->base + i * P);
+    ASSERT_TRUE(seen[i].source_address.has_value());
+    EXPECT_EQ(*seen[i].source_address, c->base + i * P);
+    EXPECT_EQ(seen[i].write, i >= 4);
+  }
+  EXPECT_EQ(seen[8].address, c->base);
+  EXPECT_FALSE(seen[8].source_address.has_value()) << "a removed range has no snapshot page";
+  EXPECT_FALSE(seen[8].write);
+  EXPECT_EQ(seen[9].address, moved + P);
+  ASSERT_TRUE(seen[9].source_address.has_value());
+  EXPECT_EQ(*seen[9].source_address, c->base + 9 * P);
+  EXPECT_FALSE(seen[9].write);
+  // Only faults that copied count as demand pages of the tier (the removed page was zero-filled).
+  EXPECT_EQ(engine->metrics().demand_pages_per_tier.at(TierKind::cxl), 9u);
+  EXPECT_EQ(engine->metrics().write_faults, 4u);
+}
+
 TEST_F(FaultEngineTest, MetricsAsJson) {
   FaultMetrics m;
   m.faults = 3;
   m.read_faults = 2;
   m.write_faults = 1;
   m.pages_copied_per_tier[TierKind::cxl] = 2;
+  m.demand_pages_per_tier[TierKind::rdma] = 1;
   m.first_fault_ns = 42;
   m.error_messages.push_back("io: x");
   nlohmann::json j = m;
   EXPECT_EQ(j["faults"]["total"], 3);
   EXPECT_EQ(j["faults"]["write"], 1);
   EXPECT_EQ(j["pages"]["copied_per_tier"]["cxl"], 2);
+  EXPECT_EQ(j["pages"]["demand_per_tier"]["rdma"], 1);
   EXPECT_EQ(j["first_fault_ns"], 42);
   EXPECT_EQ(j["errors"]["messages"][0], "io: x");
   EXPECT_TRUE(j.contains("events"));

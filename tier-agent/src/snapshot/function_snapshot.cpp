@@ -89,7 +89,9 @@ Result<Layout> decode_layout(std::span<const std::byte> bytes) {
   const std::string_view text(reinterpret_cast<const char*>(bytes.data()), bytes.size());
   json j = json::parse(text, nullptr, /*allow_exceptions=*/false);
   auto corrupt = [](const std::string& why) { return fail(Errc::corrupt, std::string(kLayoutBlob) + ": " + why); };
-  if (!j.is_object() || j.value("version", 0) != 1 || !j.contains("tasks") || !j["tasks"].is_array()) {
+  // (no j.value("version", 0): it throws when "version" is not a number)
+  if (!j.is_object() || !j.contains("version") || !j["version"].is_number_unsigned() || j["version"] != 1 ||
+      !j.contains("tasks") || !j["tasks"].is_array()) {
     return corrupt("not a version 1 layout");
   }
   Layout layout;
@@ -100,6 +102,7 @@ Result<Layout> decode_layout(std::span<const std::byte> bytes) {
         !t.contains("page_count") || !t["page_count"].is_number_unsigned()) {
       return corrupt("a task entry lacks pid, pages_file, first_page or page_count");
     }
+    if (t["pid"].get<std::uint64_t>() > UINT32_MAX) return corrupt("pid out of range");
     TaskLayout tl;
     tl.pid = t["pid"].get<std::uint32_t>();
     tl.pages_file = t["pages_file"].get<std::string>();
@@ -107,6 +110,7 @@ Result<Layout> decode_layout(std::span<const std::byte> bytes) {
     tl.page_count = t["page_count"].get<std::uint64_t>();
     if (!is_plain_file_name(tl.pages_file) || !is_pages_image(tl.pages_file)) return corrupt("bad pages_file '" + tl.pages_file + "'");
     if (tl.first_page != next) return corrupt("task page ranges are not contiguous");
+    if (tl.page_count > UINT64_MAX / kPageSize - next) return corrupt("page_count out of range");
     next += tl.page_count;
     layout.tasks.push_back(std::move(tl));
   }

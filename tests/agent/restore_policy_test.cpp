@@ -1,0 +1,181 @@
+// Placements and restore policies (snaptier/restore_policy.hpp): what each policy name means
+// (mechanism, stored placement, pages installed before resume) and where placements put pages.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <map>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "snaptier/restore_policy.hpp"
+
+namespace snaptier::policy {
+namespace {
+
+constexpr std::uint64_t P = kPageSize;
+
+TEST(RestorePolicyTest, EveryNamedPolicyHasItsMechanismAndPlacement) {
+  struct Want {
+    Mechanism mechanism;
+    std::string placement;
+  };
+  const std::map<std::string, Want> want{
+      {"criu-eager", {Mechanism::criu_eager, "cxl"}},
+      {"criu-lazy", {Mechanism::criu_lazy, "cxl"}},
+      {"criu-remote", {Mechanism::criu_remote, "cxl"}},
+      {"lazy-cxl", {Mechanism::snaptier_lazy, "cxl"}},
+      {"lazy-rdma", {Mechanism::snaptier_lazy, "rdma"}},
+      {"reap", {Mechanism::snaptier_lazy, "cxl"}},
+      {"tiered", {Mechanism::snaptier_lazy, "tiered"}},
+  };
+  const auto names = policy_names();
+  EXPECT_EQ(std::set<std::string>(names.begin(), names.end()).size(), names.size()) << "duplicate name";
+  ASSERT_EQ(names.size(), want.size());
+  for (const auto& name : names) {
+    SCOPED_TRACE(name);
+    ASSERT_TRUE(want.contains(name)) << "a new policy needs a row here";
+    auto policy = make_policy(name);
+    ASSERT_TRUE(policy) << policy.error().what();
+    EXPECT_EQ((*policy)->name(), name);
+    EXPECT_EQ((*policy)->mechanism(), want.at(name).mechanism);
+    EXPECT_EQ((*policy)->placement(), want.at(name).placement);
+    // Every policy reads a placement that exists.
+    auto placement = make_placement((*policy)->placement());
+    ASSERT_TRUE(placement) << placement.error().what();
+    EXPECT_EQ((*placement)->name(), (*policy)->placement());
+  }
+  EXPECT_EQ(to_string(Mechanism::criu_eager), "criu-eager");
+  EXPECT_EQ(to_string(Mechanism::snaptier_lazy), "snaptier-lazy");
+}
+
+TEST(RestorePolicyTest, UnknownNamesAreRejectedWithTheKnownOnes) {
+  for (const std::string name : {"", "fastest", "REAP", "tiered "}) {
+    auto policy = make_policy(name);
+    ASSERT_FALSE(policy) << "accepted '" << name << "'";
+    EXPECT_EQ(policy.error().code, Errc::invalid_argument);
+    for (const auto& known : policy_names()) {
+      EXPECT_NE(policy.error().message.find(known), std::string::npos) << policy.error().message;
+    }
+  }
+  auto placement = make_placement("nvme");
+  ASSERT_FALSE(placement);
+  EXPECT_EQ(placement.error().code, Errc::invalid_argument);
+  for (const char* known : {"tiered", "cxl", "rdma"}) {
+    EXPECT_NE(placement.error().message.find(known), std::string::npos) << placement.error().message;
+  }
+  std::set<std::string> placements;
+  for (const auto& p : all_placements()) placements.insert(std::string(p->name()));
+  EXPECT_EQ(placements, (std::set<std::string>{"tiered", "cxl", "rdma"}));
+}
+
+// 8 lazy pages; 3 of them hot, touched in the order 0x5000, 0x1000, 0x7000.
+std::vector<LazyPage> profiled_pages() {
+  std::vector<LazyPage> pages;
+  for (std::uint64_t i = 0; i < 8; ++i) pages.push_back(LazyPage{0x10000000 + i * P, page_read_only, 0, TierKind::rdma});
+  pages[5].flags = page_hot | page_written;
+  pages[5].touch_order = 1;
+  pages[1].flags = page_hot | page_read_only;
+  pages[1].touch_order = 2;
+  pages[7].flags = page_hot | page_zero;
+  pages[7].touch_order = 3;
+  pages[3].touch_order = 9;  // an order without the hot flag is not a hot page
+  return pages;
+}
+
+TEST(RestorePolicyTest, ReapAndTieredInstallTheHotPagesInTouchOrder) {
+  const auto pages = profiled_pages();
+  const std::vector<std::uint64_t> hot{0x10005000, 0x10001000, 0x10007000};
+  for (const char* name : {"reap", "tiered"}) {
+    SCOPED_TRACE(name);
+    auto plan = (*make_policy(name))->plan(pages);
+    EXPECT_EQ(plan.before_resume, hot);
+    EXPECT_TRUE(plan.background.empty());
+  }
+  // The input order does not matter.
+  auto reversed = pages;
+  std::reverse(reversed.begin(), reversed.end());
+  EXPECT_EQ((*make_policy("reap"))->plan(reversed).before_resume, hot);
+  // Without a profile there is nothing to install.
+  std::vector<LazyPage> cold(4, LazyPage{0x1000, 0, 0, TierKind::cxl});
+  EXPECT_TRUE((*make_policy("tiered"))->plan(cold).before_resume.empty());
+  EXPECT_TRUE((*make_policy("reap"))->plan({}).before_resume.empty());
+}
+
+TEST(RestorePolicyTest, DemandOnlyPoliciesPlanNothing) {
+  const auto pages = profiled_pages();
+  for (const char* name : {"lazy-cxl", "lazy-rdma", "criu-eager", "criu-lazy", "criu-remote"}) {
+    SCOPED_TRACE(name);
+    auto plan = (*make_policy(name))->plan(pages);
+    EXPECT_TRUE(plan.before_resume.empty());
+    EXPECT_TRUE(plan.background.empty());
+  }
+}
+
+std::vector<PageEntry> entries(std::initializer_list<std::uint32_t> flags) {
+  std::vector<PageEntry> out;
+  std::uint64_t a = 0x400000;
+  for (auto f : flags) {
+    PageEntry e;
+    e.vaddr = a;
+    e.flags = f;
+    out.push_back(e);
+    a += P;
+  }
+  return out;
+}
+
+TEST(RestorePolicyTest, TieredPlacementPutsHotPagesOnCxlAndColdOnesInRdma) {
+  const std::map<TierKind, TierCaps> up{{TierKind::local, {}}, {TierKind::cxl, {}}, {TierKind::rdma, {}}};
+  const auto pages = entries({page_hot | page_written, 0, page_hot | page_read_only, page_read_only, page_zero, page_hot | page_zero});
+  auto request = (*make_placement("tiered"))->place(pages, up);
+  ASSERT_TRUE(request) << request.error().what();
+  ASSERT_EQ(request->per_page.size(), pages.size());
+  auto tier_of = [&](std::size_t i) { return request->per_page[i].value_or(request->default_tier); };
+  EXPECT_EQ(tier_of(0), TierKind::cxl);
+  EXPECT_EQ(tier_of(1), TierKind::rdma);
+  EXPECT_EQ(tier_of(2), TierKind::cxl);
+  EXPECT_EQ(tier_of(3), TierKind::rdma);
+  EXPECT_EQ(tier_of(5), TierKind::cxl);  // zero pages are not stored anyway
+  for (const char* single : {"cxl", "rdma"}) {
+    auto all = (*make_placement(single))->place(pages, up);
+    ASSERT_TRUE(all) << all.error().what();
+    EXPECT_EQ(to_string(all->default_tier), single);
+    for (const auto& p : all->per_page) EXPECT_FALSE(p.has_value());
+  }
+}
+
+TEST(RestorePolicyTest, PlacementsNameTheTierThatIsNotUp) {
+  const auto pages = entries({page_hot, 0});
+  const std::map<TierKind, TierCaps> no_rdma{{TierKind::local, {}}, {TierKind::cxl, {}}};
+  const std::map<TierKind, TierCaps> no_cxl{{TierKind::file, {}}, {TierKind::rdma, {}}};
+  struct Case {
+    const char* placement;
+    const std::map<TierKind, TierCaps>* available;
+    const char* missing;
+  };
+  for (const Case& c : {Case{"tiered", &no_rdma, "rdma"}, Case{"tiered", &no_cxl, "cxl"}, Case{"rdma", &no_rdma, "rdma"},
+                        Case{"cxl", &no_cxl, "cxl"}}) {
+    SCOPED_TRACE(std::string(c.placement) + " without " + c.missing);
+    auto request = (*make_placement(c.placement))->place(pages, *c.available);
+    ASSERT_FALSE(request);
+    EXPECT_EQ(request.error().code, Errc::unavailable);
+    EXPECT_NE(request.error().message.find(std::string("the ") + c.missing + " tier"), std::string::npos)
+        << request.error().message;
+  }
+  EXPECT_TRUE((*make_placement("cxl"))->place(pages, no_rdma));
+  EXPECT_TRUE((*make_placement("rdma"))->place(pages, no_cxl));
+}
+
+TEST(RestorePolicyTest, VariantIdsKeepTheBaseForTieredOnly) {
+  EXPECT_EQ(variant_id("x", "tiered"), "x");
+  EXPECT_EQ(variant_id("x", "cxl"), "x:cxl");
+  EXPECT_EQ(variant_id("matmul", "rdma"), "matmul:rdma");
+  // Every policy's placement gives a distinct stored copy.
+  std::set<std::string> ids;
+  for (const auto& p : all_placements()) ids.insert(variant_id("fn", p->name()));
+  EXPECT_EQ(ids, (std::set<std::string>{"fn", "fn:cxl", "fn:rdma"}));
+}
+
+}  // namespace
+}  // namespace snaptier::policy
