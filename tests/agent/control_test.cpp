@@ -131,7 +131,8 @@ TEST(ControlCodecTest, EveryCommandSurvivesEncodeAndParse) {
                                 RdmaAlloc{1 << 20},
                                 RdmaFree{Extent{4096, 8192}},
                                 FunctionSnapshot{"matmul", "mm-1", "host0"},
-                                FunctionRestore{"mm-1", "tiered", "host1", true}};
+                                FunctionRestore{"mm-1", "tiered", "host1", true},
+                                FunctionServeLazy{"mm-1", "10.77.0.1", 27001}};
   ASSERT_EQ(commands.size(), std::variant_size_v<Command>) << "a new op needs a case here";
   std::uint64_t id = 40;
   for (const auto& command : commands) {

@@ -99,9 +99,17 @@ struct FunctionRestore {
   bool keep = false;                  // leave the restored instance running (else killed after checks)
 };
 
+// Agent to agent, for the criu-remote policy: restore the snapshot here, then `criu dump
+// --lazy-pages` it with its page server on address:port; reply with the non-lazy images.
+struct FunctionServeLazy {
+  std::string snapshot;
+  std::string address;      // IP literal the page server binds (this host's data address)
+  std::uint16_t port = 0;
+};
+
 using Command = std::variant<Ping, Status, SnapshotPut, SnapshotList, SnapshotInfoQuery,
                              SnapshotRead, SnapshotDelete, RdmaConnect, RdmaAlloc, RdmaFree,
-                             FunctionSnapshot, FunctionRestore>;
+                             FunctionSnapshot, FunctionRestore, FunctionServeLazy>;
 
 // Ops that run for minutes (function snapshot/restore): ServerOptions::long_request_timeout.
 [[nodiscard]] bool is_long_running(const Command& command) noexcept;

@@ -8,6 +8,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -30,6 +31,13 @@ class FunctionService {
   // A restore that ran but failed (wrong answer, a tier failing mid-restore) is a result with
   // "ok": false and the reason; errors are for requests that could not start.
   [[nodiscard]] Result<nlohmann::json> restore(const control::FunctionRestore& request);
+  // criu-remote, snapshot host side: restore the snapshot eagerly, `criu dump --lazy-pages` it
+  // with its page server on request.address:port (running on after the reply, bounded by the
+  // operation timeout), reply {"images": {file: hex}}.
+  [[nodiscard]] Result<nlohmann::json> serve_lazy(const control::FunctionServeLazy& request);
+
+  // Other agents (criu-remote asks the snapshot host for a page server).
+  void set_peers(std::map<std::string, NetAddress> peers, std::string token);
 
  private:
   std::string host_;
@@ -38,6 +46,13 @@ class FunctionService {
   std::map<TierKind, TierCaps> tiers_;
   std::mutex operation_mutex_;  // one snapshot/restore at a time (and the dumped socket path)
   std::uint64_t restore_counter_ = 0;
+  std::map<std::string, NetAddress> peers_;
+  std::string peer_token_;
+  struct RemoteDump;  // a `criu dump --lazy-pages` serving pages after its reply
+  std::vector<std::shared_ptr<RemoteDump>> remote_dumps_;
+  void reap_remote_dumps(bool all);
+  [[nodiscard]] Result<nlohmann::json> call_peer(const std::string& host, const control::Command& command);
+
 };
 
 }  // namespace snaptier

@@ -35,6 +35,9 @@ namespace snaptier::snap {
 inline constexpr const char* kLayoutBlob = "snaptier.layout";      // JSON, see Layout
 inline constexpr const char* kFunctionBlob = "snaptier.function";  // JSON, written by the agent
 inline constexpr const char* kImageBlobPrefix = "img:";
+// JSON {"<pid>": [[vaddr, touch_order], ...]}: fresh pages (not in the snapshot, zero-filled on
+// fault) the profiled invocation touched inside VMAs that CRIU serves lazily.
+inline constexpr const char* kFreshBlob = "snaptier.fresh";
 
 struct TaskLayout {
   std::uint32_t pid = 0;           // pstree pid
@@ -100,6 +103,7 @@ struct ProfileSummary {
   std::uint64_t zero = 0;       // all-zero pages (never stored)
   std::uint64_t hot_zero = 0;   // zero pages that were touched
   std::uint64_t changed_after_read = 0;  // written pages whose first touch was a read
+  std::uint64_t fresh = 0;      // touched pages that are not in the snapshot (kFreshBlob)
 };
 void to_json(nlohmann::json& j, const ProfileSummary& s);
 
@@ -125,7 +129,8 @@ class StorePageSource final : public lazy::LazySource {
   [[nodiscard]] bool has_task(TaskId task) const noexcept override;
   [[nodiscard]] std::vector<std::uint64_t> lazy_pages(TaskId task) const override;
 
-  // The lazy pages of `task` with their flags, for a RestorePolicy's plan.
+  // The lazy pages of `task` with their flags, for a RestorePolicy's plan; plus the profiled
+  // fresh pages (kFreshBlob) as hot zero pages.
   [[nodiscard]] std::vector<policy::LazyPage> policy_view(TaskId task) const;
 
   struct Impl;

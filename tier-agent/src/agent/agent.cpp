@@ -131,6 +131,10 @@ Result<nlohmann::json> Agent::handle(const control::Command& command) {
           } else {
             return (*service)->restore(c);
           }
+        } else if constexpr (std::is_same_v<T, FunctionServeLazy>) {
+          auto service = require_functions();
+          if (!service) return tl::unexpected(service.error());
+          return (*service)->serve_lazy(c);
         }
       },
       command);

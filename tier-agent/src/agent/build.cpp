@@ -127,6 +127,7 @@ Result<std::unique_ptr<Agent>> make_agent(const AgentConfig& config) {
       if (slot.tier) up.emplace(slot.kind, slot.tier->caps());
     }
     parts.functions = std::make_shared<FunctionService>(config.host, *config.functions, parts.store, std::move(up));
+    parts.functions->set_peers(config.peers, config.control.token);
   }
   parts.peers = config.peers;
   parts.peer_token = config.control.token;

@@ -133,7 +133,99 @@ Result<void> wait_for_socket(const fs::path& path, proc::Child& daemon, millisec
   return {};
 }
 
+std::string to_hex(std::span<const std::byte> bytes) {
+  static constexpr char kDigits[] = "0123456789abcdef";
+  std::string out;
+  out.reserve(bytes.size() * 2);
+  for (std::byte b : bytes) {
+    out.push_back(kDigits[std::to_integer<unsigned>(b) >> 4]);
+    out.push_back(kDigits[std::to_integer<unsigned>(b) & 15]);
+  }
+  return out;
+}
+
+Result<std::vector<std::byte>> from_hex(const std::string& text) {
+  auto digit = [](char c) -> int {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    return -1;
+  };
+  if (text.size() % 2 != 0) return fail(Errc::protocol, "odd-length hex image");
+  std::vector<std::byte> out(text.size() / 2);
+  for (std::size_t i = 0; i < out.size(); ++i) {
+    const int hi = digit(text[2 * i]), lo = digit(text[2 * i + 1]);
+    if (hi < 0 || lo < 0) return fail(Errc::protocol, "bad hex digit in an image");
+    out[i] = static_cast<std::byte>(hi * 16 + lo);
+  }
+  return out;
+}
+
+// Is something listening on TCP `port` (any address)? From /proc/net/tcp{,6}: connecting to
+// find out would use up the page server's one connection.
+bool tcp_listening(std::uint16_t port) {
+  char hex_port[8];
+  std::snprintf(hex_port, sizeof hex_port, ":%04X", static_cast<unsigned>(port));
+  for (const char* table : {"/proc/net/tcp", "/proc/net/tcp6"}) {
+    std::ifstream in(table);
+    std::string line;
+    std::getline(in, line);  // header
+    while (std::getline(in, line)) {
+      std::istringstream fields(line);
+      std::string slot, local, remote, state;
+      fields >> slot >> local >> remote >> state;
+      if (state == "0A" && local.size() > 5 && local.compare(local.size() - 5, 5, hex_port) == 0) return true;
+    }
+  }
+  return false;
+}
+
 }  // namespace
+
+struct FunctionService::RemoteDump {
+  proc::Child dump;
+  fs::path dir;
+  Clock::time_point deadline;
+};
+
+void FunctionService::set_peers(std::map<std::string, NetAddress> peers, std::string token) {
+  peers_ = std::move(peers);
+  peer_token_ = std::move(token);
+}
+
+Result<json> FunctionService::call_peer(const std::string& host, const control::Command& command) {
+  auto peer = peers_.find(host);
+  if (peer == peers_.end()) return fail(Errc::not_found, "host '" + host + "' is not a peer of " + host_);
+  control::ClientOptions options;
+  options.endpoint = peer->second;
+  options.token = peer_token_;
+  options.connect_timeout = milliseconds(10'000);
+  options.io_timeout = std::chrono::duration_cast<milliseconds>(config_.operation_timeout);
+  auto client = control::ControlClient::connect(options);
+  if (!client) return fail(Errc::unavailable, "cannot reach " + host + ": " + client.error().message);
+  auto reply = client->call_ok(command);
+  if (!reply) return fail(reply.error().code, host + ": " + reply.error().message);
+  return reply;
+}
+
+void FunctionService::reap_remote_dumps(bool all) {
+  std::error_code ec;
+  for (auto it = remote_dumps_.begin(); it != remote_dumps_.end();) {
+    auto& d = **it;
+    bool over = d.dump.try_wait().has_value();
+    if (!over && (all || Clock::now() > d.deadline)) {
+      spdlog::warn("criu-remote: page server in {} still running; killed", d.dir.string());
+      d.dump.kill();
+      (void)d.dump.wait(milliseconds(5'000));
+      over = true;
+    }
+    if (over) {
+      fs::remove_all(d.dir, ec);
+      it = remote_dumps_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
 
 FunctionService::FunctionService(std::string host, FunctionsConfig config, std::shared_ptr<SnapshotStore> store,
                                  std::map<TierKind, TierCaps> tiers)
@@ -279,9 +371,7 @@ Result<json> FunctionService::restore(const control::FunctionRestore& request) {
   auto policy = policy::make_policy(request.policy);
   if (!policy) return tl::unexpected(policy.error());
   const policy::Mechanism mechanism = (*policy)->mechanism();
-  if (mechanism == policy::Mechanism::criu_remote) {
-    return fail(Errc::unsupported, "policy criu-remote is not implemented yet (see docs/restore-policies.md)");
-  }
+  reap_remote_dumps(false);
   const std::string variant = policy::variant_id(request.snapshot, (*policy)->placement());
   auto snapshot = store_->get(variant);
   if (!snapshot) {
@@ -325,12 +415,46 @@ Result<json> FunctionService::restore(const control::FunctionRestore& request) {
   };
 
   // 1. Images on local storage: everything for the CRIU baselines, only what CRIU restores
-  //    itself for the lazy policies. Not part of the timed restore.
+  //    itself for the lazy policies; for criu-remote, what the snapshot host's lazy dump wrote.
+  //    Not part of the timed restore.
   const auto t_materialize = Clock::now();
-  auto materialized = snap::materialize(*snapshot, *store_, images, mechanism != policy::Mechanism::snaptier_lazy);
-  if (!materialized) return failed(materialized.error());
-  result["materialize"] = {{"ms", ms_between(t_materialize, Clock::now())}, {"pages", materialized->pages_written},
-                           {"bytes", materialized->bytes_written}};
+  std::optional<snap::Materialized> materialized;
+  std::string remote_address;
+  std::uint16_t remote_port = 0;
+  if (mechanism == policy::Mechanism::criu_remote) {
+    const std::string origin = meta.value("snapshot_host", "");
+    auto peer = peers_.find(origin);
+    if (peer == peers_.end()) {
+      return failed(Error{Errc::unavailable, "criu-remote needs the snapshot host '" + origin + "' as a peer"});
+    }
+    remote_address = peer->second.host;
+    remote_port = static_cast<std::uint16_t>(27000 + (restore_counter_ % 1000));
+    auto served = call_peer(origin, control::FunctionServeLazy{request.snapshot, remote_address, remote_port});
+    if (!served) return failed(served.error());
+    fs::create_directories(images, ec);
+    std::uint64_t image_bytes = 0;
+    for (const auto& [name, hex] : (*served)["images"].items()) {
+      if (name.empty() || name.find('/') != std::string::npos || name == "." || name == ".." || !hex.is_string()) {
+        return failed(Error{Errc::protocol, origin + " sent a bad image entry"});
+      }
+      auto bytes = from_hex(hex.get<std::string>());
+      if (!bytes) return failed(bytes.error());
+      std::ofstream out(images / name, std::ios::binary);
+      out.write(reinterpret_cast<const char*>(bytes->data()), static_cast<std::streamsize>(bytes->size()));
+      if (!out) return failed(Error{Errc::io, "write " + (images / name).string()});
+      image_bytes += bytes->size();
+    }
+    result["remote"] = {{"host", origin}, {"address", remote_address}, {"port", remote_port},
+                        {"images_bytes", image_bytes}, {"prepare_ms", ms_between(t_materialize, Clock::now())},
+                        {"peer", *served}};
+    result["remote"]["peer"].erase("images");
+  } else {
+    auto m = snap::materialize(*snapshot, *store_, images, mechanism != policy::Mechanism::snaptier_lazy);
+    if (!m) return failed(m.error());
+    materialized = std::move(*m);
+    result["materialize"] = {{"ms", ms_between(t_materialize, Clock::now())}, {"pages", materialized->pages_written},
+                             {"bytes", materialized->bytes_written}};
+  }
 
   // 2. The restore itself.
   std::unique_ptr<ServerThread> server;
@@ -339,9 +463,13 @@ Result<json> FunctionService::restore(const control::FunctionRestore& request) {
   std::atomic<bool> resumed{false};
   std::vector<std::string> restore_argv{config_.criu, "restore", "-D", images.string(), "-W", dir.string(), "-d",
                                         "--pidfile", (dir / "pid").string(), "-o", "restore.log", "-v2"};
-  if (mechanism == policy::Mechanism::criu_lazy) {
-    auto daemon = proc::spawn({config_.criu, "lazy-pages", "-D", images.string(), "-W", dir.string(), "-o",
-                               "lazy-pages.log", "-v2"});
+  if (mechanism == policy::Mechanism::criu_lazy || mechanism == policy::Mechanism::criu_remote) {
+    std::vector<std::string> daemon_argv{config_.criu, "lazy-pages", "-D", images.string(), "-W", dir.string(), "-o",
+                                         "lazy-pages.log", "-v2"};
+    if (mechanism == policy::Mechanism::criu_remote) {
+      daemon_argv.insert(daemon_argv.end(), {"--page-server", "--address", remote_address, "--port", std::to_string(remote_port)});
+    }
+    auto daemon = proc::spawn(daemon_argv);
     if (!daemon) return failed(daemon.error());
     criu_daemon = std::move(*daemon);
     if (auto ok = wait_for_socket(dir / lazy::kSocketName, criu_daemon, milliseconds(30'000), dir / "lazy-pages.log"); !ok) {
@@ -451,8 +579,9 @@ Result<json> FunctionService::restore(const control::FunctionRestore& request) {
     const bool eager = mechanism == policy::Mechanism::criu_eager;
     result["faults"] = eager ? json{{"total", 0}, {"read", 0}, {"write", 0}, {"zero", 0}, {"per_tier", json::object()}}
                              : json(nullptr);
-    result["bytes_moved_per_tier"] = {{"file", materialized->bytes_written}};
-    result["pages_prefetched"] = eager ? materialized->pages_written : 0;
+    const std::uint64_t local_bytes = materialized ? materialized->bytes_written : 0;
+    result["bytes_moved_per_tier"] = {{"file", local_bytes}};
+    result["pages_prefetched"] = eager ? local_bytes / kPageSize : 0;
     result["pages_background"] = 0;
   }
   if (criu_daemon.pid() > 0) (void)criu_daemon.wait(milliseconds(30'000));
@@ -463,6 +592,93 @@ Result<json> FunctionService::restore(const control::FunctionRestore& request) {
     result["error"] = result["problems"].empty() ? "restore failed" : result["problems"][0];
   }
   return result;
+}
+
+// ---------------------------------------------------------------------------------------------
+// criu-remote, snapshot host side
+
+Result<json> FunctionService::serve_lazy(const control::FunctionServeLazy& request) {
+  std::lock_guard operation(operation_mutex_);
+  if (!store_) return fail(Errc::unsupported, host_ + " has no snapshot store");
+  reap_remote_dumps(false);
+  const milliseconds timeout = std::chrono::duration_cast<milliseconds>(config_.operation_timeout);
+  const auto t_start = Clock::now();
+  const std::string variant = policy::variant_id(request.snapshot, "cxl");
+  auto snapshot = store_->get(variant);
+  if (!snapshot) return tl::unexpected(snapshot.error());
+  auto blob = snapshot->blobs.find(snap::kFunctionBlob);
+  if (blob == snapshot->blobs.end()) return fail(Errc::invalid_argument, "'" + variant + "' is not a function snapshot");
+  json meta = json::parse(std::string_view(reinterpret_cast<const char*>(blob->second.data()), blob->second.size()),
+                          nullptr, false);
+  if (!meta.is_object() || !meta.contains("socket")) return fail(Errc::corrupt, "'" + variant + "': function metadata is damaged");
+  const fs::path dumped_socket = meta["socket"].get<std::string>();
+  const fs::path dir = config_.work_dir / "serve" / (request.snapshot + "." + std::to_string(++restore_counter_));
+  std::error_code ec;
+  fs::remove_all(dir, ec);
+  fs::create_directories(dir / "lazy-images", ec);
+  fs::create_directories(dumped_socket.parent_path(), ec);
+  if (ec) return fail(Errc::io, "create " + dir.string() + ": " + ec.message());
+
+  // A live instance to migrate: the snapshot restored eagerly here.
+  auto materialized = snap::materialize(*snapshot, *store_, dir / "images", /*all_pages=*/true);
+  if (!materialized) return tl::unexpected(materialized.error());
+  if (auto ok = run_criu({config_.criu, "restore", "-D", (dir / "images").string(), "-W", dir.string(), "-d", "--pidfile",
+                          (dir / "pid").string(), "-o", "restore.log", "-v2"},
+                         timeout, dir / "restore.log", "criu restore (source of criu-remote)");
+      !ok) {
+    return tl::unexpected(ok.error());
+  }
+  auto pid = read_pid_file(dir / "pid");
+  if (!pid) return tl::unexpected(pid.error());
+  fs::remove_all(dir / "images", ec);
+  const auto t_live = Clock::now();
+  if (tcp_listening(request.port)) {
+    kill_tree(*pid);
+    return fail(Errc::already_exists, "port " + std::to_string(request.port) + " is in use on " + host_);
+  }
+  auto dump = proc::spawn({config_.criu, "dump", "-t", std::to_string(*pid), "-D", (dir / "lazy-images").string(), "-W",
+                           dir.string(), "--lazy-pages", "--address", request.address, "--port", std::to_string(request.port),
+                           "-o", "dump.log", "-v2"});
+  if (!dump) {
+    kill_tree(*pid);
+    return tl::unexpected(dump.error());
+  }
+  // The images are complete once the page server listens.
+  const auto deadline = Clock::now() + timeout;
+  while (!tcp_listening(request.port)) {
+    if (auto status = dump->try_wait()) {
+      kill_tree(*pid);
+      return fail(Errc::io, "criu dump --lazy-pages exited (" + std::to_string(status->exit_code) + "); end of dump.log:\n" +
+                                tail_of(dir / "dump.log"));
+    }
+    if (Clock::now() > deadline) {
+      kill_tree(*pid);
+      return fail(Errc::timeout, "criu dump --lazy-pages never started its page server");
+    }
+    std::this_thread::sleep_for(milliseconds(10));
+  }
+  json images = json::object();
+  std::uint64_t bytes = 0;
+  for (const auto& entry : fs::directory_iterator(dir / "lazy-images", ec)) {
+    if (!entry.is_regular_file()) continue;
+    std::ifstream in(entry.path(), std::ios::binary);
+    std::vector<char> content((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    bytes += content.size();
+    images[entry.path().filename().string()] =
+        to_hex(std::span<const std::byte>(reinterpret_cast<const std::byte*>(content.data()), content.size()));
+  }
+  if (bytes > 6u << 20) {
+    dump->kill();
+    kill_tree(*pid);
+    return fail(Errc::no_space, "the lazy dump's images (" + std::to_string(bytes) + " bytes) exceed what one reply carries");
+  }
+  auto remote = std::make_shared<RemoteDump>();
+  remote->dump = std::move(*dump);
+  remote->dir = dir;
+  remote->deadline = Clock::now() + timeout;
+  remote_dumps_.push_back(std::move(remote));
+  return json{{"images", images}, {"images_bytes", bytes}, {"host", host_},
+              {"restore_ms", ms_between(t_start, t_live)}, {"dump_ms", ms_between(t_live, Clock::now())}};
 }
 
 }  // namespace snaptier

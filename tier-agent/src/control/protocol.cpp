@@ -253,6 +253,21 @@ Result<Command> parse_function_restore(JsonReader& reader, const json&) {
   return c;
 }
 
+Result<Command> parse_function_serve_lazy(JsonReader& reader, const json&) {
+  FunctionServeLazy c;
+  SNAPTIER_TRY(id, snapshot_id(reader));
+  c.snapshot = id;
+  SNAPTIER_TRY(address, reader.required_string("address"));
+  boost::system::error_code ec;
+  boost::asio::ip::make_address(address, ec);
+  if (ec) return reader.error("address", "must be an IP address, got \"" + address + "\"");
+  c.address = address;
+  SNAPTIER_TRY(port, reader.required_unsigned("port", 65535));
+  if (port < 1024) return reader.error("port", "must be 1024..65535");
+  c.port = static_cast<std::uint16_t>(port);
+  return c;
+}
+
 struct OpEntry {
   std::string_view name;
   CommandParser parse;
@@ -272,6 +287,7 @@ constexpr std::array<OpEntry, std::variant_size_v<Command>> kOps{{
     {"rdma.free", parse_rdma_free},
     {"function.snapshot", parse_function_snapshot},
     {"function.restore", parse_function_restore},
+    {"function.serve_lazy", parse_function_serve_lazy},
 }};
 
 json encode_args(const Command& command) {
@@ -303,6 +319,8 @@ json encode_args(const Command& command) {
           if (c.id) args["id"] = *c.id;
           if (c.host) args["host"] = *c.host;
           return args;
+        } else if constexpr (std::is_same_v<T, FunctionServeLazy>) {
+          return json{{"id", c.snapshot}, {"address", c.address}, {"port", c.port}};
         } else if constexpr (std::is_same_v<T, FunctionRestore>) {
           json args{{"id", c.snapshot}, {"policy", c.policy}};
           if (c.host) args["host"] = *c.host;
@@ -348,7 +366,8 @@ std::optional<TierKind> tier_kind_from_name(std::string_view name) noexcept {
 std::string_view op_name(const Command& command) noexcept { return kOps[command.index()].name; }
 
 bool is_long_running(const Command& command) noexcept {
-  return std::holds_alternative<FunctionSnapshot>(command) || std::holds_alternative<FunctionRestore>(command);
+  return std::holds_alternative<FunctionSnapshot>(command) || std::holds_alternative<FunctionRestore>(command) ||
+         std::holds_alternative<FunctionServeLazy>(command);
 }
 
 tl::expected<Request, RejectedRequest> parse_request(std::string_view payload) {

@@ -167,6 +167,33 @@ std::string render_result(const Command& command, const json& r) {
                  str(r, "path") + "\nsha256 " + str(r, "sha256") + "\n";
         } else if constexpr (std::is_same_v<T, SnapshotDelete>) {
           return "deleted " + str(r, "id") + "\n";
+        } else if constexpr (std::is_same_v<T, FunctionSnapshot>) {
+          std::ostringstream out;
+          const json profile = r.value("profile", json::object());
+          out << "snapshot " << str(r, "id") << " of " << str(r, "function") << " on " << str(r, "host") << ": "
+              << u64(r, "pages") << " pages (" << u64(r, "zero_pages") << " zero), profile: " << u64(profile, "hot")
+              << " hot (" << u64(profile, "written") << " written, " << u64(profile, "read_only") << " read-only), "
+              << u64(profile, "cold") << " cold\n";
+          for (const auto& v : r.value("variants", json::array())) {
+            out << "  " << str(v, "id") << " (" << str(v, "placement") << "): "
+                << tiers_summary(v.value("bytes_per_tier", json::object())) << "\n";
+          }
+          return out.str();
+        } else if constexpr (std::is_same_v<T, FunctionRestore>) {
+          std::ostringstream out;
+          const bool ok = r.value("ok", false);
+          out << (ok ? "ok" : "FAILED") << ": " << str(r, "snapshot") << " restored on " << str(r, "host") << " with "
+              << str(r, "policy");
+          if (r.contains("restore_ms") && r["restore_ms"].is_number()) {
+            out << ", restore " << r["restore_ms"].get<double>() << " ms";
+          }
+          if (r.contains("first_response_ms") && r["first_response_ms"].is_number()) {
+            out << ", first response " << r["first_response_ms"].get<double>() << " ms";
+          }
+          if (r.contains("faults") && r["faults"].is_object()) out << ", " << u64(r["faults"], "total") << " faults";
+          out << "\n";
+          if (!ok) out << "  error: " << str(r, "error") << "\n";
+          return out.str();
         } else {
           return r.dump(2) + "\n";
         }

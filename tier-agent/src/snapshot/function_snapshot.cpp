@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <set>
 #include <unordered_map>
 
 #include <nlohmann/json.hpp>
@@ -280,7 +281,7 @@ std::uint64_t ProfileRecorder::faults() const {
 void to_json(json& j, const ProfileSummary& s) {
   j = json{{"faults", s.faults}, {"hot", s.hot}, {"cold", s.cold}, {"written", s.written},
            {"read_only", s.read_only}, {"zero", s.zero}, {"hot_zero", s.hot_zero},
-           {"changed_after_read", s.changed_after_read}};
+           {"changed_after_read", s.changed_after_read}, {"fresh", s.fresh}};
 }
 
 ProfileSummary apply_profile(Ingested& ingested, const ProfileRecorder& recorder, pid_t restored_pid) {
@@ -295,6 +296,35 @@ ProfileSummary apply_profile(Ingested& ingested, const ProfileRecorder& recorder
   }
   std::vector<std::byte> now(kPageSize);
   auto& pages = ingested.snapshot.pages;
+  // Fresh pages: touched, not in the snapshot, inside a VMA that has lazy pages (so CRIU has
+  // registered it with the uffd and a zero page can be installed there before resume).
+  json fresh = json::object();
+  for (const auto& task : ingested.checkpoint.tasks) {
+    if (!task.mm || !task.pagemap) continue;
+    auto ranges = lazy::lazy_ranges_of(task);
+    if (!ranges || ranges->empty()) continue;
+    std::set<std::uint64_t> in_snapshot;
+    for (const auto& pe : task.pagemap->entries) {
+      for (std::uint64_t k = 0; k < pe.nr_pages; ++k) in_snapshot.insert(pe.vaddr + k * kPageSize);
+    }
+    json list = json::array();
+    for (const auto& [key, touch] : touches) {
+      if (key.first != static_cast<std::int64_t>(task.pstree.pid) || in_snapshot.contains(key.second)) continue;
+      const std::uint64_t a = key.second;
+      bool lazy_vma = false;
+      for (const auto& vma : task.mm->vmas) {
+        if (!vma.contains(a)) continue;
+        for (const auto& r : *ranges) lazy_vma = lazy_vma || (r.start < vma.end && r.end > vma.start);
+      }
+      if (!lazy_vma) continue;
+      list.push_back(json::array({a, touch.order}));
+      ++summary.fresh;
+    }
+    if (!list.empty()) fresh[std::to_string(task.pstree.pid)] = std::move(list);
+  }
+  const std::string fresh_text = fresh.dump();
+  ingested.snapshot.blobs[kFreshBlob].assign(reinterpret_cast<const std::byte*>(fresh_text.data()),
+                                             reinterpret_cast<const std::byte*>(fresh_text.data()) + fresh_text.size());
   for (const auto& task : ingested.layout.tasks) {
     for (std::uint64_t i = task.first_page; i < task.first_page + task.page_count; ++i) {
       PageEntry& page = pages[i];
@@ -347,6 +377,7 @@ struct StorePageSource::Impl {
   struct TaskPages {
     std::vector<lazy::LazyRange> ranges;  // ascending
     std::vector<Run> runs;                // ascending
+    std::vector<std::pair<std::uint64_t, std::uint32_t>> fresh;  // (vaddr, touch order)
   };
   std::shared_ptr<SnapshotStore> store;
   Snapshot snapshot;
@@ -369,10 +400,14 @@ Result<std::shared_ptr<StorePageSource>> StorePageSource::open(std::shared_ptr<S
   if (layout_blob == snapshot.blobs.end()) return fail(Errc::invalid_argument, "snapshot has no " + std::string(kLayoutBlob));
   auto layout = decode_layout(layout_blob->second);
   if (!layout) return tl::unexpected(layout.error());
+  json fresh;
+  if (auto f = snapshot.blobs.find(kFreshBlob); f != snapshot.blobs.end()) {
+    fresh = json::parse(std::string_view(reinterpret_cast<const char*>(f->second.data()), f->second.size()), nullptr, false);
+  }
   auto impl = std::make_unique<Impl>();
   for (const auto& task : checkpoint.tasks) {
     Impl::TaskPages tp;
-    if (task.pagemap) {
+    if (task.pagemap && task.mm) {
       const TaskLayout* tl = find_task(*layout, task.pstree.pid);
       if (tl == nullptr) return fail(Errc::corrupt, "layout has no task " + std::to_string(task.pstree.pid));
       for (const auto& pe : task.pagemap->entries) {
@@ -384,6 +419,20 @@ Result<std::shared_ptr<StorePageSource>> StorePageSource::open(std::shared_ptr<S
       auto ranges = lazy::lazy_ranges_of(task);
       if (!ranges) return tl::unexpected(ranges.error());
       tp.ranges = std::move(*ranges);
+      if (fresh.is_object() && fresh.contains(std::to_string(task.pstree.pid))) {
+        for (const auto& item : fresh[std::to_string(task.pstree.pid)]) {
+          if (!item.is_array() || item.size() != 2 || !item[0].is_number_unsigned() || !item[1].is_number_unsigned()) continue;
+          const std::uint64_t a = item[0].get<std::uint64_t>();
+          if (a % kPageSize != 0) continue;
+          // Only inside a VMA with lazy ranges (CRIU registered it), as ingest recorded.
+          bool registered = false;
+          for (const auto& vma : task.mm->vmas) {
+            if (!vma.contains(a)) continue;
+            for (const auto& r : tp.ranges) registered = registered || (r.start < vma.end && r.end > vma.start);
+          }
+          if (registered) tp.fresh.emplace_back(a, item[1].get<std::uint32_t>());
+        }
+      }
     }
     impl->tasks.emplace(static_cast<TaskId>(task.pstree.pid), std::move(tp));
   }
@@ -415,6 +464,9 @@ std::vector<policy::LazyPage> StorePageSource::policy_view(TaskId task) const {
       const PageEntry& e = impl_->snapshot.pages[*index];
       out.push_back(policy::LazyPage{a, e.flags, e.touch_order, e.tier});
     }
+  }
+  for (const auto& [vaddr, order] : it->second.fresh) {
+    out.push_back(policy::LazyPage{vaddr, page_zero | page_hot, order, TierKind::local});
   }
   return out;
 }
