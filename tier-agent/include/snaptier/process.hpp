@@ -107,4 +107,7 @@ struct RunResult {
 [[nodiscard]] std::string read_tail(const std::filesystem::path& file, std::size_t max_bytes = 2048,
                                     std::uintmax_t from = 0);
 
+// pidfd_open(2) (Linux >= 5.3, O_CLOEXEC implied); -1 with errno if the kernel lacks it.
+[[nodiscard]] int open_pidfd(pid_t pid) noexcept;
+
 }  // namespace snaptier::proc

@@ -31,17 +31,6 @@ using nlohmann::json;
 // started; our own hard bound on it leaves it that long to do so.
 constexpr auto kStartMargin = std::chrono::seconds(5);
 
-int pidfd_open(pid_t pid) noexcept {
-#ifdef SYS_pidfd_open
-  const long fd = ::syscall(SYS_pidfd_open, pid, 0);
-  return fd < 0 ? -1 : static_cast<int>(fd);
-#else
-  (void)pid;
-  errno = ENOSYS;
-  return -1;
-#endif
-}
-
 // Alive = /proc/<pid> exists and is not a zombie.
 bool alive(pid_t pid) {
   std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
@@ -143,7 +132,7 @@ Result<void> stop(const Instance& instance, std::chrono::milliseconds timeout) {
   const auto deadline = Clock::now() + timeout;
   // A pidfd pins the process we signal and becomes readable when it exits (not our child: its
   // parent is start-function's unshare wrapper, which reaps it).
-  UniqueFd pidfd(pidfd_open(instance.pid));
+  UniqueFd pidfd(proc::open_pidfd(instance.pid));
   if (!pidfd && errno == ESRCH) {
     // already gone
   } else {

@@ -38,16 +38,6 @@ constexpr auto kLongestWait = std::chrono::hours(24 * 365);
 // Poll interval when the kernel has no pidfd_open (Linux < 5.3).
 constexpr auto kPollInterval = std::chrono::milliseconds(5);
 
-int pidfd_open(pid_t pid) noexcept {
-#ifdef SYS_pidfd_open
-  const long fd = ::syscall(SYS_pidfd_open, pid, 0);
-  return fd < 0 ? -1 : static_cast<int>(fd);
-#else
-  (void)pid;
-  return -1;
-#endif
-}
-
 double ms_since(Clock::time_point start) {
   return std::chrono::duration<double, std::milli>(Clock::now() - start).count();
 }
@@ -314,7 +304,7 @@ Result<Child> spawn(const std::vector<std::string>& argv, const SpawnOptions& op
   if (err != 0) {
     return fail_errno(err == ENOENT ? Errc::not_found : Errc::io, "spawn " + executable.string(), err);
   }
-  return Child(pid, pidfd_open(pid), options.new_session, started);
+  return Child(pid, open_pidfd(pid), options.new_session, started);
 }
 
 Result<RunResult> run(const std::vector<std::string>& argv, std::chrono::milliseconds timeout,
@@ -379,6 +369,17 @@ std::string describe(const std::vector<std::string>& argv, const RunResult& r) {
     text += tail;
   }
   return text;
+}
+
+int open_pidfd(pid_t pid) noexcept {
+#ifdef SYS_pidfd_open
+  const long fd = ::syscall(SYS_pidfd_open, pid, 0);
+  return fd < 0 ? -1 : static_cast<int>(fd);
+#else
+  (void)pid;
+  errno = ENOSYS;
+  return -1;
+#endif
 }
 
 }  // namespace snaptier::proc
