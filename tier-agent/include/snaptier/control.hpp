@@ -218,6 +218,13 @@ struct ClientOptions {
 // A synchronous client; every step is bounded by a timeout. Transport failures are Errors
 // (unavailable: cannot connect/closed; timeout; protocol: garbage from the peer); a server's
 // error reply is a successful call whose Response.outcome holds the error. Not thread-safe.
+class ControlClient;
+
+// One request to another agent on a fresh connection: connect, call, close. Errors name `peer`
+// (transport failures are `unavailable`/`timeout`, an error reply keeps its code).
+[[nodiscard]] Result<nlohmann::json> call_peer(const std::string& peer, const ClientOptions& options,
+                                               const Command& command);
+
 class ControlClient {
  public:
   [[nodiscard]] static Result<ControlClient> connect(const ClientOptions& options);

@@ -160,12 +160,7 @@ Result<nlohmann::json> Agent::forward(const std::string& host, control::Command 
   options.token = parts_.peer_token;
   options.connect_timeout = std::chrono::milliseconds(10'000);
   options.io_timeout = std::chrono::milliseconds(900'000);  // the peer bounds the operation itself
-  auto client = control::ControlClient::connect(options);
-  if (!client) return fail(Errc::unavailable, "cannot reach " + host + " at " + peer->second.to_string() + ": " + client.error().message);
-  auto response = client->call(command);
-  if (!response) return fail(response.error().code, host + ": " + response.error().message);
-  if (!response->outcome) return fail(response->outcome.error().code, host + ": " + response->outcome.error().message);
-  return *response->outcome;
+  return control::call_peer(host + " (" + peer->second.to_string() + ")", options, command);
 }
 
 Result<SnapshotStore*> Agent::require_store() {

@@ -200,11 +200,7 @@ Result<json> FunctionService::call_peer(const std::string& host, const control::
   options.token = peer_token_;
   options.connect_timeout = milliseconds(10'000);
   options.io_timeout = std::chrono::duration_cast<milliseconds>(config_.operation_timeout);
-  auto client = control::ControlClient::connect(options);
-  if (!client) return fail(Errc::unavailable, "cannot reach " + host + ": " + client.error().message);
-  auto reply = client->call_ok(command);
-  if (!reply) return fail(reply.error().code, host + ": " + reply.error().message);
-  return reply;
+  return control::call_peer(host + " (" + peer->second.to_string() + ")", options, command);
 }
 
 void FunctionService::reap_remote_dumps(bool all) {

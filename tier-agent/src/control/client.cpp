@@ -218,6 +218,14 @@ Result<nlohmann::json> ControlClient::call_ok(const Command& command) {
   return std::move(response->outcome);
 }
 
+Result<nlohmann::json> call_peer(const std::string& peer, const ClientOptions& options, const Command& command) {
+  auto client = ControlClient::connect(options);
+  if (!client) return fail(Errc::unavailable, "cannot reach " + peer + ": " + client.error().message);
+  auto reply = client->call_ok(command);
+  if (!reply) return fail(reply.error().code, peer + ": " + reply.error().message);
+  return reply;
+}
+
 namespace {
 
 class ControlRdmaPoolClient final : public RdmaPoolClient {
