@@ -17,6 +17,7 @@
 #include "core/unique_fd.hpp"
 #include "helpers/temp_dir.hpp"
 #include "snaptier/function.hpp"
+#include "snaptier/process.hpp"
 
 namespace snaptier::function {
 namespace {
@@ -28,15 +29,6 @@ using nlohmann::json;
 std::filesystem::path workloads_dir() {
   if (const char* env = std::getenv("SNAPTIER_WORKLOADS")) return env;
   return std::filesystem::path(__FILE__).parent_path().parent_path().parent_path() / "workloads";
-}
-
-bool running(pid_t pid) {
-  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
-  if (!stat) return false;
-  std::string line;
-  std::getline(stat, line);
-  const auto paren = line.rfind(')');
-  return paren != std::string::npos && paren + 2 < line.size() && line[paren + 2] != 'Z';
 }
 
 void write_file(const std::filesystem::path& path, const std::string& text) {
@@ -346,7 +338,7 @@ TEST_P(InstanceTest, StartInvokeDigestStop) {
   guard.instance = *started;
   const Instance& instance = *started;
   EXPECT_GT(instance.pid, 0);
-  EXPECT_TRUE(running(instance.pid));
+  EXPECT_TRUE(snaptier::proc::is_running(instance.pid));
   EXPECT_EQ(instance.socket, dir.path() / "work" / "instance.sock");
   EXPECT_TRUE(std::filesystem::exists(instance.ready_file));
   EXPECT_GE(instance.startup_ms, instance.init_ms);
@@ -396,7 +388,7 @@ TEST_P(InstanceTest, StartInvokeDigestStop) {
   auto stopped = stop(instance, 5s);
   ASSERT_TRUE(stopped) << stopped.error().what();
   guard.instance = {};
-  EXPECT_FALSE(running(instance.pid));
+  EXPECT_FALSE(snaptier::proc::is_running(instance.pid));
   EXPECT_FALSE(std::filesystem::exists(instance.socket));
   auto after = call(instance.socket, {{"op", "ping"}}, 1s);
   ASSERT_FALSE(after);

@@ -27,18 +27,9 @@ std::string read_file(const std::filesystem::path& path) {
 }
 
 // Running = exists and is not a zombie (orphans are reaped by whoever is pid 1, maybe late).
-bool running(pid_t pid) {
-  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
-  if (!stat) return false;
-  std::string line;
-  std::getline(stat, line);
-  const auto paren = line.rfind(')');
-  return paren != std::string::npos && paren + 2 < line.size() && line[paren + 2] != 'Z';
-}
-
 bool stops_running_within(pid_t pid, std::chrono::milliseconds bound) {
   const auto deadline = Clock::now() + bound;
-  while (running(pid)) {
+  while (proc::is_running(pid)) {
     if (Clock::now() >= deadline) return false;
     std::this_thread::sleep_for(5ms);
   }
@@ -137,7 +128,7 @@ TEST(ProcessTest, TimeoutKillsTheWholeProcessGroupIncludingAGrandchild) {
   ASSERT_TRUE(child) << child.error().what();
   const pid_t grandchild = wait_for_pid_line(options.log_file);
   ASSERT_GT(grandchild, 0) << read_file(options.log_file);
-  ASSERT_TRUE(running(grandchild));
+  ASSERT_TRUE(proc::is_running(grandchild));
   EXPECT_EQ(::getpgid(grandchild), child->pid());
 
   const auto started = Clock::now();
@@ -266,7 +257,7 @@ TEST(ProcessTest, DestructorKillsTheGroupAndReaps) {
   // Reaped by the destructor: not even a zombie of ours is left.
   EXPECT_EQ(::waitpid(pid, nullptr, WNOHANG), -1);
   EXPECT_EQ(errno, ECHILD);
-  EXPECT_FALSE(running(pid));
+  EXPECT_FALSE(proc::is_running(pid));
   EXPECT_TRUE(stops_running_within(grandchild, 2s));
 }
 
@@ -280,9 +271,9 @@ TEST(ProcessTest, MoveTransfersOwnership) {
   Child other;
   other = std::move(owner);
   EXPECT_EQ(other.pid(), pid);
-  EXPECT_TRUE(running(pid));
+  EXPECT_TRUE(proc::is_running(pid));
   other = Child();  // assigning over a live child kills and reaps it
-  EXPECT_FALSE(running(pid));
+  EXPECT_FALSE(proc::is_running(pid));
 }
 
 TEST(ProcessTest, ReleasedChildOutlivesTheChildObject) {
@@ -294,7 +285,7 @@ TEST(ProcessTest, ReleasedChildOutlivesTheChildObject) {
     EXPECT_EQ(child->pid(), -1);
   }
   ASSERT_GT(pid, 0);
-  EXPECT_TRUE(running(pid));
+  EXPECT_TRUE(proc::is_running(pid));
   // Ours to clean up now.
   ASSERT_EQ(::kill(pid, SIGKILL), 0);
   int status = 0;

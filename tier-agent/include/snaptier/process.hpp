@@ -110,4 +110,13 @@ struct RunResult {
 // pidfd_open(2) (Linux >= 5.3, O_CLOEXEC implied); -1 with errno if the kernel lacks it.
 [[nodiscard]] int open_pidfd(pid_t pid) noexcept;
 
+// The state letter of /proc/PID/stat ('R', 'S', 'T' stopped, 'Z' zombie, ...), 0 if there is
+// no such task.
+[[nodiscard]] char task_state(pid_t pid) noexcept;
+// Exists and is not a zombie (a killed child nobody reaped yet is not running).
+[[nodiscard]] inline bool is_running(pid_t pid) noexcept {
+  const char state = task_state(pid);
+  return state != 0 && state != 'Z' && state != 'X';
+}
+
 }  // namespace snaptier::proc

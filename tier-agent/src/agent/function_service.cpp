@@ -61,15 +61,13 @@ std::uint64_t rss_bytes(pid_t pid) {
   return 0;
 }
 
-bool alive(pid_t pid) { return pid > 0 && ::kill(pid, 0) == 0; }
-
 // Kills a restored tree (its root is the init of its own pid namespace: the kernel takes the
 // rest) and waits, bounded, until it is gone.
 void kill_tree(pid_t root) {
   if (root <= 0) return;
   (void)::kill(root, SIGKILL);
   const auto deadline = Clock::now() + std::chrono::seconds(10);
-  while (alive(root) && Clock::now() < deadline) std::this_thread::sleep_for(milliseconds(10));
+  while (proc::is_running(root) && Clock::now() < deadline) std::this_thread::sleep_for(milliseconds(10));
 }
 
 // A lazy-pages server running on its own thread for the length of one restore.
@@ -547,7 +545,7 @@ Result<json> FunctionService::restore(const control::FunctionRestore& request) {
 
   // 4. Done with it (or leave it running, with every page installed).
   bool kept = false;
-  if (request.keep && alive(*root)) {
+  if (request.keep && proc::is_running(*root)) {
     kept = true;
     result["instance"] = {{"pid", *root}, {"socket", socket.string()}};
   } else {

@@ -31,16 +31,6 @@ using nlohmann::json;
 // started; our own hard bound on it leaves it that long to do so.
 constexpr auto kStartMargin = std::chrono::seconds(5);
 
-// Alive = /proc/<pid> exists and is not a zombie.
-bool alive(pid_t pid) {
-  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
-  if (!stat) return false;
-  std::string line;
-  std::getline(stat, line);
-  const auto paren = line.rfind(')');
-  return paren != std::string::npos && paren + 2 < line.size() && line[paren + 2] != 'Z' && line[paren + 2] != 'X';
-}
-
 Result<json> read_ready_file(const std::filesystem::path& path) {
   std::ifstream in(path);
   if (!in) return fail(Errc::not_found, "no ready file " + path.string());
@@ -139,7 +129,7 @@ Result<void> stop(const Instance& instance, std::chrono::milliseconds timeout) {
     if (::kill(instance.pid, SIGKILL) != 0 && errno != ESRCH) {
       return fail_errno(Errc::io, "kill " + std::to_string(instance.pid), errno);
     }
-    while (alive(instance.pid)) {
+    while (proc::is_running(instance.pid)) {
       const auto now = Clock::now();
       if (now >= deadline) {
         return fail(Errc::timeout, "instance pid " + std::to_string(instance.pid) + " still alive " +

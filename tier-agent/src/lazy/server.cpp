@@ -19,6 +19,7 @@
 
 #include "core/unique_fd.hpp"
 #include "snaptier/lazy_pages.hpp"
+#include "snaptier/process.hpp"
 
 namespace snaptier::lazy {
 
@@ -123,23 +124,9 @@ struct LazyPagesServer::Impl {
     }
   }
 
-  // The state letter of /proc/PID/stat ('R', 'S', 'T', 't', ...), or 0 if the task is gone.
-  static char task_state(pid_t pid) {
-    char path[64];
-    std::snprintf(path, sizeof path, "/proc/%d/stat", static_cast<int>(pid));
-    UniqueFd fd(::open(path, O_RDONLY | O_CLOEXEC));
-    if (!fd) return 0;
-    char buf[512];
-    ssize_t n = ::read(fd.get(), buf, sizeof buf - 1);
-    if (n <= 0) return 0;
-    buf[n] = 0;
-    const char* close = std::strrchr(buf, ')');
-    return (close != nullptr && close[1] == ' ') ? close[2] : 0;
-  }
-
   Result<void> wait_stopped(pid_t pid, Clock::time_point deadline) {
     for (;;) {
-      const char state = task_state(pid);
+      const char state = proc::task_state(pid);
       if (state == 'T' || state == 0) return {};  // stopped, or gone (nothing to resume)
       if (engine->failure()) return tl::unexpected(*engine->failure());
       if (Clock::now() >= deadline) {

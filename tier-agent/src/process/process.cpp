@@ -12,6 +12,7 @@
 #include <cctype>
 #include <cerrno>
 #include <climits>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -380,6 +381,22 @@ int open_pidfd(pid_t pid) noexcept {
   errno = ENOSYS;
   return -1;
 #endif
+}
+
+char task_state(pid_t pid) noexcept {
+  if (pid <= 0) return 0;
+  char path[48];
+  std::snprintf(path, sizeof path, "/proc/%d/stat", static_cast<int>(pid));
+  const int fd = ::open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return 0;
+  char buf[512];
+  const ssize_t n = ::read(fd, buf, sizeof buf - 1);
+  ::close(fd);
+  if (n <= 0) return 0;
+  buf[n] = 0;
+  // "pid (comm) S ...": comm may hold spaces and ')', so the state follows the last ')'.
+  const char* close_paren = std::strrchr(buf, ')');
+  return (close_paren != nullptr && close_paren[1] == ' ') ? close_paren[2] : 0;
 }
 
 }  // namespace snaptier::proc
