@@ -68,6 +68,21 @@ using PrefetchPlanner = std::function<TaskPrefetch(TaskId task, const LazySource
 // collect_lazy_iovecs). Errc::unsupported for lazy pages kept in a parent checkpoint.
 [[nodiscard]] Result<std::vector<LazyRange>> lazy_ranges_of(const criu::Task& task);
 
+// Where `vaddr` falls among a task's ascending lazy `ranges`: inside `range`, with `pages`
+// (1..max_pages) left in it; or in a gap (range == nullptr), `pages` up to the next range. CRIU
+// restored the gaps itself, so what faults there is fresh memory: zero.
+struct RangeHit {
+  const LazyRange* range = nullptr;
+  std::size_t pages = 1;
+};
+[[nodiscard]] RangeHit find_lazy_range(std::span<const LazyRange> ranges, std::uint64_t vaddr,
+                                       std::size_t max_pages) noexcept;
+
+// Whether `addr` lies in a VMA of `task` that holds lazy pages: CRIU registers those VMAs with
+// the task's uffd, so a page can be installed there (also a fresh, zero one).
+[[nodiscard]] bool in_lazy_vma(const criu::Task& task, std::span<const LazyRange> ranges,
+                               std::uint64_t addr) noexcept;
+
 // A PageSource over a checkpoint directory. TaskId = pstree pid. Lazy ranges are the PE_LAZY
 // pagemap entries cut at VMA bounds (as CRIU's collect_lazy_iovecs); data is pread from the
 // task's pages file. Anything outside the lazy ranges answers `zero` (CRIU's rule).

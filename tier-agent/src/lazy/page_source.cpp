@@ -55,6 +55,28 @@ Result<std::vector<LazyRange>> lazy_ranges_of(const criu::Task& task) {
   return ranges;
 }
 
+RangeHit find_lazy_range(std::span<const LazyRange> ranges, std::uint64_t vaddr, std::size_t max_pages) noexcept {
+  // First range whose end is beyond vaddr.
+  auto r = std::upper_bound(ranges.begin(), ranges.end(), vaddr,
+                            [](std::uint64_t a, const LazyRange& lr) { return a < lr.end; });
+  RangeHit hit;
+  const bool inside = r != ranges.end() && vaddr >= r->start;
+  const std::uint64_t limit = inside ? r->end : (r == ranges.end() ? vaddr + max_pages * kPageSize : r->start);
+  hit.range = inside ? &*r : nullptr;
+  hit.pages = std::max<std::size_t>(1, static_cast<std::size_t>(std::min<std::uint64_t>(max_pages, (limit - vaddr) / kPageSize)));
+  return hit;
+}
+
+bool in_lazy_vma(const criu::Task& task, std::span<const LazyRange> ranges, std::uint64_t addr) noexcept {
+  if (!task.mm) return false;
+  for (const auto& vma : task.mm->vmas) {
+    if (!vma.contains(addr)) continue;
+    return std::any_of(ranges.begin(), ranges.end(),
+                       [&](const LazyRange& r) { return r.start < vma.end && r.end > vma.start; });
+  }
+  return false;
+}
+
 Result<std::shared_ptr<CheckpointPageSource>> CheckpointPageSource::open(const criu::Checkpoint& checkpoint) {
   auto impl = std::make_unique<Impl>();
   for (const auto& task : checkpoint.tasks) {
@@ -97,20 +119,15 @@ Result<PageFill> CheckpointPageSource::fetch(TaskId task, std::uint64_t vaddr, s
   if (it == impl_->tasks.end()) {
     return fail(Errc::not_found, "task " + std::to_string(task) + " is not in the checkpoint");
   }
-  const auto& ranges = it->second.ranges;
-  // First range whose end is beyond vaddr.
-  auto r = std::upper_bound(ranges.begin(), ranges.end(), vaddr,
-                            [](std::uint64_t a, const LazyRange& lr) { return a < lr.end; });
+  const RangeHit hit = find_lazy_range(it->second.ranges, vaddr, max_pages);
   PageFill fill;
-  if (r == ranges.end() || vaddr < r->start) {
-    // Outside every lazy range: zero, up to the next lazy range.
-    std::uint64_t limit = r == ranges.end() ? vaddr + max_pages * kPageSize : r->start;
+  fill.pages = hit.pages;
+  if (hit.range == nullptr) {
     fill.answer = PageAnswer::zero;
-    fill.pages = static_cast<std::size_t>(std::min<std::uint64_t>(max_pages, (limit - vaddr) / kPageSize));
-    if (fill.pages == 0) fill.pages = 1;
     return fill;
   }
-  const std::size_t pages = static_cast<std::size_t>(std::min<std::uint64_t>(max_pages, (r->end - vaddr) / kPageSize));
+  const LazyRange* r = hit.range;
+  const std::size_t pages = hit.pages;
   const std::size_t bytes = pages * kPageSize;
   if (buffer.size() < bytes) return fail(Errc::invalid_argument, "fetch: buffer too small");
   std::uint64_t off = r->file_offset + (vaddr - r->start);

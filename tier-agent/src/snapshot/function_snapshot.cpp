@@ -310,14 +310,8 @@ ProfileSummary apply_profile(Ingested& ingested, const ProfileRecorder& recorder
     json list = json::array();
     for (const auto& [key, touch] : touches) {
       if (key.first != static_cast<std::int64_t>(task.pstree.pid) || in_snapshot.contains(key.second)) continue;
-      const std::uint64_t a = key.second;
-      bool lazy_vma = false;
-      for (const auto& vma : task.mm->vmas) {
-        if (!vma.contains(a)) continue;
-        for (const auto& r : *ranges) lazy_vma = lazy_vma || (r.start < vma.end && r.end > vma.start);
-      }
-      if (!lazy_vma) continue;
-      list.push_back(json::array({a, touch.order}));
+      if (!lazy::in_lazy_vma(task, *ranges, key.second)) continue;
+      list.push_back(json::array({key.second, touch.order}));
       ++summary.fresh;
     }
     if (!list.empty()) fresh[std::to_string(task.pstree.pid)] = std::move(list);
@@ -425,12 +419,7 @@ Result<std::shared_ptr<StorePageSource>> StorePageSource::open(std::shared_ptr<S
           const std::uint64_t a = item[0].get<std::uint64_t>();
           if (a % kPageSize != 0) continue;
           // Only inside a VMA with lazy ranges (CRIU registered it), as ingest recorded.
-          bool registered = false;
-          for (const auto& vma : task.mm->vmas) {
-            if (!vma.contains(a)) continue;
-            for (const auto& r : tp.ranges) registered = registered || (r.start < vma.end && r.end > vma.start);
-          }
-          if (registered) tp.fresh.emplace_back(a, item[1].get<std::uint32_t>());
+          if (lazy::in_lazy_vma(task, tp.ranges, a)) tp.fresh.emplace_back(a, item[1].get<std::uint32_t>());
         }
       }
     }
@@ -476,20 +465,16 @@ Result<PageFill> StorePageSource::fetch(TaskId task, std::uint64_t vaddr, std::s
   auto it = impl_->tasks.find(task);
   if (it == impl_->tasks.end()) return fail(Errc::not_found, "task " + std::to_string(task) + " is not in the snapshot");
   const auto& tp = it->second;
-  const auto& ranges = tp.ranges;
-  auto r = std::upper_bound(ranges.begin(), ranges.end(), vaddr,
-                            [](std::uint64_t a, const lazy::LazyRange& lr) { return a < lr.end; });
+  const lazy::RangeHit hit = lazy::find_lazy_range(tp.ranges, vaddr, max_pages);
   PageFill fill;
-  if (r == ranges.end() || vaddr < r->start) {
-    // Outside the lazy ranges CRIU restored everything itself: what faults here is fresh memory.
-    const std::uint64_t limit = r == ranges.end() ? vaddr + max_pages * kPageSize : r->start;
+  if (hit.range == nullptr) {
     fill.answer = PageAnswer::zero;
-    fill.pages = std::max<std::size_t>(1, std::min<std::uint64_t>(max_pages, (limit - vaddr) / kPageSize));
+    fill.pages = hit.pages;
     return fill;
   }
   auto first = impl_->index_of(tp, vaddr);
   if (!first) return fail(Errc::corrupt, "lazy page 0x" + std::to_string(vaddr) + " has no page table entry");
-  const std::size_t limit = static_cast<std::size_t>(std::min<std::uint64_t>(max_pages, (r->end - vaddr) / kPageSize));
+  const std::size_t limit = hit.pages;
   const auto& pages = impl_->snapshot.pages;
   const PageEntry& head = pages[*first];
   std::size_t n = 1;
