@@ -177,6 +177,31 @@ bool tcp_listening(std::uint16_t port) {
   return false;
 }
 
+// The snaptier.function blob of a stored snapshot, parsed once into what a restore needs.
+struct FunctionMeta {
+  std::string function;
+  std::string digest;         // of the instance before the dump
+  fs::path socket;            // the instance's socket path, baked into the images
+  std::string snapshot_host;  // the agent that took it
+};
+
+Result<FunctionMeta> function_meta(const Snapshot& snapshot) {
+  const std::string& id = snapshot.info.id;
+  auto blob = snapshot.blobs.find(snap::kFunctionBlob);
+  if (blob == snapshot.blobs.end()) return fail(Errc::invalid_argument, "'" + id + "' is not a function snapshot");
+  const json meta = json::parse(std::string_view(reinterpret_cast<const char*>(blob->second.data()), blob->second.size()),
+                                nullptr, false);
+  auto text = [&](const char* key) -> const json* {
+    return meta.is_object() && meta.contains(key) && meta[key].is_string() ? &meta[key] : nullptr;
+  };
+  if (!text("function") || !text("digest") || !text("socket")) {
+    return fail(Errc::corrupt, "'" + id + "': function metadata is damaged");
+  }
+  return FunctionMeta{meta["function"].get<std::string>(), meta["digest"].get<std::string>(),
+                      meta["socket"].get<std::string>(),
+                      text("snapshot_host") ? meta["snapshot_host"].get<std::string>() : std::string()};
+}
+
 }  // namespace
 
 struct FunctionService::RemoteDump {
@@ -375,17 +400,12 @@ Result<json> FunctionService::restore(const control::FunctionRestore& request) {
     }
     return tl::unexpected(snapshot.error());
   }
-  auto blob = snapshot->blobs.find(snap::kFunctionBlob);
-  if (blob == snapshot->blobs.end()) return fail(Errc::invalid_argument, "'" + variant + "' is not a function snapshot");
-  json meta = json::parse(std::string_view(reinterpret_cast<const char*>(blob->second.data()), blob->second.size()),
-                          nullptr, false);
-  if (!meta.is_object() || !meta.contains("function") || !meta.contains("digest") || !meta.contains("socket")) {
-    return fail(Errc::corrupt, "'" + variant + "': function metadata is damaged");
-  }
-  const std::string function_name = meta["function"].get<std::string>();
+  auto meta = function_meta(*snapshot);
+  if (!meta) return tl::unexpected(meta.error());
+  const std::string function_name = meta->function;
   auto spec = function::load_spec(config_.workloads_dir / function_name);
   if (!spec) return tl::unexpected(spec.error());
-  const fs::path dumped_socket = meta["socket"].get<std::string>();
+  const fs::path dumped_socket = meta->socket;
 
   const fs::path dir = config_.work_dir / "restores" /
                        (request.snapshot + "." + request.policy + "." + std::to_string(++restore_counter_));
@@ -416,7 +436,7 @@ Result<json> FunctionService::restore(const control::FunctionRestore& request) {
   std::string remote_address;
   std::uint16_t remote_port = 0;
   if (mechanism == policy::Mechanism::criu_remote) {
-    const std::string origin = meta.value("snapshot_host", "");
+    const std::string origin = meta->snapshot_host;
     auto peer = peers_.find(origin);
     if (peer == peers_.end()) {
       return failed(Error{Errc::unavailable, "criu-remote needs the snapshot host '" + origin + "' as a peer"});
@@ -534,7 +554,7 @@ Result<json> FunctionService::restore(const control::FunctionRestore& request) {
     result["answer_ok"] = invoked->problems.empty();
     auto after = function::digest(socket, timeout);
     if (after) {
-      result["digest_ok"] = *after == meta["digest"].get<std::string>();
+      result["digest_ok"] = *after == meta->digest;
       result["digest"] = *after;
     } else {
       result["problems"].push_back("digest: " + after.error().message);
@@ -600,12 +620,9 @@ Result<json> FunctionService::serve_lazy(const control::FunctionServeLazy& reque
   const std::string variant = policy::variant_id(request.snapshot, "cxl");
   auto snapshot = store_->get(variant);
   if (!snapshot) return tl::unexpected(snapshot.error());
-  auto blob = snapshot->blobs.find(snap::kFunctionBlob);
-  if (blob == snapshot->blobs.end()) return fail(Errc::invalid_argument, "'" + variant + "' is not a function snapshot");
-  json meta = json::parse(std::string_view(reinterpret_cast<const char*>(blob->second.data()), blob->second.size()),
-                          nullptr, false);
-  if (!meta.is_object() || !meta.contains("socket")) return fail(Errc::corrupt, "'" + variant + "': function metadata is damaged");
-  const fs::path dumped_socket = meta["socket"].get<std::string>();
+  auto meta = function_meta(*snapshot);
+  if (!meta) return tl::unexpected(meta.error());
+  const fs::path dumped_socket = meta->socket;
   const fs::path dir = config_.work_dir / "serve" / (request.snapshot + "." + std::to_string(++restore_counter_));
   std::error_code ec;
   fs::remove_all(dir, ec);
