@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "core/unique_fd.hpp"
+#include "helpers/scm_rights.hpp"
 #include "restore/range_map.hpp"
 #include "snaptier/fault_engine.hpp"
 
@@ -143,11 +144,6 @@ struct Child {
   }
 };
 
-bool wait_readable(int fd, std::chrono::milliseconds timeout) {
-  pollfd p{fd, POLLIN, 0};
-  return ::poll(&p, 1, static_cast<int>(timeout.count())) == 1;
-}
-
 // Forks a child that maps `pages` pages, makes a uffd (handshake in the child unless `raw`),
 // registers the mapping (after the parent's go if `raw`), sends {base, uffd} over SCM_RIGHTS,
 // waits for the parent's go byte and runs `fn`.
@@ -165,20 +161,8 @@ std::unique_ptr<Child> spawn(std::size_t pages, ChildFn fn, bool raw = false) {
     auto fd = raw ? create_userfaultfd_raw() : create_userfaultfd(default_uffd_features());
     if (!fd) ::_exit(31);
     if (!raw && !register_missing(*fd, mem, pages * P)) ::_exit(32);
-    std::uint64_t base = reinterpret_cast<std::uint64_t>(mem);
-    iovec iov{&base, sizeof base};
-    alignas(cmsghdr) char ctl[CMSG_SPACE(sizeof(int))] = {};
-    msghdr msg{};
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = ctl;
-    msg.msg_controllen = sizeof ctl;
-    cmsghdr* c = CMSG_FIRSTHDR(&msg);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof(int));
-    std::memcpy(CMSG_DATA(c), &*fd, sizeof(int));
-    if (::sendmsg(sock, &msg, 0) != sizeof base) ::_exit(33);
+    const std::uint64_t base = reinterpret_cast<std::uint64_t>(mem);
+    if (snaptier::testing::send_with_fd(sock, *fd, &base, sizeof base) != sizeof base) ::_exit(33);
     char go = 0;
     if (::read(sock, &go, 1) != 1) ::_exit(34);
     if (raw && !register_missing(*fd, mem, pages * P)) ::_exit(35);
@@ -189,17 +173,7 @@ std::unique_ptr<Child> spawn(std::size_t pages, ChildFn fn, bool raw = false) {
   auto child = std::make_unique<Child>();
   child->pid = pid;
   child->sock = UniqueFd(sv[0]);
-  if (!wait_readable(child->sock.get(), 5000ms)) return child;
-  iovec iov{&child->base, sizeof child->base};
-  alignas(cmsghdr) char ctl[CMSG_SPACE(sizeof(int))] = {};
-  msghdr msg{};
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
-  msg.msg_control = ctl;
-  msg.msg_controllen = sizeof ctl;
-  if (::recvmsg(child->sock.get(), &msg, MSG_CMSG_CLOEXEC) != sizeof child->base) return child;
-  cmsghdr* c = CMSG_FIRSTHDR(&msg);
-  if (c != nullptr && c->cmsg_type == SCM_RIGHTS) std::memcpy(&child->uffd, CMSG_DATA(c), sizeof(int));
+  child->uffd = snaptier::testing::receive_with_fd(child->sock.get(), &child->base, sizeof child->base, 5000);
   return child;
 }
 

@@ -32,6 +32,7 @@
 #include <string>
 #include <vector>
 
+#include "helpers/scm_rights.hpp"
 #include "helpers/temp_dir.hpp"
 #include "snaptier/criu_images.hpp"
 #include "snaptier/cxl_directory.hpp"
@@ -371,7 +372,9 @@ TEST_F(FunctionSnapshotTest, MaterializeWithoutLazyPagesLeavesHolesWhereTheyWere
   EXPECT_GT(lazy, 0u);
   EXPECT_EQ(m->pages_written, non_lazy);
   for (const auto& name : image_names(dir)) {
-    if (!name.starts_with("pages-")) EXPECT_EQ(read_file(dir / name), read_file(out / name)) << name;
+    if (!name.starts_with("pages-")) {
+      EXPECT_EQ(read_file(dir / name), read_file(out / name)) << name;
+    }
   }
 }
 
@@ -733,20 +736,8 @@ bool spawn_restored(Restored& r, const Bytes& expected) {
     auto fd = create_userfaultfd(default_uffd_features());
     if (!fd) ::_exit(31);
     if (!register_missing(*fd, m, 8 * P)) ::_exit(32);
-    char byte = 'u';
-    iovec iov{&byte, 1};
-    alignas(cmsghdr) char ctl[CMSG_SPACE(sizeof(int))] = {};
-    msghdr msg{};
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = ctl;
-    msg.msg_controllen = sizeof ctl;
-    cmsghdr* c = CMSG_FIRSTHDR(&msg);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof(int));
-    std::memcpy(CMSG_DATA(c), &*fd, sizeof(int));
-    if (::sendmsg(sv[1], &msg, 0) != 1) ::_exit(33);
+    const char byte = 'u';
+    if (snaptier::testing::send_with_fd(sv[1], *fd, &byte, 1) != 1) ::_exit(33);
     ::close(*fd);
     char go = 0;
     if (::read(sv[1], &go, 1) != 1) ::_exit(34);
@@ -763,21 +754,9 @@ bool spawn_restored(Restored& r, const Bytes& expected) {
   }
   ::close(sv[1]);
   r.sock = sv[0];
-  pollfd pfd{r.sock, POLLIN, 0};
-  if (::poll(&pfd, 1, 5000) != 1) return false;
   char byte = 0;
-  iovec iov{&byte, 1};
-  alignas(cmsghdr) char ctl[CMSG_SPACE(sizeof(int))] = {};
-  msghdr msg{};
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
-  msg.msg_control = ctl;
-  msg.msg_controllen = sizeof ctl;
-  if (::recvmsg(r.sock, &msg, MSG_CMSG_CLOEXEC) != 1) return false;
-  cmsghdr* c = CMSG_FIRSTHDR(&msg);
-  if (c == nullptr || c->cmsg_type != SCM_RIGHTS) return false;
-  std::memcpy(&r.uffd, CMSG_DATA(c), sizeof(int));
-  return true;
+  r.uffd = snaptier::testing::receive_with_fd(r.sock, &byte, 1, 5000);
+  return r.uffd >= 0;
 }
 
 TEST_F(FunctionSnapshotTest, RestoredTaskFaultsInLazyPagesFromEveryTier) {

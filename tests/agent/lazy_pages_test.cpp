@@ -22,6 +22,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "helpers/scm_rights.hpp"
 #include "snaptier/criu_images.hpp"
 #include "snaptier/fault_engine.hpp"
 #include "snaptier/lazy_pages.hpp"
@@ -44,22 +45,8 @@ enum class Mode { good, garbage_pid, no_fd, early_close, no_rstf, zombie_then_go
 void send_int(int sk, std::int32_t v) { (void)!::send(sk, &v, sizeof v, MSG_NOSIGNAL); }
 
 void send_fd(int sk, int fd) {
-  char dummy = 0;
-  iovec iov{&dummy, 1};
-  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
-  msghdr msg{};
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
-  if (fd >= 0) {
-    msg.msg_control = control;
-    msg.msg_controllen = sizeof control;
-    cmsghdr* c = CMSG_FIRSTHDR(&msg);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof(int));
-    std::memcpy(CMSG_DATA(c), &fd, sizeof(int));
-  }
-  (void)!::sendmsg(sk, &msg, MSG_NOSIGNAL);
+  const char dummy = 0;
+  (void)!snaptier::testing::send_with_fd(sk, fd, &dummy, 1);
 }
 
 bool wait_fd(int fd, int ms) {
