@@ -74,7 +74,7 @@ trap 'rm -rf "$stage"' EXIT
 cp -a "$rootfs/." "$stage/"
 rm -rf "$stage/build" "$stage/src"
 cp -a "$here/overlay/." "$stage/"
-chmod 755 "$stage/usr/lib/snaptier/init" "$stage"/usr/lib/snaptier/init.d/*
+chmod 755 "$stage/usr/lib/snaptier/init" "$stage/usr/lib/snaptier/run-units" "$stage"/usr/lib/snaptier/init.d/*
 kver=$(ls "$stage/usr/lib/modules" | sort -V | tail -1)
 cp -L "$stage/boot/vmlinuz-$kver" "$image/vmlinuz"
 "$here/initrd/build-initrd.sh" "$stage" "$kver" "$image/initrd.img"

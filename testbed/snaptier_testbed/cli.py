@@ -18,11 +18,19 @@ DEFAULT_TOPOLOGY = REPO / "testbed" / "topologies" / "default.toml"
 
 
 def cmd_validate(args, topo) -> int:
-    print(f"{topo.source}: ok — {len(topo.hosts)} hosts, {len(topo.cxl)} CXL devices, {len(topo.links)} links")
+    if topo.backend == "native":
+        from .native import preflight
+        problems = preflight(topo)
+        if problems:
+            raise TestbedError(f"{topo.source}: cannot run on this machine: " + "; ".join(problems))
+    print(f"{topo.source}: ok — {topo.backend} backend, {len(topo.hosts)} hosts, {len(topo.cxl)} CXL devices, "
+          f"{len(topo.links)} links")
     return 0
 
 
 def cmd_argv(args, topo) -> int:
+    if topo.backend == "native":
+        raise TestbedError("argv prints QEMU command lines; this topology's hosts are native (see 'tb status')")
     sys.path.insert(0, str(REPO / "qemu"))
     from snaptier_qemu.argv import qemu_argv
     runtime = Runtime(repo=REPO, state_dir=state_dir_for(topo.name), image_dir=Path(args.image or "IMAGE"),
@@ -34,7 +42,7 @@ def cmd_argv(args, topo) -> int:
 
 
 def cmd_up(args, topo) -> int:
-    launcher.up(topo, image_dir=args.image, boot_timeout=args.boot_timeout)
+    launcher.up(topo, image_dir=args.image, boot_timeout=args.boot_timeout, rootfs=args.rootfs)
     return cmd_status(argparse.Namespace(json=False), topo)
 
 
@@ -64,7 +72,7 @@ def status_of(topo) -> dict:
             "data_address": str(link.address_of(h.name).ip) if link else None,
             "cxl": guest.get("cxl"), "rdma": guest.get("rdma"),
         })
-    return {"topology": topo.name, "up": bool(running), "accel": state.accel if state else None,
+    return {"topology": topo.name, "backend": topo.backend, "up": bool(running), "accel": state.accel if state else None,
             "state_dir": str(state_dir), "hosts": hosts}
 
 
@@ -95,6 +103,9 @@ def cmd_exec(args, topo) -> int:
 
 def cmd_console(args, topo) -> int:
     state, state_dir = launcher.load_running(topo)
+    if topo.backend == "native":
+        os.execvp(sys.executable, [sys.executable, str(REPO / "testbed" / "tb"), "-t", str(topo.source),
+                                   "exec", args.host, "--", "/bin/bash", "-i"])
     sock = state_dir / f"{args.host}.console"
     if not sock.exists():
         raise TestbedError(f"no console socket for {args.host!r}")
@@ -142,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     a.set_defaults(fn=cmd_argv)
     u = sub.add_parser("up", help="build/reuse the guest image and boot the topology")
     u.add_argument("--image", help="use this image directory instead of building one")
+    u.add_argument("--rootfs", help="native topologies: use this trixie root file system instead of the cached one")
     u.add_argument("--boot-timeout", type=float, default=float(os.environ.get("SNAPTIER_BOOT_TIMEOUT", 420)))
     u.set_defaults(fn=cmd_up)
     sub.add_parser("down", help="stop the topology's QEMU processes (idempotent)").set_defaults(fn=cmd_down)

@@ -1,5 +1,6 @@
-"""Bringing a topology up and down with the QEMU backend. Idempotent `down`; `up` refuses to
-start over a running topology; every wait has a deadline."""
+"""Bringing a topology up and down, and running commands in its hosts. The QEMU backend lives
+here; a topology with backend = "native" is handed to native.py, which keeps the same contract:
+idempotent `down`; `up` refuses to start over a running topology; every wait has a deadline."""
 from __future__ import annotations
 
 import json
@@ -48,6 +49,9 @@ def mem_available() -> int:
 
 
 def running_hosts(topology: Topology, state_dir: Path) -> dict[str, int]:
+    if topology.backend == "native":
+        from . import native
+        return native.running_hosts(topology, state_dir)
     running = {}
     for h in topology.hosts:
         pid = process.owned_pid(state_dir / f"{h.name}.pid", f"process=snaptier-{topology.name}-{h.name}")
@@ -143,7 +147,15 @@ def start_switch(runtime: Runtime, link_name: str, topo_name: str) -> int:
     raise TestbedError(f"vde_switch for link {link_name} did not come up")
 
 
-def up(topology: Topology, image_dir: str | None = None, boot_timeout: float = 300) -> Runtime:
+def up(topology: Topology, image_dir: str | None = None, boot_timeout: float = 300,
+       rootfs: str | None = None) -> None:
+    if topology.backend == "native":
+        from . import native
+        native.up(topology, Path(rootfs) if rootfs else native.rootfs_of(ensure_image(image_dir)),
+                  boot_timeout=min(boot_timeout, 120))
+        return
+    if rootfs:
+        raise TestbedError("--rootfs is for native topologies (backend = \"native\"); QEMU guests boot --image")
     state_dir = state_dir_for(topology.name)
     already = running_hosts(topology, state_dir)
     if already:
@@ -192,7 +204,6 @@ def up(topology: Topology, image_dir: str | None = None, boot_timeout: float = 3
         say("start-up failed: stopping what was started")
         down(topology, quiet=True)
         raise
-    return runtime
 
 
 def wait_ready(topology: Topology, specs: list[MachineSpec], runtime: Runtime, timeout: float) -> None:
@@ -243,6 +254,9 @@ def wait_ready(topology: Topology, specs: list[MachineSpec], runtime: Runtime, t
 # ---------------------------------------------------------------- down
 def down(topology: Topology, quiet: bool = False) -> int:
     """Stops every process of this topology (by tag) and removes its volatile files."""
+    if topology.backend == "native":
+        from . import native
+        return native.down(topology, quiet=quiet)
     state_dir = state_dir_for(topology.name)
     tag_prefix = f"snaptier-{topology.name}-"
     pids = {}
@@ -308,7 +322,11 @@ def load_running(topology: Topology) -> tuple[TestbedState, Path]:
 
 def exec_in(topology: Topology, host: str, command: list[str], timeout: float | None = None,
             capture: bool = True) -> subprocess.CompletedProcess:
+    """One command in a host (ssh into a guest; nsenter into a native host), output captured."""
     state, state_dir = load_running(topology)
+    if topology.backend == "native":
+        from . import native
+        return native.exec_in(topology, host, command, timeout=timeout, capture=capture)
     if host not in state.ssh_ports:
         raise TestbedError(f"no host named {host!r} in topology {topology.name!r}")
     return ssh(state_dir, state.ssh_ports[host], command, timeout=timeout, capture=capture,

@@ -137,3 +137,99 @@ def describe(topology: Topology, runtime: Runtime) -> list[MachineSpec]:
             tag=f"snaptier-{topology.name}-{host.name}",
         ))
     return specs
+
+
+# ---------------------------------------------------------------- native hosts (containers)
+NATIVE_DATA_IFACE = "eth0"
+NATIVE_CXL_DEVICE = "/dev/cxl0"   # where a native host finds its CXL file (its "device")
+
+
+@dataclass(frozen=True)
+class Bind:
+    source: Path
+    target: str        # absolute path inside the host
+    readonly: bool
+
+
+@dataclass(frozen=True)
+class Port:
+    """A host's attachment to a link: a veth pair from the host's network namespace into the
+    link's switch namespace (a bridge)."""
+    link: str
+    switch_netns: str
+    switch_port: str   # the veth end in the switch namespace
+    iface: str         # the veth end in the host
+    mac: str
+    address: str       # ADDR/PREFIX
+    rdma: bool
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    name: str
+    role: str
+    rootfs: Path
+    netns: str                      # the host's network namespace (`ip netns` name)
+    ports: tuple[Port, ...]
+    binds: tuple[Bind, ...]
+    params: tuple[tuple[str, str], ...]  # SNAPTIER_* for the host's init units
+    params_file: Path
+    hosts_file: Path                # the host's /etc/hosts: every peer by name
+    console_log: Path
+    pidfile: Path
+    tag: str
+
+
+def native_netns(topology: Topology, host: str) -> str:
+    return f"snaptier-{topology.name}-host-{host}"
+
+
+def native_switch_netns(topology: Topology, link: str) -> str:
+    return f"snaptier-{topology.name}-link-{link}"
+
+
+def describe_native(topology: Topology, runtime: Runtime, rootfs: Path) -> list[ContainerSpec]:
+    """Each host a set of namespaces over the guests' root file system: the same shares as the
+    guests (/opt/snaptier read-only, /shared), its CXL file, one veth per link."""
+    st = runtime.state_dir
+    specs = []
+    for host in topology.hosts:
+        hdir = st / "hosts" / host.name
+        params = [("SNAPTIER_HOST", host.name), ("SNAPTIER_ROLE", host.role), ("SNAPTIER_BOOT", runtime.boot_id)]
+        binds = [Bind(runtime.repo, "/opt/snaptier", True), Bind(st / "share", "/shared", False),
+                 Bind(runtime.repo / "guests/overlay/usr/lib/snaptier", "/usr/lib/snaptier", True),
+                 Bind(hdir / "hosts", "/etc/hosts", True),
+                 # The agent's state and file tier on this machine's disk, as on a guest's root disk.
+                 Bind(hdir / "var-lib-snaptier", "/var/lib/snaptier", False)]
+        ports = []
+        link = topology.link_of(host.name)
+        if link:
+            link_index = topology.links.index(link)
+            host_index = link.hosts.index(host.name)
+            port = Port(link=link.name, switch_netns=native_switch_netns(topology, link.name),
+                        switch_port=f"h{host_index}", iface=NATIVE_DATA_IFACE,
+                        mac=data_mac(link_index, host_index), address=str(link.address_of(host.name)), rdma=link.rdma)
+            ports.append(port)
+            params.append(("SNAPTIER_DATA", f"{port.iface},{port.address}"))
+            if link.rdma:
+                params.append(("SNAPTIER_RXE", "1"))
+        dev = topology.cxl_of(host.name)
+        if dev:
+            binds.append(Bind(cxl_backing(topology, dev.name, runtime), NATIVE_CXL_DEVICE, False))
+            params += [("SNAPTIER_CXL", "shm"), ("SNAPTIER_CXL_DEVICE", NATIVE_CXL_DEVICE),
+                       ("SNAPTIER_CXL_SIZE", str(dev.size))]
+        if host.role == "memory":
+            params.append(("SNAPTIER_POOL", f"{host.pool // MiB}M"))
+        specs.append(ContainerSpec(
+            name=host.name, role=host.role, rootfs=rootfs, netns=native_netns(topology, host.name),
+            ports=tuple(ports), binds=tuple(binds), params=tuple(params), params_file=hdir / "params",
+            hosts_file=hdir / "hosts", console_log=st / f"{host.name}.console.log", pidfile=st / f"{host.name}.pid",
+            tag=f"snaptier-{topology.name}-{host.name}"))
+    return specs
+
+
+def hosts_file_text(topology: Topology) -> str:
+    lines = ["127.0.0.1 localhost"]
+    for link in topology.links:
+        lines += [f"{link.address_of(h).ip} {h}" for h in link.hosts]
+    return "\n".join(lines) + "\n"

@@ -12,6 +12,11 @@ class Check:
     ok: bool
     detail: str
     values: dict = field(default_factory=dict)
+    skipped: bool = False   # needs what this topology or machine lacks; `detail` says what
+
+
+def skipped(check: str, host: str, reason: str) -> Check:
+    return Check(check, host, True, reason, skipped=True)
 
 
 def print_checks(title: str, checks: list[Check], label: str, notes: tuple[str, ...] = ()) -> int:
@@ -20,11 +25,14 @@ def print_checks(title: str, checks: list[Check], label: str, notes: tuple[str, 
     print(f"\n{title}")
     print(f"  {'check':{width}}  {'host':6}  {'result':6}  detail")
     for c in checks:
-        print(f"  {c.check:{width}}  {c.host:6}  {'ok' if c.ok else 'FAIL':6}  {c.detail}")
+        result = "skip" if c.skipped else "ok" if c.ok else "FAIL"
+        print(f"  {c.check:{width}}  {c.host:6}  {result:6}  {c.detail}")
     if notes:
         print()
         for note in notes:
             print(f"  {note}")
-    passed = sum(c.ok for c in checks)
-    print(f"{label}: {passed} passed, {len(checks) - passed} failed")
-    return 0 if passed == len(checks) else 1
+    passed = sum(c.ok and not c.skipped for c in checks)
+    failed = sum(not c.ok for c in checks)
+    n_skipped = sum(c.skipped for c in checks)
+    print(f"{label}: {passed} passed, {failed} failed" + (f", {n_skipped} skipped" if n_skipped else ""))
+    return 0 if failed == 0 else 1

@@ -24,6 +24,8 @@ class TestbedState:
     ssh_ports: dict[str, int] = field(default_factory=dict)
     switches: dict[str, int] = field(default_factory=dict)   # link name -> vde_switch pid
     started_unix: float = 0.0
+    backend: str = "qemu"
+    netns: list[str] = field(default_factory=list)           # native: network namespaces `up` made
 
     @staticmethod
     def path(state_dir: Path) -> Path:

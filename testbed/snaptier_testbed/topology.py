@@ -15,10 +15,21 @@ MiB = 1 << 20
 GiB = 1 << 30
 
 ROLES = ("compute", "memory")
-EMULATIONS = ("type3", "nvdimm")
+BACKENDS = ("qemu", "native")
+# How each backend can present a CXL device: QEMU emulates a device (a type-3 device or the
+# nvdimm stand-in); native hosts map one shared-memory file ("shm").
+EMULATIONS = {"qemu": ("type3", "nvdimm"), "native": ("shm",)}
 ACCELS = ("auto", "kvm", "tcg")
-MAX_CXL_HOSTS = 15  # per-host slots in the agent's CXL directory (docs/cxl-directory.md)
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
+CXL_DIRECTORY_HEADER = Path(__file__).resolve().parents[2] / "tier-agent/include/snaptier/cxl_directory.hpp"
+
+
+def max_cxl_hosts(header: Path = CXL_DIRECTORY_HEADER) -> int:
+    """Host slots in the agent's shared CXL directory: the agent's own constant, read from its header."""
+    m = re.search(r"kCxlMaxHosts\s*=\s*(\d+)", header.read_text())
+    if not m:
+        raise RuntimeError(f"{header}: no kCxlMaxHosts constant (the agent's CXL directory header changed)")
+    return int(m.group(1))
 
 
 class TopologyError(ValueError):
@@ -63,6 +74,7 @@ class Topology:
     hosts: tuple[Host, ...]
     cxl: tuple[CxlDevice, ...] = ()
     links: tuple[Link, ...] = ()
+    backend: str = "qemu"
     source: Path | None = field(default=None, compare=False)
 
     def host(self, name: str) -> Host:
@@ -173,18 +185,18 @@ def _parse_host(t: dict, where: str) -> Host:
     return Host(name=name, role=role, cpus=cpus, memory=memory, pool=pool)
 
 
-def _parse_cxl(t: dict, where: str, known: set[str]) -> CxlDevice:
+def _parse_cxl(t: dict, where: str, known: set[str], backend: str) -> CxlDevice:
     _check_keys(t, {"name", "emulation", "size", "hosts", "backing"}, where)
     name = _name(_require(t, "name", where), f"{where}.name")
-    emulation = _str(t.get("emulation", "type3"), f"{where}.emulation", EMULATIONS)
+    emulation = _str(t.get("emulation", EMULATIONS[backend][0]), f"{where}.emulation", EMULATIONS[backend])
     size = parse_size(_require(t, "size", where), f"{where}.size")
     # CXL host-managed memory is interleaved in 256 MiB granules; nvdimm namespaces need 2 MiB
     # alignment. One rule for both keeps topologies portable between emulations.
     if size % (256 * MiB) or not 256 * MiB <= size <= 64 * GiB:
         raise TopologyError(f"{where}.size: {size} bytes is impossible (a multiple of 256M from 256M to 64G)")
     hosts = _host_list(_require(t, "hosts", where), f"{where}.hosts", known)
-    if len(hosts) > MAX_CXL_HOSTS:
-        raise TopologyError(f"{where}.hosts: {len(hosts)} hosts; the agent's shared directory has slots for {MAX_CXL_HOSTS}")
+    if len(hosts) > max_cxl_hosts():
+        raise TopologyError(f"{where}.hosts: {len(hosts)} hosts; the agent's shared directory has slots for {max_cxl_hosts()}")
     backing = t.get("backing")
     if backing is not None:
         backing = _str(backing, f"{where}.backing")
@@ -193,7 +205,7 @@ def _parse_cxl(t: dict, where: str, known: set[str]) -> CxlDevice:
     return CxlDevice(name=name, emulation=emulation, size=size, hosts=hosts, backing=backing)
 
 
-def _parse_link(t: dict, where: str, known: set[str]) -> Link:
+def _parse_link(t: dict, where: str, known: set[str], backend: str) -> Link:
     _check_keys(t, {"name", "subnet", "hosts", "rdma"}, where)
     name = _name(_require(t, "name", where), f"{where}.name")
     subnet_text = _str(_require(t, "subnet", where), f"{where}.subnet")
@@ -203,7 +215,7 @@ def _parse_link(t: dict, where: str, known: set[str]) -> Link:
         raise TopologyError(f"{where}.subnet: {subnet_text!r} is not an IPv4 network ({e})") from None
     if not 8 <= subnet.prefixlen <= 29:
         raise TopologyError(f"{where}.subnet: prefix /{subnet.prefixlen} is out of range (/8 to /29)")
-    if subnet.overlaps(ipaddress.IPv4Network("10.0.2.0/24")):
+    if backend == "qemu" and subnet.overlaps(ipaddress.IPv4Network("10.0.2.0/24")):
         raise TopologyError(f"{where}.subnet: {subnet} overlaps 10.0.2.0/24, which the management NIC uses")
     hosts = _host_list(_require(t, "hosts", where), f"{where}.hosts", known)
     if len(hosts) > subnet.num_addresses - 2:
@@ -214,11 +226,11 @@ def _parse_link(t: dict, where: str, known: set[str]) -> Link:
     return Link(name=name, subnet=subnet, hosts=hosts, rdma=rdma)
 
 
-def _parse_attachments(doc: dict, key: str, parse, known: set[str], noun: str, taken: str) -> list:
+def _parse_attachments(doc: dict, key: str, parse, known: set[str], backend: str, noun: str, taken: str) -> list:
     """[[cxl]] and [[link]] tables: unique names, and each host in at most one of them."""
     items: list = []
     for i, t in enumerate(_array_of_tables(doc, key)):
-        item = parse(t, f"{key}[{i}]", known)
+        item = parse(t, f"{key}[{i}]", known, backend)
         if any(o.name == item.name for o in items):
             raise TopologyError(f"{key}[{i}].name: {noun} name {item.name!r} is used twice")
         for h in item.hosts:
@@ -230,9 +242,12 @@ def _parse_attachments(doc: dict, key: str, parse, known: set[str], noun: str, t
 
 
 def parse_topology(doc: dict, default_name: str = "testbed", source: Path | None = None) -> Topology:
-    _check_keys(doc, {"name", "accel", "host", "cxl", "link"}, "topology")
+    _check_keys(doc, {"name", "backend", "accel", "host", "cxl", "link"}, "topology")
     name = _name(doc.get("name", default_name), "name")
+    backend = _str(doc.get("backend", "qemu"), "backend", BACKENDS)
     accel = _str(doc.get("accel", "auto"), "accel", ACCELS)
+    if backend == "native" and "accel" in doc:
+        raise TopologyError("accel: native hosts run on this machine's CPU; 'accel' is for the qemu backend only")
 
     hosts: list[Host] = []
     for i, t in enumerate(_array_of_tables(doc, "host")):
@@ -244,15 +259,18 @@ def parse_topology(doc: dict, default_name: str = "testbed", source: Path | None
         raise TopologyError("topology: at least one [[host]] is required")
     known = {h.name for h in hosts}
 
-    devices = _parse_attachments(doc, "cxl", _parse_cxl, known, "device", "already attaches {other!r} (one CXL device per host)")
-    links = _parse_attachments(doc, "link", _parse_link, known, "link", "is already on link {other!r} (one data link per host)")
+    devices = _parse_attachments(doc, "cxl", _parse_cxl, known, backend, "device",
+                                 "already attaches {other!r} (one CXL device per host)")
+    links = _parse_attachments(doc, "link", _parse_link, known, backend, "link",
+                               "is already on link {other!r} (one data link per host)")
 
     for h in hosts:
         if h.role == "memory":
             link = next((l for l in links if h.name in l.hosts), None)
             if link is None or not link.rdma:
                 raise TopologyError(f"host {h.name!r}: a memory node needs a link with rdma = true to lend its pool")
-    return Topology(name=name, accel=accel, hosts=tuple(hosts), cxl=tuple(devices), links=tuple(links), source=source)
+    return Topology(name=name, accel=accel, hosts=tuple(hosts), cxl=tuple(devices), links=tuple(links),
+                    backend=backend, source=source)
 
 
 def load_topology(path: str | Path) -> Topology:
