@@ -151,6 +151,7 @@ def up(topology: Topology, image_dir: str | None = None, boot_timeout: float = 3
        rootfs: str | None = None) -> None:
     if topology.backend == "native":
         from . import native
+        native.refuse_impossible(topology)   # before minutes of image building
         native.up(topology, Path(rootfs) if rootfs else native.rootfs_of(ensure_image(image_dir)),
                   boot_timeout=min(boot_timeout, 120))
         return

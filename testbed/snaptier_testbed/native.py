@@ -79,11 +79,15 @@ def _write_host_files(spec: ContainerSpec, topology: Topology) -> None:
     spec.hosts_file.write_text(hosts_file_text(topology))
 
 
-def up(topology: Topology, rootfs: Path, boot_timeout: float = 60) -> None:
-    state_dir = state_dir_for(topology.name)
+def refuse_impossible(topology: Topology) -> None:
     problems = preflight(topology)
     if problems:
         raise TestbedError("; ".join(problems))
+
+
+def up(topology: Topology, rootfs: Path, boot_timeout: float = 60) -> None:
+    state_dir = state_dir_for(topology.name)
+    refuse_impossible(topology)
     check_rootfs(rootfs)
     if not GUEST_AGENT.exists():
         raise TestbedError(f"{GUEST_AGENT} is missing: build the agent for the rootfs with 'make guest-agent'")

@@ -4,7 +4,8 @@ import textwrap
 
 import pytest
 
-from snaptier_testbed.topology import GiB, MiB, TopologyError, load_topology, parse_size, parse_topology
+from snaptier_testbed.topology import (GiB, MiB, TopologyError, load_topology, max_cxl_hosts, parse_size,
+                                      parse_topology)
 from conftest import REPO
 
 BASE = {
@@ -115,13 +116,15 @@ def test_a_host_attaches_one_cxl_device_and_one_link():
         parse_topology(doc)
 
 
-def test_a_cxl_device_has_at_most_fifteen_hosts():
-    doc = {"host": [{"name": f"h{i}", "role": "compute", "memory": "512M"} for i in range(16)],
-           "cxl": [{"name": "c", "size": "256M", "hosts": [f"h{i}" for i in range(16)]}]}
-    with pytest.raises(TopologyError, match=r"cxl\[0\]\.hosts: 16 hosts; .* slots for 15"):
+def test_a_cxl_device_has_at_most_as_many_hosts_as_the_agents_directory_has_slots():
+    slots = max_cxl_hosts()
+    assert slots >= 15
+    doc = {"host": [{"name": f"h{i}", "role": "compute", "memory": "512M"} for i in range(slots + 1)],
+           "cxl": [{"name": "c", "size": "256M", "hosts": [f"h{i}" for i in range(slots + 1)]}]}
+    with pytest.raises(TopologyError, match=rf"cxl\[0\]\.hosts: {slots + 1} hosts; .* slots for {slots}"):
         parse_topology(doc)
-    doc["cxl"][0]["hosts"] = doc["cxl"][0]["hosts"][:15]
-    assert len(parse_topology(doc).cxl[0].hosts) == 15
+    doc["cxl"][0]["hosts"] = doc["cxl"][0]["hosts"][:slots]
+    assert len(parse_topology(doc).cxl[0].hosts) == slots
 
 
 def test_file_errors(tmp_path):
