@@ -4,7 +4,9 @@ TB := testbed/tb
 BUILD := build/host
 JOBS ?= 2
 
-.PHONY: all deps build test test-unit test-python image guest-agent testbed up down status health scenario matrix clean
+NATIVE := $(TB) -t testbed/topologies/native.toml
+
+.PHONY: all deps build test test-unit test-python image guest-agent testbed up down status health scenario matrix native native-matrix native-down clean
 
 all: build
 
@@ -43,6 +45,16 @@ health:
 	$(TB) health
 matrix:          ## every function x every restore policy, host0 -> host1 (on the running topology)
 	$(TB) matrix
+
+native: deps image guest-agent  ## the native topology (hosts as namespaces here): up (or reuse), health, scenario
+	@if $(NATIVE) status > /dev/null 2>&1; then echo "native: topology already up and ready, reusing it"; \
+	 else $(NATIVE) down && $(NATIVE) up; fi
+	$(NATIVE) health
+	$(NATIVE) scenario agent-smoke
+native-matrix:   ## every function x every policy on the native topology (real-speed timings)
+	$(NATIVE) matrix
+native-down:
+	$(NATIVE) down
 
 clean:
 	rm -rf build

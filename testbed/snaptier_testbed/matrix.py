@@ -157,7 +157,9 @@ def row_of(cell: dict) -> dict:
     errors = []
     if cell.get("error"):
         errors.append(cell["error"])
-    if r:
+    if cell.get("skipped"):
+        r = {}
+    elif r:
         if r.get("ok") is not True:
             errors.append(r.get("error") or "restore failed (no error message)")
         elif r.get("error"):
@@ -174,11 +176,13 @@ def row_of(cell: dict) -> dict:
             errors.append(f"restored on {r['host']}, not on {want}: the request was not forwarded")
     elif not errors:
         errors.append("no restore result")
-    ok = not errors and r.get("ok") is True and r.get("answer_ok") is True and r.get("digest_ok") is True
+    skipped = cell.get("skipped")
+    ok = bool(skipped) or (not errors and r.get("ok") is True and r.get("answer_ok") is True
+                           and r.get("digest_ok") is True)
     row = {
         "function": cell.get("function"), "policy": cell.get("policy"), "snapshot_id": cell.get("snapshot_id"),
         "snapshot_host": cell.get("snapshot_host"), "restore_host": cell.get("restore_host"),
-        "ok": ok,
+        "ok": ok, "skipped": skipped or None,
         "restore_ms": _num(r.get("restore_ms")), "first_response_ms": _num(r.get("first_response_ms")),
         "faults_total": _num(faults.get("total")), "faults_read": _num(faults.get("read")),
         "faults_write": _num(faults.get("write")), "faults_zero": _num(faults.get("zero")),
@@ -208,7 +212,8 @@ def add_ratios(rows: list[dict]) -> list[dict]:
             base = by.get((r["function"], base_policy))
             mine = r.get(metric)
             ref = base.get(metric) if base and base["ok"] else None
-            r[key] = round(100.0 * mine / ref, 1) if r["ok"] and mine is not None and ref else None
+            ran = r["ok"] and not r["skipped"]
+            r[key] = round(100.0 * mine / ref, 1) if ran and mine is not None and ref and not base["skipped"] else None
     return rows
 
 
@@ -225,7 +230,7 @@ def tier_columns(rows: list[dict]) -> list[str]:
 
 def csv_columns(rows: list[dict]) -> list[str]:
     tiers = tier_columns(rows)
-    return (["function", "policy", "snapshot_id", "snapshot_host", "restore_host", "ok",
+    return (["function", "policy", "snapshot_id", "snapshot_host", "restore_host", "ok", "skipped",
              "restore_ms", "first_response_ms", "faults_total", "faults_read", "faults_write", "faults_zero"]
             + [f"faults_{t}" for t in tiers] + [f"bytes_{t}" for t in tiers]
             + ["pages_prefetched", "pages_background", "zero_pages", "local_memory_bytes",
@@ -265,8 +270,10 @@ def render_table(results: dict, rows: list[dict]) -> str:
             + f" {'moved MiB':>9} {'local MiB':>9} {'faults vs ' + FAULTS_BASELINE:>18}"
             f" {'1st resp vs ' + FIRST_RESPONSE_BASELINE:>22}")
     hosts = results.get("hosts", {})
+    clock = ("native hosts: real CPU and DRAM, CXL at DRAM speed" if results.get("backend") == "native"
+             else "emulated hardware: compare ratios, not absolutes")
     out = [f"restore matrix on topology {results.get('topology')}: snapshots on {hosts.get('snapshot')}, "
-           f"restored on {hosts.get('restore')} (emulated hardware: compare ratios, not absolutes)", head]
+           f"restored on {hosts.get('restore')} ({clock})", head]
     last = None
     for r in rows:
         if last is not None and r["function"] != last:
@@ -274,17 +281,24 @@ def render_table(results: dict, rows: list[dict]) -> str:
         last = r["function"]
         moved = [r.get(f"bytes_{t}") for t in tier_columns([r]) if r.get(f"bytes_{t}") is not None]
         out.append(
-            f"  {r['function']:{fw}} {r['policy']:{pw}} {'ok' if r['ok'] else 'FAIL':6} {_fmt(r['restore_ms']):>10}"
+            f"  {r['function']:{fw}} {r['policy']:{pw}} {'skip' if r['skipped'] else 'ok' if r['ok'] else 'FAIL':6}"
+            f" {_fmt(r['restore_ms']):>10}"
             f" {_fmt(r['first_response_ms']):>11} {_fmt(r['faults_total'], 'd'):>7}"
             + "".join(f" {_fmt(r.get(f'faults_{t}'), 'd'):>8}" for t in tiers)
             + f" {_fmt(sum(moved) / MiB if moved else None):>9}"
             f" {_fmt(r['local_memory_bytes'] / MiB if r['local_memory_bytes'] is not None else None):>9}"
             f" {_pct(r['faults_vs_lazy_cxl_pct']):>18} {_pct(r['first_response_vs_criu_eager_pct']):>22}")
     failed = [r for r in rows if not r["ok"]]
+    skipped = [r for r in rows if r["skipped"]]
     if failed:
         out += ["", "  failures:"]
         out += [f"    {r['function']} {r['policy']}: {r['error']}" for r in failed]
-    out.append(f"matrix: {len(rows) - len(failed)} passed, {len(failed)} failed")
+    if skipped:
+        out += ["", "  skipped (not failed):"]
+        out += [f"    {r['function']} {r['policy']}: {r['skipped']}"
+                for r in {(r["policy"], r["skipped"]): r for r in skipped}.values()]
+    out.append(f"matrix: {len(rows) - len(failed) - len(skipped)} passed, {len(failed)} failed"
+               + (f", {len(skipped)} skipped" if skipped else ""))
     return "\n".join(out)
 
 
@@ -344,13 +358,14 @@ def plot(results: dict, png: Path) -> Path:
             xs, ys = [], []
             for j, fn in enumerate(functions):
                 r = by.get((fn, policy))
-                v = r.get(metric) if r and r["ok"] else None
+                v = r.get(metric) if r and r["ok"] and not r["skipped"] else None
                 if v is not None and v > 0:  # a log axis has no place for 0 or failed cells
                     xs.append(j + i * width)
                     ys.append(v)
-                elif r and not r["ok"]:
-                    ax.text(j + i * width, 0.02, "failed", transform=ax.get_xaxis_transform(), rotation=90,
-                            ha="center", va="bottom", fontsize=7, color="red")
+                elif r and (r["skipped"] or not r["ok"]):
+                    ax.text(j + i * width, 0.02, "skipped" if r["skipped"] else "failed",
+                            transform=ax.get_xaxis_transform(), rotation=90, ha="center", va="bottom", fontsize=7,
+                            color="gray" if r["skipped"] else "red")
             ax.bar(xs, ys, width, label=policy, color=f"C{i}")
         ax.set_yscale("log")
         ax.set_ylabel(label)
@@ -361,7 +376,9 @@ def plot(results: dict, png: Path) -> Path:
     fig.legend(handles, labels, loc="center right", fontsize=8, title="policy", title_fontsize=8)
     hosts = results.get("hosts", {})
     axes[0].set_title(f"snaptier restore matrix, topology {results.get('topology')}: "
-                      f"{hosts.get('snapshot')} -> {hosts.get('restore')} (emulated: compare ratios)", fontsize=10)
+                      f"{hosts.get('snapshot')} -> {hosts.get('restore')} "
+                      f"({'native: real CPU and DRAM' if results.get('backend') == 'native' else 'emulated: compare ratios'})",
+                      fontsize=10)
     fig.tight_layout(rect=(0, 0, 0.86, 1))
     fig.savefig(png, dpi=110)
     plt.close(fig)
@@ -380,13 +397,36 @@ def try_plot(results: dict, png: Path) -> Path | None:
 
 # ------------------------------------------------------------------ the matrix
 def _cell(function: str, policy: str, snapshot_id: str | None, snap_host: str, restore_host: str,
-          restore: dict | None = None, error: str | None = None, rc: int | None = None, seconds: float = 0.0) -> dict:
+          restore: dict | None = None, error: str | None = None, rc: int | None = None, seconds: float = 0.0,
+          skipped: str | None = None) -> dict:
     return {"function": function, "policy": policy, "snapshot_id": snapshot_id, "snapshot_host": snap_host,
             "restore_host": restore_host, "tierctl_rc": rc, "seconds": round(seconds, 1),
-            "error": error, "restore": restore}
+            "error": error, "restore": restore, "skipped": skipped}
+
+
+def missing_tiers(topo: Topology) -> dict[str, str]:
+    """Tiers no host of this topology can have, and why."""
+    if any(h.role == "memory" for h in topo.hosts):
+        return {}
+    return {"rdma": "no memory node in this topology (no RDMA pool)"}
+
+
+def skip_reason(topo: Topology, doc: dict | None) -> str | None:
+    """A cell is skipped, not failed, when the agent refused it because it needs a tier this
+    topology cannot have; the agent's own message says which."""
+    error = doc.get("error") if isinstance(doc, dict) else None
+    if not isinstance(error, dict) or error.get("code") != "unavailable":
+        return None
+    message = str(error.get("message", ""))
+    for tier, why in missing_tiers(topo).items():
+        if f"{tier} tier" in message:
+            return f"{why}: {message}"
+    return None
 
 
 def _progress(row: dict) -> str:
+    if row["skipped"]:
+        return f"skip {row['function']} {row['policy']}: {row['skipped']}"
     if row["ok"]:
         return (f"ok   {row['function']} {row['policy']}: restore {_fmt(row['restore_ms'])} ms, first response "
                 f"{_fmt(row['first_response_ms'])} ms, {_fmt(row['faults_total'], 'd')} faults")
@@ -404,7 +444,7 @@ def run_matrix(topo: Topology, functions: list[str], policies: list[str], snap_h
     t0 = time.monotonic()
     tag = secrets.token_hex(3)
     results = {
-        "topology": topo.name, "topology_file": str(topo.source or ""),
+        "topology": topo.name, "backend": topo.backend, "topology_file": str(topo.source or ""),
         "hosts": {"snapshot": snap_host, "restore": restore_host,
                   "all": [{"name": h.name, "role": h.role,
                            "data_address": str(topo.link_of(h.name).address_of(h.name).ip)
@@ -446,7 +486,7 @@ def run_matrix(topo: Topology, functions: list[str], policies: list[str], snap_h
             elif doc is not None:
                 err = ""  # the object says what happened (ok false + error)
             cell = _cell(fn, policy, sid, snap_host, restore_host, restore=doc, error=err or None, rc=rc,
-                         seconds=time.monotonic() - tc)
+                         seconds=time.monotonic() - tc, skipped=skip_reason(topo, doc))
             results["cells"].append(cell)
             say(_progress(row_of(cell)))
             results["seconds"] = round(time.monotonic() - t0, 1)

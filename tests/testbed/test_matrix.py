@@ -283,3 +283,28 @@ def test_peers_only_on_the_same_link_and_none_without_a_link():
     assert "peers" not in config_of(topo, "c")   # alone on its link
     assert "peers" not in config_of(topo, "d")   # no link at all
     assert "functions" in config_of(topo, "d")
+
+
+# ---------------------------------------------------------------- cells that need absent hardware
+NO_POOL = parse_topology({"backend": "native", "host": [{"name": "host0", "role": "compute"},
+                                                         {"name": "host1", "role": "compute"}]})
+NEEDS_RDMA = {"error": {"code": "unavailable",
+                        "message": "placement rdma needs the rdma tier, which is not up on this host"}}
+
+
+def test_a_policy_needing_a_tier_the_topology_cannot_have_is_skipped_not_failed():
+    reason = matrix.skip_reason(NO_POOL, NEEDS_RDMA)
+    assert reason and "no memory node" in reason and "rdma tier" in reason
+    cells = GOOD[:2] + [{**cell("lazy-rdma"), "restore": NEEDS_RDMA, "skipped": reason}]
+    rows = by_policy(matrix.rows_of(results(cells)))
+    assert rows["lazy-rdma"]["skipped"] == reason and rows["lazy-rdma"]["faults_vs_lazy_cxl_pct"] is None
+    assert matrix.exit_status(list(rows.values())) == 0
+    table = matrix.render_table(results(cells), list(rows.values()))
+    assert "matrix: 2 passed, 0 failed, 1 skipped" in table and " skip " in table
+
+
+def test_the_same_refusal_where_the_topology_has_a_pool_is_a_failure():
+    assert matrix.skip_reason(DEFAULT, NEEDS_RDMA) is None
+    other = {"error": {"code": "unavailable", "message": "the queue pair failed"}}
+    assert matrix.skip_reason(NO_POOL, other) is None
+    assert matrix.skip_reason(NO_POOL, restore("tiered")) is None
