@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--iterations", type=int, default=2000)
     b.set_defaults(fn=cmd_bench)
     sc = sub.add_parser("scenario", help="run an end-to-end scenario on the running topology")
-    sc.add_argument("name", choices=["agent-smoke"])
+    from .scenarios import SCENARIOS
+    sc.add_argument("name", choices=sorted(SCENARIOS))
     sc.set_defaults(fn=cmd_scenario)
     # Everything after the first '--' is the guest command, untouched by option parsing.
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -1,6 +1,8 @@
 """End-to-end scenarios on a running topology. Each step is a real command in a guest; the
 result is a table and a closing 'N passed, N failed' line.
 
+restore-everywhere: one snapshot restored on every host sharing its CXL device at once.
+
 agent-smoke: tier agents on every host; host0 publishes a snapshot whose pages lie in CXL,
 host1 lists it and reads it back byte-exact straight from the shared region (no copy); host1
 places a snapshot in the RDMA pool, host0 reads it back; the agent on host1 is killed (SIGKILL)
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
 from . import agents
@@ -187,4 +190,40 @@ PY""", timeout=900)
     return steps.report(f"scenario agent-smoke on topology {topo.name} ({time.monotonic() - t0:.0f} s)")
 
 
-SCENARIOS = {"agent-smoke": agent_smoke}
+def restore_everywhere(topo: Topology, function: str = "helloworld", policy: str = "reap") -> int:
+    """One snapshot, taken on the first host of a shared CXL device, restored on every attached
+    host at once (each host's agent restores from the one copy in the device): answer and
+    state digest checked per host."""
+    cxl = next((c for c in topo.cxl if len(c.hosts) >= 2), None)
+    if cxl is None:
+        raise TestbedError("restore-everywhere needs hosts sharing a CXL device")
+    steps = Steps()
+    t0 = time.monotonic()
+    agents.start(topo)
+    origin = cxl.hosts[0]
+    sid = f"everywhere-{function}-{secrets.token_hex(3)}"
+    rc, snap, err = tierctl_json(topo, origin, f"snapshot {function} --id {sid}", timeout=900)
+    steps.record(f"snapshot {function}", origin, rc == 0 and bool(snap.get("id")),
+                 f"{snap.get('id')}: {snap.get('pages')} pages" if rc == 0 else err)
+    if rc == 0:
+        def restore_on(host: str) -> tuple[str, int, dict, str]:
+            return (host, *tierctl_json(topo, host, f"restore {snap['id']} --policy {policy}", timeout=600))
+        with ThreadPoolExecutor(max_workers=len(cxl.hosts)) as pool:
+            outcomes = list(pool.map(restore_on, cxl.hosts))
+        for host, rc, doc, err in outcomes:
+            ok = rc == 0 and doc.get("ok") is True and doc.get("answer_ok") is True and doc.get("digest_ok") is True
+            faults = (doc.get("faults") or {}).get("total")
+            steps.record(f"restore {policy}", host, ok,
+                         f"first response {doc.get('first_response_ms')} ms, {faults} faults, "
+                         f"answer {'right' if doc.get('answer_ok') else 'WRONG'}, digest "
+                         f"{'equal' if doc.get('digest_ok') else 'DIFFERS'}" if rc == 0 else err)
+        for v in dict.fromkeys([x.get("id") for x in snap.get("variants") or [] if isinstance(x, dict)] + [snap["id"]]):
+            if v:
+                tierctl_json(topo, origin, f"delete {v}")
+    (state_dir_for(topo.name) / "scenario-restore-everywhere.json").write_text(json.dumps(
+        [asdict(r) for r in steps.rows], indent=1) + "\n")
+    return steps.report(f"scenario restore-everywhere on topology {topo.name}: {function} from {origin} on "
+                        f"{len(cxl.hosts)} hosts with {policy} ({time.monotonic() - t0:.0f} s)")
+
+
+SCENARIOS = {"agent-smoke": agent_smoke, "restore-everywhere": restore_everywhere}
