@@ -5,7 +5,7 @@ veth end of each of its links; each link is a bridge in a switch namespace of it
 (snaptier-TOPOLOGY-link-LINK), so nothing of a topology appears in this machine's own network
 namespace. The host's processes run under `unshare` (mount, UTS, IPC and pid namespaces; full
 capabilities, no seccomp filter: CRIU needs both) with `native/enter` as PID 1, which builds the
-root from the guests' trixie rootfs and execs the host's init. util-linux and iproute2 do all of
+root as an overlay of the guests' trixie rootfs and execs the host's init. util-linux and iproute2 do all of
 it; no daemon is involved. docs/testbed.md says why not systemd-nspawn or LXC.
 """
 from __future__ import annotations
@@ -19,8 +19,6 @@ from pathlib import Path
 
 NATIVE_DIR = Path(__file__).resolve().parents[1]
 ENTER = NATIVE_DIR / "enter"
-# Directories the host's root must offer as mount points (the rootfs is mounted read-only).
-MOUNT_POINTS = ("opt/snaptier", "shared", "usr/lib/snaptier", "var/lib/snaptier", "var/log", "root")
 HOST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -90,16 +88,12 @@ def delete_netns(netns: str) -> None:
 
 
 # ---------------------------------------------------------------- hosts
-def prepare_rootfs(rootfs: Path) -> None:
-    for d in MOUNT_POINTS:
-        (rootfs / d).mkdir(parents=True, exist_ok=True)
-
-
-def start(tag: str, hostname: str, rootfs: Path, netns: str, params_file: Path,
+def start(tag: str, hostname: str, rootfs: Path, scratch: Path, netns: str, params_file: Path,
           binds: list[tuple[Path, str, bool]], log: Path) -> subprocess.Popen:
     """Starts the host; returns its `unshare` process (whose child is the host's PID 1)."""
     argv = ["nsenter", f"--net=/run/netns/{netns}", "unshare", "--mount", "--uts", "--ipc", "--pid", "--fork",
-            "--kill-child", "--", str(ENTER), f"process={tag}", hostname, str(rootfs), str(params_file)]
+            "--kill-child", "--", str(ENTER), f"process={tag}", hostname, str(rootfs), str(scratch),
+            str(params_file)]
     argv += [f"{'ro' if ro else 'rw'}:{src}:{dst}" for src, dst, ro in binds]
     with open(log, "ab") as out:
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,

@@ -175,6 +175,8 @@ class ContainerSpec:
     params: tuple[tuple[str, str], ...]  # SNAPTIER_* for the host's init units
     params_file: Path
     hosts_file: Path                # the host's /etc/hosts: every peer by name
+    scratch: Path                   # an empty directory: the host's tmpfs for its root's writes
+    state: Path                     # the host's /var/lib/snaptier (agent state, file tier) on disk
     console_log: Path
     pidfile: Path
     tag: str
@@ -200,7 +202,7 @@ def describe_native(topology: Topology, runtime: Runtime, rootfs: Path) -> list[
                  Bind(runtime.repo / "guests/overlay/usr/lib/snaptier", "/usr/lib/snaptier", True),
                  Bind(hdir / "hosts", "/etc/hosts", True),
                  # The agent's state and file tier on this machine's disk, as on a guest's root disk.
-                 Bind(hdir / "var-lib-snaptier", "/var/lib/snaptier", False)]
+                 Bind(hdir / "state", "/var/lib/snaptier", False)]
         ports = []
         link = topology.link_of(host.name)
         if link:
@@ -223,7 +225,7 @@ def describe_native(topology: Topology, runtime: Runtime, rootfs: Path) -> list[
         specs.append(ContainerSpec(
             name=host.name, role=host.role, rootfs=rootfs, netns=native_netns(topology, host.name),
             ports=tuple(ports), binds=tuple(binds), params=tuple(params), params_file=hdir / "params",
-            hosts_file=hdir / "hosts", console_log=st / f"{host.name}.console.log", pidfile=st / f"{host.name}.pid",
+            hosts_file=hdir / "hosts", scratch=hdir / "scratch", state=hdir / "state", console_log=st / f"{host.name}.console.log", pidfile=st / f"{host.name}.pid",
             tag=f"snaptier-{topology.name}-{host.name}"))
     return specs
 

@@ -70,11 +70,10 @@ def running_hosts(topology: Topology, state_dir: Path) -> dict[str, int]:
 def _write_host_files(spec: ContainerSpec, topology: Topology) -> None:
     # A fresh host directory every up: nothing of an earlier run's agent state survives, as on a
     # freshly booted guest.
-    shutil.rmtree(spec.params_file.parent, ignore_errors=True)
-    for b in spec.binds:
-        if not b.readonly and b.source.parent == spec.params_file.parent:
-            b.source.mkdir(parents=True)
-    spec.params_file.parent.mkdir(parents=True, exist_ok=True)
+    host_dir = spec.params_file.parent
+    shutil.rmtree(host_dir, ignore_errors=True)
+    for d in (spec.scratch, spec.state):
+        d.mkdir(parents=True)
     spec.params_file.write_text("".join(f"{k}={shlex.quote(v)}\n" for k, v in spec.params))
     spec.hosts_file.write_text(hosts_file_text(topology))
 
@@ -118,7 +117,6 @@ def up(topology: Topology, rootfs: Path, boot_timeout: float = 60) -> None:
     state.save(state_dir)
     procs: dict[str, subprocess.Popen] = {}
     try:
-        container.prepare_rootfs(rootfs)
         if any(l.rdma for l in topology.links):
             container.load_rxe()
         for dev in topology.cxl:
@@ -136,7 +134,8 @@ def up(topology: Topology, rootfs: Path, boot_timeout: float = 60) -> None:
                 container.attach(spec.netns, port.switch_netns, port.switch_port, port.iface, port.mac, port.address)
             _write_host_files(spec, topology)
             spec.console_log.unlink(missing_ok=True)
-            procs[spec.name] = container.start(spec.tag, spec.name, rootfs, spec.netns, spec.params_file,
+            procs[spec.name] = container.start(spec.tag, spec.name, rootfs, spec.scratch, spec.netns,
+                                               spec.params_file,
                                                [(b.source, b.target, b.readonly) for b in spec.binds],
                                                spec.console_log)
             spec.pidfile.write_text(f"{procs[spec.name].pid}\n")
