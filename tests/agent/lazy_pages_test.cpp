@@ -17,6 +17,8 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <map>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -26,6 +28,7 @@
 #include "snaptier/criu_images.hpp"
 #include "snaptier/fault_engine.hpp"
 #include "snaptier/lazy_pages.hpp"
+#include "snaptier/restore_policy.hpp"
 
 namespace fs = std::filesystem;
 using namespace snaptier;
@@ -55,7 +58,10 @@ bool wait_fd(int fd, int ms) {
 }
 
 // The restorer child: never returns. Exit 0 = pages as expected; 3x = setup; 1x+i = page i wrong.
-[[noreturn]] void restorer(const fs::path& socket, Mode mode, int go_fd, const std::vector<std::byte>& expected) {
+// `extra_page` (0: none): one more page of the fixture mapped and registered at its address,
+// left untouched.
+[[noreturn]] void restorer(const fs::path& socket, Mode mode, int go_fd, const std::vector<std::byte>& expected,
+                           std::uint64_t extra_page = 0) {
   void* m = ::mmap(reinterpret_cast<void*>(kBase), kPages * kPage, PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
   if (m != reinterpret_cast<void*>(kBase)) ::_exit(30);
@@ -63,6 +69,12 @@ bool wait_fd(int fd, int ms) {
   auto uffd = create_userfaultfd(mode == Mode::fork_child ? UFFD_FEATURE_EVENT_FORK : 0);
   if (!uffd) ::_exit(31);
   if (!register_missing(*uffd, m, kPages * kPage)) ::_exit(32);
+  if (extra_page != 0) {
+    void* e = ::mmap(reinterpret_cast<void*>(extra_page), kPage, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+    if (e != reinterpret_cast<void*>(extra_page)) ::_exit(36);
+    if (!register_missing(*uffd, e, kPage)) ::_exit(37);
+  }
   int sk = ::socket(AF_UNIX, SOCK_STREAM, 0);
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
@@ -148,19 +160,24 @@ class LazyPagesTest : public ::testing::Test {
   }
   void TearDown() override { fs::remove_all(work_); }
 
-  RunResult run(Mode mode, lazy::LazyPagesOptions o, const fs::path& images = fixture_dir()) {
+  RunResult run(Mode mode, lazy::LazyPagesOptions o, const fs::path& images = fixture_dir(),
+                std::uint64_t extra_page = 0) {
     RunResult out;
     o.images_dir = images;
     o.work_dir = work_;
     int go[2];
     EXPECT_EQ(::pipe2(go, O_CLOEXEC), 0);
-    o.on_resumed = [&] { (void)!::write(go[1], "g", 1); };
+    o.on_resumed = [&] {
+      if (at_resume_) at_resume_();
+      (void)!::write(go[1], "g", 1);
+    };
     auto server = lazy::LazyPagesServer::bind(o);
     EXPECT_TRUE(server) << (server ? "" : server.error().what());
     if (!server) return out;
     const fs::path socket = (*server)->socket_path();
     pid_t child = ::fork();
-    if (child == 0) restorer(socket, mode, go[0], expected_);
+    child_ = child;
+    if (child == 0) restorer(socket, mode, go[0], expected_, extra_page);
     const auto t0 = std::chrono::steady_clock::now();
     out.report = (*server)->run();
     out.ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
@@ -190,6 +207,8 @@ class LazyPagesTest : public ::testing::Test {
 
   fs::path work_;
   std::vector<std::byte> expected_;
+  pid_t child_ = 0;                  // the restorer of the current run()
+  std::function<void()> at_resume_;  // run() calls it in on_resumed, before the restorer goes on
 };
 
 TEST_F(LazyPagesTest, PageSourceLazyRangesFromRealFixture) {
@@ -343,6 +362,143 @@ TEST_F(LazyPagesTest, PageSourceFailureKillsTheTree) {
   EXPECT_EQ(report.error->code, Errc::corrupt) << report.error->what();
   EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL) << status;
   EXPECT_GE(report.metrics.errors, 1u);
+}
+
+// The fixtures ran as `./tiny` and `./tiny fork` with an empty environment (data/criu/README.md):
+// those strings are in a lazy stack page, which is what /proc/PID/cmdline reads.
+TEST_F(LazyPagesTest, ArgEnvPagesOfTheRealFixturesAreLazyAndHoldTheCommandLine) {
+  const std::map<std::string, std::string> cmdline{{"single", std::string("./tiny\0", 7)},
+                                                   {"tree", std::string("./tiny\0fork\0", 12)}};
+  for (const auto& [name, args] : cmdline) {
+    SCOPED_TRACE(name);
+    auto cp = criu::load_checkpoint(fixture_dir().parent_path() / name);
+    ASSERT_TRUE(cp) << cp.error().what();
+    auto src = lazy::CheckpointPageSource::open(*cp);
+    ASSERT_TRUE(src) << src.error().what();
+    ASSERT_FALSE(cp->tasks.empty());
+    for (const auto& task : cp->tasks) {
+      ASSERT_TRUE(task.mm);
+      const auto& mm = *task.mm;
+      const TaskId pid = task.pstree.pid;
+      ASSERT_EQ(mm.mm_arg_end - mm.mm_arg_start, args.size());
+      EXPECT_EQ(mm.mm_env_start, mm.mm_arg_end);
+      EXPECT_EQ(mm.mm_env_end, mm.mm_env_start);  // env -i
+      const auto pages = lazy::arg_env_pages(mm);
+      ASSERT_EQ(pages.size(), 1u);  // the strings do not cross a page boundary here
+      const std::uint64_t page = pages.front();
+      EXPECT_EQ(page % kPage, 0u);
+      EXPECT_LE(page, mm.mm_arg_start);
+      EXPECT_GE(page + kPage, mm.mm_arg_end);
+      const auto lazy_pages = (*src)->lazy_pages(pid);
+      EXPECT_TRUE(std::binary_search(lazy_pages.begin(), lazy_pages.end(), page)) << "arg page not lazy";
+      std::vector<std::byte> buf(kPage);
+      auto f = (*src)->fetch(pid, page, 1, buf);
+      ASSERT_TRUE(f) << f.error().what();
+      ASSERT_EQ(f->answer, PageAnswer::copy);
+      EXPECT_EQ(std::string(reinterpret_cast<const char*>(buf.data()) + (mm.mm_arg_start - page), args.size()), args);
+    }
+  }
+}
+
+TEST_F(LazyPagesTest, ArgEnvPagesCoverBothRangesAndNothingBetween) {
+  criu::MmEntry mm;
+  mm.mm_arg_start = 0x10ff0;  // crosses into the next page
+  mm.mm_arg_end = 0x11008;
+  mm.mm_env_start = 0x19000;  // moved elsewhere (prctl PR_SET_MM_ENV_START)
+  mm.mm_env_end = 0x19010;
+  EXPECT_EQ(lazy::arg_env_pages(mm), (std::vector<std::uint64_t>{0x10000, 0x11000, 0x19000}));
+  mm.mm_env_start = mm.mm_env_end = 0x11008;  // empty environment
+  EXPECT_EQ(lazy::arg_env_pages(mm), (std::vector<std::uint64_t>{0x10000, 0x11000}));
+  mm.mm_arg_end = mm.mm_arg_start;
+  mm.mm_env_start = mm.mm_env_end;
+  EXPECT_TRUE(lazy::arg_env_pages(mm).empty());
+}
+
+// Every policy the agent serves, even one that installs nothing before resume, ends up with the
+// fixture's arg page before resume, once, and not in the background list.
+TEST_F(LazyPagesTest, ArgEnvPagesJoinEveryAgentPolicysBeforeResumeSetOnce) {
+  auto cp = criu::load_checkpoint(fixture_dir());
+  ASSERT_TRUE(cp) << cp.error().what();
+  auto src = lazy::CheckpointPageSource::open(*cp);
+  ASSERT_TRUE(src);
+  const auto lazy_pages = (*src)->lazy_pages(kPid);
+  const auto arg = lazy::arg_env_pages(*cp->tasks[0].mm);
+  ASSERT_EQ(arg.size(), 1u);
+  std::size_t served = 0;
+  for (const auto& name : policy::policy_names()) {
+    auto p = policy::make_policy(name);
+    ASSERT_TRUE(p);
+    if ((*p)->mechanism() != policy::Mechanism::snaptier_lazy) continue;
+    ++served;
+    for (bool arg_page_hot : {false, true}) {
+      SCOPED_TRACE(name + (arg_page_hot ? " (arg page hot)" : ""));
+      std::vector<policy::LazyPage> view;
+      for (std::uint64_t a : lazy_pages) {
+        const bool hot = a == kBase || (arg_page_hot && a == arg[0]);
+        view.push_back({a, hot ? std::uint32_t{page_hot} : 0u, hot ? 1u : 0u, TierKind::cxl});
+      }
+      lazy::TaskPrefetch plan = (*p)->plan(view);
+      plan.background.push_back(arg[0]);
+      const std::vector<std::uint64_t> policy_own = plan.before_resume;
+      const bool planned = std::count(policy_own.begin(), policy_own.end(), arg[0]) != 0;
+      const std::size_t added = lazy::require_before_resume(plan, arg, lazy_pages);
+      EXPECT_EQ(added, planned ? 0u : 1u);
+      EXPECT_EQ(std::count(plan.before_resume.begin(), plan.before_resume.end(), arg[0]), 1);
+      EXPECT_TRUE(std::equal(policy_own.begin(), policy_own.end(), plan.before_resume.begin()))
+          << "the policy's own order is kept";
+      EXPECT_EQ(std::count(plan.background.begin(), plan.background.end(), arg[0]), planned ? 1 : 0);
+    }
+  }
+  EXPECT_GE(served, 4u);  // lazy-cxl, lazy-rdma, reap, tiered
+  // A page that is not lazy (CRIU restored it) is left alone.
+  lazy::TaskPrefetch plan;
+  EXPECT_EQ(lazy::require_before_resume(plan, std::vector<std::uint64_t>{0x401000}, lazy_pages), 0u);
+  EXPECT_TRUE(plan.before_resume.empty());
+}
+
+// The user-visible property: right after resume, a remote reader that cannot raise a uffd
+// fault (/proc/PID/mem, the path of /proc/PID/cmdline) sees the arg strings, with a planner
+// that installs nothing (lazy-cxl's).
+TEST_F(LazyPagesTest, ArgEnvPagesAreReadableRemotelyRightAfterResumeWithoutPrefetch) {
+  auto cp = criu::load_checkpoint(fixture_dir());
+  ASSERT_TRUE(cp) << cp.error().what();
+  const auto& mm = *cp->tasks[0].mm;
+  const std::uint64_t page = lazy::arg_env_pages(mm).at(0);
+  void* probe = ::mmap(reinterpret_cast<void*>(page), kPage, PROT_NONE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+  if (probe != reinterpret_cast<void*>(page)) GTEST_SKIP() << "the fixture's stack page is in use in this process";
+  ::munmap(probe, kPage);  // the forked restorer has the same layout: it can map it there
+
+  auto lazy_cxl = policy::make_policy("lazy-cxl");
+  ASSERT_TRUE(lazy_cxl);
+  auto o = quick();
+  o.planner = [p = lazy_cxl->get()](TaskId, const lazy::LazySource&) { return p->plan({}); };
+  std::string seen;
+  int read_errno = 0;
+  const std::size_t len = mm.mm_arg_end - mm.mm_arg_start;
+  at_resume_ = [&] {  // the restorer has not touched the page yet: its gate opens after this
+    const std::string path = "/proc/" + std::to_string(child_) + "/mem";
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+      read_errno = errno;
+      return;
+    }
+    std::string buf(len, '\0');
+    const ssize_t n = ::pread(fd, buf.data(), buf.size(), static_cast<off_t>(mm.mm_arg_start));
+    if (n < 0) read_errno = errno;
+    if (n > 0) seen = buf.substr(0, static_cast<std::size_t>(n));
+    ::close(fd);
+  };
+  auto result = run(Mode::good, o, fixture_dir(), page);
+  ASSERT_FALSE(result.report.error) << result.report.error->what();
+  ASSERT_TRUE(WIFEXITED(result.status)) << result.status;
+  ASSERT_EQ(WEXITSTATUS(result.status), 0) << "36/37: could not map/register the arg page";
+  EXPECT_EQ(read_errno, 0) << std::strerror(read_errno);
+  EXPECT_EQ(seen, std::string("./tiny\0", 7));
+  EXPECT_EQ(result.report.arg_env_pages, 1u);
+  EXPECT_EQ(result.report.prefetched_pages, 1u);
+  nlohmann::json j = result.report;
+  EXPECT_EQ(j["arg_env_pages"], 1);
 }
 
 TEST_F(LazyPagesTest, PolicyParsing) {

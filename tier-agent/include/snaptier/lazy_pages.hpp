@@ -64,6 +64,19 @@ struct TaskPrefetch {
 };
 using PrefetchPlanner = std::function<TaskPrefetch(TaskId task, const LazySource& source)>;
 
+// The pages holding a task's command line and environment: [mm_arg_start, mm_arg_end) and
+// [mm_env_start, mm_env_end) of its mm-<pid>.img, page-rounded, ascending, no duplicates. The
+// kernel reads them for /proc/PID/cmdline and /proc/PID/environ with access_remote_vm, which
+// never raises a userfaultfd fault: left lazy, they read as missing until the task itself
+// touches them. So the server installs them before resume whatever the plan says.
+[[nodiscard]] std::vector<std::uint64_t> arg_env_pages(const criu::MmEntry& mm);
+
+// Makes every page of `required` that the task serves lazily (`lazy`, ascending) part of
+// plan.before_resume exactly once: appended after the plan's own pages (whose order is kept),
+// and dropped from plan.background. Returns how many pages it added.
+std::size_t require_before_resume(TaskPrefetch& plan, std::span<const std::uint64_t> required,
+                                  std::span<const std::uint64_t> lazy);
+
 // The lazy ranges of one task: PE_LAZY pagemap entries cut at VMA bounds (CRIU's
 // collect_lazy_iovecs). Errc::unsupported for lazy pages kept in a parent checkpoint.
 [[nodiscard]] Result<std::vector<LazyRange>> lazy_ranges_of(const criu::Task& task);
@@ -108,12 +121,15 @@ class CheckpointPageSource final : public LazySource {
 };
 
 struct LazyPagesOptions {
+  // The checkpoint CRIU restores from; read at bind even with a `source` (its mm-<pid>.img
+  // give the arg/env pages).
   std::filesystem::path images_dir;
   std::filesystem::path work_dir;  // where lazy-pages.socket is bound; empty = images_dir
   PrefetchPolicy prefetch = PrefetchPolicy::none;
   // Where pages come from; null = a CheckpointPageSource over images_dir.
   std::shared_ptr<LazySource> source;
-  // Overrides `prefetch`: asked once per adopted task after RSTF.
+  // Overrides `prefetch`: asked once per adopted task after RSTF. Either way the task's lazy
+  // arg/env pages (arg_env_pages) are added to what it installs before resume.
   PrefetchPlanner planner;
   // Every PAGEFAULT before it is served (profiling); runs on the server's thread.
   std::function<void(const FaultObservation&)> on_fault;
@@ -146,6 +162,7 @@ struct LazyPagesReport {
   std::optional<double> rstf_ms;
   std::uint64_t lazy_pages = 0;         // of the adopted tasks
   std::uint64_t prefetched_pages = 0;   // installed before resume (copied or zero)
+  std::uint64_t arg_env_pages = 0;      // lazy arg/env pages the plan lacked, added before resume
   std::uint64_t background_queued = 0;  // queued for background installation
   double prefetch_ms = 0;
   double served_ms = 0;                 // RSTF -> end

@@ -40,7 +40,34 @@ namespace {
 double ms_since(Clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
 }
+
+void add_pages(std::vector<std::uint64_t>& pages, std::uint64_t start, std::uint64_t end) {
+  using criu::kPageSize;
+  if (end <= start) return;
+  for (std::uint64_t a = start / kPageSize * kPageSize; a < end; a += kPageSize) pages.push_back(a);
+}
 }  // namespace
+
+std::vector<std::uint64_t> arg_env_pages(const criu::MmEntry& mm) {
+  std::vector<std::uint64_t> pages;
+  add_pages(pages, mm.mm_arg_start, mm.mm_arg_end);
+  add_pages(pages, mm.mm_env_start, mm.mm_env_end);
+  std::sort(pages.begin(), pages.end());
+  pages.erase(std::unique(pages.begin(), pages.end()), pages.end());
+  return pages;
+}
+
+std::size_t require_before_resume(TaskPrefetch& plan, std::span<const std::uint64_t> required,
+                                  std::span<const std::uint64_t> lazy) {
+  std::set<std::uint64_t> planned(plan.before_resume.begin(), plan.before_resume.end());
+  std::set<std::uint64_t> added;
+  for (std::uint64_t page : required) {
+    if (!std::binary_search(lazy.begin(), lazy.end(), page) || planned.contains(page)) continue;
+    if (added.insert(page).second) plan.before_resume.push_back(page);
+  }
+  if (!added.empty()) std::erase_if(plan.background, [&](std::uint64_t page) { return added.contains(page); });
+  return added.size();
+}
 
 struct LazyPagesServer::Impl {
   LazyPagesOptions options;
@@ -51,6 +78,7 @@ struct LazyPagesServer::Impl {
   std::map<TaskId, TaskId> fork_parent;  // engine child id -> parent id
   std::set<pid_t> host_pids;             // every sender seen (SCM_CREDENTIALS)
   std::vector<TaskId> adopted;           // pstree tasks adopted
+  std::map<TaskId, std::vector<std::uint64_t>> arg_env;  // pstree task -> arg_env_pages()
   LazyPagesReport report;
   bool ran = false;
 
@@ -77,10 +105,15 @@ struct LazyPagesServer::Impl {
     metrics_cv.notify_all();
   }
 
-  TaskPrefetch plan_for(TaskId t) const {
-    if (options.planner) return options.planner(t, *source);
+  TaskPrefetch plan_for(TaskId t) {
+    const std::vector<std::uint64_t> lazy = source->lazy_pages(t);
     TaskPrefetch p;
-    if (options.prefetch == PrefetchPolicy::all) p.before_resume = source->lazy_pages(t);
+    if (options.planner) {
+      p = options.planner(t, *source);
+    } else if (options.prefetch == PrefetchPolicy::all) {
+      p.before_resume = lazy;
+    }
+    if (auto it = arg_env.find(t); it != arg_env.end()) report.arg_env_pages += require_before_resume(p, it->second, lazy);
     return p;
   }
 
@@ -419,11 +452,14 @@ std::shared_ptr<LazySource> LazyPagesServer::source() const noexcept { return im
 
 Result<std::unique_ptr<LazyPagesServer>> LazyPagesServer::bind(LazyPagesOptions options) {
   auto impl = std::make_unique<Impl>();
+  auto checkpoint = criu::load_checkpoint(options.images_dir);
+  if (!checkpoint) return tl::unexpected(checkpoint.error());
+  for (const auto& task : checkpoint->tasks) {
+    if (task.mm) impl->arg_env.emplace(static_cast<TaskId>(task.pstree.pid), arg_env_pages(*task.mm));
+  }
   if (options.source) {
     impl->source = options.source;
   } else {
-    auto checkpoint = criu::load_checkpoint(options.images_dir);
-    if (!checkpoint) return tl::unexpected(checkpoint.error());
     auto source = CheckpointPageSource::open(*checkpoint);
     if (!source) return tl::unexpected(source.error());
     impl->source = *source;
@@ -491,6 +527,7 @@ void to_json(nlohmann::json& j, const LazyPagesReport& r) {
   j["rstf_ms"] = r.rstf_ms ? nlohmann::json(*r.rstf_ms) : nlohmann::json(nullptr);
   j["lazy_pages"] = r.lazy_pages;
   j["prefetched_pages"] = r.prefetched_pages;
+  j["arg_env_pages"] = r.arg_env_pages;
   j["background_queued"] = r.background_queued;
   j["prefetch_ms"] = r.prefetch_ms;
   j["served_ms"] = r.served_ms;
