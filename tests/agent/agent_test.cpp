@@ -210,6 +210,29 @@ TEST_F(AgentTest, PutListInfoReadDeleteOnEveryTier) {
   EXPECT_EQ(error(SnapshotDelete{"fn-file"}).code, Errc::not_found);
 }
 
+TEST_F(AgentTest, ReadOfACorruptCxlPageFailsAndWritesNoOutput) {
+  ok(put_cmd("fn-cxl"));
+  // Flip a byte of page 1 where it lies in the CXL region file, behind the agent's back.
+  {
+    std::fstream region(dir_ / "cxl.img", std::ios::in | std::ios::out | std::ios::binary);
+    const std::string all((std::istreambuf_iterator<char>(region)), {});
+    const auto at = all.find(pages_.substr(kPageSize, kPageSize));
+    ASSERT_NE(at, std::string::npos) << "page 1 is not in the region";
+    region.seekp(static_cast<std::streamoff>(at + 100));
+    region.put(static_cast<char>(all[at + 100] ^ 0x20));
+  }
+  const auto out = dir_ / "damaged.out";
+  const Error e = error(SnapshotRead{"fn-cxl", out});
+  EXPECT_EQ(e.code, Errc::corrupt) << e.what();
+  for (const char* part : {"snapshot 'fn-cxl'", "page 1 ", "vaddr 0x7f0000001000", "tier cxl", "checksum"}) {
+    EXPECT_NE(e.message.find(part), std::string::npos) << "'" << part << "' not in: " << e.message;
+  }
+  EXPECT_FALSE(std::filesystem::exists(out));
+  for (const auto& entry : std::filesystem::directory_iterator(dir_)) {
+    EXPECT_EQ(entry.path().string().find("damaged.out"), std::string::npos) << "left behind: " << entry.path();
+  }
+}
+
 TEST_F(AgentTest, PutRefusesBadInputsWithTheRightCode) {
   std::ofstream(dir_ / "ragged.bin", std::ios::binary) << std::string(5000, 'x');
   SnapshotPut ragged = put_cmd("ragged");

@@ -18,6 +18,7 @@
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -30,8 +31,10 @@
 #include <map>
 #include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
+#include "core/unique_fd.hpp"
 #include "helpers/scm_rights.hpp"
 #include "helpers/temp_dir.hpp"
 #include "snaptier/criu_images.hpp"
@@ -720,9 +723,11 @@ struct Restored {
 };
 
 // A child that maps the fixture's 8-page mapping at 0x10000000 empty, registers it with a uffd
-// and hands it over (as CRIU's restorer does), then on "go" writes page 6 first and reads all 8,
-// comparing with `expected` (exit 0; 10+i: page i wrong; 3x: setup).
-bool spawn_restored(Restored& r, const Bytes& expected) {
+// and hands it over, then on "go" (a byte on r.sock) writes page 6 first and reads all 8,
+// comparing with `expected` (exit 0; 10+i: page i wrong; 3x: setup). The uffd goes to this
+// process over r.sock (r.uffd), or, given `lazy_socket`, to a LazyPagesServer as criu restore
+// hands it over (pid, uffd with one byte, RSTF).
+bool spawn_restored(Restored& r, const Bytes& expected, const fs::path& lazy_socket = {}) {
   int sv[2];
   if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) return false;
   r.pid = ::fork();
@@ -737,7 +742,23 @@ bool spawn_restored(Restored& r, const Bytes& expected) {
     if (!fd) ::_exit(31);
     if (!register_missing(*fd, m, 8 * P)) ::_exit(32);
     const char byte = 'u';
-    if (snaptier::testing::send_with_fd(sv[1], *fd, &byte, 1) != 1) ::_exit(33);
+    if (lazy_socket.empty()) {
+      if (snaptier::testing::send_with_fd(sv[1], *fd, &byte, 1) != 1) ::_exit(33);
+    } else {
+      int sk = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+      sockaddr_un addr{};
+      addr.sun_family = AF_UNIX;
+      std::strncpy(addr.sun_path, lazy_socket.c_str(), sizeof(addr.sun_path) - 1);
+      if (::connect(sk, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) ::_exit(35);
+      const std::int32_t pid = kSinglePid;
+      const std::uint32_t rstf = lazy::kRestoreFinished;
+      if (::send(sk, &pid, sizeof pid, MSG_NOSIGNAL) != sizeof pid ||
+          snaptier::testing::send_with_fd(sk, *fd, &byte, 1) != 1 ||
+          ::send(sk, &rstf, sizeof rstf, MSG_NOSIGNAL) != sizeof rstf) {
+        ::_exit(36);
+      }
+      ::close(sk);
+    }
     ::close(*fd);
     char go = 0;
     if (::read(sv[1], &go, 1) != 1) ::_exit(34);
@@ -754,17 +775,31 @@ bool spawn_restored(Restored& r, const Bytes& expected) {
   }
   ::close(sv[1]);
   r.sock = sv[0];
+  if (!lazy_socket.empty()) return true;
   char byte = 0;
   r.uffd = snaptier::testing::receive_with_fd(r.sock, &byte, 1, 5000);
   return r.uffd >= 0;
 }
 
+// What the restored 8-page mapping at 0x10000000 must hold: file pages 8-10 at pages 0-2, file
+// page 11 at page 6, zeros elsewhere.
+Bytes mapping_bytes(const fs::path& checkpoint_dir) {
+  const Bytes pages_file = read_file(checkpoint_dir / "pages-1.img");
+  Bytes expected(8 * P);
+  std::memcpy(expected.data(), pages_file.data() + 8 * P, 3 * P);
+  std::memcpy(expected.data() + 6 * P, pages_file.data() + 11 * P, P);
+  return expected;
+}
+
+bool userfaultfd_works() {
+  auto probe = create_userfaultfd(default_uffd_features());
+  if (!probe) return false;
+  ::close(*probe);
+  return true;
+}
+
 TEST_F(FunctionSnapshotTest, RestoredTaskFaultsInLazyPagesFromEveryTier) {
-  if (auto probe = create_userfaultfd(default_uffd_features()); !probe) {
-    GTEST_SKIP() << "userfaultfd unavailable: " << probe.error().what();
-  } else {
-    ::close(*probe);
-  }
+  if (!userfaultfd_works()) GTEST_SKIP() << "userfaultfd unavailable";
   const fs::path dir = single();
   Tiers tiers(tmp_.path() / "tiers");
   const Snapshot snapshot = stored(dir, tiers, "fn");  // pages 8, 9, 10, 11 on local, cxl, file, local
@@ -773,10 +808,7 @@ TEST_F(FunctionSnapshotTest, RestoredTaskFaultsInLazyPagesFromEveryTier) {
   auto source = snap::StorePageSource::open(tiers.store, snapshot, m->checkpoint);
   ASSERT_TRUE(source) << source.error().what();
 
-  const Bytes pages_file = read_file(dir / "pages-1.img");
-  Bytes expected(8 * P);
-  std::memcpy(expected.data(), pages_file.data() + 8 * P, 3 * P);
-  std::memcpy(expected.data() + 6 * P, pages_file.data() + 11 * P, P);
+  const Bytes expected = mapping_bytes(dir);
 
   snap::ProfileRecorder recorder;
   FaultEngineOptions options;
@@ -821,6 +853,187 @@ TEST_F(FunctionSnapshotTest, RestoredTaskFaultsInLazyPagesFromEveryTier) {
   EXPECT_LT(p[8].touch_order, p[9].touch_order);
   EXPECT_LT(p[9].touch_order, p[10].touch_order);
   EXPECT_TRUE(p[10].flags & page_read_only);
+}
+
+// ---- integrity: a corrupt page ends the restore on every path that hands pages out -----------
+//
+// Snapshot page 9 is 0x10001000 (lazy; page 1 of the child's mapping). damage() flips one of
+// its bytes through its tier, behind the store's back, as a stray write to the shared backing
+// file or a stale cache line on a non-coherent device would leave it.
+
+constexpr std::size_t kDamaged = 9;
+
+void damage(Tiers& tiers, const PageEntry& page) {
+  Tier& tier = page.tier == TierKind::cxl ? *tiers.cxl : page.tier == TierKind::file ? *tiers.file : *tiers.local;
+  std::byte b[1];
+  ASSERT_TRUE(tier.read(Extent{page.location, P}, 77, b));
+  b[0] ^= std::byte{0x5c};
+  ASSERT_TRUE(tier.write(Extent{page.location, P}, 77, b));
+}
+
+// The error a user sees says what is damaged and where.
+void expect_names_the_damaged_page(const Error& error, TierKind tier) {
+  EXPECT_EQ(error.code, Errc::corrupt) << error.what();
+  for (const std::string part : {std::string("snapshot 'fn'"), std::string("page 9 "), std::string("vaddr 0x10001000"),
+                                 "tier " + std::string(to_string(tier)), std::string("checksum")}) {
+    EXPECT_NE(error.message.find(part), std::string::npos) << "'" << part << "' not in: " << error.message;
+  }
+}
+
+// pagemap(5) bit 63: the page is installed in `pid`'s memory (reading it never faults).
+bool page_present(pid_t pid, std::uint64_t vaddr) {
+  detail::UniqueFd fd(::open(("/proc/" + std::to_string(pid) + "/pagemap").c_str(), O_RDONLY | O_CLOEXEC));
+  std::uint64_t entry = 0;
+  if (!fd || ::pread(fd.get(), &entry, sizeof entry, static_cast<off_t>(vaddr / P * sizeof entry)) != sizeof entry) {
+    ADD_FAILURE() << "cannot read the pagemap of " << pid;
+    return false;
+  }
+  return (entry >> 63) != 0;
+}
+
+class CorruptPageTest : public FunctionSnapshotTest {
+ protected:
+  // Stores `single` with every page on `tier`, damages page 9, materializes what CRIU restores
+  // itself (page 9 is lazy, so that succeeds) and opens the store-backed source over it.
+  void prepare(TierKind tier) {
+    const std::string name(to_string(tier));
+    dir_ = copy_checkpoint(kData / "single", tmp_.path() / ("single-" + name));
+    expected_ = mapping_bytes(dir_);
+    tiers_.emplace(tmp_.path() / ("tiers-" + name));
+    snapshot_ = stored(dir_, *tiers_, "fn", PlacementRequest{tier, {}});
+    ASSERT_EQ(snapshot_.pages[kDamaged].vaddr, kMapping + P);
+    damage(*tiers_, snapshot_.pages[kDamaged]);
+    images_ = tmp_.path() / ("images-" + name);
+    auto m = snap::materialize(snapshot_, *tiers_->store, images_, /*all_pages=*/false);
+    ASSERT_TRUE(m) << m.error().what();
+    auto source = snap::StorePageSource::open(tiers_->store, snapshot_, m->checkpoint);
+    ASSERT_TRUE(source) << source.error().what();
+    source_ = *source;
+  }
+
+  // An engine serving child `r`, adopted with its pid (the default failure policy kills it).
+  std::unique_ptr<FaultEngine> engine_for(Restored& r) {
+    auto engine = FaultEngine::create(source_);
+    EXPECT_TRUE(engine) << engine.error().what();
+    if (!engine) return nullptr;
+    EXPECT_TRUE(spawn_restored(r, expected_));
+    AdoptOptions adopt;
+    adopt.pid = r.pid;
+    EXPECT_TRUE((*engine)->adopt(kSinglePid, r.uffd, adopt));
+    return std::move(*engine);
+  }
+
+  // Serves until the restore fails (or 5 s), then reaps the child; returns its wait status.
+  static int serve_until_failed(FaultEngine& engine, Restored& r) {
+    (void)engine.run_until([] { return false; }, std::chrono::steady_clock::now() + 5s);
+    int status = -1;
+    EXPECT_EQ(::waitpid(r.pid, &status, 0), r.pid);
+    r.pid = -1;
+    return status;
+  }
+
+  fs::path dir_, images_;
+  Bytes expected_;
+  std::optional<Tiers> tiers_;
+  Snapshot snapshot_;
+  std::shared_ptr<snap::StorePageSource> source_;
+};
+
+bool killed(int status) { return WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL; }
+
+TEST_F(CorruptPageTest, DemandFaultOnACorruptPageKillsTheTaskOnEveryTier) {
+  if (!userfaultfd_works()) GTEST_SKIP() << "userfaultfd unavailable";
+  // cxl and local hand the engine their mapping (checked in place), file a checked copy.
+  for (TierKind tier : {TierKind::cxl, TierKind::local, TierKind::file}) {
+    SCOPED_TRACE(to_string(tier));
+    prepare(tier);
+    Restored child;
+    auto engine = engine_for(child);
+    ASSERT_TRUE(engine);
+    ASSERT_EQ(::write(child.sock, "g", 1), 1);
+    const int status = serve_until_failed(*engine, child);
+    // Killed at its fault on page 1 (10 + 1 would mean it read the damaged bytes).
+    EXPECT_TRUE(killed(status)) << "wait status " << status;
+    ASSERT_TRUE(engine->failure());
+    expect_names_the_damaged_page(*engine->failure(), tier);
+    // Pages 6 and 0, faulted before it, were served from the tier; the damaged one was not.
+    EXPECT_EQ(engine->metrics().demand_pages_per_tier, (std::map<TierKind, std::uint64_t>{{tier, 2}}));
+  }
+}
+
+TEST_F(CorruptPageTest, PrefetchInstallsThePagesBeforeACorruptOneAndNeverIt) {
+  if (!userfaultfd_works()) GTEST_SKIP() << "userfaultfd unavailable";
+  prepare(TierKind::cxl);
+  Restored child;
+  auto engine = engine_for(child);
+  ASSERT_TRUE(engine);
+  const std::vector<std::uint64_t> pages{kMapping, kMapping + P, kMapping + 2 * P};
+  auto prefetched = engine->prefetch(kSinglePid, pages);  // the child has not been told to go
+  ASSERT_FALSE(prefetched) << "prefetched a page that fails its checksum";
+  expect_names_the_damaged_page(prefetched.error(), TierKind::cxl);
+  EXPECT_TRUE(page_present(child.pid, kMapping));
+  EXPECT_FALSE(page_present(child.pid, kMapping + P)) << "the damaged page was installed";
+  EXPECT_FALSE(page_present(child.pid, kMapping + 2 * P));
+}
+
+TEST_F(CorruptPageTest, LazyServerEndsTheRestoreWhenAPrefetchedPageIsCorrupt) {
+  if (!userfaultfd_works()) GTEST_SKIP() << "userfaultfd unavailable";
+  prepare(TierKind::cxl);
+  const fs::path work = tmp_.path() / "work";
+  fs::create_directories(work);
+  Restored child;
+  bool resumed = false;
+  lazy::LazyPagesOptions o;
+  o.images_dir = images_;
+  o.work_dir = work;
+  o.source = source_;
+  o.planner = [](TaskId task, const lazy::LazySource& source) { return lazy::TaskPrefetch{source.lazy_pages(task), {}}; };
+  o.on_resumed = [&] {
+    resumed = true;
+    (void)!::write(child.sock, "g", 1);
+  };
+  o.accept_timeout = 2000ms;
+  o.step_timeout = 1000ms;
+  o.serve_timeout = 5000ms;
+  auto server = lazy::LazyPagesServer::bind(std::move(o));
+  ASSERT_TRUE(server) << server.error().what();
+  ASSERT_TRUE(spawn_restored(child, expected_, (*server)->socket_path()));
+  const lazy::LazyPagesReport report = (*server)->run();
+  int status = -1;
+  ASSERT_EQ(::waitpid(child.pid, &status, 0), child.pid);
+  const pid_t pid = std::exchange(child.pid, -1);
+  EXPECT_TRUE(killed(status)) << "wait status " << status;
+  EXPECT_FALSE(resumed) << "control returned to a task with a damaged page";
+  ASSERT_TRUE(report.error);
+  expect_names_the_damaged_page(*report.error, TierKind::cxl);
+  EXPECT_EQ(report.killed, std::vector<pid_t>{pid});
+}
+
+TEST_F(CorruptPageTest, BackgroundFetchOfACorruptPageKillsTheTask) {
+  if (!userfaultfd_works()) GTEST_SKIP() << "userfaultfd unavailable";
+  prepare(TierKind::cxl);
+  Restored child;
+  auto engine = engine_for(child);
+  ASSERT_TRUE(engine);
+  ASSERT_TRUE(engine->prefetch_in_background(kSinglePid, {kMapping, kMapping + P, kMapping + 2 * P}));
+  const int status = serve_until_failed(*engine, child);  // the child waits for "go" meanwhile
+  EXPECT_TRUE(killed(status)) << "wait status " << status;
+  ASSERT_TRUE(engine->failure());
+  expect_names_the_damaged_page(*engine->failure(), TierKind::cxl);
+  EXPECT_EQ(engine->metrics().pages_background, 1u);  // page 0 only
+}
+
+TEST_F(CorruptPageTest, MaterializeFailsAndNeverWritesTheCorruptPage) {
+  prepare(TierKind::cxl);
+  const fs::path out = tmp_.path() / "all";
+  auto m = snap::materialize(snapshot_, *tiers_->store, out, /*all_pages=*/true);
+  ASSERT_FALSE(m) << "materialized a page that fails its checksum";
+  expect_names_the_damaged_page(m.error(), TierKind::cxl);
+  // Page 8 (same pagemap entry, before it) was written; page 9 is still a hole.
+  const Bytes written = read_file(out / "pages-1.img");
+  ASSERT_EQ(written.size(), 20 * P);
+  EXPECT_EQ(0, std::memcmp(written.data() + 8 * P, expected_.data(), P));
+  EXPECT_TRUE(all_zero(std::span(written).subspan(kDamaged * P, P)));
 }
 
 }  // namespace

@@ -20,7 +20,8 @@ struct StoreOptions {
   std::filesystem::path state_dir;                    // created if missing
   std::map<TierKind, std::shared_ptr<Tier>> tiers;    // any subset
   std::shared_ptr<CxlDirectory> cxl_directory;        // required if tiers has a cxl tier
-  bool verify_page_checksums = true;                  // read_page checks each page's CRC32C
+  // read_pages checks each page's CRC32C; false only to measure what the check costs.
+  bool verify_page_checksums = true;
 };
 
 [[nodiscard]] Result<std::unique_ptr<SnapshotStore>> make_snapshot_store(StoreOptions options);

@@ -58,6 +58,16 @@ struct PlacementRequest {
   std::vector<std::optional<TierKind>> per_page;  // empty, or one per page overriding default
 };
 
+// Verified bytes of consecutive pages of one snapshot, from SnapshotStore::read_pages.
+struct PageRun {
+  const std::byte* data = nullptr;  // pages * kPageSize bytes
+  std::size_t pages = 0;            // >= 1
+  TierKind tier = TierKind::local;  // meaningless for a zero page
+  // data points into the tier's mapping (valid while the snapshot exists), not into scratch.
+  bool in_place = false;
+  bool zero = false;  // one all-zero page (never stored), data points at shared zeros
+};
+
 class SnapshotStore {
  public:
   virtual ~SnapshotStore() = default;
@@ -70,11 +80,18 @@ class SnapshotStore {
   [[nodiscard]] virtual Result<std::vector<SnapshotInfo>> list() = 0;
   [[nodiscard]] virtual Result<void> remove(const std::string& id) = 0;
 
-  // Reads one page of a stored snapshot into `out` (kPageSize bytes). Zero pages read as zeros.
-  [[nodiscard]] virtual Result<void> read_page(const Snapshot& snapshot, const PageEntry& page,
-                                               std::span<std::byte> out) = 0;
-  // For byte-addressable tiers: the page's bytes in place (no copy), else nullptr.
-  [[nodiscard]] virtual const std::byte* map_page(const PageEntry& page) = 0;
+  // The one way page bytes leave the store for a process or a file (demand faults, prefetch,
+  // background fetch, materialize, snapshot.read): pages first, first + 1, ... of
+  // snapshot.pages, at most max_pages, as long as they are stored on the tier of page `first`
+  // and, on a byte-addressable tier, adjacent in its mapping. Each page's CRC32C is checked
+  // where the caller will read it from: in the tier's mapping (no copy) or in `scratch` after
+  // the copy, right before the run is returned. A mismatch is Errc::corrupt naming the
+  // snapshot, the page (index and vaddr) and the tier. A page that fails after the first ends
+  // the run before it (the next call, starting there, reports it). A zero page is a run of its
+  // own: one page of zeros. `scratch` holds the copied pages (the run is cut to its size).
+  [[nodiscard]] virtual Result<PageRun> read_pages(const Snapshot& snapshot, std::size_t first,
+                                                   std::size_t max_pages,
+                                                   std::span<std::byte> scratch) = 0;
 };
 
 }  // namespace snaptier

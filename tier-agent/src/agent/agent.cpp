@@ -13,7 +13,6 @@
 
 #include "agent/posix_file.hpp"
 #include "control/sha256.hpp"
-#include "cxl/crc32c.hpp"
 
 namespace snaptier {
 
@@ -329,24 +328,15 @@ Result<json> Agent::read(const control::SnapshotRead& read) {
   for (std::size_t first = 0; first < pages.size(); first += kPagesPerWrite) {
     const std::size_t count = std::min(kPagesPerWrite, pages.size() - first);
     iov.clear();
-    for (std::size_t i = 0; i < count; ++i) {
-      const PageEntry& page = pages[first + i];
-      const std::byte* bytes = (*store)->map_page(page);
-      if (bytes != nullptr && !(page.flags & page_zero)) {
-        // The store verifies checksums in read_page; for mapped pages that check is ours.
-        if ((page.flags & page_checksummed) && crc32c(std::span(bytes, kPageSize)) != page.crc32c) {
-          return discard(Error{Errc::corrupt, "snapshot '" + read.id + "': page at vaddr " +
-                                                  std::to_string(page.vaddr) + " fails its checksum"});
-        }
-        ++mapped_pages;
-      } else if (bytes == nullptr) {
-        std::span<std::byte> slot(staging.data() + i * kPageSize, kPageSize);
-        if (auto ok = (*store)->read_page(*snapshot, page, slot); !ok) return discard(ok.error());
-        bytes = slot.data();
-        ++copied_pages;
-      }
-      digest.update(std::span(bytes, kPageSize));
-      iov.push_back(iovec{const_cast<std::byte*>(bytes), kPageSize});
+    for (std::size_t i = 0; i < count;) {
+      // Verified by the store: in place for mapped tiers (written straight from the mapping),
+      // else in the staging slots.
+      auto run = (*store)->read_pages(*snapshot, first + i, count - i, std::span(staging).subspan(i * kPageSize));
+      if (!run) return discard(run.error());
+      if (!run->zero) (run->in_place ? mapped_pages : copied_pages) += run->pages;
+      digest.update(std::span(run->data, run->pages * kPageSize));
+      iov.push_back(iovec{const_cast<std::byte*>(run->data), run->pages * kPageSize});
+      i += run->pages;
     }
     if (auto ok = pwritev_all(fd.get(), iov, offset, partial); !ok) return discard(ok.error());
     offset += count * kPageSize;

@@ -222,7 +222,8 @@ Result<Materialized> materialize(const Snapshot& snapshot, SnapshotStore& store,
   if (!checkpoint) return tl::unexpected(checkpoint.error());
 
   Materialized out;
-  std::vector<std::byte> page(kPageSize);
+  constexpr std::size_t kRunPages = 64;
+  std::vector<std::byte> scratch(kRunPages * kPageSize);
   for (const auto& task : checkpoint->tasks) {
     if (!task.pagemap) continue;
     const TaskLayout* tl = find_task(*layout, task.pstree.pid);
@@ -230,20 +231,31 @@ Result<Materialized> materialize(const Snapshot& snapshot, SnapshotStore& store,
     const int fd = pages_fds.at(task.pstree.pid).get();
     for (const auto& pe : task.pagemap->entries) {
       if (!pe.present() || !pe.data_offset || (pe.lazy() && !all_pages)) continue;
+      const std::uint64_t first = tl->first_page + *pe.data_offset / kPageSize;
+      if (first + pe.nr_pages > snapshot.pages.size()) {
+        return fail(Errc::corrupt, "snapshot '" + snapshot.info.id + "': pagemap-" + std::to_string(task.pstree.pid) +
+                                       ".img points past the page table");
+      }
       for (std::uint64_t k = 0; k < pe.nr_pages; ++k) {
-        const std::uint64_t index = tl->first_page + *pe.data_offset / kPageSize + k;
-        const PageEntry& entry = snapshot.pages[index];
-        if (entry.vaddr != pe.vaddr + k * kPageSize) {
-          return fail(Errc::corrupt, "snapshot '" + snapshot.info.id + "': page " + std::to_string(index) +
+        if (snapshot.pages[first + k].vaddr != pe.vaddr + k * kPageSize) {
+          return fail(Errc::corrupt, "snapshot '" + snapshot.info.id + "': page " + std::to_string(first + k) +
                                          " does not match the pagemap");
         }
-        if ((entry.flags & page_zero) != 0) continue;  // a hole reads as zeros
-        if (auto ok = store.read_page(snapshot, entry, page); !ok) return tl::unexpected(ok.error());
-        if (auto ok = write_exact(fd, page.data(), kPageSize, *pe.data_offset + k * kPageSize, tl->pages_file); !ok) {
-          return tl::unexpected(ok.error());
+      }
+      // Verified runs straight from the tier's mapping (or the scratch copy) into the file; a
+      // page that fails its check is never written.
+      for (std::uint64_t k = 0; k < pe.nr_pages;) {
+        auto run = store.read_pages(snapshot, first + k, pe.nr_pages - k, scratch);
+        if (!run) return tl::unexpected(run.error());
+        if (!run->zero) {  // a zero page stays a hole, which reads as zeros
+          if (auto ok = write_exact(fd, run->data, run->pages * kPageSize, *pe.data_offset + k * kPageSize, tl->pages_file);
+              !ok) {
+            return tl::unexpected(ok.error());
+          }
+          out.pages_written += run->pages;
+          out.bytes_written += run->pages * kPageSize;
         }
-        ++out.pages_written;
-        out.bytes_written += kPageSize;
+        k += run->pages;
       }
     }
   }
@@ -484,25 +496,13 @@ Result<PageFill> StorePageSource::fetch(TaskId task, std::uint64_t vaddr, std::s
     fill.pages = n;
     return fill;
   }
+  // The store checks every page where the engine will copy it from, right before UFFDIO_COPY.
+  auto run = impl_->store->read_pages(impl_->snapshot, *first, limit, buffer);
+  if (!run) return tl::unexpected(run.error());
   fill.answer = PageAnswer::copy;
-  fill.tier = head.tier;
-  auto same_tier = [&](const PageEntry& e) { return (e.flags & page_zero) == 0 && e.tier == head.tier; };
-  if (const std::byte* mapped = impl_->store->map_page(head)) {
-    // Byte-addressable tier: hand the engine the pages in place, as long as they are adjacent.
-    while (n < limit && same_tier(pages[*first + n]) && impl_->store->map_page(pages[*first + n]) == mapped + n * kPageSize) ++n;
-    fill.data = mapped;
-    fill.pages = n;
-    return fill;
-  }
-  if (buffer.size() < limit * kPageSize) return fail(Errc::invalid_argument, "fetch: buffer too small");
-  for (n = 0; n < limit && same_tier(pages[*first + n]); ++n) {
-    auto ok = impl_->store->read_page(impl_->snapshot, pages[*first + n], buffer.subspan(n * kPageSize, kPageSize));
-    if (!ok) {
-      if (n > 0) break;  // serve what was read; the next fault retries the rest
-      return tl::unexpected(ok.error());
-    }
-  }
-  fill.pages = n;
+  fill.tier = run->tier;
+  fill.pages = run->pages;
+  fill.data = run->data;
   return fill;
 }
 

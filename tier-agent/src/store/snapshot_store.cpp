@@ -14,6 +14,8 @@
 #include <mutex>
 #include <system_error>
 
+#include <fmt/format.h>
+
 #include "cxl/crc32c.hpp"
 #include "snaptier/snapshot_store.hpp"
 #include "store/manifest.hpp"
@@ -299,34 +301,73 @@ class TieredSnapshotStore final : public SnapshotStore {
     return {};
   }
 
-  Result<void> read_page(const Snapshot& snapshot, const PageEntry& page,
-                         std::span<std::byte> out) override {
-    if (out.size() != kPageSize) {
-      return fail(Errc::invalid_argument, "read_page: buffer must be " + std::to_string(kPageSize) + " bytes");
+  Result<PageRun> read_pages(const Snapshot& snapshot, std::size_t first, std::size_t max_pages,
+                             std::span<std::byte> scratch) override {
+    const auto& pages = snapshot.pages;
+    if (first >= pages.size() || max_pages == 0) {
+      return fail(Errc::invalid_argument, "read_pages: snapshot '" + snapshot.info.id + "' has " +
+                                              std::to_string(pages.size()) + " pages; asked for " +
+                                              std::to_string(max_pages) + " from page " + std::to_string(first));
     }
-    if (page.flags & page_zero) {
-      std::memset(out.data(), 0, out.size());
-      return {};
+    const PageEntry& head = pages[first];
+    if (head.flags & page_zero) {
+      return PageRun{.data = kZeroPage.data(), .pages = 1, .tier = head.tier, .in_place = true, .zero = true};
     }
-    auto tier = options_.tiers.find(page.tier);
-    if (tier == options_.tiers.end()) {
-      return fail(Errc::unsupported, "read_page: snapshot '" + snapshot.info.id + "' has a page on tier " +
-                                         std::string(to_string(page.tier)) + ", which this store does not have");
+    auto found = options_.tiers.find(head.tier);
+    if (found == options_.tiers.end()) {
+      return fail(Errc::unsupported, describe(snapshot, first) + ", which this store does not have");
     }
-    if (auto ok = tier->second->read(Extent{page.location, kPageSize}, 0, out); !ok) return ok;
-    if (options_.verify_page_checksums && (page.flags & page_checksummed) && crc32c(out) != page.crc32c) {
-      return fail(Errc::corrupt, "snapshot '" + snapshot.info.id + "': page at vaddr " +
-                                     std::to_string(page.vaddr) + " on tier " +
-                                     std::string(to_string(page.tier)) + " fails its checksum");
-    }
-    return {};
-  }
+    Tier& tier = *found->second;
+    const std::size_t limit = std::min(max_pages, pages.size() - first);
+    auto same_tier = [&](std::size_t i) { return (pages[i].flags & page_zero) == 0 && pages[i].tier == head.tier; };
+    PageRun run{.tier = head.tier};
 
-  const std::byte* map_page(const PageEntry& page) override {
-    if (page.flags & page_zero) return kZeroPage.data();
-    auto tier = options_.tiers.find(page.tier);
-    if (tier == options_.tiers.end() || !tier->second->caps().byte_addressable) return nullptr;
-    return tier->second->map(Extent{page.location, kPageSize});
+    if (const std::byte* mapped = tier.map(Extent{head.location, kPageSize})) {
+      std::size_t n = 1;
+      while (n < limit && same_tier(first + n) &&
+             tier.map(Extent{pages[first + n].location, kPageSize}) == mapped + n * kPageSize) {
+        ++n;
+      }
+      run.data = mapped;
+      run.in_place = true;
+      // Checked in the mapping the caller copies from: no extra copy of the bytes.
+      for (run.pages = 0; run.pages < n; ++run.pages) {
+        if (auto ok = verify(snapshot, first + run.pages, mapped + run.pages * kPageSize); !ok) {
+          if (run.pages > 0) break;
+          return tl::unexpected(ok.error());
+        }
+      }
+      return run;
+    }
+
+    const std::size_t fit = std::min(limit, scratch.size() / kPageSize);
+    if (fit == 0) {
+      return fail(Errc::invalid_argument, "read_pages: " + describe(snapshot, first) +
+                                              " is copied, and the buffer holds less than a page");
+    }
+    run.data = scratch.data();
+    while (run.pages < fit && same_tier(first + run.pages)) {
+      // Pages adjacent in the tier are read with one call (one pread, one RDMA read).
+      const std::size_t at = first + run.pages;
+      std::size_t group = 1;
+      while (run.pages + group < fit && same_tier(at + group) &&
+             pages[at + group].location == pages[at].location + group * kPageSize) {
+        ++group;
+      }
+      auto slot = scratch.subspan(run.pages * kPageSize, group * kPageSize);
+      Result<void> ok = tier.read(Extent{pages[at].location, slot.size()}, 0, slot);
+      if (!ok) {
+        if (run.pages > 0) break;  // serve what was read; the next call reports the error
+        return fail(ok.error().code, describe(snapshot, at) + ": " + ok.error().message);
+      }
+      for (std::size_t k = 0; k < group; ++k, ++run.pages) {
+        if (ok = verify(snapshot, at + k, slot.data() + k * kPageSize); !ok) {
+          if (run.pages > 0) return run;
+          return tl::unexpected(ok.error());
+        }
+      }
+    }
+    return run;
   }
 
   Result<void> prepare() {
@@ -369,6 +410,29 @@ class TieredSnapshotStore final : public SnapshotStore {
                                      manifest->snapshot.info.id + "'");
     }
     return manifest;
+  }
+
+  // "snapshot 'fn': page 9 (vaddr 0x10001000) on tier cxl"
+  static std::string describe(const Snapshot& snapshot, std::size_t index) {
+    const PageEntry& page = snapshot.pages[index];
+    return fmt::format("snapshot '{}': page {} (vaddr {:#x}) on tier {}", snapshot.info.id, index, page.vaddr,
+                       to_string(page.tier));
+  }
+
+  // Every stored page carries a CRC32C set by put(), and the manifest that holds it is itself
+  // checksummed: a stored page without one is as damaged as one that fails it.
+  Result<void> verify(const Snapshot& snapshot, std::size_t index, const std::byte* bytes) const {
+    if (!options_.verify_page_checksums) return {};
+    const PageEntry& page = snapshot.pages[index];
+    if ((page.flags & page_checksummed) == 0) {
+      return fail(Errc::corrupt, describe(snapshot, index) + " has no checksum");
+    }
+    const std::uint32_t got = crc32c(std::span(bytes, kPageSize));
+    if (got != page.crc32c) {
+      return fail(Errc::corrupt, describe(snapshot, index) +
+                                     fmt::format(" fails its checksum (CRC32C {:08x}, stored {:08x})", got, page.crc32c));
+    }
+    return {};
   }
 
   StoreOptions options_;
