@@ -102,6 +102,20 @@ TEST(ConfigTest, MinimalConfigGetsDefaults) {
   EXPECT_FALSE(config->local || config->file || config->cxl || config->rdma || config->memnode);
 }
 
+// The widest shared CXL directory the agent formats: 63 hosts, the last one at index 62.
+TEST(ConfigTest, CxlAcceptsTheLargestDirectory) {
+  auto config = parse_config(with_agent("[tiers.cxl]\npath = \"/dev/dax0.0\"\nhost_index = 62\nhost_count = 63\n"),
+                             "wide.toml");
+  ASSERT_TRUE(config.has_value()) << config.error().what();
+  ASSERT_TRUE(config->cxl.has_value());
+  EXPECT_EQ(config->cxl->host_count, 63u);
+  EXPECT_EQ(config->cxl->host_index, 62u);
+  // Without host_count the index is checked only against the limit (the region decides later).
+  auto unsized = parse_config(with_agent("[tiers.cxl]\npath = \"/dev/dax0.0\"\nhost_index = 62\n"), "x.toml");
+  ASSERT_TRUE(unsized.has_value()) << unsized.error().what();
+  EXPECT_EQ(unsized->cxl->host_index, 62u);
+}
+
 TEST(ConfigTest, MemnodeConfig) {
   auto config = parse_config(R"(
 [agent]
@@ -178,7 +192,11 @@ TEST(ConfigTest, RejectsImpossibleValues) {
   expect_rejected(with_agent("[tiers.local]\ncapacity = \"0M\"\n"), "[tiers.local] capacity", "positive");
   expect_rejected(with_agent("[tiers.local]\ncapacity = 1000\n"), "[tiers.local] capacity", "multiple of 4096");
   expect_rejected(with_agent("[tiers.file]\ndir = \"/x\"\ncapacity = \"lots\"\n"), "[tiers.file] capacity", "invalid size");
-  expect_rejected(with_agent("[tiers.cxl]\npath = \"/dev/dax0.0\"\nhost_index = 15\n"), "[tiers.cxl] host_index", "between 0 and 14");
+  expect_rejected(with_agent("[tiers.cxl]\npath = \"/dev/dax0.0\"\nhost_index = 63\n"), "[tiers.cxl] host_index", "between 0 and 62");
+  expect_rejected(with_agent("[tiers.cxl]\npath = \"/dev/dax0.0\"\nhost_index = 0\nhost_count = 64\n"),
+                  "[tiers.cxl] host_count", "between 1 and 63");
+  expect_rejected(with_agent("[tiers.cxl]\npath = \"/dev/dax0.0\"\nhost_index = 0\nhost_count = 0\n"),
+                  "[tiers.cxl] host_count", "between 1 and 63");
   expect_rejected(with_agent("[tiers.cxl]\npath = \"/dev/dax0.0\"\nhost_index = 2\nhost_count = 2\n"),
                   "[tiers.cxl] host_index", "less than host_count");
   expect_rejected(with_agent("[control]\nmax_frame_bytes = 0\n"), "[control] max_frame_bytes", "between");

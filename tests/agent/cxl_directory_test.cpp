@@ -93,6 +93,23 @@ class DirectoryTest : public ::testing::Test {
     region_ = *MappedRegion::open(path_);
   }
 
+  // Replaces the fixture's region with a fresh all-zero one of `size` bytes.
+  void use_region(std::uint64_t size) {
+    region_.reset();
+    path_ = testing::make_region_file(dir_.path(), size, "sized.cxl");
+    region_ = *MappedRegion::open(path_);
+  }
+
+  // Rewrites the superblock as an agent of another layout version would have left it.
+  void stamp_superblock_version(std::uint32_t version, std::uint32_t slot_size) {
+    cxl::Superblock sb{};
+    std::memcpy(&sb, region_->data(), sizeof sb);
+    sb.version = version;
+    sb.slot_size = slot_size;
+    sb.crc = crc32c(std::as_bytes(std::span(&sb, 1)).first(offsetof(cxl::Superblock, crc)));
+    std::memcpy(region_->data(), &sb, sizeof sb);
+  }
+
   void format(std::uint32_t hosts = 4, std::uint32_t entries = 64) {
     CacheModelAccess formatter(region_);
     auto layout = format_cxl_region(formatter, CxlFormatOptions{.host_count = hosts, .log_entries_per_host = entries});
@@ -234,6 +251,64 @@ TEST_F(DirectoryTest, AttachValidatesHostIndexAndSlotOwnership) {
   EXPECT_EQ(impostor.error().code, Errc::already_exists);
 }
 
+TEST_F(DirectoryTest, RegionOfAnOlderLayoutIsRefusedNotMisread) {
+  format(2);
+  {
+    auto a = attach(0);
+    ASSERT_TRUE(a);
+    ASSERT_TRUE(publish_with_data(*a, "old", pattern(4096, 1)));
+  }
+  stamp_superblock_version(1, 128);  // layout 1: 15 hosts, 128-byte slots
+  std::vector<std::byte> before(region_->data(), region_->data() + 64 * 1024);
+  auto attached = attach(0);
+  ASSERT_FALSE(attached);
+  EXPECT_EQ(attached.error().code, Errc::unsupported);
+  EXPECT_NE(attached.error().message.find("formatted by an older agent (layout 1); reformat"), std::string::npos)
+      << attached.error().message;
+  EXPECT_TRUE(std::equal(before.begin(), before.end(), region_->data()));  // nothing written
+  // It still holds snapshots, so formatting over it must be asked for.
+  CacheModelAccess access(region_);
+  auto again = format_cxl_region(access, CxlFormatOptions{.host_count = 2});
+  ASSERT_FALSE(again);
+  EXPECT_EQ(again.error().code, Errc::already_exists);
+  ASSERT_TRUE(format_cxl_region(access, CxlFormatOptions{.host_count = 2, .overwrite_existing = true}));
+  auto b = attach(1);
+  ASSERT_TRUE(b) << b.error().what();
+  EXPECT_EQ(b->directory->lookup("old").error().code, Errc::not_found);
+}
+
+TEST_F(DirectoryTest, RegionOfANewerLayoutIsRefused) {
+  format(2);
+  stamp_superblock_version(cxl::kLayoutVersion + 1, cxl::kSlotSize);
+  auto attached = attach(0);
+  ASSERT_FALSE(attached);
+  EXPECT_EQ(attached.error().code, Errc::unsupported);
+  EXPECT_NE(attached.error().message.find("newer agent"), std::string::npos) << attached.error().message;
+}
+
+// The smallest region a 63-host directory fits in: the numbers the testbed sizes devices by.
+TEST_F(DirectoryTest, SmallestRegionForSixtyThreeHosts) {
+  struct Case {
+    std::uint32_t entries;
+    std::uint64_t minimum;
+  };
+  // 4 KiB superblock + 63 slots of 320 B (20 KiB) + 63 logs + 63 arenas of at least 64 KiB.
+  for (const Case c : {Case{16, 4411392}, Case{1024, 16539648}}) {
+    const CxlFormatOptions options{.host_count = 63, .log_entries_per_host = c.entries};
+    use_region(c.minimum - 4096);
+    CacheModelAccess small(region_);
+    auto refused = format_cxl_region(small, options);
+    ASSERT_FALSE(refused) << c.entries;
+    EXPECT_EQ(refused.error().code, Errc::no_space);
+    use_region(c.minimum);
+    CacheModelAccess exact(region_);
+    auto layout = format_cxl_region(exact, options);
+    ASSERT_TRUE(layout) << c.entries << ": " << layout.error().what();
+    EXPECT_EQ(layout->arena_size, 64u * 1024);
+    EXPECT_EQ(layout->arena_begin(62) + layout->arena_size, c.minimum);
+  }
+}
+
 // ----- publish / lookup / delete ------------------------------------------------------------------
 
 TEST_F(DirectoryTest, PublishedOnOneHostIsFoundByteExactOnAnother) {
@@ -311,6 +386,50 @@ TEST_F(DirectoryTest, OwnerOnlyEntriesAreInvisibleToOtherHosts) {
   EXPECT_TRUE(publish_with_data(*b, "private", pattern(4096, 2)));
 }
 
+// The widest directory: every one of kCxlMaxHosts hosts publishes and finds everybody else's
+// snapshot, and the seen counters of the last host (in the last line of every slot's seen
+// struct) gate reuse like those of the first.
+TEST_F(DirectoryTest, EveryHostOfTheWidestDirectoryPublishesAndSeesAllOthers) {
+  constexpr std::uint32_t kHosts = kCxlMaxHosts;
+  constexpr std::uint32_t kLast = kHosts - 1;
+  use_region(5 << 20);
+  format(kHosts, 16);
+  auto id_of = [](std::uint32_t h) { return "wide-" + std::to_string(h); };
+  auto data_of = [](std::uint32_t h) { return pattern(4096, h); };
+  std::vector<Host> hosts;
+  for (std::uint32_t h = 0; h < kHosts; ++h) {
+    auto host = attach(h);
+    ASSERT_TRUE(host) << h << ": " << host.error().what();
+    hosts.push_back(std::move(*host));
+    ASSERT_TRUE(publish_with_data(hosts.back(), id_of(h), data_of(h))) << h;
+  }
+  for (std::uint32_t reader = 0; reader < kHosts; ++reader) {
+    auto listed = hosts[reader].directory->list();
+    ASSERT_TRUE(listed) << reader;
+    ASSERT_EQ(listed->size(), kHosts) << reader;
+    for (const CxlEntryInfo& info : *listed) {
+      EXPECT_EQ(info.id, id_of(info.owner_host));
+      EXPECT_EQ(info.owner_name, "host" + std::to_string(info.owner_host));
+    }
+    for (std::uint32_t owner : {0u, kLast, (reader + 1) % kHosts}) {
+      EXPECT_TRUE(holds(hosts[reader], id_of(owner), data_of(owner))) << reader << " reads " << owner;
+    }
+  }
+  for (std::uint32_t owner : {kLast, 0u}) {
+    ASSERT_TRUE(hosts[owner].directory->remove(id_of(owner)));
+    EXPECT_GT(hosts[owner].directory->arena_pending_bytes(), 0u) << owner;
+    // Until the last of the others has announced the tombstone, the extents stay pending.
+    const std::uint32_t last_other = owner == kLast ? kLast - 1 : kLast;
+    for (std::uint32_t h = 0; h < kHosts; ++h) {
+      if (h == owner) continue;
+      EXPECT_EQ(hosts[h].directory->lookup(id_of(owner)).error().code, Errc::not_found);
+      ASSERT_TRUE(hosts[owner].directory->refresh());
+      EXPECT_EQ(hosts[owner].directory->arena_pending_bytes() == 0, h == last_other) << owner << " after " << h;
+    }
+  }
+  for (const Host& host : hosts) EXPECT_TRUE(host.directory->problems().empty());
+}
+
 // ----- rule 7: delayed reuse ----------------------------------------------------------------------
 
 TEST_F(DirectoryTest, FreedExtentsWaitUntilEveryAttachedHostMovedPastTheTombstone) {
@@ -342,6 +461,31 @@ TEST_F(DirectoryTest, FreedExtentsWaitUntilEveryAttachedHostMovedPastTheTombston
   auto reused = a->tier->allocate(freed.length);
   ASSERT_TRUE(reused);
   EXPECT_LE(reused->offset, freed.offset);
+}
+
+// A reader loads another host's seen lines one by one while that host may be writing them back:
+// a mix of lines from before and after an announcement must count as "not seen yet".
+TEST_F(DirectoryTest, TornSeenAnnouncementHoldsBackReuse) {
+  format(3);
+  auto a = attach(0), b = attach(1);
+  ASSERT_TRUE(a && b);
+  ASSERT_TRUE(publish_with_data(*a, "s", pattern(4096, 1)));
+  ASSERT_TRUE(b->directory->lookup("s"));
+  constexpr std::uint64_t kSize = sizeof(cxl::SlotSeen);
+  std::byte* seen = region_->data() + cxl::seen_offset(layout_, 1);
+  const std::vector<std::byte> before(seen, seen + kSize);
+  ASSERT_TRUE(a->directory->remove("s"));
+  ASSERT_TRUE(b->directory->refresh());  // B announces seen[0] = 2 (past the tombstone)
+  const std::vector<std::byte> after(seen, seen + kSize);
+  ASSERT_NE(before, after);
+  ASSERT_GE(kSize, 2 * kCacheLine);
+  // The first line (with seen[0]) already new, the last (with the CRC) still old.
+  std::memcpy(seen + kSize - kCacheLine, before.data() + kSize - kCacheLine, kCacheLine);
+  ASSERT_TRUE(a->directory->refresh());
+  EXPECT_GT(a->directory->arena_pending_bytes(), 0u);
+  std::memcpy(seen, after.data(), kSize);  // B's write-back completes
+  ASSERT_TRUE(a->directory->refresh());
+  EXPECT_EQ(a->directory->arena_pending_bytes(), 0u);
 }
 
 TEST_F(DirectoryTest, DetachedHostsDoNotHoldBackReuse) {

@@ -41,7 +41,7 @@ struct FileTierConfig {
 struct CxlTierConfig {
   std::filesystem::path path;   // /dev/daxX.Y on a real or emulated CXL host, or a regular file
   std::uint32_t host_index = 0; // this host's slot in the shared region's directory (< host_count)
-  std::uint32_t host_count = 4; // slots laid out when this agent formats the region (1..15)
+  std::uint32_t host_count = 4; // slots laid out when this agent formats the region (1..kCxlMaxHosts)
   bool format = false;          // may this agent format a region that has no directory yet
 };
 

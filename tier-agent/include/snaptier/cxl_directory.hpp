@@ -20,7 +20,11 @@
 
 namespace snaptier {
 
-inline constexpr std::uint32_t kCxlMaxHosts = 15;
+// Host slots in a region. Each slot announces how far it has replayed every host's log in one
+// CRC-checked struct of u32 counters (seen[kCxlMaxHosts] + crc) that must fill whole 64-byte
+// lines: 63 = four lines' worth of counters minus the CRC word. Raising it grows every slot and
+// is a new layout version (docs/cxl-directory.md). Kept a plain literal: the testbed reads it.
+inline constexpr std::uint32_t kCxlMaxHosts = 63;
 inline constexpr std::size_t kCxlMaxIdLength = 63;
 inline constexpr std::uint64_t kCacheLine = 64;
 

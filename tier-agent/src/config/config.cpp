@@ -16,6 +16,7 @@
 #include <toml++/toml.h>
 
 #include "core/try.hpp"
+#include "snaptier/cxl_directory.hpp"
 
 namespace snaptier {
 
@@ -325,12 +326,12 @@ Result<AgentConfig> parse_root(const toml::table& root, std::string_view source,
     if (cxl_table != nullptr) {
       TableReader cxl(*cxl_table, "tiers.cxl", source);
       SNAPTIER_TRY(path, cxl.required_string("path"));
-      // The shared region's directory has one slot per host (kCxlMaxHosts = 15).
-      SNAPTIER_TRY(host_count, cxl.integer("host_count", 1, 15));
+      // The shared region's directory has one slot per host.
+      SNAPTIER_TRY(host_count, cxl.integer("host_count", 1, kCxlMaxHosts));
       CxlTierConfig tier;
       tier.path = resolve(base_dir, path);
       tier.host_count = static_cast<std::uint32_t>(host_count.value_or(4));
-      SNAPTIER_TRY(host_index, cxl.integer("host_index", 0, 14));
+      SNAPTIER_TRY(host_index, cxl.integer("host_index", 0, kCxlMaxHosts - 1));
       if (!host_index) return cxl.error("host_index", nullptr, "required key is missing");
       // host_count shapes only a new format; an existing region's layout decides otherwise,
       // so the index is checked against it only when it is spelled out.

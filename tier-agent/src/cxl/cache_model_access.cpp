@@ -3,19 +3,29 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <new>
+
+#include <sys/mman.h>
 
 namespace snaptier {
 
 namespace {
 constexpr std::uint64_t kWords = kCacheLine / 8;
+
+detail::UniqueMapping anonymous_copy(std::uint64_t size) {
+  if (size == 0) return {};
+  void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED) throw std::bad_alloc();
+  return detail::UniqueMapping(p, size);
 }
+}  // namespace
 
 CacheModelAccess::CacheModelAccess(std::shared_ptr<MappedRegion> shared, bool prefetch_page)
     : shared_region_(std::move(shared)),
       shared_(shared_region_->data()),
       size_(shared_region_->size()),
       prefetch_page_(prefetch_page),
-      copy_(size_),
+      copy_(anonymous_copy(size_)),
       present_((size_ + kCacheLine - 1) / kCacheLine, 0),
       dirty_(present_.size(), 0) {}
 

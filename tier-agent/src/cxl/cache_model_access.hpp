@@ -11,6 +11,7 @@
 #include <mutex>
 #include <vector>
 
+#include "core/unique_fd.hpp"
 #include "snaptier/cxl_directory.hpp"
 
 namespace snaptier {
@@ -42,7 +43,7 @@ class CacheModelAccess final : public RegionAccess {
   std::uint64_t size_;
   bool prefetch_page_;
   mutable std::mutex mutex_;
-  std::vector<std::byte> copy_;
+  detail::UniqueMapping copy_;  // lazily zero-filled pages: a model costs what it touches
   std::vector<std::uint8_t> present_;
   std::vector<std::uint8_t> dirty_;
 };

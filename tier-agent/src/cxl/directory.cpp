@@ -122,9 +122,17 @@ Result<CxlLayout> read_cxl_layout(RegionAccess& region) {
   if (crc_before(sb, sb.crc) != sb.crc) {
     return fail(Errc::corrupt, "CXL superblock checksum mismatch");
   }
-  if (sb.version != kLayoutVersion) {
-    return fail(Errc::unsupported, "CXL region layout version " + std::to_string(sb.version) +
-                                       " (this build reads " + std::to_string(kLayoutVersion) + ")");
+  // Other layouts put slots and logs elsewhere: refuse them rather than misread them.
+  if (sb.version < kLayoutVersion) {
+    return fail(Errc::unsupported,
+                "CXL region was formatted by an older agent (layout " + std::to_string(sb.version) +
+                    "); reformat it (this agent reads layout " + std::to_string(kLayoutVersion) +
+                    "; zero the region's first 4 KiB and start the agent that has format = true)");
+  }
+  if (sb.version > kLayoutVersion) {
+    return fail(Errc::unsupported, "CXL region was formatted by a newer agent (layout " +
+                                       std::to_string(sb.version) + "); this agent reads layout " +
+                                       std::to_string(kLayoutVersion) + ": upgrade it");
   }
   if (sb.region_size > region.size()) {
     return fail(Errc::corrupt, "CXL region is truncated: superblock says " +
@@ -145,10 +153,13 @@ Result<CxlLayout> format_cxl_region(RegionAccess& region, const CxlFormatOptions
   auto layout = compute_layout(region.size(), options);
   if (!layout) return layout;
   if (!options.overwrite_existing) {
+    // A directory of another layout version holds snapshots just the same.
     auto existing = read_cxl_layout(region);
-    if (existing) {
+    if (existing || existing.error().code == Errc::unsupported) {
       return fail(Errc::already_exists,
-                  "CXL region already holds a snaptier directory; set overwrite_existing to wipe it");
+                  "CXL region already holds a snaptier directory" +
+                      (existing ? std::string() : " (" + existing.error().message + ")") +
+                      "; set overwrite_existing to wipe it");
     }
   }
   std::random_device entropy;
@@ -320,9 +331,9 @@ struct CxlDirectory::State {
     SlotSeen line{};
     std::copy(seen.begin(), seen.end(), line.seen);
     line.crc = crc_before(line, line.crc);
-    const std::uint64_t at = slot_offset(layout, self()) + kCacheLine;
+    const std::uint64_t at = seen_offset(layout, self());
     region->store(at, bytes_of(line));
-    region->writeback(at, sizeof line);
+    region->writeback(at, sizeof line);  // every line of it, the CRC's line included
     region->fence();
     announced = std::move(seen);
   }
@@ -340,14 +351,25 @@ struct CxlDirectory::State {
       if (std::all_of(bytes.begin(), bytes.end(), [](std::byte b) { return b == std::byte{0}; })) continue;
       auto identity = read_identity(h);
       if (identity && identity->state == static_cast<std::uint32_t>(SlotState::detached)) continue;
-      SlotSeen line{};
-      const std::uint64_t at = slot_offset(layout, h) + kCacheLine;
-      region->invalidate(at, sizeof line);
-      region->load(at, writable_bytes_of(line));
-      const bool valid = identity && crc_before(line, line.crc) == line.crc;
-      slowest = std::min<std::uint64_t>(slowest, valid ? line.seen[self()] : 0);
+      const auto line = identity ? read_seen(h) : std::nullopt;
+      slowest = std::min<std::uint64_t>(slowest, line ? line->seen[self()] : 0);
     }
     return slowest;
+  }
+
+  // The seen lines are loaded one after another while their host may be writing them back, so a
+  // load can mix lines from before and after an announcement; the CRC over all of them catches
+  // that. Bounded retries, then "not readable" (the caller then assumes nothing was seen).
+  std::optional<SlotSeen> read_seen(std::uint32_t host) {
+    const std::uint64_t at = seen_offset(layout, host);
+    for (unsigned attempt = 0; attempt <= options.read_retries; ++attempt) {
+      if (attempt > 0) std::this_thread::yield();
+      SlotSeen line{};
+      region->invalidate(at, sizeof line);
+      region->load(at, writable_bytes_of(line));
+      if (crc_before(line, line.crc) == line.crc) return line;
+    }
+    return std::nullopt;
   }
 
   void reclaim() {

@@ -10,13 +10,13 @@
 namespace snaptier::cxl {
 
 inline constexpr char kSuperblockMagic[8] = {'S', 'N', 'A', 'P', 'C', 'X', 'L', '1'};
-inline constexpr std::uint32_t kLayoutVersion = 1;
+// 1: 15 hosts, 128-byte slots (one seen line). 2: 63 hosts, 320-byte slots (four seen lines).
+inline constexpr std::uint32_t kLayoutVersion = 2;
 inline constexpr std::uint32_t kSlotMagic = 0x534C4F54;    // "SLOT"
 inline constexpr std::uint32_t kEntryMagic = 0x454E5452;   // "ENTR"
 inline constexpr std::uint32_t kRecordMagic = 0x53524543;  // "SREC"
 
 inline constexpr std::uint64_t kSuperblockArea = 4096;
-inline constexpr std::uint64_t kSlotSize = 128;       // identity line + seen line
 inline constexpr std::uint64_t kEntrySize = 192;      // two payload lines + commit line
 inline constexpr std::uint64_t kPayloadSize = 128;
 inline constexpr std::uint64_t kCommitOffset = 128;   // commit line inside an entry
@@ -57,13 +57,19 @@ struct SlotIdentity {
 };
 static_assert(sizeof(SlotIdentity) == 64);
 
-// Line 1 of a host slot: seen[h] = how many entries of host h's log this host has replayed, i.e.
-// "moved past" every epoch (= sequence) up to it. Written only by the slot's host.
+// Lines 1.. of a host slot: seen[h] = how many entries of host h's log this host has replayed,
+// i.e. "moved past" every epoch (= sequence) up to it. Written only by the slot's host, so every
+// line still has one writer; it spans several lines, so a reader can catch some lines before and
+// some after an update: the CRC over the whole struct tells (docs/cxl-directory.md).
 struct SlotSeen {
   std::uint32_t seen[kCxlMaxHosts];
   std::uint32_t crc;
 };
-static_assert(sizeof(SlotSeen) == 64);
+static_assert(sizeof(SlotSeen) % kCacheLine == 0, "kCxlMaxHosts + 1 counters must fill whole lines");
+
+inline constexpr std::uint64_t kSeenOffset = sizeof(SlotIdentity);  // inside a slot
+inline constexpr std::uint64_t kSlotSize = sizeof(SlotIdentity) + sizeof(SlotSeen);
+static_assert(kSlotSize == 320);
 
 enum class EntryKind : std::uint8_t { publish = 1, tombstone = 2 };
 
@@ -107,6 +113,9 @@ struct RecordExtent {
 
 [[nodiscard]] inline std::uint64_t slot_offset(const CxlLayout& l, std::uint32_t host) {
   return l.slots_offset + host * kSlotSize;
+}
+[[nodiscard]] inline std::uint64_t seen_offset(const CxlLayout& l, std::uint32_t host) {
+  return slot_offset(l, host) + kSeenOffset;
 }
 [[nodiscard]] inline std::uint64_t entry_offset(const CxlLayout& l, std::uint32_t host,
                                                 std::uint64_t slot) {
