@@ -586,7 +586,8 @@ Result<json> FunctionService::restore(const control::FunctionRestore& request) {
     result["server"] = {{"error", report.error ? json(report.error->what()) : json(nullptr)},
                         {"drained_pages", report.drained_pages}};
     if (report.error && !kept) {
-      result["problems"].push_back("lazy-pages server: " + report.error->what());
+      // The cause (e.g. a page that fails its checksum) comes before what it did to the invocation.
+      result["problems"].insert(result["problems"].begin(), "lazy-pages server: " + report.error->what());
     }
   } else {
     // CRIU moved the pages: eager restore faults on nothing; criu lazy-pages does not report.
