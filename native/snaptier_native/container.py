@@ -56,6 +56,26 @@ def load_rxe() -> None:
     subprocess.run(["rdma", "system", "set", "netns", "exclusive"], capture_output=True, timeout=10)
 
 
+CAP_SYS_RESOURCE = 24
+PIPE_MAX_SIZE = Path("/proc/sys/fs/pipe-max-size")
+CRIU_PIPE_BYTES = 64 << 20
+
+
+def lift_pipe_limit() -> str | None:
+    """CRIU moves a lazily dumped process's pages through pipes it grows past the machine's
+    pipe-max-size (criu-remote's page server), which only CAP_SYS_RESOURCE may do. Where root
+    lacks that capability (as in some sandboxes) the dump fails ("tee: ... Operation not
+    permitted"), so the limit is raised for every host of this kernel. Returns what it did."""
+    cap_eff = int(next(l for l in Path("/proc/self/status").read_text().splitlines()
+                       if l.startswith("CapEff:")).split()[1], 16)
+    before = int(PIPE_MAX_SIZE.read_text())
+    if cap_eff & (1 << CAP_SYS_RESOURCE) or before >= CRIU_PIPE_BYTES:
+        return None
+    PIPE_MAX_SIZE.write_text(f"{CRIU_PIPE_BYTES}\n")
+    return (f"root here lacks CAP_SYS_RESOURCE: raised fs.pipe-max-size from {before >> 10} KiB to "
+            f"{CRIU_PIPE_BYTES >> 20} MiB for CRIU's page pipes")
+
+
 def netns_list() -> set[str]:
     proc = _ip("netns", "list", check=False)
     return {line.split()[0] for line in proc.stdout.splitlines() if line.strip()}

@@ -119,6 +119,9 @@ def up(topology: Topology, rootfs: Path, boot_timeout: float = 60) -> None:
     try:
         if any(l.rdma for l in topology.links):
             container.load_rxe()
+        lifted = container.lift_pipe_limit()
+        if lifted:
+            say(lifted)
         for dev in topology.cxl:
             with open(cxl_backing(topology, dev.name, runtime), "wb") as f:
                 f.truncate(dev.size)   # fresh and zeroed: CXL memory is volatile
