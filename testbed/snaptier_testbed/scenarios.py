@@ -214,7 +214,7 @@ def restore_everywhere(topo: Topology, function: str = "helloworld", policy: str
             ok = rc == 0 and doc.get("ok") is True and doc.get("answer_ok") is True and doc.get("digest_ok") is True
             faults = (doc.get("faults") or {}).get("total")
             steps.record(f"restore {policy}", host, ok,
-                         f"first response {doc.get('first_response_ms')} ms, {faults} faults, "
+                         f"first response {doc.get('first_response_ms', 0):.1f} ms, {faults} faults, "
                          f"answer {'right' if doc.get('answer_ok') else 'WRONG'}, digest "
                          f"{'equal' if doc.get('digest_ok') else 'DIFFERS'}" if rc == 0 else err)
         for v in dict.fromkeys([x.get("id") for x in snap.get("variants") or [] if isinstance(x, dict)] + [snap["id"]]):
