@@ -125,24 +125,47 @@ std::vector<PageEntry> entries(std::initializer_list<std::uint32_t> flags) {
   return out;
 }
 
-TEST(RestorePolicyTest, TieredPlacementPutsHotPagesOnCxlAndColdOnesInRdma) {
-  const std::map<TierKind, TierCaps> up{{TierKind::local, {}}, {TierKind::cxl, {}}, {TierKind::rdma, {}}};
+// Hot pages on CXL, the rest on the cold tier, as the placement names it.
+void expect_tiered_split(const std::map<TierKind, TierCaps>& up, TierKind cold) {
   const auto pages = entries({page_hot | page_written, 0, page_hot | page_read_only, page_read_only, page_zero, page_hot | page_zero});
-  auto request = (*make_placement("tiered"))->place(pages, up);
+  auto tiered = make_placement("tiered");
+  ASSERT_TRUE(tiered);
+  auto named = (*tiered)->cold_tier(up);
+  ASSERT_TRUE(named) << named.error().what();
+  EXPECT_EQ(*named, cold);
+  auto request = (*tiered)->place(pages, up);
   ASSERT_TRUE(request) << request.error().what();
+  EXPECT_EQ(request->default_tier, cold);
   ASSERT_EQ(request->per_page.size(), pages.size());
   auto tier_of = [&](std::size_t i) { return request->per_page[i].value_or(request->default_tier); };
   EXPECT_EQ(tier_of(0), TierKind::cxl);
-  EXPECT_EQ(tier_of(1), TierKind::rdma);
+  EXPECT_EQ(tier_of(1), cold);
   EXPECT_EQ(tier_of(2), TierKind::cxl);
-  EXPECT_EQ(tier_of(3), TierKind::rdma);
+  EXPECT_EQ(tier_of(3), cold);
   EXPECT_EQ(tier_of(5), TierKind::cxl);  // zero pages are not stored anyway
+}
+
+TEST(RestorePolicyTest, TieredPlacementPutsHotPagesOnCxlAndColdOnesInRdma) {
+  const std::map<TierKind, TierCaps> up{{TierKind::local, {}}, {TierKind::cxl, {}}, {TierKind::rdma, {}}};
+  expect_tiered_split(up, TierKind::rdma);
+  // The pool wins over local disk when both are up.
+  const std::map<TierKind, TierCaps> with_file{{TierKind::cxl, {}}, {TierKind::file, {}}, {TierKind::rdma, {}}};
+  expect_tiered_split(with_file, TierKind::rdma);
+  const auto pages = entries({page_hot, 0});
   for (const char* single : {"cxl", "rdma"}) {
-    auto all = (*make_placement(single))->place(pages, up);
+    auto placement = make_placement(single);
+    auto all = (*placement)->place(pages, up);
     ASSERT_TRUE(all) << all.error().what();
     EXPECT_EQ(to_string(all->default_tier), single);
+    EXPECT_EQ(to_string(*(*placement)->cold_tier(up)), single);
     for (const auto& p : all->per_page) EXPECT_FALSE(p.has_value());
   }
+}
+
+// A host without a memory node (the native testbed: CXL + file): cold pages on local disk.
+TEST(RestorePolicyTest, TieredPlacementWithoutRdmaPutsColdPagesInTheFileTier) {
+  const std::map<TierKind, TierCaps> up{{TierKind::local, {}}, {TierKind::cxl, {}}, {TierKind::file, {}}};
+  expect_tiered_split(up, TierKind::file);
 }
 
 TEST(RestorePolicyTest, PlacementsNameTheTierThatIsNotUp) {
@@ -154,17 +177,46 @@ TEST(RestorePolicyTest, PlacementsNameTheTierThatIsNotUp) {
     const std::map<TierKind, TierCaps>* available;
     const char* missing;
   };
-  for (const Case& c : {Case{"tiered", &no_rdma, "rdma"}, Case{"tiered", &no_cxl, "cxl"}, Case{"rdma", &no_rdma, "rdma"},
-                        Case{"cxl", &no_cxl, "cxl"}}) {
+  // no_rdma has no file tier either: tiered has nowhere for its cold pages.
+  for (const Case& c : {Case{"tiered", &no_rdma, "rdma or the file"}, Case{"tiered", &no_cxl, "cxl"},
+                        Case{"rdma", &no_rdma, "rdma"}, Case{"cxl", &no_cxl, "cxl"}}) {
     SCOPED_TRACE(std::string(c.placement) + " without " + c.missing);
-    auto request = (*make_placement(c.placement))->place(pages, *c.available);
+    auto placement = make_placement(c.placement);
+    auto request = (*placement)->place(pages, *c.available);
     ASSERT_FALSE(request);
     EXPECT_EQ(request.error().code, Errc::unavailable);
     EXPECT_NE(request.error().message.find(std::string("the ") + c.missing + " tier"), std::string::npos)
         << request.error().message;
+    EXPECT_NE(request.error().message.find(std::string("placement ") + c.placement), std::string::npos)
+        << request.error().message;
   }
   EXPECT_TRUE((*make_placement("cxl"))->place(pages, no_rdma));
   EXPECT_TRUE((*make_placement("rdma"))->place(pages, no_cxl));
+  // rdma (the placement lazy-rdma reads) keeps failing without RDMA, local disk or not.
+  const std::map<TierKind, TierCaps> cxl_and_file{{TierKind::cxl, {}}, {TierKind::file, {}}};
+  auto rdma = make_placement("rdma");
+  for (auto result : {(*rdma)->cold_tier(cxl_and_file).map([](TierKind) {}),
+                      (*rdma)->place(pages, cxl_and_file).map([](const PlacementRequest&) {})}) {
+    ASSERT_FALSE(result);
+    EXPECT_EQ(result.error().code, Errc::unavailable);
+    EXPECT_NE(result.error().message.find("the rdma tier"), std::string::npos) << result.error().message;
+  }
+}
+
+TEST(RestorePolicyTest, RestoresNeedEveryTierThatHoldsPages) {
+  SnapshotInfo info;
+  info.id = "fn:rdma";
+  info.bytes_per_tier = {{TierKind::cxl, 0}, {TierKind::rdma, 8 * P}};
+  const std::map<TierKind, TierCaps> no_rdma{{TierKind::cxl, {}}, {TierKind::file, {}}};
+  auto refused = require_readable(info, no_rdma);
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refused.error().code, Errc::unavailable);
+  EXPECT_NE(refused.error().message.find("the rdma tier"), std::string::npos) << refused.error().message;
+  EXPECT_NE(refused.error().message.find("fn:rdma"), std::string::npos) << refused.error().message;
+  // A tier that holds no bytes is not needed; every tier that does is.
+  info.bytes_per_tier = {{TierKind::cxl, 2 * P}, {TierKind::file, 6 * P}, {TierKind::rdma, 0}};
+  EXPECT_TRUE(require_readable(info, no_rdma));
+  EXPECT_FALSE(require_readable(info, {{TierKind::cxl, {}}}));
 }
 
 TEST(RestorePolicyTest, VariantIdsKeepTheBaseForTieredOnly) {

@@ -27,16 +27,27 @@ class Placement {
  public:
   virtual ~Placement() = default;
   [[nodiscard]] virtual std::string_view name() const noexcept = 0;  // "tiered", "cxl", "rdma"
-  // The tier of every page (zero pages are never stored, whatever this says). `available` are
-  // the tiers this host has up; Errc::unavailable names a missing one.
+  // Where the pages the profile did not find hot go (every page, for a single-tier placement),
+  // given the tiers this host has up; Errc::unavailable names what is missing.
+  [[nodiscard]] virtual Result<TierKind> cold_tier(const std::map<TierKind, TierCaps>& available) const = 0;
+  // The tier of every page (zero pages are never stored, whatever this says); its default_tier
+  // is cold_tier(available). `available` are the tiers this host has up; Errc::unavailable
+  // names a missing one.
   [[nodiscard]] virtual Result<PlacementRequest> place(std::span<const PageEntry> pages,
                                                        const std::map<TierKind, TierCaps>& available) const = 0;
 };
 
 // "cxl" / "rdma": every page on that tier. "tiered": profiled-hot pages on CXL (byte-addressable,
-// shared by the hosts of one device), cold pages in the RDMA pool (cluster-wide, slower).
+// shared by the hosts of one device); cold pages in the RDMA pool (cluster-wide, slower) when it
+// is up, else in the file tier (local disk: a host without a memory node keeps them there, and
+// the copy is then private to that host: the file tier is not shared).
 [[nodiscard]] std::vector<std::unique_ptr<Placement>> all_placements();
 [[nodiscard]] Result<std::unique_ptr<Placement>> make_placement(std::string_view name);
+
+// Whether this host can read every stored page of a snapshot (a restore reads each page from
+// the tier that holds it): Errc::unavailable naming the first tier that holds pages and is not
+// in `available`.
+[[nodiscard]] Result<void> require_readable(const SnapshotInfo& info, const std::map<TierKind, TierCaps>& available);
 
 // The stored id of `base`'s copy under a placement: "tiered" keeps the base id, the others
 // append ":<placement>" (':' is never part of a base id).

@@ -14,6 +14,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include "agent/snapshot_copies.hpp"
 #include "snaptier/function.hpp"
 #include "snaptier/function_snapshot.hpp"
 #include "snaptier/lazy_pages.hpp"
@@ -183,6 +184,7 @@ struct FunctionMeta {
   std::string digest;         // of the instance before the dump
   fs::path socket;            // the instance's socket path, baked into the images
   std::string snapshot_host;  // the agent that took it
+  std::string cold_tier;      // where the placement put the pages that were not hot; empty if not recorded
 };
 
 Result<FunctionMeta> function_meta(const Snapshot& snapshot) {
@@ -197,12 +199,60 @@ Result<FunctionMeta> function_meta(const Snapshot& snapshot) {
   if (!text("function") || !text("digest") || !text("socket")) {
     return fail(Errc::corrupt, "'" + id + "': function metadata is damaged");
   }
+  auto optional_text = [&](const char* key) { return text(key) ? meta[key].get<std::string>() : std::string(); };
   return FunctionMeta{meta["function"].get<std::string>(), meta["digest"].get<std::string>(),
-                      meta["socket"].get<std::string>(),
-                      text("snapshot_host") ? meta["snapshot_host"].get<std::string>() : std::string()};
+                      meta["socket"].get<std::string>(), optional_text("snapshot_host"), optional_text("cold_tier")};
 }
 
 }  // namespace
+
+namespace agent_detail {
+
+Result<StoredCopies> store_copies(SnapshotStore& store, const Snapshot& snapshot, std::span<const std::byte> data,
+                                  const json& function_blob, const std::map<TierKind, TierCaps>& up) {
+  const std::string& id = snapshot.info.id;
+  StoredCopies out;
+  for (const auto& placement : policy::all_placements()) {
+    const std::string variant = policy::variant_id(id, placement->name());
+    auto skip = [&](const std::string& reason) {
+      spdlog::warn("snapshot {}: no {} copy: {}", id, placement->name(), reason);
+      out.skipped.push_back({{"placement", placement->name()}, {"reason", reason}});
+    };
+    // The previous copy goes first, made again or not: a skipped placement must not leave an
+    // older snapshot under this id. A failed remove is fatal for the same reason.
+    if (auto removed = store.remove(variant); !removed && removed.error().code != Errc::not_found) {
+      return fail(removed.error().code, "replace " + variant + ": " + removed.error().message);
+    }
+    auto request = placement->place(snapshot.pages, up);
+    auto cold_tier = placement->cold_tier(up);
+    if (!request || !cold_tier) {
+      skip(!request ? request.error().message : cold_tier.error().message);
+      continue;
+    }
+    Snapshot copy = snapshot;
+    copy.info.id = variant;
+    json blob = function_blob;
+    blob["placement"] = placement->name();
+    blob["cold_tier"] = to_string(*cold_tier);
+    const std::string text = blob.dump();
+    copy.blobs[snap::kFunctionBlob].assign(reinterpret_cast<const std::byte*>(text.data()),
+                                           reinterpret_cast<const std::byte*>(text.data()) + text.size());
+    auto info = store.put(std::move(copy), data, *request);
+    if (!info) {
+      skip("store " + variant + ": " + info.error().what());
+      continue;
+    }
+    out.zero_pages = info->zero_pages;
+    out.variants.push_back({{"id", variant}, {"placement", placement->name()}, {"cold_tier", to_string(*cold_tier)},
+                            {"pages", info->page_count}, {"zero_pages", info->zero_pages},
+                            {"bytes_per_tier", tier_bytes(info->bytes_per_tier)}, {"published", info->published}});
+    spdlog::info("snapshot {}: stored {} ({} pages, {} zero)", id, variant, info->page_count, info->zero_pages);
+  }
+  if (out.variants.empty()) return fail(Errc::unavailable, "no placement could be stored: " + out.skipped.dump());
+  return out;
+}
+
+}  // namespace agent_detail
 
 struct FunctionService::RemoteDump {
   proc::Child dump;
@@ -336,45 +386,19 @@ Result<json> FunctionService::snapshot(const control::FunctionSnapshot& request)
   json function_blob{{"function", request.function}, {"snapshot", id}, {"digest", *digest},
                      {"socket", instance->socket.string()}, {"snapshot_host", host_},
                      {"init_ms", instance->init_ms}, {"profile", profile}};
-  json variants = json::array();
-  json skipped = json::array();
-  std::uint64_t zero_pages = 0;
-  for (const auto& placement : policy::all_placements()) {
-    const std::string variant = policy::variant_id(id, placement->name());
-    auto request_placement = placement->place(ingested->snapshot.pages, tiers_);
-    if (!request_placement) {
-      skipped.push_back({{"placement", placement->name()}, {"reason", request_placement.error().message}});
-      continue;
-    }
-    Snapshot copy = ingested->snapshot;
-    copy.info.id = variant;
-    json blob = function_blob;
-    blob["placement"] = placement->name();
-    const std::string text = blob.dump();
-    copy.blobs[snap::kFunctionBlob].assign(reinterpret_cast<const std::byte*>(text.data()),
-                                           reinterpret_cast<const std::byte*>(text.data()) + text.size());
-    if (auto removed = store_->remove(variant); !removed && removed.error().code != Errc::not_found) {
-      return fail(removed.error().code, "replace " + variant + ": " + removed.error().message);
-    }
-    auto info = store_->put(std::move(copy), ingested->data, *request_placement);
-    if (!info) return fail(info.error().code, "store " + variant + ": " + info.error().message);
-    zero_pages = info->zero_pages;
-    variants.push_back({{"id", variant}, {"placement", placement->name()}, {"pages", info->page_count},
-                        {"zero_pages", info->zero_pages}, {"bytes_per_tier", tier_bytes(info->bytes_per_tier)},
-                        {"published", info->published}});
-    spdlog::info("snapshot {}: stored {} ({} pages, {} zero)", id, variant, info->page_count, info->zero_pages);
-  }
-  if (variants.empty()) return fail(Errc::unavailable, "no placement could be stored: " + skipped.dump());
+  ingested->snapshot.info.id = id;
+  auto copies = agent_detail::store_copies(*store_, ingested->snapshot, ingested->data, function_blob, tiers_);
+  if (!copies) return tl::unexpected(copies.error());
   const auto t_stored = Clock::now();
   fs::remove_all(dir, ec);  // the images live in the store now
 
   std::uint64_t image_bytes = 0;
   for (const auto& [name, blob] : ingested->snapshot.blobs) image_bytes += blob.size();
   return json{{"id", id}, {"function", request.function}, {"host", host_}, {"digest", *digest},
-              {"pages", ingested->snapshot.pages.size()}, {"zero_pages", zero_pages},
+              {"pages", ingested->snapshot.pages.size()}, {"zero_pages", copies->zero_pages},
               {"metadata_bytes", image_bytes}, {"tasks", ingested->layout.tasks.size()},
               {"profile", profile}, {"profile_answer_ms", invoked->round_trip_ms},
-              {"variants", variants}, {"skipped", skipped},
+              {"variants", copies->variants}, {"skipped", copies->skipped},
               {"timings_ms", {{"start", ms_between(t_start, t_started)}, {"dump", ms_between(t_started, t_dumped)},
                               {"ingest", ms_between(t_dumped, t_ingested)}, {"profile", ms_between(t_ingested, t_profiled)},
                               {"store", ms_between(t_profiled, t_stored)}, {"total", ms_between(t_start, t_stored)}}}};
@@ -395,13 +419,24 @@ Result<json> FunctionService::restore(const control::FunctionRestore& request) {
   auto snapshot = store_->get(variant);
   if (!snapshot) {
     if (snapshot.error().code == Errc::not_found) {
+      std::string why;
+      if (auto placement = policy::make_placement((*policy)->placement())) {
+        if (auto cold = (*placement)->cold_tier(tiers_); !cold) why = "; " + cold.error().message;
+      }
       return fail(Errc::not_found, "snapshot '" + request.snapshot + "' has no " + std::string((*policy)->placement()) +
-                                       " copy ('" + variant + "' is not in the store)");
+                                       " copy ('" + variant + "' is not in the store)" + why);
     }
     return tl::unexpected(snapshot.error());
   }
   auto meta = function_meta(*snapshot);
   if (!meta) return tl::unexpected(meta.error());
+  // criu-remote reads its pages on the snapshot host. The others refuse up front, rather than
+  // have the running copy fail a fault on a page nobody here can read.
+  if (mechanism != policy::Mechanism::criu_remote) {
+    if (auto ok = policy::require_readable(snapshot->info, tiers_); !ok) {
+      return fail(ok.error().code, "policy " + request.policy + ": " + ok.error().message);
+    }
+  }
   const std::string function_name = meta->function;
   auto spec = function::load_spec(config_.workloads_dir / function_name);
   if (!spec) return tl::unexpected(spec.error());
@@ -420,7 +455,8 @@ Result<json> FunctionService::restore(const control::FunctionRestore& request) {
               {"mechanism", policy::to_string(mechanism)}, {"host", host_}, {"ok", false}, {"error", nullptr},
               {"answer_ok", false}, {"problems", json::array()}, {"digest_ok", nullptr},
               {"zero_pages", snapshot->info.zero_pages}, {"snapshot_pages", snapshot->info.page_count},
-              {"snapshot_bytes_per_tier", tier_bytes(snapshot->info.bytes_per_tier)}};
+              {"snapshot_bytes_per_tier", tier_bytes(snapshot->info.bytes_per_tier)},
+              {"cold_tier", meta->cold_tier.empty() ? json(nullptr) : json(meta->cold_tier)}};
   auto failed = [&](const Error& e) -> Result<json> {
     result["ok"] = false;
     result["error"] = e.what();

@@ -175,15 +175,19 @@ std::string render_result(const Command& command, const json& r) {
               << " hot (" << u64(profile, "written") << " written, " << u64(profile, "read_only") << " read-only), "
               << u64(profile, "cold") << " cold\n";
           for (const auto& v : r.value("variants", json::array())) {
-            out << "  " << str(v, "id") << " (" << str(v, "placement") << "): "
-                << tiers_summary(v.value("bytes_per_tier", json::object())) << "\n";
+            out << "  " << str(v, "id") << " (" << str(v, "placement") << ", cold pages in " << str(v, "cold_tier")
+                << "): " << tiers_summary(v.value("bytes_per_tier", json::object()))
+                << (yes_no(v, "published") == "yes" ? "" : ", private to this host") << "\n";
+          }
+          for (const auto& s : r.value("skipped", json::array())) {
+            out << "  no " << str(s, "placement") << " copy: " << str(s, "reason") << "\n";
           }
           return out.str();
         } else if constexpr (std::is_same_v<T, FunctionRestore>) {
           std::ostringstream out;
           const bool ok = r.value("ok", false);
           out << (ok ? "ok" : "FAILED") << ": " << str(r, "snapshot") << " restored on " << str(r, "host") << " with "
-              << str(r, "policy");
+              << str(r, "policy") << " (cold pages in " << str(r, "cold_tier") << ")";
           if (r.contains("restore_ms") && r["restore_ms"].is_number()) {
             out << ", restore " << r["restore_ms"].get<double>() << " ms";
           }

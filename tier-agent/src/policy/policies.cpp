@@ -17,10 +17,15 @@ class SingleTierPlacement final : public Placement {
  public:
   explicit SingleTierPlacement(TierKind kind) : kind_(kind) {}
   std::string_view name() const noexcept override { return to_string(kind_); }
-  Result<PlacementRequest> place(std::span<const PageEntry>, const std::map<TierKind, TierCaps>& available) const override {
+  Result<TierKind> cold_tier(const std::map<TierKind, TierCaps>& available) const override {
     if (auto ok = require(available, kind_, name()); !ok) return tl::unexpected(ok.error());
+    return kind_;
+  }
+  Result<PlacementRequest> place(std::span<const PageEntry>, const std::map<TierKind, TierCaps>& available) const override {
+    auto cold = cold_tier(available);
+    if (!cold) return tl::unexpected(cold.error());
     PlacementRequest request;
-    request.default_tier = kind_;
+    request.default_tier = *cold;
     return request;
   }
 
@@ -28,15 +33,24 @@ class SingleTierPlacement final : public Placement {
   TierKind kind_;
 };
 
-// Hot pages where they can be installed fastest and shared (CXL); the cold rest in the pool.
+// Hot pages where they can be installed fastest and shared (CXL); the cold rest in the pool,
+// or on local disk where there is no pool.
 class TieredPlacement final : public Placement {
  public:
   std::string_view name() const noexcept override { return "tiered"; }
+  Result<TierKind> cold_tier(const std::map<TierKind, TierCaps>& available) const override {
+    for (TierKind kind : {TierKind::rdma, TierKind::file}) {
+      if (available.contains(kind)) return kind;
+    }
+    return fail(Errc::unavailable, "placement tiered needs the rdma or the file tier for its cold pages; "
+                                   "neither is up on this host");
+  }
   Result<PlacementRequest> place(std::span<const PageEntry> pages, const std::map<TierKind, TierCaps>& available) const override {
     if (auto ok = require(available, TierKind::cxl, name()); !ok) return tl::unexpected(ok.error());
-    if (auto ok = require(available, TierKind::rdma, name()); !ok) return tl::unexpected(ok.error());
+    auto cold = cold_tier(available);
+    if (!cold) return tl::unexpected(cold.error());
     PlacementRequest request;
-    request.default_tier = TierKind::rdma;
+    request.default_tier = *cold;
     request.per_page.resize(pages.size());
     for (std::size_t i = 0; i < pages.size(); ++i) {
       if ((pages[i].flags & page_hot) != 0) request.per_page[i] = TierKind::cxl;
@@ -91,6 +105,15 @@ Result<std::unique_ptr<Placement>> make_placement(std::string_view name) {
   return fail(Errc::invalid_argument, "unknown placement '" + std::string(name) + "' (tiered, cxl, rdma)");
 }
 
+Result<void> require_readable(const SnapshotInfo& info, const std::map<TierKind, TierCaps>& available) {
+  for (const auto& [tier, bytes] : info.bytes_per_tier) {
+    if (bytes == 0 || available.contains(tier)) continue;
+    return fail(Errc::unavailable, "'" + info.id + "' keeps pages on the " + std::string(to_string(tier)) +
+                                       " tier, which is not up on this host");
+  }
+  return {};
+}
+
 std::string variant_id(std::string_view base, std::string_view placement) {
   if (placement == "tiered") return std::string(base);
   return std::string(base) + ":" + std::string(placement);
@@ -124,7 +147,7 @@ Result<std::unique_ptr<RestorePolicy>> make_policy(std::string_view name) {
   if (name == "lazy-rdma") return make("lazy-rdma", Mechanism::snaptier_lazy, "rdma", P::none);
   // REAP: the recorded working set installed in one go before resume, from one tier.
   if (name == "reap") return make("reap", Mechanism::snaptier_lazy, "cxl", P::hot);
-  // tiered: hot pages (stored in CXL) installed before resume, cold ones (RDMA) on demand.
+  // tiered: hot pages (stored in CXL) installed before resume, cold ones (RDMA or file) on demand.
   if (name == "tiered") return make("tiered", Mechanism::snaptier_lazy, "tiered", P::hot);
   std::string known;
   for (const auto& n : policy_names()) known += (known.empty() ? "" : ", ") + n;
