@@ -29,7 +29,7 @@ from .launcher import TestbedError, say
 from .state import REPO, state_dir_for
 from .topology import MiB, Topology
 
-POLICIES = ("criu-eager", "criu-lazy", "criu-remote", "lazy-cxl", "lazy-rdma", "reap", "tiered")
+POLICIES = ("criu-eager", "criu-lazy", "criu-remote", "lazy-cxl", "lazy-rdma", "reap", "aquifer", "trenv", "tiered")
 WORKLOADS = REPO / "workloads"
 TIERCTL = f"{agents.GUEST_BUILD}/tierctl --socket {agents.AGENT_SOCKET}"
 SNAPSHOT_TIMEOUT_S = 900
@@ -418,6 +418,9 @@ def skip_reason(topo: Topology, doc: dict | None) -> str | None:
     if not isinstance(error, dict) or error.get("code") != "unavailable":
         return None
     message = str(error.get("message", ""))
+    # A policy that maps pages in place (trenv) on a host whose CXL tier cannot (devdax).
+    if "in-place: no" in message:
+        return f"this topology's CXL tier cannot map pages in place: {message}"
     for tier, why in missing_tiers(topo).items():
         if f"{tier} tier" in message:
             return f"{why}: {message}"

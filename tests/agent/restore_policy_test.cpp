@@ -27,6 +27,8 @@ TEST(RestorePolicyTest, EveryNamedPolicyHasItsMechanismAndPlacement) {
       {"lazy-cxl", {Mechanism::snaptier_lazy, "cxl"}},
       {"lazy-rdma", {Mechanism::snaptier_lazy, "rdma"}},
       {"reap", {Mechanism::snaptier_lazy, "cxl"}},
+      {"aquifer", {Mechanism::snaptier_lazy, "tiered"}},
+      {"trenv", {Mechanism::snaptier_lazy, "cxl"}},
       {"tiered", {Mechanism::snaptier_lazy, "tiered"}},
   };
   const auto names = policy_names();

@@ -150,7 +150,8 @@ def test_defaults_are_every_function_folder_and_every_policy_in_order():
     assert all((REPO / "workloads" / f / "function.toml").is_file() for f in functions)
     assert "runtime" not in functions and "tests" not in functions
     assert matrix.parse_list(None, matrix.POLICIES, "policy", "--policies") == list(matrix.POLICIES)
-    assert matrix.POLICIES == ("criu-eager", "criu-lazy", "criu-remote", "lazy-cxl", "lazy-rdma", "reap", "tiered")
+    assert matrix.POLICIES == ("criu-eager", "criu-lazy", "criu-remote", "lazy-cxl", "lazy-rdma", "reap", "aquifer",
+                               "trenv", "tiered")
     assert matrix.parse_list("tiered, lazy-cxl,tiered", matrix.POLICIES, "policy", "--policies") == ["tiered", "lazy-cxl"]
     assert matrix.pick_hosts(DEFAULT, None, None) == ("host0", "host1")
     assert matrix.pick_hosts(DEFAULT, "host1", None) == ("host1", "host0")
@@ -301,6 +302,14 @@ def test_a_policy_needing_a_tier_the_topology_cannot_have_is_skipped_not_failed(
     assert matrix.exit_status(list(rows.values())) == 0
     table = matrix.render_table(results(cells), list(rows.values()))
     assert "matrix: 2 passed, 0 failed, 1 skipped" in table and " skip " in table
+
+
+def test_a_policy_refused_because_the_cxl_tier_cannot_map_in_place_is_skipped():
+    refused = {"error": {"code": "unavailable", "message": "policy trenv maps every stored page in place from CXL, "
+                         "and this host cannot: in-place: no (devdax refuses private mappings)"}}
+    reason = matrix.skip_reason(DEFAULT, refused)
+    assert reason and "devdax refuses private mappings" in reason
+    assert matrix.skip_reason(DEFAULT, {"error": {"code": "corrupt", "message": "in-place: no"}}) is None
 
 
 def test_the_same_refusal_where_the_topology_has_a_pool_is_a_failure():

@@ -117,6 +117,11 @@ struct FaultObservation {
   std::uint64_t address = 0;                // faulting page, current address
   std::optional<std::uint64_t> source_address;  // the page in the snapshot; nullopt = zero range
   bool write = false;                       // UFFD_PAGEFAULT_FLAG_WRITE
+  // > 0: not a fault but a REMOVE event (MADV_DONTNEED / MADV_REMOVE) that discarded
+  // [source_address, source_address + discarded_bytes) of the snapshot view; one observation
+  // per contiguous piece of it. Pages mapped from a file answer such a discard with the file's
+  // bytes, not zeros, so a profile must know about it.
+  std::uint64_t discarded_bytes = 0;
 };
 
 struct FaultEngineOptions {
@@ -128,7 +133,8 @@ struct FaultEngineOptions {
   std::function<bool(const FaultFailure&)> on_failure;
   // A FORK event created task `child` (engine-assigned id) from `parent`.
   std::function<void(TaskId parent, TaskId child)> on_fork;
-  // Called for every PAGEFAULT message, before it is served. Must be cheap and must not throw.
+  // Called for every PAGEFAULT message, before it is served, and for every REMOVE event (see
+  // FaultObservation::discarded_bytes). Must be cheap and must not throw.
   std::function<void(const FaultObservation&)> on_fault;
   // EAGAIN retries of one fault give up (and fail the restore) after this long.
   std::chrono::milliseconds eagain_deadline{1000};

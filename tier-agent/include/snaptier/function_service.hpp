@@ -7,6 +7,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -15,6 +16,7 @@
 #include "snaptier/config.hpp"
 #include "snaptier/control.hpp"
 #include "snaptier/error.hpp"
+#include "snaptier/in_place.hpp"
 #include "snaptier/store.hpp"
 #include "snaptier/tier.hpp"
 
@@ -38,6 +40,8 @@ class FunctionService {
 
   // Other agents (criu-remote asks the snapshot host for a page server).
   void set_peers(std::map<std::string, NetAddress> peers, std::string token);
+  // The CXL tier's file as restored processes would map it (policies that use pages in place).
+  void set_in_place_backing(inplace::Backing backing) { in_place_ = std::move(backing); }
 
  private:
   std::string host_;
@@ -48,6 +52,7 @@ class FunctionService {
   std::uint64_t restore_counter_ = 0;
   std::map<std::string, NetAddress> peers_;
   std::string peer_token_;
+  std::optional<inplace::Backing> in_place_;  // none: no CXL tier up
   struct RemoteDump;  // a `criu dump --lazy-pages` serving pages after its reply
   std::vector<std::shared_ptr<RemoteDump>> remote_dumps_;
   void reap_remote_dumps(bool all);

@@ -38,6 +38,11 @@ inline constexpr const char* kImageBlobPrefix = "img:";
 // JSON {"<pid>": [[vaddr, touch_order], ...]}: fresh pages (not in the snapshot, zero-filled on
 // fault) the profiled invocation touched inside VMAs that CRIU serves lazily.
 inline constexpr const char* kFreshBlob = "snaptier.fresh";
+// JSON {"<pid>": [[start, end], ...]}: snapshot ranges the profiled invocation discarded
+// (MADV_DONTNEED / MADV_REMOVE). Such a range must never be mapped in place from a file: the
+// next read would see the snapshot's bytes again, not zeros. Written by every profile (empty
+// lists too), so a snapshot without it predates the recording.
+inline constexpr const char* kDiscardedBlob = "snaptier.discarded";
 
 struct TaskLayout {
   std::uint32_t pid = 0;           // pstree pid
@@ -86,11 +91,14 @@ class ProfileRecorder {
   // (pstree pid, snapshot address) -> first touch.
   [[nodiscard]] std::map<std::pair<std::int64_t, std::uint64_t>, Touch> touches() const;
   [[nodiscard]] std::uint64_t faults() const;
+  // (pstree pid, [snapshot start, end)) of every discard seen (FaultObservation::discarded_bytes).
+  [[nodiscard]] std::vector<std::pair<std::int64_t, std::pair<std::uint64_t, std::uint64_t>>> discards() const;
 
  private:
   mutable std::mutex mutex_;
   bool frozen_ = false;
   std::uint64_t faults_ = 0;
+  std::vector<std::pair<std::int64_t, std::pair<std::uint64_t, std::uint64_t>>> discards_;
   std::map<std::pair<std::int64_t, std::uint64_t>, Touch> touches_;
 };
 
@@ -104,6 +112,7 @@ struct ProfileSummary {
   std::uint64_t hot_zero = 0;   // zero pages that were touched
   std::uint64_t changed_after_read = 0;  // written pages whose first touch was a read
   std::uint64_t fresh = 0;      // touched pages that are not in the snapshot (kFreshBlob)
+  std::uint64_t discards = 0;   // MADV_DONTNEED / REMOVE events seen (kDiscardedBlob)
 };
 void to_json(nlohmann::json& j, const ProfileSummary& s);
 

@@ -71,6 +71,17 @@ struct LazyPage {
   TierKind tier = TierKind::local;
 };
 
+// Which stored pages a policy uses where they lie in the CXL region, mapped privately (the
+// kernel copies a page on its first write) instead of copied in (docs/restore-policies.md,
+// "In place"). `required`: a host whose CXL tier cannot map privately refuses the policy;
+// otherwise such a host copies those pages as the policy would without mapping.
+enum class InPlacePages : std::uint8_t { none, read_only_hot, all_stored };
+struct InPlace {
+  InPlacePages pages = InPlacePages::none;
+  bool required = false;
+};
+[[nodiscard]] std::string_view to_string(InPlacePages pages) noexcept;
+
 class RestorePolicy {
  public:
   virtual ~RestorePolicy() = default;
@@ -82,9 +93,11 @@ class RestorePolicy {
   // snaptier_lazy only: what to install before resume and in the background (snapshot
   // addresses of `pages`, in the order to install them). Default: everything on demand.
   [[nodiscard]] virtual lazy::TaskPrefetch plan(std::span<const LazyPage> pages) const;
+  // snaptier_lazy only. Mapped pages are never lazy pages, so plan() does not see them.
+  [[nodiscard]] virtual InPlace in_place() const noexcept { return {}; }
 };
 
-// criu-eager, criu-lazy, criu-remote, lazy-cxl, lazy-rdma, reap, tiered.
+// criu-eager, criu-lazy, criu-remote, lazy-cxl, lazy-rdma, reap, aquifer, trenv, tiered.
 [[nodiscard]] std::vector<std::string> policy_names();
 [[nodiscard]] Result<std::unique_ptr<RestorePolicy>> make_policy(std::string_view name);
 

@@ -8,6 +8,7 @@
 #include "agent/rdma_wiring.hpp"
 #include "snaptier/agent.hpp"
 #include "snaptier/cxl_directory.hpp"
+#include "snaptier/in_place.hpp"
 #include "snaptier/snapshot_store.hpp"
 #include "snaptier/tiers.hpp"
 
@@ -18,6 +19,7 @@ namespace {
 struct CxlParts {
   std::shared_ptr<CxlDirectory> directory;
   std::shared_ptr<Tier> tier;
+  inplace::Backing backing;
 };
 
 Result<CxlParts> build_cxl(const CxlTierConfig& config, const std::string& host) {
@@ -46,10 +48,11 @@ Result<CxlParts> build_cxl(const CxlTierConfig& config, const std::string& host)
   if (!directory) return tl::unexpected(directory.error());
   auto tier = make_cxl_tier(*directory);
   if (!tier) return tl::unexpected(tier.error());
-  spdlog::info("tier cxl: {} attached as host {} ({}, cache write-back: {})", config.path.string(),
+  inplace::Backing backing = inplace::describe_backing(config.path, (*region)->is_device_dax());
+  spdlog::info("tier cxl: {} attached as host {} ({}, cache write-back: {}, {})", config.path.string(),
                config.host_index, (*region)->is_device_dax() ? "device dax" : "regular file",
-               cache_writeback_method());
-  return CxlParts{*directory, std::shared_ptr<Tier>(std::move(*tier))};
+               cache_writeback_method(), inplace::describe(backing));
+  return CxlParts{*directory, std::shared_ptr<Tier>(std::move(*tier)), std::move(backing)};
 }
 
 void record(std::vector<TierSlot>& slots, TierKind kind, std::string source, Result<std::shared_ptr<Tier>> tier) {
@@ -80,6 +83,7 @@ Result<std::unique_ptr<Agent>> make_agent(const AgentConfig& config) {
   if (ec) return fail(Errc::io, "create state_dir " + config.state_dir.string() + ": " + ec.message());
 
   std::shared_ptr<CxlDirectory> cxl_directory;
+  std::optional<inplace::Backing> in_place;
   if (config.local) {
     record(parts.tiers, TierKind::local, "DRAM",
            shared(make_local_tier(config.local->capacity)));
@@ -90,8 +94,11 @@ Result<std::unique_ptr<Agent>> make_agent(const AgentConfig& config) {
   }
   if (config.cxl) {
     auto cxl = build_cxl(*config.cxl, config.host);
-    if (cxl) cxl_directory = cxl->directory;
-    record(parts.tiers, TierKind::cxl, config.cxl->path.string(),
+    if (cxl) {
+      cxl_directory = cxl->directory;
+      in_place = cxl->backing;
+    }
+    record(parts.tiers, TierKind::cxl, config.cxl->path.string() + (in_place ? " (" + inplace::describe(*in_place) + ")" : ""),
            cxl ? Result<std::shared_ptr<Tier>>(cxl->tier) : tl::unexpected(cxl.error()));
   }
   if (config.rdma) {
@@ -128,6 +135,7 @@ Result<std::unique_ptr<Agent>> make_agent(const AgentConfig& config) {
     }
     parts.functions = std::make_shared<FunctionService>(config.host, *config.functions, parts.store, std::move(up));
     parts.functions->set_peers(config.peers, config.control.token);
+    if (in_place) parts.functions->set_in_place_backing(*in_place);
   }
   parts.peers = config.peers;
   parts.peer_token = config.control.token;

@@ -15,6 +15,7 @@
 #include <spdlog/spdlog.h>
 
 #include "agent/snapshot_copies.hpp"
+#include "inplace/inplace.hpp"
 #include "snaptier/function.hpp"
 #include "snaptier/function_snapshot.hpp"
 #include "snaptier/lazy_pages.hpp"
@@ -414,6 +415,7 @@ Result<json> FunctionService::restore(const control::FunctionRestore& request) {
   auto policy = policy::make_policy(request.policy);
   if (!policy) return tl::unexpected(policy.error());
   const policy::Mechanism mechanism = (*policy)->mechanism();
+  if (auto ok = inplace::admit(**policy, in_place_); !ok) return tl::unexpected(ok.error());
   reap_remote_dumps(false);
   const std::string variant = policy::variant_id(request.snapshot, (*policy)->placement());
   auto snapshot = store_->get(variant);
@@ -509,6 +511,7 @@ Result<json> FunctionService::restore(const control::FunctionRestore& request) {
   // 2. The restore itself.
   std::unique_ptr<ServerThread> server;
   std::shared_ptr<snap::StorePageSource> source;
+  std::optional<inplace::Prepared> in_place_use;
   proc::Child criu_daemon;
   std::atomic<bool> resumed{false};
   std::vector<std::string> restore_argv{config_.criu, "restore", "-D", images.string(), "-W", dir.string(), "-d",
@@ -527,7 +530,22 @@ Result<json> FunctionService::restore(const control::FunctionRestore& request) {
     }
     restore_argv.push_back("--lazy-pages");
   } else if (mechanism == policy::Mechanism::snaptier_lazy) {
-    auto opened = snap::StorePageSource::open(store_, *snapshot, materialized->checkpoint);
+    // Pages used in place: checked, then written into the images as file mappings of the CXL
+    // region; the lazy source then sees only the pages that are still copied.
+    const auto selection = inplace::selection(**policy, in_place_);
+    result["in_place"] = inplace::describe_choice(**policy, in_place_);
+    if (selection != policy::InPlacePages::none) {
+      auto prepared = inplace::prepare(*store_, *snapshot, images, materialized->checkpoint, selection, *in_place_);
+      if (prepared) {
+        in_place_use = std::move(*prepared);
+        inplace::report(*in_place_use, result["in_place"]);
+      } else if (prepared.error().code == Errc::unsupported && !(*policy)->in_place().required) {
+        result["in_place"]["mode"] = "copied (" + prepared.error().message + ")";  // an older snapshot
+      } else {
+        return failed(prepared.error());
+      }
+    }
+    auto opened = snap::StorePageSource::open(store_, *snapshot, in_place_use ? in_place_use->checkpoint : materialized->checkpoint);
     if (!opened) return failed(opened.error());
     source = *opened;
     lazy::LazyPagesOptions lo;
@@ -583,6 +601,11 @@ Result<json> FunctionService::restore(const control::FunctionRestore& request) {
     if (auto m = server->server().metrics_now(milliseconds(5'000))) at_first_response = *m;
   }
   result["local_memory_bytes"] = rss_bytes(*root);
+  const inplace::MemoryUse memory = inplace::measure(*root, in_place_use ? in_place_use->plan.rewrite.backing_file : fs::path());
+  result["local_anonymous_bytes"] = memory.local_anonymous_bytes;
+  result["cxl_mapped_bytes"] = memory.cxl_mapped_bytes;
+  result["mapped_cow_bytes"] = memory.mapped_cow_bytes;
+  result["pages_mapped_in_place"] = in_place_use ? in_place_use->plan.pages : 0;
   if (invoked) {
     result["first_response_ms"] = ms_between(t0, t_first);
     result["invoke_ms"] = invoked->round_trip_ms;
@@ -615,6 +638,7 @@ Result<json> FunctionService::restore(const control::FunctionRestore& request) {
                         {"zero", m.zero_filled_faults}, {"per_tier", per_tier}};
     result["bytes_moved_per_tier"] = tier_bytes(m.pages_copied_per_tier, kPageSize);
     result["pages_prefetched"] = report.prefetched_pages;
+    result["pages_copied_before_resume"] = report.prefetched_pages;
     result["pages_background"] = m.pages_background;
     result["prefetch_ms"] = report.prefetch_ms;
     result["faults_after_digest"] = report.metrics.faults;
@@ -633,6 +657,7 @@ Result<json> FunctionService::restore(const control::FunctionRestore& request) {
     const std::uint64_t local_bytes = materialized ? materialized->bytes_written : 0;
     result["bytes_moved_per_tier"] = {{"file", local_bytes}};
     result["pages_prefetched"] = eager ? local_bytes / kPageSize : 0;
+    result["pages_copied_before_resume"] = result["pages_prefetched"];
     result["pages_background"] = 0;
   }
   if (criu_daemon.pid() > 0) (void)criu_daemon.wait(milliseconds(30'000));

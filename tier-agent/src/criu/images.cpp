@@ -10,20 +10,21 @@
 #include <cerrno>
 #include <cstdio>
 #include <limits>
+#include <type_traits>
 #include <unordered_map>
 #include <unordered_set>
 #include <utility>
 
 #include "core/unique_fd.hpp"
+#include "criu/pb_message.hpp"
 #include "criu/protobuf_wire.hpp"
+#include "criu/schema.hpp"
+#include "criu/image_access.hpp"
 #include "snaptier/criu_images.hpp"
 
 namespace snaptier::criu {
 namespace {
 
-using wire::Field;
-using wire::WireReader;
-using wire::WireType;
 
 std::string hex(std::uint64_t v) {
   char buf[24];
@@ -31,59 +32,8 @@ std::string hex(std::uint64_t v) {
   return buf;
 }
 
-// One framed entry of an image: its message bytes and where its length prefix starts.
-struct RawEntry {
-  std::span<const std::byte> bytes;
-  std::size_t offset = 0;
-};
-
-std::uint32_t load_u32le(std::span<const std::byte> data, std::size_t pos) {
-  std::uint32_t v = 0;
-  for (std::size_t i = 0; i < 4; ++i)
-    v |= static_cast<std::uint32_t>(static_cast<std::uint8_t>(data[pos + i])) << (8 * i);
-  return v;
-}
-
-// Checks the magic(s) and splits the rest into [u32 length][message] entries.
-Result<std::vector<RawEntry>> split_image(std::span<const std::byte> data, std::string_view name,
-                                          std::uint32_t image_magic, bool has_head_magic) {
-  std::size_t pos = 0;
-  if (has_head_magic) {
-    if (data.size() < 4) return fail(Errc::corrupt, std::string(name) + ": truncated head magic (" +
-                                                        std::to_string(data.size()) + " bytes)");
-    const std::uint32_t head = load_u32le(data, 0);
-    if (head != kImgCommonMagic)
-      return fail(Errc::corrupt, std::string(name) + ": head magic " + hex(head) + " is not IMG_COMMON_MAGIC " +
-                                     hex(kImgCommonMagic) +
-                                     (head == kImgServiceMagic ? " (this is a service image)" : ""));
-    pos = 4;
-  }
-  if (data.size() - pos < 4)
-    return fail(Errc::corrupt, std::string(name) + ": truncated image magic at offset " + std::to_string(pos));
-  const std::uint32_t magic = load_u32le(data, pos);
-  if (magic != image_magic)
-    return fail(Errc::corrupt, std::string(name) + ": image magic " + hex(magic) + ", expected " + hex(image_magic));
-  pos += 4;
-
-  std::vector<RawEntry> entries;
-  while (pos < data.size()) {
-    const std::size_t at = pos;
-    if (data.size() - pos < 4)
-      return fail(Errc::corrupt, std::string(name) + ": entry " + std::to_string(entries.size()) +
-                                     ": truncated length prefix at offset " + std::to_string(at) + " (" +
-                                     std::to_string(data.size() - pos) + " bytes left)");
-    const std::uint32_t len = load_u32le(data, pos);
-    pos += 4;
-    if (len > data.size() - pos)
-      return fail(Errc::corrupt, std::string(name) + ": entry " + std::to_string(entries.size()) +
-                                     " at offset " + std::to_string(at) + ": length " + std::to_string(len) +
-                                     " runs past the end of the file (" + std::to_string(data.size() - pos) +
-                                     " bytes left)");
-    entries.push_back(RawEntry{data.subspan(pos, len), at});
-    pos += len;
-  }
-  return entries;
-}
+using pb::RawEntry;
+using pb::split_image;
 
 // Decoding context of one message: produces "file: entry N (msg) at offset X: ..." errors.
 class Ctx {
@@ -100,15 +50,12 @@ class Ctx {
     c.prefix_ = prefix_ + message + "[" + std::to_string(sub_index) + "] ";
     return c;
   }
-  [[nodiscard]] tl::unexpected<Error> field_error(const Field& f, const char* field,
-                                                  const std::string& what) const {
-    return error(prefix_ + "field " + std::to_string(f.number) + " (" + field + ") at message offset " +
-                 std::to_string(f.offset) + ": " + what);
+  // A message checked against its schema, errors in this context.
+  [[nodiscard]] Result<pb::Message> decode(const pb::MessageSpec& spec, std::span<const std::byte> msg) const {
+    auto m = pb::decode(spec, msg);
+    if (!m) return error(prefix_ + m.error().message);
+    return m;
   }
-  [[nodiscard]] tl::unexpected<Error> missing(const char* field, std::uint32_t number) const {
-    return error(prefix_ + "missing required field " + std::to_string(number) + " (" + field + ")");
-  }
-  [[nodiscard]] tl::unexpected<Error> wire_error(const WireReader& r) const { return error(prefix_ + r.error()); }
 
  private:
   std::string_view file_;
@@ -118,66 +65,17 @@ class Ctx {
   std::string prefix_;
 };
 
-Result<std::uint64_t> want_varint(const Ctx& ctx, const Field& f, const char* field) {
-  if (f.type != WireType::varint)
-    return ctx.field_error(f, field, std::string("expected varint, got ") + wire::wire_type_name(f.type));
-  return f.value;
-}
-
-Result<std::uint64_t> get_u64(const Ctx& ctx, const Field& f, const char* field) {
-  return want_varint(ctx, f, field);
-}
-
-Result<std::uint32_t> get_u32(const Ctx& ctx, const Field& f, const char* field) {
-  auto v = want_varint(ctx, f, field);
-  if (!v) return tl::unexpected(v.error());
-  if (*v > std::numeric_limits<std::uint32_t>::max())
-    return ctx.field_error(f, field, "value " + std::to_string(*v) + " does not fit uint32");
-  return static_cast<std::uint32_t>(*v);
-}
-
-Result<bool> get_bool(const Ctx& ctx, const Field& f, const char* field) {
-  auto v = want_varint(ctx, f, field);
-  if (!v) return tl::unexpected(v.error());
-  return *v != 0;  // protobuf: any non-zero varint is true
-}
-
-Result<std::int32_t> get_i32(const Ctx& ctx, const Field& f, const char* field) {
-  auto v = want_varint(ctx, f, field);
-  if (!v) return tl::unexpected(v.error());
-  const auto s = static_cast<std::int64_t>(*v);  // int32 is sign-extended to 64 bits on the wire
-  if (s < std::numeric_limits<std::int32_t>::min() || s > std::numeric_limits<std::int32_t>::max())
-    return ctx.field_error(f, field, "value " + std::to_string(s) + " does not fit int32");
-  return static_cast<std::int32_t>(s);
-}
-
-Result<std::int64_t> get_sint64(const Ctx& ctx, const Field& f, const char* field) {
-  auto v = want_varint(ctx, f, field);
-  if (!v) return tl::unexpected(v.error());
-  return wire::zigzag_decode(*v);
-}
-
-// A repeated scalar varint field: one element per occurrence, or packed (length-delimited).
+// Values of fields decode() has checked against their kind.
+std::uint32_t u32(const pb::Message& m, const pb::FieldSpec& f) { return static_cast<std::uint32_t>(m.scalar_or(f, 0)); }
 template <class T>
-Result<void> append_repeated(const Ctx& ctx, const Field& f, const char* field, std::vector<T>& out) {
-  if (f.type == WireType::varint) {
-    if (f.value > std::numeric_limits<T>::max())
-      return ctx.field_error(f, field, "value " + std::to_string(f.value) + " out of range");
-    out.push_back(static_cast<T>(f.value));
-    return {};
+std::optional<T> opt(const pb::Message& m, const pb::FieldSpec& f) {
+  auto v = m.scalar(f);
+  if (!v) return std::nullopt;
+  if constexpr (std::is_same_v<T, bool>) {
+    return *v != 0;  // protobuf: any non-zero varint is true
+  } else {
+    return static_cast<T>(*v);
   }
-  if (f.type != WireType::length_delimited)
-    return ctx.field_error(f, field, std::string("expected varint or packed, got ") + wire::wire_type_name(f.type));
-  std::size_t pos = 0;
-  while (pos < f.bytes.size()) {
-    const std::size_t at = pos;
-    const auto v = WireReader::read_varint(f.bytes, pos);
-    if (!v) return ctx.field_error(f, field, "bad packed varint at payload offset " + std::to_string(at));
-    if (*v > std::numeric_limits<T>::max())
-      return ctx.field_error(f, field, "value " + std::to_string(*v) + " out of range");
-    out.push_back(static_cast<T>(*v));
-  }
-  return {};
 }
 
 // Assigns a decoded value or returns its error from the enclosing function.
@@ -195,157 +93,100 @@ Result<void> append_repeated(const Ctx& ctx, const Field& f, const char* field, 
   } while (0)
 
 Result<InventoryEntry> decode_inventory(const Ctx& ctx, std::span<const std::byte> msg) {
+  namespace s = schema::inventory;
+  auto m = ctx.decode(s::kSpec, msg);
+  if (!m) return tl::unexpected(m.error());
   InventoryEntry e;
-  bool have_version = false;
-  WireReader r(msg);
-  Field f;
-  while (r.next(f)) {
-    switch (f.number) {
-      case 1: SNAPTIER_CRIU_TRY(e.img_version, get_u32(ctx, f, "img_version")); have_version = true; break;
-      case 2: SNAPTIER_CRIU_TRY(e.fdinfo_per_id, get_bool(ctx, f, "fdinfo_per_id")); break;
-      case 4: SNAPTIER_CRIU_TRY(e.ns_per_id, get_bool(ctx, f, "ns_per_id")); break;
-      case 5: SNAPTIER_CRIU_TRY(e.root_cg_set, get_u32(ctx, f, "root_cg_set")); break;
-      case 6: SNAPTIER_CRIU_TRY(e.lsmtype, get_u32(ctx, f, "lsmtype")); break;
-      case 8: SNAPTIER_CRIU_TRY(e.dump_uptime, get_u64(ctx, f, "dump_uptime")); break;
-      case 9: SNAPTIER_CRIU_TRY(e.pre_dump_mode, get_u32(ctx, f, "pre_dump_mode")); break;
-      default: break;  // root_ids, plugins, ... : skipped
-    }
-  }
-  if (r.failed()) return ctx.wire_error(r);
-  if (!have_version) return ctx.missing("img_version", 1);
+  e.img_version = u32(*m, s::img_version);
+  e.fdinfo_per_id = opt<bool>(*m, s::fdinfo_per_id);
+  e.ns_per_id = opt<bool>(*m, s::ns_per_id);
+  e.root_cg_set = opt<std::uint32_t>(*m, s::root_cg_set);
+  e.lsmtype = opt<std::uint32_t>(*m, s::lsmtype);
+  e.dump_uptime = opt<std::uint64_t>(*m, s::dump_uptime);
+  e.pre_dump_mode = opt<std::uint32_t>(*m, s::pre_dump_mode);
   return e;
 }
 
 Result<PstreeEntry> decode_pstree(const Ctx& ctx, std::span<const std::byte> msg) {
+  namespace s = schema::pstree;
+  auto m = ctx.decode(s::kSpec, msg);
+  if (!m) return tl::unexpected(m.error());
   PstreeEntry e;
-  unsigned seen = 0;
-  WireReader r(msg);
-  Field f;
-  while (r.next(f)) {
-    switch (f.number) {
-      case 1: SNAPTIER_CRIU_TRY(e.pid, get_u32(ctx, f, "pid")); seen |= 1u; break;
-      case 2: SNAPTIER_CRIU_TRY(e.ppid, get_u32(ctx, f, "ppid")); seen |= 2u; break;
-      case 3: SNAPTIER_CRIU_TRY(e.pgid, get_u32(ctx, f, "pgid")); seen |= 4u; break;
-      case 4: SNAPTIER_CRIU_TRY(e.sid, get_u32(ctx, f, "sid")); seen |= 8u; break;
-      case 5: SNAPTIER_CRIU_TRY_VOID(append_repeated(ctx, f, "threads", e.threads)); break;
-      default: break;
-    }
-  }
-  if (r.failed()) return ctx.wire_error(r);
-  static constexpr const char* kNames[] = {"pid", "ppid", "pgid", "sid"};
-  for (std::uint32_t i = 0; i < 4; ++i)
-    if ((seen & (1u << i)) == 0) return ctx.missing(kNames[i], i + 1);
+  e.pid = u32(*m, s::pid);
+  e.ppid = u32(*m, s::ppid);
+  e.pgid = u32(*m, s::pgid);
+  e.sid = u32(*m, s::sid);
+  for (std::uint64_t t : m->repeated(s::threads)) e.threads.push_back(static_cast<std::uint32_t>(t));
   return e;
 }
 
-Result<VmaEntry> decode_vma(const Ctx& ctx, std::span<const std::byte> msg) {
+}  // namespace
+
+VmaEntry vma_from_message(const pb::Message& m) {
+  namespace s = schema::vma;
   VmaEntry v;
-  unsigned seen = 0;
-  WireReader r(msg);
-  Field f;
-  while (r.next(f)) {
-    switch (f.number) {
-      case 1: SNAPTIER_CRIU_TRY(v.start, get_u64(ctx, f, "start")); break;
-      case 2: SNAPTIER_CRIU_TRY(v.end, get_u64(ctx, f, "end")); break;
-      case 3: SNAPTIER_CRIU_TRY(v.pgoff, get_u64(ctx, f, "pgoff")); break;
-      case 4: SNAPTIER_CRIU_TRY(v.shmid, get_u64(ctx, f, "shmid")); break;
-      case 5: SNAPTIER_CRIU_TRY(v.prot, get_u32(ctx, f, "prot")); break;
-      case 6: SNAPTIER_CRIU_TRY(v.flags, get_u32(ctx, f, "flags")); break;
-      case 7: SNAPTIER_CRIU_TRY(v.status, get_u32(ctx, f, "status")); break;
-      case 8: SNAPTIER_CRIU_TRY(v.fd, get_sint64(ctx, f, "fd")); break;
-      case 9: SNAPTIER_CRIU_TRY(v.madv, get_u64(ctx, f, "madv")); break;
-      case 10: SNAPTIER_CRIU_TRY(v.fdflags, get_u32(ctx, f, "fdflags")); break;
-      default: break;
-    }
-    if (f.number >= 1 && f.number <= 8) seen |= 1u << (f.number - 1);
-  }
-  if (r.failed()) return ctx.wire_error(r);
-  static constexpr const char* kNames[] = {"start", "end", "pgoff", "shmid", "prot", "flags", "status", "fd"};
-  for (std::uint32_t i = 0; i < 8; ++i)
-    if ((seen & (1u << i)) == 0) return ctx.missing(kNames[i], i + 1);
+  v.start = m.scalar_or(s::start, 0);
+  v.end = m.scalar_or(s::end, 0);
+  v.pgoff = m.scalar_or(s::pgoff, 0);
+  v.shmid = m.scalar_or(s::shmid, 0);
+  v.prot = u32(m, s::prot);
+  v.flags = u32(m, s::flags);
+  v.status = u32(m, s::status);
+  v.fd = m.signed_value(s::fd).value_or(-1);
+  v.madv = opt<std::uint64_t>(m, s::madv);
+  v.fdflags = opt<std::uint32_t>(m, s::fdflags);
   return v;
 }
 
-Result<MmEntry> decode_mm(const Ctx& ctx, std::span<const std::byte> msg) {
-  MmEntry m;
-  std::uint32_t seen = 0;
-  WireReader r(msg);
-  Field f;
-  std::uint64_t* const addrs[] = {&m.mm_start_code, &m.mm_end_code,  &m.mm_start_data, &m.mm_end_data,
-                                  &m.mm_start_stack, &m.mm_start_brk, &m.mm_brk,        &m.mm_arg_start,
-                                  &m.mm_arg_end,     &m.mm_env_start, &m.mm_env_end};
-  static constexpr const char* kNames[] = {"mm_start_code", "mm_end_code",  "mm_start_data", "mm_end_data",
-                                           "mm_start_stack", "mm_start_brk", "mm_brk",        "mm_arg_start",
-                                           "mm_arg_end",     "mm_env_start", "mm_env_end",    "exe_file_id"};
-  while (r.next(f)) {
-    if (f.number >= 1 && f.number <= 11) {
-      SNAPTIER_CRIU_TRY(*addrs[f.number - 1], get_u64(ctx, f, kNames[f.number - 1]));
-      seen |= 1u << (f.number - 1);
-      continue;
-    }
-    switch (f.number) {
-      case 12: SNAPTIER_CRIU_TRY(m.exe_file_id, get_u32(ctx, f, "exe_file_id")); seen |= 1u << 11; break;
-      case 13: SNAPTIER_CRIU_TRY_VOID(append_repeated(ctx, f, "mm_saved_auxv", m.mm_saved_auxv)); break;
-      case 14: {
-        if (f.type != WireType::length_delimited)
-          return ctx.field_error(f, "vmas", std::string("expected a message, got ") + wire::wire_type_name(f.type));
-        VmaEntry v;
-        SNAPTIER_CRIU_TRY(v, decode_vma(ctx.nested("vmas", m.vmas.size()), f.bytes));
-        m.vmas.push_back(v);
-        break;
-      }
-      case 15: SNAPTIER_CRIU_TRY(m.dumpable, get_i32(ctx, f, "dumpable")); break;
-      case 17: SNAPTIER_CRIU_TRY(m.thp_disabled, get_bool(ctx, f, "thp_disabled")); break;
-      default: break;  // aios (16), future fields
-    }
-  }
-  if (r.failed()) return ctx.wire_error(r);
-  for (std::uint32_t i = 0; i < 12; ++i)
-    if ((seen & (1u << i)) == 0) return ctx.missing(kNames[i], i + 1);
-  return m;
-}
-
-Result<std::uint32_t> decode_pagemap_head(const Ctx& ctx, std::span<const std::byte> msg) {
-  std::optional<std::uint32_t> id;
-  WireReader r(msg);
-  Field f;
-  while (r.next(f))
-    if (f.number == 1) SNAPTIER_CRIU_TRY(id, get_u32(ctx, f, "pages_id"));
-  if (r.failed()) return ctx.wire_error(r);
-  if (!id) return ctx.missing("pages_id", 1);
-  return *id;
-}
-
-Result<PagemapEntry> decode_pagemap_entry(const Ctx& ctx, std::span<const std::byte> msg) {
+PagemapEntry pagemap_entry_from_message(const pb::Message& m) {
+  namespace s = schema::pagemap_entry;
   PagemapEntry e;
-  bool have_vaddr = false, have_compat = false;
-  std::uint32_t compat_nr_pages = 0;
-  std::optional<std::uint64_t> nr_pages;
-  std::optional<bool> in_parent;
-  std::optional<std::uint32_t> flags;
-  WireReader r(msg);
-  Field f;
-  while (r.next(f)) {
-    switch (f.number) {
-      case 1: SNAPTIER_CRIU_TRY(e.vaddr, get_u64(ctx, f, "vaddr")); have_vaddr = true; break;
-      case 2: SNAPTIER_CRIU_TRY(compat_nr_pages, get_u32(ctx, f, "nr_pages")); have_compat = true; break;
-      case 3: SNAPTIER_CRIU_TRY(in_parent, get_bool(ctx, f, "in_parent")); break;
-      case 4: SNAPTIER_CRIU_TRY(flags, get_u32(ctx, f, "flags")); break;
-      case 5: SNAPTIER_CRIU_TRY(nr_pages, get_u64(ctx, f, "nr_pages (64-bit)")); break;
-      default: break;
-    }
-  }
-  if (r.failed()) return ctx.wire_error(r);
-  if (!have_vaddr) return ctx.missing("vaddr", 1);
-  if (!have_compat) return ctx.missing("nr_pages", 2);
+  e.vaddr = m.scalar_or(s::vaddr, 0);
+  const auto flags = opt<std::uint32_t>(m, s::flags);
   // As CRIU normalizes entries of older images (init_compat_pagemap_entry).
   e.flags = flags.value_or(0);
-  if (in_parent.value_or(false))
+  if (opt<bool>(m, s::in_parent).value_or(false))
     e.flags |= kPeParent;
   else if (!flags)
     e.flags = kPePresent;
-  e.nr_pages = nr_pages.value_or(compat_nr_pages);
+  e.nr_pages = m.scalar(s::nr_pages64).value_or(m.scalar_or(s::nr_pages, 0));
   return e;
+}
+
+namespace {
+
+Result<MmEntry> decode_mm(const Ctx& ctx, std::span<const std::byte> msg) {
+  namespace s = schema::mm;
+  auto m = ctx.decode(s::kSpec, msg);
+  if (!m) return tl::unexpected(m.error());
+  MmEntry e;
+  std::uint64_t* const addrs[] = {&e.mm_start_code, &e.mm_end_code,  &e.mm_start_data, &e.mm_end_data,
+                                  &e.mm_start_stack, &e.mm_start_brk, &e.mm_brk,        &e.mm_arg_start,
+                                  &e.mm_arg_end,     &e.mm_env_start, &e.mm_env_end};
+  for (std::size_t i = 0; i < std::size(addrs); ++i) *addrs[i] = m->scalar_or(s::kFields[i], 0);
+  e.exe_file_id = u32(*m, s::exe_file_id);
+  e.mm_saved_auxv = m->repeated(s::mm_saved_auxv);
+  for (const auto& v : m->values()) {
+    if (v.number != s::vmas.number) continue;
+    auto vma = ctx.nested("vmas", e.vmas.size()).decode(schema::vma::kSpec, v.bytes);
+    if (!vma) return tl::unexpected(vma.error());
+    e.vmas.push_back(vma_from_message(*vma));
+  }
+  if (auto d = m->signed_value(s::dumpable)) e.dumpable = static_cast<std::int32_t>(*d);
+  e.thp_disabled = opt<bool>(*m, s::thp_disabled);
+  return e;
+}
+
+Result<std::uint32_t> decode_pagemap_head(const Ctx& ctx, std::span<const std::byte> msg) {
+  auto m = ctx.decode(schema::pagemap_head::kSpec, msg);
+  if (!m) return tl::unexpected(m.error());
+  return u32(*m, schema::pagemap_head::pages_id);
+}
+
+Result<PagemapEntry> decode_pagemap_entry(const Ctx& ctx, std::span<const std::byte> msg) {
+  auto m = ctx.decode(schema::pagemap_entry::kSpec, msg);
+  if (!m) return tl::unexpected(m.error());
+  return pagemap_entry_from_message(*m);
 }
 
 }  // namespace

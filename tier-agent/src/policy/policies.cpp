@@ -62,8 +62,10 @@ class TieredPlacement final : public Placement {
 class Policy final : public RestorePolicy {
  public:
   enum class Prefetch { none, hot };
-  Policy(std::string name, Mechanism mechanism, std::string placement, Prefetch prefetch)
-      : name_(std::move(name)), mechanism_(mechanism), placement_(std::move(placement)), prefetch_(prefetch) {}
+  Policy(std::string name, Mechanism mechanism, std::string placement, Prefetch prefetch, InPlace in_place = {})
+      : name_(std::move(name)), mechanism_(mechanism), placement_(std::move(placement)), prefetch_(prefetch),
+        in_place_(in_place) {}
+  InPlace in_place() const noexcept override { return in_place_; }
   std::string_view name() const noexcept override { return name_; }
   Mechanism mechanism() const noexcept override { return mechanism_; }
   std::string_view placement() const noexcept override { return placement_; }
@@ -86,6 +88,7 @@ class Policy final : public RestorePolicy {
   Mechanism mechanism_;
   std::string placement_;
   Prefetch prefetch_;
+  InPlace in_place_;
 };
 
 }  // namespace
@@ -131,14 +134,23 @@ std::string_view to_string(Mechanism mechanism) noexcept {
 
 lazy::TaskPrefetch RestorePolicy::plan(std::span<const LazyPage>) const { return {}; }
 
+std::string_view to_string(InPlacePages pages) noexcept {
+  switch (pages) {
+    case InPlacePages::none: return "no pages";
+    case InPlacePages::read_only_hot: return "read-only hot pages";
+    case InPlacePages::all_stored: return "every stored page";
+  }
+  return "unknown";
+}
+
 std::vector<std::string> policy_names() {
-  return {"criu-eager", "criu-lazy", "criu-remote", "lazy-cxl", "lazy-rdma", "reap", "tiered"};
+  return {"criu-eager", "criu-lazy", "criu-remote", "lazy-cxl", "lazy-rdma", "reap", "aquifer", "trenv", "tiered"};
 }
 
 Result<std::unique_ptr<RestorePolicy>> make_policy(std::string_view name) {
   using P = Policy::Prefetch;
-  auto make = [](std::string n, Mechanism m, std::string placement, P p) -> std::unique_ptr<RestorePolicy> {
-    return std::make_unique<Policy>(std::move(n), m, std::move(placement), p);
+  auto make = [](std::string n, Mechanism m, std::string placement, P p, InPlace in_place = {}) -> std::unique_ptr<RestorePolicy> {
+    return std::make_unique<Policy>(std::move(n), m, std::move(placement), p, in_place);
   };
   if (name == "criu-eager") return make("criu-eager", Mechanism::criu_eager, "cxl", P::none);
   if (name == "criu-lazy") return make("criu-lazy", Mechanism::criu_lazy, "cxl", P::none);
@@ -147,8 +159,18 @@ Result<std::unique_ptr<RestorePolicy>> make_policy(std::string_view name) {
   if (name == "lazy-rdma") return make("lazy-rdma", Mechanism::snaptier_lazy, "rdma", P::none);
   // REAP: the recorded working set installed in one go before resume, from one tier.
   if (name == "reap") return make("reap", Mechanism::snaptier_lazy, "cxl", P::hot);
-  // tiered: hot pages (stored in CXL) installed before resume, cold ones (RDMA or file) on demand.
-  if (name == "tiered") return make("tiered", Mechanism::snaptier_lazy, "tiered", P::hot);
+  // aquifer: hot pages (stored in CXL) copied in before resume, cold ones (RDMA or file) on demand.
+  if (name == "aquifer") return make("aquifer", Mechanism::snaptier_lazy, "tiered", P::hot);
+  // trenv: every stored page mapped in place from CXL (all of them are there); a write copies.
+  if (name == "trenv") {
+    return make("trenv", Mechanism::snaptier_lazy, "cxl", P::none, InPlace{InPlacePages::all_stored, true});
+  }
+  // tiered: read-only hot pages mapped in place from CXL; written hot pages (and read-only ones
+  // that cannot be mapped) copied in before resume; cold ones (RDMA or file) on demand; zero
+  // pages nowhere. Where the CXL tier cannot map privately it copies, as aquifer does.
+  if (name == "tiered") {
+    return make("tiered", Mechanism::snaptier_lazy, "tiered", P::hot, InPlace{InPlacePages::read_only_hot, false});
+  }
   std::string known;
   for (const auto& n : policy_names()) known += (known.empty() ? "" : ", ") + n;
   return fail(Errc::invalid_argument, "unknown restore policy '" + std::string(name) + "' (known: " + known + ")");

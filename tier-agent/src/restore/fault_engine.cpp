@@ -501,6 +501,24 @@ class Engine final : public FaultEngine {
     return buf;
   }
 
+  // The snapshot pieces a REMOVE event discards, as they were before it (zero ones were gone already).
+  void observe_discard(const Task& t, std::uint64_t start, std::uint64_t end) {
+    for (std::uint64_t a = start; a < end;) {
+      const RangeMap::Lookup l = t.view.translate(a);
+      const std::uint64_t piece_end = std::min(l.run_end, end);
+      if (!l.zero) {
+        FaultObservation seen;
+        seen.task = t.id;
+        seen.source_task = t.source_task;
+        seen.address = a;
+        seen.source_address = l.source;
+        seen.discarded_bytes = piece_end - a;
+        options_.on_fault(seen);
+      }
+      a = piece_end;
+    }
+  }
+
   void handle(Task& t, const uffd_msg& msg) {
     switch (msg.event) {
       case UFFD_EVENT_PAGEFAULT: {
@@ -562,6 +580,7 @@ class Engine final : public FaultEngine {
           ++metrics_.events_remove;
         }
         const std::uint64_t start = msg.arg.remove.start, end = msg.arg.remove.end;
+        if (msg.event == UFFD_EVENT_REMOVE && options_.on_fault) observe_discard(t, start, end);
         t.view.assign(start, end, RangeMap::Kind::zero);
         std::erase_if(t.background, [&](std::uint64_t p) { return p >= start && p < end; });
         break;

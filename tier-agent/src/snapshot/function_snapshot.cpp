@@ -268,6 +268,13 @@ Result<Materialized> materialize(const Snapshot& snapshot, SnapshotStore& store,
 void ProfileRecorder::record(const FaultObservation& fault) {
   std::lock_guard lock(mutex_);
   if (frozen_) return;
+  if (fault.discarded_bytes > 0) {
+    if (fault.source_address) {
+      discards_.push_back({static_cast<std::int64_t>(fault.source_task),
+                           {*fault.source_address, *fault.source_address + fault.discarded_bytes}});
+    }
+    return;
+  }
   ++faults_;
   if (!fault.source_address) return;
   const auto key = std::make_pair(static_cast<std::int64_t>(fault.source_task), *fault.source_address);
@@ -290,10 +297,15 @@ std::uint64_t ProfileRecorder::faults() const {
   return faults_;
 }
 
+std::vector<std::pair<std::int64_t, std::pair<std::uint64_t, std::uint64_t>>> ProfileRecorder::discards() const {
+  std::lock_guard lock(mutex_);
+  return discards_;
+}
+
 void to_json(json& j, const ProfileSummary& s) {
   j = json{{"faults", s.faults}, {"hot", s.hot}, {"cold", s.cold}, {"written", s.written},
            {"read_only", s.read_only}, {"zero", s.zero}, {"hot_zero", s.hot_zero},
-           {"changed_after_read", s.changed_after_read}, {"fresh", s.fresh}};
+           {"changed_after_read", s.changed_after_read}, {"fresh", s.fresh}, {"discards", s.discards}};
 }
 
 ProfileSummary apply_profile(Ingested& ingested, const ProfileRecorder& recorder, pid_t restored_pid) {
@@ -328,6 +340,15 @@ ProfileSummary apply_profile(Ingested& ingested, const ProfileRecorder& recorder
     }
     if (!list.empty()) fresh[std::to_string(task.pstree.pid)] = std::move(list);
   }
+  json discarded = json::object();
+  for (const auto& [task, range] : recorder.discards()) {
+    discarded[std::to_string(task)].push_back(json::array({range.first, range.second}));
+    ++summary.discards;
+  }
+  const std::string discarded_text = discarded.dump();
+  ingested.snapshot.blobs[kDiscardedBlob].assign(reinterpret_cast<const std::byte*>(discarded_text.data()),
+                                                 reinterpret_cast<const std::byte*>(discarded_text.data()) +
+                                                     discarded_text.size());
   const std::string fresh_text = fresh.dump();
   ingested.snapshot.blobs[kFreshBlob].assign(reinterpret_cast<const std::byte*>(fresh_text.data()),
                                              reinterpret_cast<const std::byte*>(fresh_text.data()) + fresh_text.size());
@@ -416,11 +437,17 @@ Result<std::shared_ptr<StorePageSource>> StorePageSource::open(std::shared_ptr<S
     if (task.pagemap && task.mm) {
       const TaskLayout* tl = find_task(*layout, task.pstree.pid);
       if (tl == nullptr) return fail(Errc::corrupt, "layout has no task " + std::to_string(task.pstree.pid));
-      for (const auto& pe : task.pagemap->entries) {
-        if (!pe.present() || !pe.data_offset) continue;
-        const std::uint64_t first = tl->first_page + *pe.data_offset / kPageSize;
-        if (first + pe.nr_pages > snapshot.pages.size()) return fail(Errc::corrupt, "pagemap points past the page table");
-        tp.runs.push_back(Impl::Run{pe.vaddr, pe.end(), first});
+      // From the page table, not the pagemap's data offsets: a checkpoint rewritten for mapping
+      // in place (criu/inplace_rewrite.hpp) has fewer pages in its pages file than the snapshot.
+      if (tl->first_page + tl->page_count > snapshot.pages.size()) return fail(Errc::corrupt, "layout points past the page table");
+      for (std::uint64_t i = tl->first_page; i < tl->first_page + tl->page_count; ++i) {
+        const std::uint64_t vaddr = snapshot.pages[i].vaddr;
+        if (!tp.runs.empty() && vaddr < tp.runs.back().end) return fail(Errc::corrupt, "task pages are not ascending");
+        if (!tp.runs.empty() && vaddr == tp.runs.back().end) {
+          tp.runs.back().end += kPageSize;
+        } else {
+          tp.runs.push_back(Impl::Run{vaddr, vaddr + kPageSize, i});
+        }
       }
       auto ranges = lazy::lazy_ranges_of(task);
       if (!ranges) return tl::unexpected(ranges.error());

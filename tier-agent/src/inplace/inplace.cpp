@@ -1,0 +1,289 @@
+#include "inplace/inplace.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <fstream>
+#include <map>
+#include <set>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "snaptier/function_snapshot.hpp"
+
+namespace snaptier::inplace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+Backing describe_backing(const fs::path& path, bool device_dax) {
+  Backing b;
+  std::error_code ec;
+  b.file = fs::weakly_canonical(fs::absolute(path, ec), ec);
+  if (ec) b.file = path;
+  if (device_dax) {
+    b.reason = "devdax refuses private mappings";
+  } else {
+    b.can_map = true;
+  }
+  return b;
+}
+
+std::string describe(const Backing& backing) {
+  return backing.can_map ? "in-place: yes" : "in-place: no (" + backing.reason + ")";
+}
+
+namespace {
+
+// (pid -> ascending, merged [start, end)) from kDiscardedBlob; nullopt if the blob is missing.
+using Ranges = std::map<std::uint32_t, std::vector<std::pair<std::uint64_t, std::uint64_t>>>;
+
+Result<Ranges> discarded_ranges(const Snapshot& snapshot) {
+  auto blob = snapshot.blobs.find(snap::kDiscardedBlob);
+  if (blob == snapshot.blobs.end()) {
+    return fail(Errc::unsupported, "snapshot '" + snapshot.info.id +
+                                       "' was profiled before discarded ranges were recorded; take it again to map it in place");
+  }
+  const json j = json::parse(std::string_view(reinterpret_cast<const char*>(blob->second.data()), blob->second.size()),
+                             nullptr, false);
+  auto bad = [&] { return fail(Errc::corrupt, "snapshot '" + snapshot.info.id + "': " + snap::kDiscardedBlob + " is damaged"); };
+  if (!j.is_object()) return bad();
+  Ranges out;
+  for (const auto& [pid, list] : j.items()) {
+    std::uint32_t p = 0;
+    try {
+      p = static_cast<std::uint32_t>(std::stoul(pid));
+    } catch (...) {
+      return bad();
+    }
+    if (!list.is_array()) return bad();
+    auto& ranges = out[p];
+    for (const auto& r : list) {
+      if (!r.is_array() || r.size() != 2 || !r[0].is_number_unsigned() || !r[1].is_number_unsigned()) return bad();
+      ranges.emplace_back(r[0].get<std::uint64_t>(), r[1].get<std::uint64_t>());
+    }
+    std::sort(ranges.begin(), ranges.end());
+  }
+  return out;
+}
+
+bool overlaps(const std::vector<std::pair<std::uint64_t, std::uint64_t>>& ranges, std::uint64_t page) {
+  auto it = std::upper_bound(ranges.begin(), ranges.end(), std::make_pair(page, UINT64_MAX));
+  // Ranges are few (one per discard event); a linear look back keeps overlapping ones right.
+  for (auto r = ranges.begin(); r != it; ++r) {
+    if (page < r->second && page + kPageSize > r->first) return true;
+  }
+  return false;
+}
+
+bool selected(const PageEntry& page, policy::InPlacePages selection) {
+  if ((page.flags & page_zero) != 0 || selection == policy::InPlacePages::none) return false;
+  if (selection == policy::InPlacePages::all_stored) return true;
+  return (page.flags & page_hot) != 0 && (page.flags & page_read_only) != 0 && (page.flags & page_written) == 0;
+}
+
+}  // namespace
+
+Result<Plan> plan_runs(const Snapshot& snapshot, const criu::Checkpoint& materialized, policy::InPlacePages selection,
+                       const Backing& backing) {
+  if (!backing.can_map) return fail(Errc::unavailable, "the CXL tier cannot map pages in place: " + describe(backing));
+  auto discarded = discarded_ranges(snapshot);
+  if (!discarded) return tl::unexpected(discarded.error());
+  auto layout_blob = snapshot.blobs.find(snap::kLayoutBlob);
+  if (layout_blob == snapshot.blobs.end())
+    return fail(Errc::invalid_argument, "snapshot '" + snapshot.info.id + "' is not a CRIU checkpoint");
+  auto layout = snap::decode_layout(layout_blob->second);
+  if (!layout) return tl::unexpected(layout.error());
+
+  Plan plan;
+  plan.rewrite.backing_file = backing.file;
+  static const std::vector<std::pair<std::uint64_t, std::uint64_t>> kNone;
+  for (const auto& task : materialized.tasks) {
+    if (!task.mm || !task.pagemap) continue;
+    const std::uint32_t pid = task.pstree.pid;
+    auto tl_it = std::find_if(layout->tasks.begin(), layout->tasks.end(), [&](const auto& t) { return t.pid == pid; });
+    if (tl_it == layout->tasks.end()) return fail(Errc::corrupt, "layout has no task " + std::to_string(pid));
+    const auto d = discarded->find(pid);
+    const auto& gone = d == discarded->end() ? kNone : d->second;
+    std::optional<RunPages> open;  // the run being grown
+    auto close = [&] {
+      if (!open) return;
+      plan.pages += open->run.pages;
+      plan.rewrite.runs[pid].push_back(open->run);
+      plan.runs.push_back(*open);
+      open.reset();
+    };
+    std::size_t vma = 0;
+    for (const auto& pe : task.pagemap->entries) {
+      if (!pe.present() || !pe.data_offset) continue;
+      const std::size_t first = tl_it->first_page + *pe.data_offset / kPageSize;
+      if (first + pe.nr_pages > snapshot.pages.size())
+        return fail(Errc::corrupt, "snapshot '" + snapshot.info.id + "': pagemap points past the page table");
+      for (std::uint64_t k = 0; k < pe.nr_pages; ++k) {
+        const std::uint64_t vaddr = pe.vaddr + k * kPageSize;
+        const std::size_t index = first + k;
+        const PageEntry& page = snapshot.pages[index];
+        if (page.vaddr != vaddr)
+          return fail(Errc::corrupt, "snapshot '" + snapshot.info.id + "': page " + std::to_string(index) +
+                                         " does not match the pagemap");
+        if (!selected(page, selection)) {
+          close();
+          continue;
+        }
+        ++plan.wanted;
+        while (vma < task.mm->vmas.size() && task.mm->vmas[vma].end <= vaddr) ++vma;
+        const bool in_vma = vma < task.mm->vmas.size() && task.mm->vmas[vma].contains(vaddr);
+        if (!in_vma || !criu::can_map_in_place(task.mm->vmas[vma]) || page.tier != TierKind::cxl ||
+            (page.flags & page_checksummed) == 0) {
+          ++plan.skipped_layout;
+          close();
+          continue;
+        }
+        if (overlaps(gone, vaddr)) {
+          ++plan.skipped_discarded;
+          close();
+          continue;
+        }
+        const std::uint64_t offset = backing.file_offset + page.location;
+        if (open && open->run.vaddr + open->run.pages * kPageSize == vaddr &&
+            open->run.file_offset + open->run.pages * kPageSize == offset && task.mm->vmas[vma].contains(open->run.vaddr)) {
+          ++open->run.pages;
+          continue;
+        }
+        close();
+        open = RunPages{pid, index, criu::MappedRun{vaddr, 1, offset}};
+      }
+    }
+    close();
+  }
+  return plan;
+}
+
+Result<void> verify_runs(SnapshotStore& store, const Snapshot& snapshot, const Plan& plan) {
+  for (const auto& r : plan.runs) {
+    for (std::uint64_t done = 0; done < r.run.pages;) {
+      auto run = store.read_pages(snapshot, r.first_index + done, r.run.pages - done, {});
+      if (!run) return tl::unexpected(run.error());
+      if (!run->in_place || run->zero) {
+        return fail(Errc::corrupt, "snapshot '" + snapshot.info.id + "': page " + std::to_string(r.first_index + done) +
+                                       " is not where a mapping of the CXL region would find it");
+      }
+      done += run->pages;
+    }
+  }
+  return {};
+}
+
+Result<Prepared> prepare(SnapshotStore& store, const Snapshot& snapshot, const fs::path& images,
+                         const criu::Checkpoint& materialized, policy::InPlacePages selection, const Backing& backing) {
+  const auto t0 = std::chrono::steady_clock::now();
+  Prepared out;
+  auto plan = plan_runs(snapshot, materialized, selection, backing);
+  if (!plan) return tl::unexpected(plan.error());
+  out.plan = std::move(*plan);
+  if (auto ok = verify_runs(store, snapshot, out.plan); !ok) return tl::unexpected(ok.error());
+  auto rewritten = criu::rewrite_for_mapping(images, out.plan.rewrite);
+  if (!rewritten) return tl::unexpected(rewritten.error());
+  out.rewrite = *rewritten;
+  auto checkpoint = criu::load_checkpoint(images);
+  if (!checkpoint) {
+    return fail(checkpoint.error().code, "the checkpoint rewritten for mapping in place does not load: " +
+                                             checkpoint.error().message);
+  }
+  out.checkpoint = std::move(*checkpoint);
+  out.ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  return out;
+}
+
+Result<void> admit(const policy::RestorePolicy& policy, const std::optional<Backing>& backing) {
+  const policy::InPlace use = policy.in_place();
+  if (use.pages == policy::InPlacePages::none || !use.required || (backing && backing->can_map)) return {};
+  return fail(Errc::unavailable, "policy " + std::string(policy.name()) + " maps " + std::string(to_string(use.pages)) +
+                                     " in place from CXL, and this host cannot: " +
+                                     (backing ? describe(*backing) : std::string("no CXL tier is up")));
+}
+
+policy::InPlacePages selection(const policy::RestorePolicy& policy, const std::optional<Backing>& backing) {
+  return backing && backing->can_map ? policy.in_place().pages : policy::InPlacePages::none;
+}
+
+json describe_choice(const policy::RestorePolicy& policy, const std::optional<Backing>& backing) {
+  const policy::InPlacePages wanted = policy.in_place().pages;
+  const bool maps = selection(policy, backing) != policy::InPlacePages::none;
+  return json{{"pages", to_string(wanted)},
+              {"mode", wanted == policy::InPlacePages::none ? "off" : maps ? "mapped" : "copied (this host cannot map)"},
+              {"tier", backing ? describe(*backing) : std::string("no CXL tier")}};
+}
+
+void report(const Prepared& prepared, json& out) {
+  const Plan& plan = prepared.plan;
+  const criu::RewriteResult& rewrite = prepared.rewrite;
+  out["prepare_ms"] = prepared.ms;
+  out["pages_mapped"] = plan.pages;
+  out["pages_wanted"] = plan.wanted;
+  out["skipped_discarded"] = plan.skipped_discarded;
+  out["skipped_layout"] = plan.skipped_layout;
+  out["runs"] = plan.runs.size();
+  out["vmas_before"] = rewrite.vmas_before;
+  out["vmas_after"] = rewrite.vmas_after;
+  out["bytes_cut_from_images"] = rewrite.bytes_cut;
+  out["backing_file"] = plan.rewrite.backing_file.string();
+}
+
+namespace {
+
+void collect_tree(pid_t pid, std::set<pid_t>& out) {
+  if (pid <= 0 || !out.insert(pid).second) return;
+  std::error_code ec;
+  for (const auto& task : fs::directory_iterator("/proc/" + std::to_string(pid) + "/task", ec)) {
+    std::ifstream children(task.path() / "children");
+    pid_t child = 0;
+    while (children >> child) collect_tree(child, out);
+  }
+}
+
+std::uint64_t kib_field(const std::string& line) {
+  std::istringstream in(line.substr(line.find(':') + 1));
+  std::uint64_t kib = 0;
+  in >> kib;
+  return kib * 1024;
+}
+
+}  // namespace
+
+MemoryUse measure(pid_t root, const fs::path& backing) {
+  MemoryUse use;
+  std::set<pid_t> tree;
+  collect_tree(root, tree);
+  const std::string file = backing.string();
+  for (pid_t pid : tree) {
+    std::ifstream rollup("/proc/" + std::to_string(pid) + "/smaps_rollup");
+    std::string line;
+    while (std::getline(rollup, line)) {
+      if (line.rfind("Anonymous:", 0) == 0) use.local_anonymous_bytes += kib_field(line);
+    }
+    if (file.empty()) continue;
+    std::ifstream smaps("/proc/" + std::to_string(pid) + "/smaps");
+    bool mapped = false;
+    std::uint64_t rss = 0;
+    while (std::getline(smaps, line)) {
+      // A VMA header: "start-end perms offset dev inode [path]"; fields are "Name:  value kB".
+      const auto colon = line.find(':');
+      const bool header = colon == std::string::npos || line.find(' ') < colon;
+      if (header) {
+        mapped = line.size() >= file.size() && line.compare(line.size() - file.size(), file.size(), file) == 0;
+        continue;
+      }
+      if (!mapped) continue;
+      if (line.rfind("Rss:", 0) == 0) rss = kib_field(line);
+      if (line.rfind("Anonymous:", 0) == 0) {
+        const std::uint64_t anon = kib_field(line);
+        use.mapped_cow_bytes += anon;
+        use.cxl_mapped_bytes += rss - std::min(rss, anon);
+      }
+    }
+  }
+  return use;
+}
+
+}  // namespace snaptier::inplace
