@@ -77,6 +77,12 @@ def pick_hosts(topo: Topology, snapshot_host: str | None, restore_host: str | No
     snap = snapshot_host or (compute[0] if compute else None)
     if snap is None:
         raise UsageError(f"topology {topo.name!r} has no compute host")
+    if restore_host is None and not any(h.role == "memory" for h in topo.hosts):
+        # Without an RDMA pool the cold pages of `tiered` stay in the snapshot host's own file
+        # tier (not shared), so host-to-host restores would measure only what CXL holds.
+        say(f"topology {topo.name!r} has no RDMA pool: restoring on the snapshot host {snap} "
+            "(give --restore-host for another host; restore-everywhere restores across hosts)")
+        restore_host = snap
     if restore_host is None:
         others = [h for h in compute if h != snap]
         if not others:

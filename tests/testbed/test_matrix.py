@@ -176,13 +176,16 @@ def test_bad_arguments_exit_2_before_any_guest(args, message, capsys):
 
 
 def test_hosts_must_share_a_link_for_forwarding():
-    topo = parse_topology({"name": "t", "host": [{"name": "a", "role": "compute"}, {"name": "b", "role": "compute"}],
-                           "link": [{"name": "l0", "subnet": "10.9.0.0/24", "hosts": ["a"]},
+    memnode = {"name": "m", "role": "memory", "pool": "256M"}
+    topo = parse_topology({"name": "t", "host": [{"name": "a", "role": "compute"}, {"name": "b", "role": "compute"},
+                                                  memnode],
+                           "link": [{"name": "l0", "subnet": "10.9.0.0/24", "hosts": ["a", "m"]},
                                     {"name": "l1", "subnet": "10.9.1.0/24", "hosts": ["b"]}]})
     with pytest.raises(matrix.UsageError, match="b is not on a link with a"):
         matrix.pick_hosts(topo, None, None)
     assert matrix.pick_hosts(topo, "a", "a") == ("a", "a")
-    lonely = parse_topology({"name": "t", "host": [{"name": "a", "role": "compute"}]})
+    lonely = parse_topology({"name": "t", "host": [{"name": "a", "role": "compute"}, memnode],
+                             "link": [{"name": "l0", "subnet": "10.9.0.0/24", "hosts": ["a", "m"]}]})
     with pytest.raises(matrix.UsageError, match="one compute host"):
         matrix.pick_hosts(lonely, None, None)
 
@@ -317,3 +320,13 @@ def test_the_same_refusal_where_the_topology_has_a_pool_is_a_failure():
     other = {"error": {"code": "unavailable", "message": "the queue pair failed"}}
     assert matrix.skip_reason(NO_POOL, other) is None
     assert matrix.skip_reason(NO_POOL, restore("tiered")) is None
+
+
+def test_without_an_rdma_pool_the_matrix_restores_on_the_snapshot_host_unless_told():
+    linked = parse_topology({"backend": "native", "host": [{"name": "host0", "role": "compute"},
+                                                          {"name": "host1", "role": "compute"}],
+                             "link": [{"name": "l0", "subnet": "10.9.0.0/24", "hosts": ["host0", "host1"],
+                                       "rdma": False}]})
+    assert matrix.pick_hosts(linked, None, None) == ("host0", "host0")
+    assert matrix.pick_hosts(linked, None, "host1") == ("host0", "host1")
+    assert matrix.pick_hosts(DEFAULT, None, None) == ("host0", "host1")
