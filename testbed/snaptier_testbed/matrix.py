@@ -421,7 +421,7 @@ def skip_reason(topo: Topology, doc: dict | None) -> str | None:
     """A cell is skipped, not failed, when the agent refused it because it needs a tier this
     topology cannot have; the agent's own message says which."""
     error = doc.get("error") if isinstance(doc, dict) else None
-    if not isinstance(error, dict) or error.get("code") != "unavailable":
+    if not isinstance(error, dict) or error.get("code") not in ("unavailable", "not_found"):
         return None
     message = str(error.get("message", ""))
     # A policy that maps pages in place (trenv) on a host whose CXL tier cannot (devdax).
@@ -431,6 +431,18 @@ def skip_reason(topo: Topology, doc: dict | None) -> str | None:
         if f"{tier} tier" in message:
             return f"{why}: {message}"
     return None
+
+
+def needs_peer(doc: dict | None) -> bool:
+    """The agent refused a restore on the snapshot host itself because its mechanism serves
+    pages from the snapshot host to another one."""
+    error = doc.get("error") if isinstance(doc, dict) else None
+    return isinstance(error, dict) and error.get("code") == "unavailable" and "as a peer" in str(error.get("message"))
+
+
+def peer_for(topo: Topology, host: str) -> str | None:
+    link = topo.link_of(host)
+    return next((h for h in (link.hosts if link else ()) if h != host and topo.host(h).role == "compute"), None)
 
 
 def _progress(row: dict) -> str:
@@ -487,14 +499,22 @@ def run_matrix(topo: Topology, functions: list[str], policies: list[str], snap_h
         forward = f" --host {shlex.quote(restore_host)}" if restore_host != snap_host else ""
         for policy in policies:
             tc = time.monotonic()
+            target = restore_host
             rc, doc, err = tierctl(run, topo, snap_host,
                                    f"restore {shlex.quote(sid)} --policy {shlex.quote(policy)}{forward}",
                                    RESTORE_TIMEOUT_S)
+            peer = peer_for(topo, snap_host) if restore_host == snap_host and needs_peer(doc) else None
+            if peer:
+                # The mechanism restores from another host's agent (criu-remote): run it on a peer.
+                target = peer
+                rc, doc, err = tierctl(run, topo, snap_host,
+                                       f"restore {shlex.quote(sid)} --policy {shlex.quote(policy)} "
+                                       f"--host {shlex.quote(peer)}", RESTORE_TIMEOUT_S)
             if doc is not None and rc != 0 and doc.get("ok") is True:
                 err = err or f"tierctl exited {rc}"
             elif doc is not None:
                 err = ""  # the object says what happened (ok false + error)
-            cell = _cell(fn, policy, sid, snap_host, restore_host, restore=doc, error=err or None, rc=rc,
+            cell = _cell(fn, policy, sid, snap_host, target, restore=doc, error=err or None, rc=rc,
                          seconds=time.monotonic() - tc, skipped=skip_reason(topo, doc))
             results["cells"].append(cell)
             say(_progress(row_of(cell)))
@@ -533,7 +553,8 @@ def build_parser(default_topology: str) -> argparse.ArgumentParser:
     m.add_argument("--functions", help="comma-separated (default: every folder of workloads/ with function.toml)")
     m.add_argument("--policies", help=f"comma-separated (default, in this order: {','.join(POLICIES)})")
     m.add_argument("--snapshot-host", help="where functions are snapshotted (default: the first compute host)")
-    m.add_argument("--restore-host", help="where they are restored (default: the second compute host)")
+    m.add_argument("--restore-host", help="where they are restored (default: the second compute host; the snapshot "
+                                          "host itself where the topology has no RDMA pool)")
     m.add_argument("--out", help="results directory (default: run/<topology>/results/matrix-<UTC time>/)")
     m.add_argument("--keep", action="store_true", help="keep the snapshots in the store afterwards")
     m.add_argument("--plot", metavar="RESULTS_DIR",

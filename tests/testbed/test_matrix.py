@@ -330,3 +330,27 @@ def test_without_an_rdma_pool_the_matrix_restores_on_the_snapshot_host_unless_to
     assert matrix.pick_hosts(linked, None, None) == ("host0", "host0")
     assert matrix.pick_hosts(linked, None, "host1") == ("host0", "host1")
     assert matrix.pick_hosts(DEFAULT, None, None) == ("host0", "host1")
+
+
+def test_a_policy_that_needs_a_peer_is_run_on_one_when_the_matrix_restores_locally(tmp_path):
+    topo = parse_topology({"name": "np", "backend": "native",
+                           "host": [{"name": "host0", "role": "compute"}, {"name": "host1", "role": "compute"}],
+                           "link": [{"name": "l0", "subnet": "10.9.0.0/24", "hosts": ["host0", "host1"],
+                                     "rdma": False}]})
+    calls = []
+
+    def run(topo_, host, command, timeout=None):
+        calls.append(command)
+        if " snapshot " in command:
+            out = {"id": "helloworld-x", "pages": 10, "variants": []}
+        elif "--policy criu-remote" in command and "--host host1" not in command:
+            out = {"error": {"code": "unavailable", "message": "criu-remote needs the snapshot host 'host0' as a peer"}}
+        else:
+            out = restore("x", host="host1" if "--host host1" in command else "host0")
+        return subprocess.CompletedProcess(command, 1 if out.get("error") else 0, json.dumps(out), "")
+    rc = matrix.run_matrix(topo, ["helloworld"], ["lazy-cxl", "criu-remote"], "host0", "host0", tmp_path,
+                           keep=True, run=run, ensure_agents=lambda t: None)
+    rows = by_policy(matrix.rows_of(json.loads((tmp_path / "results.json").read_text())))
+    assert rc == 0 and rows["criu-remote"]["ok"] and rows["criu-remote"]["restore_host"] == "host1"
+    assert rows["lazy-cxl"]["restore_host"] == "host0"
+    assert sum("--policy criu-remote" in c for c in calls) == 2
