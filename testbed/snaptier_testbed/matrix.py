@@ -437,7 +437,10 @@ def needs_peer(doc: dict | None) -> bool:
     """The agent refused a restore on the snapshot host itself because its mechanism serves
     pages from the snapshot host to another one."""
     error = doc.get("error") if isinstance(doc, dict) else None
-    return isinstance(error, dict) and error.get("code") == "unavailable" and "as a peer" in str(error.get("message"))
+    if isinstance(error, dict):   # tierctl's refusal: {"code", "message"}
+        return error.get("code") == "unavailable" and "as a peer" in str(error.get("message"))
+    # A restore result that failed: "code: message".
+    return isinstance(error, str) and error.startswith("unavailable:") and "as a peer" in error
 
 
 def peer_for(topo: Topology, host: str) -> str | None:

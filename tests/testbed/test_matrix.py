@@ -344,7 +344,8 @@ def test_a_policy_that_needs_a_peer_is_run_on_one_when_the_matrix_restores_local
         if " snapshot " in command:
             out = {"id": "helloworld-x", "pages": 10, "variants": []}
         elif "--policy criu-remote" in command and "--host host1" not in command:
-            out = {"error": {"code": "unavailable", "message": "criu-remote needs the snapshot host 'host0' as a peer"}}
+            out = {**restore("criu-remote", ok=False, answer_ok=None, digest_ok=None, host="host0"),
+                   "error": "unavailable: criu-remote needs the snapshot host 'host0' as a peer"}
         else:
             out = restore("x", host="host1" if "--host host1" in command else "host0")
         return subprocess.CompletedProcess(command, 1 if out.get("error") else 0, json.dumps(out), "")
