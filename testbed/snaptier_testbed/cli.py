@@ -138,8 +138,15 @@ def cmd_bench(args, topo) -> int:
 
 
 def cmd_scenario(args, topo) -> int:
+    import inspect
     from .scenarios import SCENARIOS
-    return SCENARIOS[args.name](topo)
+    scenario = SCENARIOS[args.name]
+    options = {k: v for k, v in (("function", args.function), ("policy", args.policy)) if v}
+    takes = inspect.signature(scenario).parameters
+    for key in options:
+        if key not in takes:
+            raise TestbedError(f"scenario {args.name} takes no --{key}")
+    return scenario(topo, **options)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     sc = sub.add_parser("scenario", help="run an end-to-end scenario on the running topology")
     from .scenarios import SCENARIOS
     sc.add_argument("name", choices=sorted(SCENARIOS))
+    sc.add_argument("--function", help="restore-everywhere: the function (default helloworld)")
+    sc.add_argument("--policy", help="restore-everywhere: the restore policy (default reap)")
     sc.set_defaults(fn=cmd_scenario)
     # Everything after the first '--' is the guest command, untouched by option parsing.
     argv = list(sys.argv[1:] if argv is None else argv)
