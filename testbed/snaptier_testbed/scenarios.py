@@ -215,6 +215,8 @@ def restore_everywhere(topo: Topology, function: str = "helloworld", policy: str
             faults = (doc.get("faults") or {}).get("total")
             steps.record(f"restore {policy}", host, ok,
                          f"first response {doc.get('first_response_ms', 0):.1f} ms, {faults} faults, "
+                         f"{doc.get('pages_mapped_in_place', 0)} pages used in place, "
+                         f"{(doc.get('local_anonymous_bytes') or 0) / 2**20:.1f} MiB local anonymous, "
                          f"answer {'right' if doc.get('answer_ok') else 'WRONG'}, digest "
                          f"{'equal' if doc.get('digest_ok') else 'DIFFERS'}" if rc == 0 else err)
         for v in dict.fromkeys([x.get("id") for x in snap.get("variants") or [] if isinstance(x, dict)] + [snap["id"]]):
