@@ -208,8 +208,11 @@ def down(topology: Topology, quiet: bool = False) -> int:
     for h in topology.hosts:
         (state_dir / f"{h.name}.pid").unlink(missing_ok=True)
     TestbedState.path(state_dir).unlink(missing_ok=True)
+    hosts = sum(tag != f"process={tag_prefix}" for tag in pids.values())
+    strays = len(pids) - hosts
     if not quiet:
-        say(f"topology {topology.name!r} is down ({len(pids)} native host{'s' if len(pids) != 1 else ''} stopped)")
+        say(f"topology {topology.name!r} is down ({hosts} native host{'s' if hosts != 1 else ''} stopped"
+            + (f", {strays} stray process{'es' if strays != 1 else ''} of it ended" if strays else "") + ")")
     return len(pids)
 
 
