@@ -49,9 +49,7 @@ def mem_available() -> int:
 
 
 def running_hosts(topology: Topology, state_dir: Path) -> dict[str, int]:
-    if topology.backend == "native":
-        from . import native
-        return native.running_hosts(topology, state_dir)
+    """Hosts whose process (a QEMU, or a native host's unshare) is alive and carries its tag."""
     running = {}
     for h in topology.hosts:
         pid = process.owned_pid(state_dir / f"{h.name}.pid", f"process=snaptier-{topology.name}-{h.name}")

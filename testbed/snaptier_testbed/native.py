@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from .launcher import TestbedError, say
+from .launcher import TestbedError, running_hosts, say
 from .machine import ContainerSpec, Runtime, cxl_backing, describe_native, hosts_file_text
 from .state import REPO, TestbedState, state_dir_for
 from .topology import MiB, Topology
@@ -56,15 +56,6 @@ def check_rootfs(rootfs: Path) -> None:
     for need in ("bin/bash", "usr/sbin/criu", "usr/bin/python3"):
         if not (rootfs / need).exists():
             raise TestbedError(f"{rootfs} is not a snaptier guest rootfs: it has no /{need} (see guests/packages.txt)")
-
-
-def running_hosts(topology: Topology, state_dir: Path) -> dict[str, int]:
-    running = {}
-    for h in topology.hosts:
-        pid = process.owned_pid(state_dir / f"{h.name}.pid", f"process=snaptier-{topology.name}-{h.name}")
-        if pid:
-            running[h.name] = pid
-    return running
 
 
 def _write_host_files(spec: ContainerSpec, topology: Topology) -> None:
