@@ -382,6 +382,22 @@ TEST_F(RewriteTest, RefusesRunsItCannotMapAndLeavesTheImagesAlone) {
   EXPECT_EQ(images_of(dir), untouched);
 }
 
+TEST(CanMapInPlace, MadviseStateAFileMappingAcceptsIsFineWipeOnForkIsNot) {
+  criu::VmaEntry v;
+  v.start = kMapping;
+  v.end = kMapping + 8 * P;
+  v.flags = 0x22;  // MAP_PRIVATE | MAP_ANONYMOUS
+  v.status = criu::kVmaAreaRegular | criu::kVmaAnonPrivate;
+  EXPECT_TRUE(criu::can_map_in_place(v));
+  v.madv = (1ull << 14) | (1ull << 16);  // MADV_HUGEPAGE, MADV_DONTDUMP
+  EXPECT_TRUE(criu::can_map_in_place(v));
+  v.madv = 1ull << 18;  // MADV_WIPEONFORK: EINVAL on a file mapping
+  EXPECT_FALSE(criu::can_map_in_place(v));
+  v.madv.reset();
+  v.flags |= 0x0100;  // MAP_GROWSDOWN
+  EXPECT_FALSE(criu::can_map_in_place(v));
+}
+
 TEST_F(RewriteTest, MalformedImagesAreCorrupt) {
   const Bytes mm = read_file(dir / "mm-15884.img");
   const criu::MappingRewrite request{backing, {{kPid, {criu::MappedRun{kMapping, 1, 0}}}}};
@@ -488,6 +504,8 @@ TEST_F(MappedRunsTest, ReadOnlyHotRunsAreContiguousInTheRegionAndOneRunPerVmaStr
   EXPECT_EQ(p->pages, 4u);
   EXPECT_EQ(p->wanted, 5u);
   EXPECT_EQ(p->skipped_layout, 1u);
+  EXPECT_EQ(p->skipped_vma, 1u) << "the binary's VMA is a file mapping already";
+  EXPECT_EQ(p->skipped_tier, 0u);
   EXPECT_EQ(p->runs[0].run, (criu::MappedRun{kMapping, 3, page_at(s, kMapping).location}));
   EXPECT_EQ(p->runs[1].run, (criu::MappedRun{kMapping + 6 * P, 1, page_at(s, kMapping + 6 * P).location}));
   EXPECT_EQ(p->runs[0].run.file_offset % P, 0u);
@@ -544,7 +562,7 @@ TEST_F(MappedRunsTest, WrittenDiscardedAndScatteredPagesBreakRuns) {
   EXPECT_EQ(run_at(*m, kMapping), (criu::MappedRun{kMapping, 1, page_at(mixed, kMapping).location}));
   EXPECT_EQ(run_at(*m, kMapping + 2 * P).pages, 1u);
   EXPECT_EQ(run_at(*m, kMapping + P).pages, 0u) << "the page on the file tier is not mapped";
-  EXPECT_GE(m->skipped_layout, 1u);
+  EXPECT_GE(m->skipped_tier, 1u);
 }
 
 TEST_F(MappedRunsTest, RefusedWithoutPrivateMappingsOrWithoutARecordedProfile) {

@@ -97,7 +97,7 @@ Result<void> check_vma_for_run(const VmaEntry& v, const MappedRun& r, std::uint3
                             " pages) in vma [" + hex(v.start) + ", " + hex(v.end) + ")";
   if (run_end(r) > v.end) return fail(Errc::invalid_argument, where + " runs past the end of the vma");
   if (!can_map_in_place(v))
-    return fail(Errc::invalid_argument, where + ": not a private anonymous vma without stack or madvise state");
+    return fail(Errc::invalid_argument, where + ": not a private anonymous vma a file mapping can replace");
   return {};
 }
 
@@ -354,7 +354,11 @@ Result<void> check_request(const MappingRewrite& request) {
 }  // namespace
 
 bool can_map_in_place(const VmaEntry& v) noexcept {
-  return v.can_be_lazy() && (v.flags & kMapGrowsdown) == 0 && (v.status & kVmaAreaStack) == 0 && v.madv.value_or(0) == 0;
+  // CRIU replays vma_entry.madv (bit n = MADV n) with madvise() on the restored VMA: WIPEONFORK
+  // (18) and KEEPONFORK (19) are EINVAL on a file mapping; HUGEPAGE, DONTDUMP, DONTFORK, ... are not.
+  constexpr std::uint64_t kAnonymousOnlyMadv = (1ull << 18) | (1ull << 19);
+  return v.can_be_lazy() && (v.flags & kMapGrowsdown) == 0 && (v.status & kVmaAreaStack) == 0 &&
+         (v.madv.value_or(0) & kAnonymousOnlyMadv) == 0;
 }
 
 Result<RewriteResult> rewrite_for_mapping(const fs::path& dir, const MappingRewrite& request) {

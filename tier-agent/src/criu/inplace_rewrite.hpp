@@ -38,12 +38,11 @@ struct RewriteResult {
 };
 
 // Whether pages of `vma` may become a private file mapping: a private anonymous VMA CRIU could
-// serve lazily, not a (grows-down) stack, without madvise state (WIPEONFORK and the like do not
-// carry over to a file mapping).
+// serve lazily, not a (grows-down) stack, without madvise state a file mapping refuses
+// (WIPEONFORK, KEEPONFORK).
 [[nodiscard]] bool can_map_in_place(const VmaEntry& vma) noexcept;
 
-// Each run must lie inside one private anonymous VMA that CRIU could serve lazily (not a stack,
-// no madvise state) and every one of its pages must be a present page of the pagemap:
+// Each run must lie inside a VMA can_map_in_place() accepts and every one of its pages must be a present page of the pagemap:
 // Errc::invalid_argument otherwise, before any file is touched. Malformed images are
 // Errc::corrupt. The new images are written beside the old ones and renamed over them; holes of
 // pages-<id>.img (the lazy pages a materialized checkpoint leaves out) stay holes.

@@ -133,9 +133,11 @@ Result<Plan> plan_runs(const Snapshot& snapshot, const criu::Checkpoint& materia
         ++plan.wanted;
         while (vma < task.mm->vmas.size() && task.mm->vmas[vma].end <= vaddr) ++vma;
         const bool in_vma = vma < task.mm->vmas.size() && task.mm->vmas[vma].contains(vaddr);
-        if (!in_vma || !criu::can_map_in_place(task.mm->vmas[vma]) || page.tier != TierKind::cxl ||
-            (page.flags & page_checksummed) == 0) {
+        const bool vma_ok = in_vma && criu::can_map_in_place(task.mm->vmas[vma]);
+        const bool tier_ok = page.tier == TierKind::cxl && (page.flags & page_checksummed) != 0;
+        if (!vma_ok || !tier_ok) {
           ++plan.skipped_layout;
+          ++(vma_ok ? plan.skipped_tier : plan.skipped_vma);
           close();
           continue;
         }
@@ -223,6 +225,8 @@ void report(const Prepared& prepared, json& out) {
   out["pages_wanted"] = plan.wanted;
   out["skipped_discarded"] = plan.skipped_discarded;
   out["skipped_layout"] = plan.skipped_layout;
+  out["skipped_tier"] = plan.skipped_tier;
+  out["skipped_vma"] = plan.skipped_vma;
   out["runs"] = plan.runs.size();
   out["vmas_before"] = rewrite.vmas_before;
   out["vmas_after"] = rewrite.vmas_after;

@@ -36,7 +36,9 @@ struct Plan {
   std::uint64_t pages = 0;               // mapped
   std::uint64_t wanted = 0;              // pages the selection asked for
   std::uint64_t skipped_discarded = 0;   // the profile saw them MADV_DONTNEEDed or REMOVEd
-  std::uint64_t skipped_layout = 0;      // not on the CXL tier, or not in a mappable VMA
+  std::uint64_t skipped_layout = 0;      // skipped_tier + skipped_vma
+  std::uint64_t skipped_tier = 0;        // not stored on the CXL tier (or without a CRC32C)
+  std::uint64_t skipped_vma = 0;         // in a VMA criu::can_map_in_place() refuses
 };
 
 // The runs of `snapshot` to map: selected pages that are stored on the CXL tier with a CRC32C,
