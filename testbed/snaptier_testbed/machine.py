@@ -161,7 +161,6 @@ class Port:
     iface: str         # the veth end in the host
     mac: str
     address: str       # ADDR/PREFIX
-    rdma: bool
 
 
 @dataclass(frozen=True)
@@ -210,7 +209,7 @@ def describe_native(topology: Topology, runtime: Runtime, rootfs: Path) -> list[
             host_index = link.hosts.index(host.name)
             port = Port(link=link.name, switch_netns=native_switch_netns(topology, link.name),
                         switch_port=f"h{host_index}", iface=NATIVE_DATA_IFACE,
-                        mac=data_mac(link_index, host_index), address=str(link.address_of(host.name)), rdma=link.rdma)
+                        mac=data_mac(link_index, host_index), address=str(link.address_of(host.name)))
             ports.append(port)
             params.append(("SNAPTIER_DATA", f"{port.iface},{port.address}"))
             if link.rdma:
