@@ -107,7 +107,14 @@ def ensure_image(image_dir: str | None) -> Path:
 
 # ---------------------------------------------------------------- up
 def check_resources(topology: Topology, runtime: Runtime) -> None:
-    guest_mem = sum(h.memory for h in topology.hosts)
+    need = sum(h.memory for h in topology.hosts) + check_cxl_backing(topology, runtime)
+    avail = mem_available()
+    if need > avail:
+        raise TestbedError(f"the topology needs {need // MiB} MiB of RAM (guests + CXL backing) but only {avail // MiB} MiB is available")
+
+
+def check_cxl_backing(topology: Topology, runtime: Runtime) -> int:
+    """Refuses CXL backing files that have no room; returns the bytes they take in /dev/shm."""
     shm_needed = 0
     for dev in topology.cxl:
         path = cxl_backing(topology, dev.name, runtime)
@@ -123,10 +130,14 @@ def check_resources(topology: Topology, runtime: Runtime) -> None:
         free = shutil.disk_usage(runtime.shm_dir).free
         if free < shm_needed:
             raise TestbedError(f"/dev/shm has {free // MiB} MiB free; the CXL backing files need {shm_needed // MiB} MiB")
-    need = guest_mem + shm_needed
-    avail = mem_available()
-    if need > avail:
-        raise TestbedError(f"the topology needs {need // MiB} MiB of RAM (guests + CXL backing) but only {avail // MiB} MiB is available")
+    return shm_needed
+
+
+def refuse_running(topology: Topology, state_dir: Path) -> None:
+    already = running_hosts(topology, state_dir)
+    if already:
+        raise TestbedError(f"topology {topology.name!r} is already up ({', '.join(sorted(already))} running); "
+                           "use 'status', or 'down' first")
 
 
 def start_switch(runtime: Runtime, link_name: str, topo_name: str) -> int:
@@ -156,10 +167,7 @@ def up(topology: Topology, image_dir: str | None = None, boot_timeout: float = 3
     if rootfs:
         raise TestbedError("--rootfs is for native topologies (backend = \"native\"); QEMU guests boot --image")
     state_dir = state_dir_for(topology.name)
-    already = running_hosts(topology, state_dir)
-    if already:
-        raise TestbedError(f"topology {topology.name!r} is already up ({', '.join(sorted(already))} running); "
-                           "use 'status', or 'down' first")
+    refuse_running(topology, state_dir)
     # Refuse impossible topologies before spending minutes on an image build.
     check_resources(topology, Runtime(repo=REPO, state_dir=state_dir, image_dir=Path("."), accel="tcg"))
     image = ensure_image(image_dir)

@@ -18,10 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-from .launcher import TestbedError, running_hosts, say
+from .launcher import TestbedError, check_cxl_backing, refuse_running, say
 from .machine import ContainerSpec, Runtime, cxl_backing, describe_native, hosts_file_text
 from .state import REPO, TestbedState, state_dir_for
-from .topology import MiB, Topology
+from .topology import Topology
 
 sys.path[:0] = [str(REPO / "qemu"), str(REPO / "native")]
 from snaptier_native import container  # noqa: E402
@@ -81,23 +81,16 @@ def up(topology: Topology, rootfs: Path, boot_timeout: float = 60) -> None:
     check_rootfs(rootfs)
     if not GUEST_AGENT.exists():
         raise TestbedError(f"{GUEST_AGENT} is missing: build the agent for the rootfs with 'make guest-agent'")
-    already = running_hosts(topology, state_dir)
-    if already:
-        raise TestbedError(f"topology {topology.name!r} is already up ({', '.join(sorted(already))} running); "
-                           "use 'status', or 'down' first")
+    refuse_running(topology, state_dir)
     runtime = Runtime(repo=REPO, state_dir=state_dir, image_dir=rootfs, accel="native", boot_id=secrets.token_hex(4))
     specs = describe_native(topology, runtime, rootfs)
-    wanted = [s.netns for s in specs] + sorted({p.switch_netns for s in specs for p in s.ports})
-    clash = sorted(set(wanted) & container.netns_list())
+    switches = sorted({p.switch_netns for s in specs for p in s.ports})
+    clash = sorted(set([s.netns for s in specs] + switches) & container.netns_list())
     if clash:
         raise TestbedError(f"network namespace {clash[0]} already exists and topology {topology.name!r} is not up: "
                            f"another tool or a lost run made it; remove it ('ip netns delete {clash[0]}') "
                            "or give the topology another name")
-    for dev in topology.cxl:
-        shm_free = shutil.disk_usage(cxl_backing(topology, dev.name, runtime).parent).free
-        if shm_free < dev.size:
-            raise TestbedError(f"cxl {dev.name}: {dev.size // MiB} MiB do not fit in the {shm_free // MiB} MiB free "
-                               f"under {cxl_backing(topology, dev.name, runtime).parent}")
+    check_cxl_backing(topology, runtime)
 
     share = state_dir / "share"
     (share / "status").mkdir(parents=True, exist_ok=True)
@@ -116,7 +109,7 @@ def up(topology: Topology, rootfs: Path, boot_timeout: float = 60) -> None:
         for dev in topology.cxl:
             with open(cxl_backing(topology, dev.name, runtime), "wb") as f:
                 f.truncate(dev.size)   # fresh and zeroed: CXL memory is volatile
-        for netns in sorted({p.switch_netns for s in specs for p in s.ports}):
+        for netns in switches:
             container.make_switch(netns)
             state.netns.append(netns)
             state.save(state_dir)
