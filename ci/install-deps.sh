@@ -13,6 +13,7 @@ host_pkgs=(
   build-essential cmake ninja-build pkg-config git
   libboost-dev libboost-system-dev nlohmann-json3-dev libcli11-dev libspdlog-dev libfmt-dev
   libexpected-dev libtomlplusplus-dev libgtest-dev libgmock-dev libbenchmark-dev libibverbs-dev
+  libdaxctl-dev libcxl-dev
   python3 python3-pytest python3-matplotlib python3-numpy python3-pil python3-pyaes
   e2fsprogs busybox-static cpio xz-utils zstd gzip
   vde2 socat openssh-client coreutils procps util-linux
