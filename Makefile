@@ -6,7 +6,7 @@ JOBS ?= 2
 
 NATIVE := $(TB) -t testbed/topologies/native.toml
 
-.PHONY: all deps build test test-unit test-python image guest-agent testbed up down status health scenario matrix native native-matrix native-down clean
+.PHONY: all deps build test test-unit test-python image guest-agent testbed up down status health scenario matrix chaos native native-matrix native-chaos native-down clean
 
 all: build
 
@@ -45,6 +45,8 @@ health:
 	$(TB) health
 matrix:          ## every function x every restore policy, host0 -> host1 (on the running topology)
 	$(TB) matrix
+chaos:           ## fault injection on the running topology, one promise per row (docs/testbed.md)
+	$(TB) chaos
 
 native: deps image guest-agent  ## the native topology (hosts as namespaces here): up (or reuse), health, scenario
 	@if $(NATIVE) status > /dev/null 2>&1; then echo "native: topology already up and ready, reusing it"; \
@@ -53,6 +55,8 @@ native: deps image guest-agent  ## the native topology (hosts as namespaces here
 	$(NATIVE) scenario agent-smoke
 native-matrix:   ## every function x every policy on the native topology (real-speed timings)
 	$(NATIVE) matrix
+native-chaos:    ## tb chaos on the native topology (rows needing the memory node are skipped)
+	$(NATIVE) chaos
 native-down:
 	$(NATIVE) down
 

@@ -149,6 +149,15 @@ def cmd_scenario(args, topo) -> int:
     return scenario(topo, **options)
 
 
+def cmd_chaos(args, topo) -> int:
+    from .chaos import parse_rows, run_chaos
+    from .matrix import available_functions, parse_list
+    rows = parse_rows(args.only)
+    function = parse_list(args.function, available_functions(), "function", "--function")[0] if args.function \
+        else "helloworld"
+    return run_chaos(topo, rows, function=function)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="testbed/tb", description="snaptier multi-host QEMU testbed")
     p.add_argument("-t", "--topology", default=os.environ.get("SNAPTIER_TOPOLOGY", str(DEFAULT_TOPOLOGY)),
@@ -192,6 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     sc.add_argument("--function", help="restore-everywhere: the function (default helloworld)")
     sc.add_argument("--policy", help="restore-everywhere: the restore policy (default reap)")
     sc.set_defaults(fn=cmd_scenario)
+    from .chaos import ROWS
+    ch = sub.add_parser("chaos", help="fault injection, one promise per row (corrupt CXL pages, a killed agent, "
+                                      "full tiers, racing publishers, a stalled memory node); print a table")
+    ch.add_argument("--only", metavar="ROW,...", help=f"rows to run, in this order (default: all): {','.join(ROWS)}")
+    ch.add_argument("--function", help="the function snapshotted by the rows (default helloworld)")
+    ch.set_defaults(fn=cmd_chaos)
     # Everything after the first '--' is the guest command, untouched by option parsing.
     argv = list(sys.argv[1:] if argv is None else argv)
     after = argv[argv.index("--") + 1:] if "--" in argv else []

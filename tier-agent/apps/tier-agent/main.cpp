@@ -1,6 +1,7 @@
 // tier-agent: load the config, bring up tiers and store, serve the control plane until
 // SIGTERM/SIGINT, then stop within a bounded time.
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <csignal>
 #include <cstdlib>
@@ -13,6 +14,7 @@
 #include "snaptier/agent.hpp"
 #include "snaptier/config.hpp"
 #include "snaptier/control.hpp"
+#include "snaptier/leftovers.hpp"
 
 namespace {
 
@@ -55,6 +57,16 @@ int main(int argc, char** argv) {
   }
   spdlog::info("tier-agent {} starting: role {}, state_dir {}", config->host, snaptier::to_string(config->role),
                config->state_dir.string());
+
+  if (config->functions) {
+    // Before anything new starts there: what an earlier agent on this host left running when
+    // it was killed mid-operation (stopped restored trees, criu daemons) and their folders.
+    const auto swept = snaptier::leftovers::sweep(config->functions->work_dir, ::getpid());
+    for (const auto& what : swept.killed) spdlog::warn("startup sweep: killed {}, left by an earlier agent", what);
+    if (!swept.removed.empty()) spdlog::warn("startup sweep: removed {} unfinished operation folders", swept.removed.size());
+    for (const auto& what : swept.kept) spdlog::info("startup sweep: kept {} (a restore with keep)", what);
+    for (const auto& what : swept.problems) spdlog::error("startup sweep: {}", what);
+  }
 
   auto agent = snaptier::make_agent(*config);
   if (!agent) {
