@@ -52,9 +52,12 @@ class LeftoversTest : public ::testing::Test {
  protected:
   void SetUp() override {
     work_ = tmp_.path() / "work";
-    fs::create_directories(work_ / "bin");
-    // A sleep whose argv[0] is a path under work_dir, as criu's -D/-W and the runtime's --socket are.
-    fs::create_symlink(*proc::find_executable("sleep"), work_ / "bin" / "sleep");
+    fs::create_directories(work_ / "restores" / "bin");
+    // A sleep whose argv[0] is a path in an operation folder, as criu's -D/-W and the runtime's
+    // --socket are; and one elsewhere under work_dir, which is no reason to end it.
+    fs::create_symlink(*proc::find_executable("sleep"), work_ / "restores" / "bin" / "sleep");
+    fs::create_directories(work_ / "other");
+    fs::create_symlink(*proc::find_executable("sleep"), work_ / "other" / "sleep");
   }
 
   // `unshare --pid --fork` of a sleep that is the new namespace's init: returns the owning
@@ -84,7 +87,7 @@ class LeftoversTest : public ::testing::Test {
 TEST_F(LeftoversTest, EndsWhatAKilledAgentLeftAndKeepsTheRest) {
   if (::geteuid() != 0) GTEST_SKIP() << "needs root for a pid namespace (unshare --pid)";
   // A criu-like process naming work_dir, not in any recorded folder.
-  auto daemon = proc::spawn({(work_ / "bin" / "sleep").string(), "300"});
+  auto daemon = proc::spawn({(work_ / "restores" / "bin" / "sleep").string(), "300"});
   ASSERT_TRUE(daemon.has_value()) << daemon.error().what();
   // An interrupted restore: images/ still there, its tree stopped in its own pid namespace
   // (as --leave-stopped leaves it until the lazy-pages server resumes it).
@@ -94,7 +97,7 @@ TEST_F(LeftoversTest, EndsWhatAKilledAgentLeftAndKeepsTheRest) {
   fs::create_directories(work_ / "restores" / "fn.lazy-cxl.1" / "images");
   write_pid(work_ / "restores" / "fn.lazy-cxl.1" / "pid", stopped);
   // A restore that finished with keep: no images/, its instance (naming work_dir) runs on.
-  auto [kept_owner, kept] = tree((work_ / "bin" / "sleep").string());
+  auto [kept_owner, kept] = tree((work_ / "restores" / "bin" / "sleep").string());
   ASSERT_GT(kept, 0);
   write_pid(work_ / "restores" / "fn.reap.2" / "pid", kept);
   // A stale pid file whose pid is now an unrelated process started after it was written.
@@ -105,6 +108,9 @@ TEST_F(LeftoversTest, EndsWhatAKilledAgentLeftAndKeepsTheRest) {
   const fs::path stale = work_ / "restores" / "fn.criu-eager.3" / "pid";
   const timeval old[2] = {{::time(nullptr) - 7200, 0}, {::time(nullptr) - 7200, 0}};
   ASSERT_EQ(::utimes(stale.c_str(), old), 0);
+  // A process naming work_dir outside the operation folders.
+  auto bystander = proc::spawn({(work_ / "other" / "sleep").string(), "300"});
+  ASSERT_TRUE(bystander.has_value());
   // An interrupted snapshot's folder.
   fs::create_directories(work_ / "snapshots" / "fn" / "images");
 
@@ -115,13 +121,16 @@ TEST_F(LeftoversTest, EndsWhatAKilledAgentLeftAndKeepsTheRest) {
   EXPECT_TRUE(stops_running_within(stopped, 5s)) << "the stopped tree of the interrupted restore";
   EXPECT_TRUE(proc::is_running(kept)) << "the instance of a finished keep restore";
   EXPECT_TRUE(proc::is_running(unrelated->pid())) << "a pid reused after its pid file was written";
+  EXPECT_TRUE(proc::is_running(bystander->pid())) << "naming work_dir outside restores/, snapshots/, serve/";
   EXPECT_FALSE(fs::exists(work_ / "restores" / "fn.lazy-cxl.1"));
   EXPECT_FALSE(fs::exists(work_ / "restores" / "fn.criu-eager.3"));
   EXPECT_FALSE(fs::exists(work_ / "snapshots" / "fn"));
   EXPECT_TRUE(fs::exists(work_ / "restores" / "fn.reap.2" / "pid"));
   EXPECT_EQ(report.kept.size(), 1u);
   EXPECT_EQ(report.killed.size(), 2u);
-  EXPECT_EQ(report.removed.size(), 3u);
+  // fn.lazy-cxl.1, fn.criu-eager.3, snapshots/fn, and restores/bin (a folder no operation
+  // finished: no images/, no live pid).
+  EXPECT_EQ(report.removed.size(), 4u);
 }
 
 TEST_F(LeftoversTest, NothingToDoWithoutAWorkDir) {

@@ -5,9 +5,10 @@
 // stopped forever, or run on with pages that will never come), function instances it started,
 // and the work_dir folders of those operations.
 //
-// The work_dir is the record: every process the agent starts or restores carries a path under
-// it in its command line (criu's -D/-W, start-function's and the runtime's --socket), and each
-// restore writes its tree's root pid into restores/<name>/pid. A restore that finished with
+// The work_dir is the record: every process the agent starts or restores carries a path in one
+// of its operation folders (restores/, snapshots/, serve/) in its command line (criu's -D/-W,
+// start-function's and the runtime's --socket), and each restore writes its tree's root pid
+// into restores/<name>/pid. A restore that finished with
 // `keep` has removed its images/ folder; its instance is left running.
 #pragma once
 

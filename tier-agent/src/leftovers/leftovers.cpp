@@ -111,12 +111,14 @@ bool starts_under(const std::string& text, std::size_t from, const std::string& 
   return text.compare(from, root.size(), root) == 0 && text.size() > from + root.size() && text[from + root.size()] == '/';
 }
 
-// "ROOT/..." or "--option=ROOT/...".
-bool names_path_under(const Proc& p, const std::string& root) {
+// "ROOT/..." or "--option=ROOT/..." for one of `roots`.
+bool names_path_under(const Proc& p, const std::vector<std::string>& roots) {
   for (const auto& arg : p.argv) {
-    if (starts_under(arg, 0, root)) return true;
-    for (auto at = arg.find('='); at != std::string::npos; at = arg.find('=', at + 1)) {
-      if (starts_under(arg, at + 1, root)) return true;
+    for (const auto& root : roots) {
+      if (starts_under(arg, 0, root)) return true;
+      for (auto at = arg.find('='); at != std::string::npos; at = arg.find('=', at + 1)) {
+        if (starts_under(arg, at + 1, root)) return true;
+      }
     }
   }
   return false;
@@ -211,12 +213,15 @@ SweepReport sweep(const fs::path& work_dir, pid_t self) {
       remove.push_back(dir);
     }
   }
-  // 2. Every other process that names a path under work_dir: criu restore / lazy-pages / dump
-  //    (-D, -W), start-function and the function runtime (--socket, --ready, --log), and the
-  //    restored copies of those instances (criu restores their command lines).
+  // 2. Every other process that names a path in the folders the agent's operations make:
+  //    criu restore / lazy-pages / dump (-D, -W), start-function and the function runtime
+  //    (--socket, --ready, --log), and the restored copies of those instances (criu restores
+  //    their command lines). Only those folders, not all of work_dir: a work_dir set to a
+  //    shared directory such as /tmp must not make every process naming it a target.
+  const std::vector<std::string> roots{root_text + "/restores", root_text + "/snapshots", root_text + "/serve"};
   for (const auto& [pid, p] : procs) {
     if (spare.contains(pid) || p.state == 'Z' || kept_namespaces.contains(p.pidns)) continue;
-    if (!names_path_under(p, root_text)) continue;
+    if (!names_path_under(p, roots)) continue;
     const pid_t target = kill_target(procs, p, own_ns);
     if (!spare.contains(target)) targets.insert(target);
   }
