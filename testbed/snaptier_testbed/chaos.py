@@ -301,7 +301,8 @@ def row_corrupt_cxl(c: Chaos, row: Row) -> None:
     for v in snap.get("variants") or []:
         rc, info, err = c.tierctl(host, f"info {shlex.quote(v['id'])}")
         if rc != 0 or not info or "extents" not in info:
-            row.add("locate the CXL copies", host, False, f"info {v['id']}: {err or 'no extents (an older agent?)'}")
+            row.add("locate the CXL copies", host, False,
+                    f"info {v['id']}: {err or 'no extents in the reply: this agent predates snapshot.info extents'}")
             return
         pages = cxl_pages(info["extents"])
         if pages:
