@@ -207,3 +207,108 @@ def test_fill_fails_when_a_refused_snapshot_stays_listed(tmp_path, monkeypatch):
     assert checks["a clear no space"]["ok"]
     assert not checks["nothing half published"]["ok"]
     assert "lists the refused" in checks["nothing half published"]["detail"]
+
+
+class FakeCxlStore:
+    """Snapshots whose CXL pages lie in a real backing file: restores and reads check those
+    bytes (as the agent's CRC32C does) and answer corrupt naming the first damaged page."""
+
+    POLICIES_ON_TIERED = ("aquifer", "tiered")
+
+    def __init__(self, backing):
+        self.backing = backing
+        self.copies = {}     # copy id -> (offset, pages, digest of the pages)
+        self.next_offset = 1 << 20
+
+    def _store(self, cid, pages):
+        data = os.urandom(pages * 4096)
+        with open(self.backing, "r+b") as f:
+            f.seek(self.next_offset)
+            f.write(data)
+        self.copies[cid] = (self.next_offset, pages, [data[i * 4096:(i + 1) * 4096] for i in range(pages)])
+        self.next_offset += pages * 4096 + 8192
+
+    def _check(self, cid):
+        offset, pages, want = self.copies[cid]
+        with open(self.backing, "rb") as f:
+            f.seek(offset)
+            got = f.read(pages * 4096)
+        for i in range(pages):
+            if got[i * 4096:(i + 1) * 4096] != want[i]:
+                return f"corrupt: snapshot '{cid}': page {i} (vaddr 0x{0x7f0000 + i:x}000) on tier cxl fails its checksum"
+        return None
+
+    def __call__(self, topo, host, command, timeout=None):
+        if "chaosprobe.py strays" in command:
+            return Proc(stdout="[]")
+        m = re.search(r"--json (\w+)(?: (\S+))?", command)
+        op, arg = m.group(1), m.group(2)
+        if op in ("ping", "status", "list"):
+            return Proc(stdout='{"pong": true, "tiers": [], "snapshots": []}')
+        if op == "snapshot":
+            sid = re.search(r"--id (\S+)", command).group(1)
+            self._store(sid, 3)
+            self._store(sid + ":cxl", 5)
+            return Proc(stdout=json.dumps({"id": sid, "pages": 8, "variants": [
+                {"id": sid, "published": False}, {"id": sid + ":cxl", "published": True}]}))
+        if op == "info":
+            offset, pages, _ = self.copies[arg]
+            return Proc(stdout=json.dumps({"id": arg, "extents": [
+                {"tier": "file", "offset": 0, "bytes": 4096, "first_page": 0, "pages": 1},
+                {"tier": "cxl", "offset": offset, "bytes": pages * 4096, "first_page": 1, "pages": pages}]}))
+        if op in ("read", "restore"):
+            policy = re.search(r"--policy (\S+)", command)
+            cid = arg if op == "read" else arg + ("" if policy.group(1) in self.POLICIES_ON_TIERED else ":cxl")
+            bad = self._check(cid)
+            if op == "read":
+                return Proc(1, json.dumps({"error": {"code": "corrupt", "message": bad.split(": ", 1)[1]}})) if bad \
+                    else Proc(stdout=json.dumps({"sha256": "x"}))
+            return Proc(stdout=json.dumps({"ok": bad is None, "error": bad, "answer_ok": bad is None,
+                                           "digest_ok": bad is None, "first_response_ms": 5.0, "problems": []}))
+        if op == "delete":
+            self.copies.pop(arg, None)
+            return Proc(stdout='{"deleted": true}')
+        raise AssertionError(f"unexpected command {command}")
+
+
+def test_corrupt_cxl_damages_exactly_the_cxl_pages_and_every_reader_must_refuse(tmp_path, monkeypatch):
+    from snaptier_testbed.topology import parse_topology
+    backing = tmp_path / "cxl.raw"
+    backing.write_bytes(chaos.SUPERBLOCK_MAGIC + bytes(16 * MiB - 8))
+    topo = parse_topology({"name": "chaostest", "backend": "native",
+                           "host": [{"name": "host0", "role": "compute"}, {"name": "host1", "role": "compute"}],
+                           "cxl": [{"name": "cxl0", "size": "256M", "hosts": ["host0", "host1"],
+                                    "backing": str(backing)}],
+                           "link": [{"name": "data0", "subnet": "10.79.0.0/24", "hosts": ["host0", "host1"]}]})
+    monkeypatch.setenv("SNAPTIER_STATE", str(tmp_path / "state"))
+    store = FakeCxlStore(backing)
+    rc = chaos.run_chaos(topo, ["corrupt-cxl"], run=store, ensure_agents=lambda t: None)
+    report = json.loads((tmp_path / "state" / "chaostest" / "chaos.json").read_text())
+    checks = {c["check"].split(": ", 1)[1]: c for c in report["rows"][0]["checks"]}
+    assert rc == 0, [c["detail"] for c in checks.values() if not c["ok"]]
+    assert "8 pages of" in checks["flip one byte per CXL page"]["detail"]
+    for policy in chaos.CXL_READERS:
+        assert checks[f"{policy} answers corrupt"]["ok"], policy
+    assert checks["criu-remote answers corrupt"]["host"] == "host1"
+    assert checks["restores again after re-snapshot"]["ok"]
+
+
+def test_corrupt_cxl_fails_a_policy_that_serves_the_damaged_copy(tmp_path, monkeypatch):
+    from snaptier_testbed.topology import parse_topology
+
+    class Unchecked(FakeCxlStore):
+        def _check(self, cid):   # tiered and aquifer never look at the bytes
+            return None if ":cxl" not in cid else super()._check(cid)
+    backing = tmp_path / "cxl.raw"
+    backing.write_bytes(chaos.SUPERBLOCK_MAGIC + bytes(16 * MiB - 8))
+    topo = parse_topology({"name": "chaostest", "backend": "native",
+                           "host": [{"name": "host0", "role": "compute"}, {"name": "host1", "role": "compute"}],
+                           "cxl": [{"name": "cxl0", "size": "256M", "hosts": ["host0", "host1"],
+                                    "backing": str(backing)}],
+                           "link": [{"name": "data0", "subnet": "10.79.0.0/24", "hosts": ["host0", "host1"]}]})
+    monkeypatch.setenv("SNAPTIER_STATE", str(tmp_path / "state"))
+    rc = chaos.run_chaos(topo, ["corrupt-cxl"], run=Unchecked(backing), ensure_agents=lambda t: None)
+    report = json.loads((tmp_path / "state" / "chaostest" / "chaos.json").read_text())
+    failed = {c["check"] for c in report["rows"][0]["checks"] if not c["ok"]}
+    assert rc == 1
+    assert failed == {"corrupt-cxl: aquifer answers corrupt", "corrupt-cxl: tiered answers corrupt"}
