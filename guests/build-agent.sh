@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the tier agent for the guests: compiled inside the guest's own trixie rootfs (a
+# Builds the tier agent (and its in-place kernel module) for the guests: compiled inside the guest's own trixie rootfs (a
 # chroot), so it links against exactly the libraries the guests run. Output: build/guest/,
 # which the guests see at /opt/snaptier/build/guest through the read-only project share. The
 # chroot mounts the checkout at that same path, so paths compiled into tests hold in the guests.
@@ -9,7 +9,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/.." && pwd)
 . "$repo/ci/lib.sh"
 [ "$(id -u)" = 0 ] || die "building in the guest chroot needs root"
-image=$("$here/build-image.sh")
+image=$("$here/build-image.sh" | tail -n 1)  # its last line is the image directory
 rootfs_key=$(sed -n 's/^rootfs_key=//p' "$image/info")
 rootfs=${SNAPTIER_CACHE:-/var/cache/snaptier}/rootfs-$rootfs_key
 [ -f "$rootfs.READY" ] || die "guest rootfs $rootfs is missing; run guests/build-image.sh --force"
@@ -26,6 +26,12 @@ timeout 1800 unshare --mount --propagation private bash -euo pipefail -c '
     cd /opt/snaptier
     cmake -S . -B build/guest -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSNAPTIER_BUILD_BENCH=ON > /dev/null
     cmake --build build/guest -j2 $*
+    # The in-place module, against the headers of the kernel the guests boot (the newest one
+    # in this rootfs, as build-image.sh picks it). Kbuild writes beside its sources: a copy.
+    kver=\$(ls /usr/lib/modules | sort -V | tail -1)
+    rm -rf build/guest/kmod && mkdir -p build/guest/kmod
+    cp tier-agent/kmod/snaptier_cow/* build/guest/kmod/
+    make -s -C /usr/src/linux-headers-\$kver M=/opt/snaptier/build/guest/kmod modules
   "
 ' _ "$rootfs" "$repo" "$@"
 log "guest build ready: $repo/build/guest"

@@ -24,6 +24,13 @@ def device():
     return info["device"], int(info["size_bytes"]), info["emulation"]
 
 
+def in_place():
+    """How a restored process can map this device privately: "file" (a regular file maps so
+    itself), "loaded" (the snaptier_cow module lends a dax device), "none" or "failed"."""
+    info = json.load(open("/run/snaptier/cxl.json"))
+    return "file" if info["emulation"] == "shm" else info.get("cow_module", "none")
+
+
 def map_tail(path, size):
     fd = os.open(path, os.O_RDWR)
     m = mmap.mmap(fd, CHUNK, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=size - CHUNK)
@@ -47,7 +54,8 @@ def cmd_info():
     os.close(fd)
     print(json.dumps({"device": path, "size_bytes": size, "emulation": emulation,
                       "read_mb_s": round(len(data) / (t1 - t0) / 1e6, 1),
-                      "write_mb_s": round(len(scratch) / (t3 - t2) / 1e6, 1)}))
+                      "write_mb_s": round(len(scratch) / (t3 - t2) / 1e6, 1),
+                      "in_place": in_place()}))
 
 
 def cmd_put(nonce):

@@ -45,6 +45,14 @@ def check_cxl_devices(topo: Topology) -> list[Check]:
             except (ValueError, KeyError) as e:
                 ok, info, detail = False, {}, f"probe failed: {e} {r.stderr.strip()[-200:]}"
             out.append(Check(f"cxl device {dev.name}", host, ok, detail, info))
+            if info:
+                mode = info.get("in_place", "none")
+                ok = mode in ("file", "loaded")
+                detail = {"file": "a private mapping of the file is copy-on-write",
+                          "loaded": "snaptier_cow lends the dax device copy-on-write (/dev/snaptier-cow)",
+                          "failed": "snaptier_cow did not load (see the guest console); restores copy CXL pages",
+                          }.get(mode, "snaptier_cow.ko is not built (guests/build-agent.sh); restores copy CXL pages")
+                out.append(Check(f"in place {dev.name}", host, ok, detail, {"in_place": mode}))
     return out
 
 

@@ -15,6 +15,7 @@
 #include "snaptier/control.hpp"
 #include "snaptier/error.hpp"
 #include "snaptier/function_service.hpp"
+#include "snaptier/in_place.hpp"
 #include "snaptier/rdma.hpp"
 #include "snaptier/store.hpp"
 #include "snaptier/tier.hpp"
@@ -40,6 +41,7 @@ struct AgentParts {
   // Placement of snapshot.put without "tier": the first of cxl, local, file, rdma that is up.
   std::optional<TierKind> default_tier;
   std::shared_ptr<FunctionService> functions;  // null: function.* answer `unsupported`
+  std::optional<inplace::Backing> in_place;    // the CXL tier's backing for mapping in place
   std::map<std::string, NetAddress> peers;     // requests for another host go there
   std::string peer_token;
 };

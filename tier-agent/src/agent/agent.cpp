@@ -191,6 +191,7 @@ Result<json> Agent::status() {
     tiers.push_back(std::move(entry));
   }
   json result{{"host", parts_.host}, {"role", to_string(parts_.role)}, {"tiers", tiers}};
+  if (parts_.in_place) result["in_place"] = inplace::to_json(*parts_.in_place);
   result["default_tier"] = parts_.default_tier ? json(control::tier_kind_name(*parts_.default_tier)) : json(nullptr);
   if (parts_.store) {
     auto snapshots = parts_.store->list();

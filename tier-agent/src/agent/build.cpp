@@ -137,6 +137,7 @@ Result<std::unique_ptr<Agent>> make_agent(const AgentConfig& config) {
     parts.functions->set_peers(config.peers, config.control.token);
     if (in_place) parts.functions->set_in_place_backing(*in_place);
   }
+  parts.in_place = in_place;
   parts.peers = config.peers;
   parts.peer_token = config.control.token;
   return std::make_unique<Agent>(std::move(parts));

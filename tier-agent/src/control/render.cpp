@@ -96,6 +96,16 @@ std::string render_status(const json& r) {
                     up ? std::to_string(u64(stats, "writes")) : "-", source});
   }
   out << "\n" << table(rows);
+  if (auto in_place = r.find("in_place"); in_place != r.end()) {
+    out << "\nin place:     ";
+    if (auto d = in_place->find("device"); d != in_place->end()) {
+      out << str(*d, "name") << " (" << str(*d, "mode") << ", " << human_bytes(u64(*d, "size_bytes")) << ", align "
+          << human_bytes(u64(*d, "align_bytes")) << ", " << u64(*d, "ranges") << " physical range(s)): ";
+    }
+    out << (in_place->value("can_map", false) ? "yes, mapped from " + str(*in_place, "file")
+                                              : "no (" + str(*in_place, "reason") + ")")
+        << "\n";
+  }
   if (auto pool = r.find("rdma_pool"); pool != r.end()) {
     if (pool->value("up", false)) {
       const json stats = pool->value("stats", json::object());

@@ -1,7 +1,12 @@
 #include "inplace/inplace.hpp"
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <chrono>
+#include <cinttypes>
+#include <cstdio>
 #include <fstream>
 #include <map>
 #include <set>
@@ -9,6 +14,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "core/unique_fd.hpp"
+#include "inplace/dax_device.hpp"
 #include "snaptier/function_snapshot.hpp"
 
 namespace snaptier::inplace {
@@ -21,16 +28,42 @@ Backing describe_backing(const fs::path& path, bool device_dax) {
   std::error_code ec;
   b.file = fs::weakly_canonical(fs::absolute(path, ec), ec);
   if (ec) b.file = path;
-  if (device_dax) {
-    b.reason = "devdax refuses private mappings";
-  } else {
+  if (!device_dax) {
     b.can_map = true;
+    return b;
   }
+  auto device = find_dax_device(path);
+  if (!device) {
+    b.reason = "devdax refuses private mappings and " + device.error().message;
+    return b;
+  }
+  b.device = *device;
+  auto node = lend_to_cow_device(*device);
+  if (!node) {
+    b.reason = "devdax refuses private mappings and " + node.error().message;
+    return b;
+  }
+  b.file = *node;
+  b.file_offset = 0;  // the module's offset 0 is the device's first byte, as the agent maps it
+  b.can_map = true;
   return b;
 }
 
 std::string describe(const Backing& backing) {
-  return backing.can_map ? "in-place: yes" : "in-place: no (" + backing.reason + ")";
+  if (!backing.can_map) return "in-place: no (" + backing.reason + ")";
+  return backing.device ? "in-place: yes (" + backing.file.string() + " over " + backing.device->name + ")"
+                        : "in-place: yes";
+}
+
+json to_json(const Backing& backing) {
+  json out{{"can_map", backing.can_map}, {"file", backing.file.string()}};
+  if (!backing.can_map) out["reason"] = backing.reason;
+  if (const auto& d = backing.device) {
+    out["device"] = {{"name", d->name},       {"mode", d->mode},
+                     {"size_bytes", d->size}, {"align_bytes", d->align},
+                     {"phys_start", d->phys_start}, {"ranges", d->ranges}};
+  }
+  return out;
 }
 
 namespace {
@@ -246,6 +279,22 @@ void collect_tree(pid_t pid, std::set<pid_t>& out) {
   }
 }
 
+// Bytes of [start, end) that the page table maps (bit 63 of each /proc/PID/pagemap entry).
+std::uint64_t present_bytes(int pagemap, std::uint64_t start, std::uint64_t end) {
+  std::uint64_t bytes = 0;
+  std::vector<std::uint64_t> entries(512);
+  for (std::uint64_t page = start / kPageSize; page < end / kPageSize;) {
+    const std::uint64_t want = std::min<std::uint64_t>(entries.size(), end / kPageSize - page);
+    const ssize_t got = ::pread(pagemap, entries.data(), want * sizeof(std::uint64_t),
+                                static_cast<off_t>(page * sizeof(std::uint64_t)));
+    if (got <= 0) break;
+    const std::uint64_t n = static_cast<std::uint64_t>(got) / sizeof(std::uint64_t);
+    for (std::uint64_t k = 0; k < n; ++k) bytes += (entries[k] >> 63) * kPageSize;
+    page += n;
+  }
+  return bytes;
+}
+
 std::uint64_t kib_field(const std::string& line) {
   std::istringstream in(line.substr(line.find(':') + 1));
   std::uint64_t kib = 0;
@@ -267,23 +316,34 @@ MemoryUse measure(pid_t root, const fs::path& backing) {
       if (line.rfind("Anonymous:", 0) == 0) use.local_anonymous_bytes += kib_field(line);
     }
     if (file.empty()) continue;
+    // Device pages mapped through /dev/snaptier-cow are not "normal" pages, so smaps counts
+    // them in no field; the page table does: present pages of the mapped VMAs minus the private
+    // copies (Anonymous) are the pages still read from CXL, for a file and a device alike.
     std::ifstream smaps("/proc/" + std::to_string(pid) + "/smaps");
+    detail::UniqueFd pagemap(::open(("/proc/" + std::to_string(pid) + "/pagemap").c_str(), O_RDONLY | O_CLOEXEC));
     bool mapped = false;
-    std::uint64_t rss = 0;
+    std::uint64_t present = 0;
     while (std::getline(smaps, line)) {
       // A VMA header: "start-end perms offset dev inode [path]"; fields are "Name:  value kB".
       const auto colon = line.find(':');
       const bool header = colon == std::string::npos || line.find(' ') < colon;
       if (header) {
         mapped = line.size() >= file.size() && line.compare(line.size() - file.size(), file.size(), file) == 0;
+        if (mapped) {
+          std::uint64_t start = 0, end = 0;
+          if (std::sscanf(line.c_str(), "%" SCNx64 "-%" SCNx64, &start, &end) == 2 && pagemap) {
+            present = present_bytes(pagemap.get(), start, end);
+          } else {
+            present = 0;
+          }
+        }
         continue;
       }
       if (!mapped) continue;
-      if (line.rfind("Rss:", 0) == 0) rss = kib_field(line);
       if (line.rfind("Anonymous:", 0) == 0) {
         const std::uint64_t anon = kib_field(line);
         use.mapped_cow_bytes += anon;
-        use.cxl_mapped_bytes += rss - std::min(rss, anon);
+        use.cxl_mapped_bytes += present - std::min(present, anon);
       }
     }
   }
