@@ -189,6 +189,25 @@ TEST_F(AgentTest, PutListInfoReadDeleteOnEveryTier) {
   EXPECT_EQ(info["blobs"]["criu"], std::string("criu image bytes").size());
   EXPECT_EQ(info["vaddr_first"], 0x7f0000000000u);
   EXPECT_EQ(info["vaddr_last"], 0x7f0000000000u + 11 * kPageSize);
+  {
+    // The extents name where each stored page lies in the region file: a tool outside the
+    // agent reads the snapshot's own bytes there.
+    const std::string region = read_file(dir_ / "cxl.img");
+    std::uint64_t covered = 0;
+    for (const auto& e : info["extents"]) {
+      EXPECT_EQ(e["tier"], "cxl");
+      const auto offset = e["offset"].get<std::uint64_t>();
+      const auto first = e["first_page"].get<std::uint64_t>();
+      const auto pages = e["pages"].get<std::uint64_t>();
+      ASSERT_EQ(e["bytes"].get<std::uint64_t>(), pages * kPageSize);
+      ASSERT_LE(offset + pages * kPageSize, region.size());
+      EXPECT_EQ(region.substr(offset, pages * kPageSize), pages_.substr(first * kPageSize, pages * kPageSize))
+          << "extent at " << offset;
+      covered += pages;
+    }
+    EXPECT_EQ(covered, 9u) << "every stored (non-zero) page, no zero page";
+    EXPECT_GE(info["extents"].size(), 2u) << "the zero page in the middle splits the run";
+  }
 
   const std::string expected_sha = sha256_hex(pages_);
   for (const char* id : {"fn-cxl", "fn-local", "fn-file"}) {

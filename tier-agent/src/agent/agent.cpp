@@ -288,6 +288,26 @@ Result<json> Agent::info(const control::SnapshotInfoQuery& query) {
     }
   }
   result["pages_per_tier"] = pages_per_tier;
+  // Where the stored bytes lie, so that tools outside the agent (the testbed's fault injection)
+  // can find one snapshot's pages in a tier without parsing the store's binary layout: runs of
+  // consecutive non-zero pages on one tier at adjacent offsets.
+  json extents = json::array();
+  for (std::size_t i = 0; i < snapshot->pages.size(); ++i) {
+    const PageEntry& page = snapshot->pages[i];
+    if (page.flags & page_zero) continue;
+    const std::string tier(control::tier_kind_name(page.tier));
+    if (!extents.empty()) {
+      json& last = extents.back();
+      if (last["tier"] == tier && last["offset"].get<std::uint64_t>() + last["bytes"].get<std::uint64_t>() == page.location &&
+          last["first_page"].get<std::uint64_t>() + last["pages"].get<std::uint64_t>() == i) {
+        last["pages"] = last["pages"].get<std::uint64_t>() + 1;
+        last["bytes"] = last["bytes"].get<std::uint64_t>() + kPageSize;
+        continue;
+      }
+    }
+    extents.push_back(json{{"tier", tier}, {"offset", page.location}, {"bytes", kPageSize}, {"first_page", i}, {"pages", 1}});
+  }
+  result["extents"] = extents;
   result["hot_pages"] = hot;
   result["checksummed_pages"] = checksummed;
   if (!snapshot->pages.empty()) {
