@@ -29,7 +29,7 @@ from .launcher import TestbedError, say
 from .state import REPO, state_dir_for
 from .topology import MiB, Topology
 
-POLICIES = ("criu-eager", "criu-lazy", "criu-remote", "lazy-cxl", "lazy-rdma", "reap", "aquifer", "trenv", "tiered")
+POLICIES = ("criu-eager", "criu-lazy", "criu-remote", "lazy-cxl", "lazy-rdma", "reap", "aquifer", "trenv", "cxlfork", "tiered")
 WORKLOADS = REPO / "workloads"
 TIERCTL = f"{agents.GUEST_BUILD}/tierctl --socket {agents.AGENT_SOCKET}"
 SNAPSHOT_TIMEOUT_S = 900

@@ -457,9 +457,13 @@ class MappedRunsTest : public ::testing::Test {
       if (p.vaddr >= vaddr && p.vaddr < vaddr + n * P) p.flags |= page_hot | flag;
     }
   }
-  void discarded(const std::string& json_text) {
+  // The profile's discarded ranges (and mremapped ones, none unless given).
+  void discarded(const std::string& json_text, const std::string& remapped_text = "{}") {
     ingested.snapshot.blobs[snap::kDiscardedBlob].assign(reinterpret_cast<const std::byte*>(json_text.data()),
                                                          reinterpret_cast<const std::byte*>(json_text.data()) + json_text.size());
+    ingested.snapshot.blobs[snap::kRemappedBlob].assign(
+        reinterpret_cast<const std::byte*>(remapped_text.data()),
+        reinterpret_cast<const std::byte*>(remapped_text.data()) + remapped_text.size());
   }
   Snapshot stored(const std::string& id, PlacementRequest placement = {TierKind::cxl, {}}) {
     Snapshot s = ingested.snapshot;
@@ -543,6 +547,21 @@ TEST_F(MappedRunsTest, WrittenDiscardedAndScatteredPagesBreakRuns) {
   ASSERT_TRUE(all);
   EXPECT_EQ(run_at(*all, kMapping), (criu::MappedRun{kMapping, 3, page_at(s, kMapping).location}));
 
+  // cxlfork maps every stored page but the written one (copied before resume instead), cold
+  // pages included; the discarded page stays out as for every policy.
+  auto unwritten = plan(s, policy::InPlacePages::all_unwritten);
+  ASSERT_TRUE(unwritten) << unwritten.error().what();
+  EXPECT_EQ(run_at(*unwritten, kMapping).pages, 1u);
+  EXPECT_EQ(run_at(*unwritten, kMapping + P).pages, 0u) << "the written page is never mapped";
+  const auto after_written = run_at(*unwritten, kMapping + 2 * P);
+  EXPECT_EQ(after_written.pages, 4u) << "cold pages 3-5 are mapped with page 2, up to the discarded page 6";
+  EXPECT_EQ(after_written.file_offset, page_at(s, kMapping + 2 * P).location);
+  EXPECT_EQ(unwritten->skipped_discarded, 1u);
+  for (const auto& r : unwritten->runs) {
+    EXPECT_FALSE(r.run.vaddr <= kMapping + P && kMapping + P < r.run.vaddr + r.run.pages * P);
+    EXPECT_FALSE(r.run.vaddr <= kMapping + 6 * P && kMapping + 6 * P < r.run.vaddr + r.run.pages * P);
+  }
+
   // Pages of one run on two tiers (or apart in the region) become two runs.
   PlacementRequest split{TierKind::cxl, {}};
   split.per_page.resize(ingested.snapshot.pages.size());
@@ -571,6 +590,13 @@ TEST_F(MappedRunsTest, RefusedWithoutPrivateMappingsOrWithoutARecordedProfile) {
   auto p = plan(old);
   ASSERT_FALSE(p);
   EXPECT_EQ(p.error().code, Errc::unsupported);
+  discarded("{}");
+  ingested.snapshot.blobs.erase(snap::kRemappedBlob);
+  const Snapshot no_remaps = stored("no-remaps");  // profiled before mremaps were recorded
+  auto r = plan(no_remaps);
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code, Errc::unsupported);
+  EXPECT_NE(r.error().message.find("mremapped"), std::string::npos) << r.error().message;
   discarded("{}");
   const Snapshot s = stored("fn");
   backing = inplace::describe_backing("/dev/dax0.0", true);
@@ -672,6 +698,40 @@ TEST_F(MappedRunsTest, TheProfileRecordsDiscardsAndTheyKeepTheirRangesOutOfEvery
   EXPECT_EQ(run_at(*p, kMapping + 2 * P).pages, 1u);
 }
 
+TEST_F(MappedRunsTest, TheProfileRecordsMremapsAndTheirRangesAreNeverMappedByAnyPolicy) {
+  snap::ProfileRecorder recorder;
+  for (std::uint64_t k = 0; k < 4; ++k) {
+    FaultObservation read;
+    read.task = read.source_task = kPid;
+    read.address = kMapping + k * P;
+    read.source_address = read.address;
+    recorder.record(read);
+  }
+  // mremap of pages 1-2 (the event gives the old range only: whether it grew is unknown).
+  FaultObservation moved;
+  moved.task = moved.source_task = kPid;
+  moved.address = 0x7f0000000000;
+  moved.source_address = kMapping + P;
+  moved.remapped_bytes = 2 * P;
+  recorder.record(moved);
+  const snap::ProfileSummary summary = snap::apply_profile(ingested, recorder, 0);
+  EXPECT_EQ(summary.faults, 4u) << "a remap is not a fault";
+  EXPECT_EQ(summary.remaps, 1u);
+  EXPECT_EQ(summary.discards, 0u);
+  const Snapshot s = stored("fn");
+  for (auto what : {policy::InPlacePages::read_only_hot, policy::InPlacePages::all_stored,
+                    policy::InPlacePages::all_unwritten}) {
+    auto p = plan(s, what);
+    ASSERT_TRUE(p) << p.error().what();
+    EXPECT_EQ(p->skipped_remapped, 2u);
+    EXPECT_EQ(run_at(*p, kMapping).pages, 1u);
+    for (const auto& r : p->runs) {
+      EXPECT_FALSE(r.run.vaddr < kMapping + 3 * P && kMapping + P < r.run.vaddr + r.run.pages * P)
+          << "a run covers the mremapped pages";
+    }
+  }
+}
+
 // ---- what the kernel does with such a mapping ------------------------------------------------
 
 fs::path tmpfs_dir() {
@@ -723,11 +783,12 @@ namespace {
 
 // ---- policies --------------------------------------------------------------------------------
 
-TEST(InPlacePolicies, TieredMapsReadOnlyHotPagesTrenvEverythingAquiferNothing) {
+TEST(InPlacePolicies, TieredMapsReadOnlyHotPagesTrenvEverythingCxlforkAllButWrittenAquiferNothing) {
   using policy::InPlacePages;
   const std::map<std::string, policy::InPlace> want{
       {"tiered", {InPlacePages::read_only_hot, false}},
       {"trenv", {InPlacePages::all_stored, true}},
+      {"cxlfork", {InPlacePages::all_unwritten, true}},
       {"aquifer", {InPlacePages::none, false}},
       {"reap", {InPlacePages::none, false}},
   };
@@ -754,12 +815,16 @@ TEST(InPlacePolicies, AHostThatCannotMapRefusesTrenvAndLetsTieredCopy) {
   EXPECT_EQ(inplace::describe(dax), "in-place: no (devdax refuses private mappings)");
   EXPECT_EQ(inplace::describe(shm), "in-place: yes");
   auto trenv = *policy::make_policy("trenv");
+  auto cxlfork = *policy::make_policy("cxlfork");
   auto tiered = *policy::make_policy("tiered");
   for (const auto& backing : {std::optional<inplace::Backing>(dax), std::optional<inplace::Backing>()}) {
-    auto refused = inplace::admit(*trenv, backing);
-    ASSERT_FALSE(refused);
-    EXPECT_EQ(refused.error().code, Errc::unavailable);
-    EXPECT_NE(refused.error().message.find("policy trenv"), std::string::npos) << refused.error().message;
+    for (const auto* required : {trenv.get(), cxlfork.get()}) {
+      auto refused = inplace::admit(*required, backing);
+      ASSERT_FALSE(refused);
+      EXPECT_EQ(refused.error().code, Errc::unavailable);
+      EXPECT_NE(refused.error().message.find("policy " + std::string(required->name())), std::string::npos)
+          << refused.error().message;
+    }
     EXPECT_TRUE(inplace::admit(*tiered, backing));
     EXPECT_EQ(inplace::selection(*tiered, backing), policy::InPlacePages::none);
     EXPECT_EQ(inplace::describe_choice(*tiered, backing)["mode"].get<std::string>(), "copied (this host cannot map)");
@@ -770,6 +835,8 @@ TEST(InPlacePolicies, AHostThatCannotMapRefusesTrenvAndLetsTieredCopy) {
   EXPECT_TRUE(inplace::admit(*trenv, shm));
   EXPECT_EQ(inplace::selection(*tiered, shm), policy::InPlacePages::read_only_hot);
   EXPECT_EQ(inplace::selection(*trenv, shm), policy::InPlacePages::all_stored);
+  EXPECT_TRUE(inplace::admit(*cxlfork, shm));
+  EXPECT_EQ(inplace::selection(*cxlfork, shm), policy::InPlacePages::all_unwritten);
 }
 
 }  // namespace

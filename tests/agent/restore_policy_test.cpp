@@ -29,6 +29,7 @@ TEST(RestorePolicyTest, EveryNamedPolicyHasItsMechanismAndPlacement) {
       {"reap", {Mechanism::snaptier_lazy, "cxl"}},
       {"aquifer", {Mechanism::snaptier_lazy, "tiered"}},
       {"trenv", {Mechanism::snaptier_lazy, "cxl"}},
+      {"cxlfork", {Mechanism::snaptier_lazy, "cxl"}},
       {"tiered", {Mechanism::snaptier_lazy, "tiered"}},
   };
   const auto names = policy_names();
@@ -102,6 +103,21 @@ TEST(RestorePolicyTest, ReapAndTieredInstallTheHotPagesInTouchOrder) {
   std::vector<LazyPage> cold(4, LazyPage{0x1000, 0, 0, TierKind::cxl});
   EXPECT_TRUE((*make_policy("tiered"))->plan(cold).before_resume.empty());
   EXPECT_TRUE((*make_policy("reap"))->plan({}).before_resume.empty());
+}
+
+TEST(RestorePolicyTest, CxlforkInstallsOnlyTheWrittenPagesBeforeResume) {
+  auto pages = profiled_pages();
+  pages[6].flags = page_hot | page_written | page_zero;
+  pages[6].touch_order = 4;
+  pages[2].flags = page_hot | page_written;
+  pages[2].touch_order = 5;
+  auto cxlfork = *make_policy("cxlfork");
+  const auto plan = cxlfork->plan(pages);
+  // Written pages in touch order; the hot read-only page 0x1000 is mapped, not copied.
+  EXPECT_EQ(plan.before_resume, (std::vector<std::uint64_t>{0x10005000, 0x10006000, 0x10002000}));
+  EXPECT_TRUE(plan.background.empty());
+  for (auto& p : pages) p.flags &= ~static_cast<std::uint32_t>(page_written);
+  EXPECT_TRUE(cxlfork->plan(pages).before_resume.empty()) << "nothing written, nothing copied";
 }
 
 TEST(RestorePolicyTest, DemandOnlyPoliciesPlanNothing) {

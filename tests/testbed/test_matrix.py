@@ -151,7 +151,7 @@ def test_defaults_are_every_function_folder_and_every_policy_in_order():
     assert "runtime" not in functions and "tests" not in functions
     assert matrix.parse_list(None, matrix.POLICIES, "policy", "--policies") == list(matrix.POLICIES)
     assert matrix.POLICIES == ("criu-eager", "criu-lazy", "criu-remote", "lazy-cxl", "lazy-rdma", "reap", "aquifer",
-                               "trenv", "tiered")
+                               "trenv", "cxlfork", "tiered")
     assert matrix.parse_list("tiered, lazy-cxl,tiered", matrix.POLICIES, "policy", "--policies") == ["tiered", "lazy-cxl"]
     assert matrix.pick_hosts(DEFAULT, None, None) == ("host0", "host1")
     assert matrix.pick_hosts(DEFAULT, "host1", None) == ("host1", "host0")

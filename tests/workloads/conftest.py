@@ -20,6 +20,12 @@ def function_names():
     return sorted(path.parent.name for path in WORKLOADS.glob("*/function.toml"))
 
 
+def python_function_names():
+    """The folders served by the Python runtime (function.py); native ones have their own tests."""
+    from function_folder import load_function_folder
+    return [name for name in function_names() if not load_function_folder(str(WORKLOADS / name)).is_native]
+
+
 class RunningInstance:
     def __init__(self, process, socket_path, ready_path, log_path):
         self.process = process

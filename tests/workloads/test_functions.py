@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from conftest import WORKLOADS, function_names
+from conftest import WORKLOADS, function_names, python_function_names
 from function_folder import check_output, import_function_module, load_function_folder, run_init
 
 # Debian packages a function needs on the host; missing ones skip that function's tests.
@@ -50,15 +50,20 @@ def loaded_function(name):
 def test_every_function_folder_is_complete():
     names = function_names()
     assert {"helloworld", "json_serdes", "pyaes", "image_rotate", "matmul", "lookup_table"} <= set(names)
+    assert "memops" in names
     for name in names:
         folder = load_function_folder(str(WORKLOADS / name))
         assert folder.description, f"{name}: function.toml has no description"
         assert isinstance(folder.example_input, dict), f"{name}: no [example] input"
         assert folder.example_expect, f"{name}: no [example.expect] fields"
+        if folder.is_native:
+            # Tested over its socket (test_memops.py); its sources are in the folder.
+            assert folder.native_program and list((WORKLOADS / name).glob("*.c")), f"{name}: native, but no C source"
+            continue
         assert name in MORE_INPUTS and name in BAD_INPUTS, f"{name}: add it to MORE_INPUTS and BAD_INPUTS"
 
 
-@pytest.mark.parametrize("name", function_names())
+@pytest.mark.parametrize("name", python_function_names())
 def test_example_output_passes_checks(name):
     folder, module = loaded_function(name)
     output = module.handle(folder.example_input)
@@ -67,7 +72,7 @@ def test_example_output_passes_checks(name):
     assert module.handle(folder.example_input) == output
 
 
-@pytest.mark.parametrize("name", function_names())
+@pytest.mark.parametrize("name", python_function_names())
 def test_more_inputs_pass_checks(name):
     folder, module = loaded_function(name)
     for input in MORE_INPUTS[name]:
@@ -75,7 +80,7 @@ def test_more_inputs_pass_checks(name):
         assert check_output(folder, module, input, output) == [], input
 
 
-@pytest.mark.parametrize("name", function_names())
+@pytest.mark.parametrize("name", python_function_names())
 def test_bad_input_is_refused(name):
     _, module = loaded_function(name)
     with pytest.raises(ValueError):

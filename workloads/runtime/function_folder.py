@@ -24,6 +24,9 @@ from types import ModuleType
 FUNCTION_MODULE = "function.py"
 FUNCTION_METADATA = "function.toml"
 NATIVE_ENTRY_POINT = "run"
+# function.toml's `native = "PROGRAM"`: a program the project's CMake build makes from the
+# folder; workloads/bin/start-function says where it is found and how it is started.
+NATIVE_PROGRAM_KEY = "native"
 
 
 @dataclass
@@ -34,10 +37,16 @@ class FunctionFolder:
     config: dict = field(default_factory=dict)
     example_input: dict | None = None
     example_expect: dict = field(default_factory=dict)
+    native_program: str | None = None
 
     @property
     def module_path(self) -> str:
         return os.path.join(self.path, FUNCTION_MODULE)
+
+    @property
+    def is_native(self) -> bool:
+        """Served by its own program (built, or an executable `run`), not by function.py."""
+        return self.native_program is not None or os.access(os.path.join(self.path, NATIVE_ENTRY_POINT), os.X_OK)
 
 
 def load_function_folder(path: str) -> FunctionFolder:
@@ -55,6 +64,7 @@ def load_function_folder(path: str) -> FunctionFolder:
         config=dict(metadata.get("config", {})),
         example_input=example.get("input"),
         example_expect=dict(example.get("expect", {})),
+        native_program=metadata.get(NATIVE_PROGRAM_KEY),
     )
 
 

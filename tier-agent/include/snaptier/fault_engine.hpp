@@ -122,6 +122,11 @@ struct FaultObservation {
   // per contiguous piece of it. Pages mapped from a file answer such a discard with the file's
   // bytes, not zeros, so a profile must know about it.
   std::uint64_t discarded_bytes = 0;
+  // > 0: not a fault but a REMAP event (mremap) that moved [source_address, source_address +
+  // remapped_bytes) of the snapshot view, one observation per piece. The event does not say
+  // whether the range also grew, and a file mapping grows into the file's next pages (an
+  // anonymous one into zeros), so a profile must know about it too.
+  std::uint64_t remapped_bytes = 0;
 };
 
 struct FaultEngineOptions {
@@ -133,8 +138,8 @@ struct FaultEngineOptions {
   std::function<bool(const FaultFailure&)> on_failure;
   // A FORK event created task `child` (engine-assigned id) from `parent`.
   std::function<void(TaskId parent, TaskId child)> on_fork;
-  // Called for every PAGEFAULT message, before it is served, and for every REMOVE event (see
-  // FaultObservation::discarded_bytes). Must be cheap and must not throw.
+  // Called for every PAGEFAULT message, before it is served, and for every REMOVE and REMAP
+  // event (see FaultObservation::discarded_bytes, remapped_bytes). Must be cheap and must not throw.
   std::function<void(const FaultObservation&)> on_fault;
   // EAGAIN retries of one fault give up (and fail the restore) after this long.
   std::chrono::milliseconds eagain_deadline{1000};

@@ -43,6 +43,9 @@ inline constexpr const char* kFreshBlob = "snaptier.fresh";
 // next read would see the snapshot's bytes again, not zeros. Written by every profile (empty
 // lists too), so a snapshot without it predates the recording.
 inline constexpr const char* kDiscardedBlob = "snaptier.discarded";
+// The same for ranges the profiled invocation moved with mremap (FaultObservation::remapped_bytes):
+// a mapped range that grows reads the file's next pages where anonymous memory reads zeros.
+inline constexpr const char* kRemappedBlob = "snaptier.remapped";
 
 struct TaskLayout {
   std::uint32_t pid = 0;           // pstree pid
@@ -93,12 +96,15 @@ class ProfileRecorder {
   [[nodiscard]] std::uint64_t faults() const;
   // (pstree pid, [snapshot start, end)) of every discard seen (FaultObservation::discarded_bytes).
   [[nodiscard]] std::vector<std::pair<std::int64_t, std::pair<std::uint64_t, std::uint64_t>>> discards() const;
+  // The same for every mremap seen (FaultObservation::remapped_bytes).
+  [[nodiscard]] std::vector<std::pair<std::int64_t, std::pair<std::uint64_t, std::uint64_t>>> remaps() const;
 
  private:
   mutable std::mutex mutex_;
   bool frozen_ = false;
   std::uint64_t faults_ = 0;
   std::vector<std::pair<std::int64_t, std::pair<std::uint64_t, std::uint64_t>>> discards_;
+  std::vector<std::pair<std::int64_t, std::pair<std::uint64_t, std::uint64_t>>> remaps_;
   std::map<std::pair<std::int64_t, std::uint64_t>, Touch> touches_;
 };
 
@@ -113,6 +119,7 @@ struct ProfileSummary {
   std::uint64_t changed_after_read = 0;  // written pages whose first touch was a read
   std::uint64_t fresh = 0;      // touched pages that are not in the snapshot (kFreshBlob)
   std::uint64_t discards = 0;   // MADV_DONTNEED / REMOVE events seen (kDiscardedBlob)
+  std::uint64_t remaps = 0;     // mremap / REMAP events seen (kRemappedBlob)
 };
 void to_json(nlohmann::json& j, const ProfileSummary& s);
 

@@ -75,7 +75,8 @@ struct LazyPage {
 // kernel copies a page on its first write) instead of copied in (docs/restore-policies.md,
 // "In place"). `required`: a host whose CXL tier cannot map privately refuses the policy;
 // otherwise such a host copies those pages as the policy would without mapping.
-enum class InPlacePages : std::uint8_t { none, read_only_hot, all_stored };
+// all_unwritten: every stored page but those the profile saw written (cxlfork copies those).
+enum class InPlacePages : std::uint8_t { none, read_only_hot, all_stored, all_unwritten };
 struct InPlace {
   InPlacePages pages = InPlacePages::none;
   bool required = false;
@@ -97,7 +98,7 @@ class RestorePolicy {
   [[nodiscard]] virtual InPlace in_place() const noexcept { return {}; }
 };
 
-// criu-eager, criu-lazy, criu-remote, lazy-cxl, lazy-rdma, reap, aquifer, trenv, tiered.
+// criu-eager, criu-lazy, criu-remote, lazy-cxl, lazy-rdma, reap, aquifer, trenv, cxlfork, tiered.
 [[nodiscard]] std::vector<std::string> policy_names();
 [[nodiscard]] Result<std::unique_ptr<RestorePolicy>> make_policy(std::string_view name);
 

@@ -71,15 +71,15 @@ namespace {
 // (pid -> ascending, merged [start, end)) from kDiscardedBlob; nullopt if the blob is missing.
 using Ranges = std::map<std::uint32_t, std::vector<std::pair<std::uint64_t, std::uint64_t>>>;
 
-Result<Ranges> discarded_ranges(const Snapshot& snapshot) {
-  auto blob = snapshot.blobs.find(snap::kDiscardedBlob);
+Result<Ranges> profiled_ranges(const Snapshot& snapshot, const char* name, std::string_view what) {
+  auto blob = snapshot.blobs.find(name);
   if (blob == snapshot.blobs.end()) {
-    return fail(Errc::unsupported, "snapshot '" + snapshot.info.id +
-                                       "' was profiled before discarded ranges were recorded; take it again to map it in place");
+    return fail(Errc::unsupported, "snapshot '" + snapshot.info.id + "' was profiled before " + std::string(what) +
+                                       " ranges were recorded; take it again to map it in place");
   }
   const json j = json::parse(std::string_view(reinterpret_cast<const char*>(blob->second.data()), blob->second.size()),
                              nullptr, false);
-  auto bad = [&] { return fail(Errc::corrupt, "snapshot '" + snapshot.info.id + "': " + snap::kDiscardedBlob + " is damaged"); };
+  auto bad = [&] { return fail(Errc::corrupt, "snapshot '" + snapshot.info.id + "': " + name + " is damaged"); };
   if (!j.is_object()) return bad();
   Ranges out;
   for (const auto& [pid, list] : j.items()) {
@@ -112,6 +112,7 @@ bool overlaps(const std::vector<std::pair<std::uint64_t, std::uint64_t>>& ranges
 bool selected(const PageEntry& page, policy::InPlacePages selection) {
   if ((page.flags & page_zero) != 0 || selection == policy::InPlacePages::none) return false;
   if (selection == policy::InPlacePages::all_stored) return true;
+  if (selection == policy::InPlacePages::all_unwritten) return (page.flags & page_written) == 0;
   return (page.flags & page_hot) != 0 && (page.flags & page_read_only) != 0 && (page.flags & page_written) == 0;
 }
 
@@ -120,8 +121,10 @@ bool selected(const PageEntry& page, policy::InPlacePages selection) {
 Result<Plan> plan_runs(const Snapshot& snapshot, const criu::Checkpoint& materialized, policy::InPlacePages selection,
                        const Backing& backing) {
   if (!backing.can_map) return fail(Errc::unavailable, "the CXL tier cannot map pages in place: " + describe(backing));
-  auto discarded = discarded_ranges(snapshot);
+  auto discarded = profiled_ranges(snapshot, snap::kDiscardedBlob, "discarded");
   if (!discarded) return tl::unexpected(discarded.error());
+  auto remapped = profiled_ranges(snapshot, snap::kRemappedBlob, "mremapped");
+  if (!remapped) return tl::unexpected(remapped.error());
   auto layout_blob = snapshot.blobs.find(snap::kLayoutBlob);
   if (layout_blob == snapshot.blobs.end())
     return fail(Errc::invalid_argument, "snapshot '" + snapshot.info.id + "' is not a CRIU checkpoint");
@@ -138,6 +141,8 @@ Result<Plan> plan_runs(const Snapshot& snapshot, const criu::Checkpoint& materia
     if (tl_it == layout->tasks.end()) return fail(Errc::corrupt, "layout has no task " + std::to_string(pid));
     const auto d = discarded->find(pid);
     const auto& gone = d == discarded->end() ? kNone : d->second;
+    const auto m = remapped->find(pid);
+    const auto& moved = m == remapped->end() ? kNone : m->second;
     std::optional<RunPages> open;  // the run being grown
     auto close = [&] {
       if (!open) return;
@@ -176,6 +181,11 @@ Result<Plan> plan_runs(const Snapshot& snapshot, const criu::Checkpoint& materia
         }
         if (overlaps(gone, vaddr)) {
           ++plan.skipped_discarded;
+          close();
+          continue;
+        }
+        if (overlaps(moved, vaddr)) {
+          ++plan.skipped_remapped;
           close();
           continue;
         }
@@ -257,6 +267,7 @@ void report(const Prepared& prepared, json& out) {
   out["pages_mapped"] = plan.pages;
   out["pages_wanted"] = plan.wanted;
   out["skipped_discarded"] = plan.skipped_discarded;
+  out["skipped_remapped"] = plan.skipped_remapped;
   out["skipped_layout"] = plan.skipped_layout;
   out["skipped_tier"] = plan.skipped_tier;
   out["skipped_vma"] = plan.skipped_vma;

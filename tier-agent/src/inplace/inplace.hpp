@@ -36,14 +36,15 @@ struct Plan {
   std::uint64_t pages = 0;               // mapped
   std::uint64_t wanted = 0;              // pages the selection asked for
   std::uint64_t skipped_discarded = 0;   // the profile saw them MADV_DONTNEEDed or REMOVEd
+  std::uint64_t skipped_remapped = 0;    // the profile saw them mremapped (a mapping would grow into the file)
   std::uint64_t skipped_layout = 0;      // skipped_tier + skipped_vma
   std::uint64_t skipped_tier = 0;        // not stored on the CXL tier (or without a CRC32C)
   std::uint64_t skipped_vma = 0;         // in a VMA criu::can_map_in_place() refuses
 };
 
 // The runs of `snapshot` to map: selected pages that are stored on the CXL tier with a CRC32C,
-// lie in a VMA criu::can_map_in_place() accepts, were never discarded in the profile
-// (snap::kDiscardedBlob), grouped into runs contiguous both in virtual address (one VMA) and in
+// lie in a VMA criu::can_map_in_place() accepts, were never discarded nor mremapped in the profile
+// (snap::kDiscardedBlob, snap::kRemappedBlob), grouped into runs contiguous both in virtual address (one VMA) and in
 // the region (one pgoff each). `materialized` is the checkpoint materialize() wrote for it.
 // Errc::unavailable if the backing cannot map; Errc::unsupported for a snapshot profiled before
 // discards were recorded.

@@ -61,7 +61,8 @@ class TieredPlacement final : public Placement {
 
 class Policy final : public RestorePolicy {
  public:
-  enum class Prefetch { none, hot };
+  // hot: the recorded working set; written: only the pages the profile saw written.
+  enum class Prefetch { none, hot, written };
   Policy(std::string name, Mechanism mechanism, std::string placement, Prefetch prefetch, InPlace in_place = {})
       : name_(std::move(name)), mechanism_(mechanism), placement_(std::move(placement)), prefetch_(prefetch),
         in_place_(in_place) {}
@@ -73,9 +74,10 @@ class Policy final : public RestorePolicy {
     lazy::TaskPrefetch out;
     if (prefetch_ == Prefetch::none) return out;
     // The recorded working set, in first-touch order (REAP's order; the engine coalesces runs).
+    const std::uint32_t wanted = prefetch_ == Prefetch::hot ? page_hot : page_written;
     std::vector<const LazyPage*> hot;
     for (const auto& p : pages) {
-      if ((p.flags & page_hot) != 0) hot.push_back(&p);
+      if ((p.flags & wanted) != 0) hot.push_back(&p);
     }
     std::sort(hot.begin(), hot.end(), [](const LazyPage* a, const LazyPage* b) { return a->touch_order < b->touch_order; });
     out.before_resume.reserve(hot.size());
@@ -139,12 +141,13 @@ std::string_view to_string(InPlacePages pages) noexcept {
     case InPlacePages::none: return "no pages";
     case InPlacePages::read_only_hot: return "read-only hot pages";
     case InPlacePages::all_stored: return "every stored page";
+    case InPlacePages::all_unwritten: return "every stored page the profile did not see written";
   }
   return "unknown";
 }
 
 std::vector<std::string> policy_names() {
-  return {"criu-eager", "criu-lazy", "criu-remote", "lazy-cxl", "lazy-rdma", "reap", "aquifer", "trenv", "tiered"};
+  return {"criu-eager", "criu-lazy", "criu-remote", "lazy-cxl", "lazy-rdma", "reap", "aquifer", "trenv", "cxlfork", "tiered"};
 }
 
 Result<std::unique_ptr<RestorePolicy>> make_policy(std::string_view name) {
@@ -164,6 +167,12 @@ Result<std::unique_ptr<RestorePolicy>> make_policy(std::string_view name) {
   // trenv: every stored page mapped in place from CXL (all of them are there); a write copies.
   if (name == "trenv") {
     return make("trenv", Mechanism::snaptier_lazy, "cxl", P::none, InPlace{InPlacePages::all_stored, true});
+  }
+  // cxlfork: every stored page mapped in place from CXL except those the profile saw written,
+  // which are copied into local DRAM before resume (CXLfork's migrate-on-write with its
+  // dirty-page prefetch): the written pages are left lazy, and the plan installs exactly them.
+  if (name == "cxlfork") {
+    return make("cxlfork", Mechanism::snaptier_lazy, "cxl", P::written, InPlace{InPlacePages::all_unwritten, true});
   }
   // tiered: read-only hot pages mapped in place from CXL; written hot pages (and read-only ones
   // that cannot be mapped) copied in before resume; cold ones (RDMA or file) on demand; zero

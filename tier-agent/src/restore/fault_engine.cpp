@@ -501,8 +501,9 @@ class Engine final : public FaultEngine {
     return buf;
   }
 
-  // The snapshot pieces a REMOVE event discards, as they were before it (zero ones were gone already).
-  void observe_discard(const Task& t, std::uint64_t start, std::uint64_t end) {
+  // The snapshot pieces a REMOVE event discards or a REMAP event moves, as they were before it
+  // (zero ones were gone already).
+  void observe_range(const Task& t, std::uint64_t start, std::uint64_t end, bool remap) {
     for (std::uint64_t a = start; a < end;) {
       const RangeMap::Lookup l = t.view.translate(a);
       const std::uint64_t piece_end = std::min(l.run_end, end);
@@ -512,7 +513,7 @@ class Engine final : public FaultEngine {
         seen.source_task = t.source_task;
         seen.address = a;
         seen.source_address = l.source;
-        seen.discarded_bytes = piece_end - a;
+        (remap ? seen.remapped_bytes : seen.discarded_bytes) = piece_end - a;
         options_.on_fault(seen);
       }
       a = piece_end;
@@ -566,6 +567,7 @@ class Engine final : public FaultEngine {
       case UFFD_EVENT_REMAP: {
         ++metrics_.events_remap;
         const std::uint64_t from = msg.arg.remap.from, to = msg.arg.remap.to, len = msg.arg.remap.len;
+        if (options_.on_fault) observe_range(t, from, from + len, true);
         t.view.move(from, to, len);
         for (std::uint64_t& p : t.background) {
           if (p >= from && p < from + len) p = p - from + to;
@@ -580,7 +582,7 @@ class Engine final : public FaultEngine {
           ++metrics_.events_remove;
         }
         const std::uint64_t start = msg.arg.remove.start, end = msg.arg.remove.end;
-        if (msg.event == UFFD_EVENT_REMOVE && options_.on_fault) observe_discard(t, start, end);
+        if (msg.event == UFFD_EVENT_REMOVE && options_.on_fault) observe_range(t, start, end, false);
         t.view.assign(start, end, RangeMap::Kind::zero);
         std::erase_if(t.background, [&](std::uint64_t p) { return p >= start && p < end; });
         break;

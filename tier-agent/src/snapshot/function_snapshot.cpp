@@ -268,10 +268,11 @@ Result<Materialized> materialize(const Snapshot& snapshot, SnapshotStore& store,
 void ProfileRecorder::record(const FaultObservation& fault) {
   std::lock_guard lock(mutex_);
   if (frozen_) return;
-  if (fault.discarded_bytes > 0) {
+  if (fault.discarded_bytes > 0 || fault.remapped_bytes > 0) {
     if (fault.source_address) {
-      discards_.push_back({static_cast<std::int64_t>(fault.source_task),
-                           {*fault.source_address, *fault.source_address + fault.discarded_bytes}});
+      const std::uint64_t bytes = fault.discarded_bytes > 0 ? fault.discarded_bytes : fault.remapped_bytes;
+      (fault.discarded_bytes > 0 ? discards_ : remaps_)
+          .push_back({static_cast<std::int64_t>(fault.source_task), {*fault.source_address, *fault.source_address + bytes}});
     }
     return;
   }
@@ -302,10 +303,15 @@ std::vector<std::pair<std::int64_t, std::pair<std::uint64_t, std::uint64_t>>> Pr
   return discards_;
 }
 
+std::vector<std::pair<std::int64_t, std::pair<std::uint64_t, std::uint64_t>>> ProfileRecorder::remaps() const {
+  std::lock_guard lock(mutex_);
+  return remaps_;
+}
+
 void to_json(json& j, const ProfileSummary& s) {
   j = json{{"faults", s.faults}, {"hot", s.hot}, {"cold", s.cold}, {"written", s.written},
            {"read_only", s.read_only}, {"zero", s.zero}, {"hot_zero", s.hot_zero},
-           {"changed_after_read", s.changed_after_read}, {"fresh", s.fresh}, {"discards", s.discards}};
+           {"changed_after_read", s.changed_after_read}, {"fresh", s.fresh}, {"discards", s.discards}, {"remaps", s.remaps}};
 }
 
 ProfileSummary apply_profile(Ingested& ingested, const ProfileRecorder& recorder, pid_t restored_pid) {
@@ -340,15 +346,18 @@ ProfileSummary apply_profile(Ingested& ingested, const ProfileRecorder& recorder
     }
     if (!list.empty()) fresh[std::to_string(task.pstree.pid)] = std::move(list);
   }
-  json discarded = json::object();
-  for (const auto& [task, range] : recorder.discards()) {
-    discarded[std::to_string(task)].push_back(json::array({range.first, range.second}));
-    ++summary.discards;
-  }
-  const std::string discarded_text = discarded.dump();
-  ingested.snapshot.blobs[kDiscardedBlob].assign(reinterpret_cast<const std::byte*>(discarded_text.data()),
-                                                 reinterpret_cast<const std::byte*>(discarded_text.data()) +
-                                                     discarded_text.size());
+  auto store_ranges = [&](const char* blob, const auto& list, std::uint64_t& count) {
+    json ranges = json::object();
+    for (const auto& [task, range] : list) {
+      ranges[std::to_string(task)].push_back(json::array({range.first, range.second}));
+      ++count;
+    }
+    const std::string text = ranges.dump();
+    ingested.snapshot.blobs[blob].assign(reinterpret_cast<const std::byte*>(text.data()),
+                                         reinterpret_cast<const std::byte*>(text.data()) + text.size());
+  };
+  store_ranges(kDiscardedBlob, recorder.discards(), summary.discards);
+  store_ranges(kRemappedBlob, recorder.remaps(), summary.remaps);
   const std::string fresh_text = fresh.dump();
   ingested.snapshot.blobs[kFreshBlob].assign(reinterpret_cast<const std::byte*>(fresh_text.data()),
                                              reinterpret_cast<const std::byte*>(fresh_text.data()) + fresh_text.size());
