@@ -22,8 +22,9 @@
  *
  * and forks a child that checks the same bytes in its own copy, writes and discards there
  * (copy-on-write: the parent must not see it) and reports through a pipe. The first wrong byte
- * fails the invocation with the range, offset, value and expectation. The output's sha256 is
- * the `digest` op's: invocations leave every range but `written` as init() built it.
+ * fails the invocation with the range, offset, value and expectation. Invocations leave every
+ * range but `written` as init() built it; the `digest` op hashes them all, the output's
+ * `checked_sha256` those an invocation touches (all but `cold`, which stays cold for a profile).
  *
  * Protocol, readiness and the CRIU rules: docs/functions.md. One thread, one connection at a
  * time, nothing open at dump time but the listening socket and /dev/null. Linked statically
@@ -284,12 +285,13 @@ static bool do_fork(uint64_t variant) {
            check(R_DISCARDED, ranges[R_DISCARDED].base, 0, ranges[R_DISCARDED].bytes, 0, "after the child discarded its copy");
 }
 
-static void state_digest(char hex[65], uint64_t *state_bytes) {
+/* SHA-256 over every range but `written` (and but `cold` unless with_cold), in order. */
+static void state_digest(char hex[65], uint64_t *state_bytes, bool with_cold) {
     struct sha256 h;
     sha256_init(&h);
     *state_bytes = 0;
     for (int r = 0; r < R_COUNT; ++r) {
-        if (r == R_WRITTEN) continue;
+        if (r == R_WRITTEN || (r == R_COLD && !with_cold)) continue;
         sha256_update(&h, ranges[r].base, ranges[r].bytes);
         *state_bytes += ranges[r].bytes;
     }
@@ -550,12 +552,12 @@ static void invoke(struct text *t, const struct request *req) {
         return;
     }
     char hex[65];
-    uint64_t state_bytes = 0;
-    state_digest(hex, &state_bytes);
+    uint64_t hashed_bytes = 0;
+    state_digest(hex, &hashed_bytes, false);
     reply_start(t, &req->id);
-    printf_(t, ",\"ok\":true,\"output\":{\"checked_bytes\":%" PRIu64 ",\"sha256\":\"%s\",\"state_bytes\":%" PRIu64
+    printf_(t, ",\"ok\":true,\"output\":{\"checked_bytes\":%" PRIu64 ",\"checked_sha256\":\"%s\",\"hashed_bytes\":%" PRIu64
                ",\"fork\":\"ok\",\"ranges\":[",
-            checked_bytes, hex, state_bytes);
+            checked_bytes, hex, hashed_bytes);
     for (int r = 0; r < R_COUNT; ++r) printf_(t, "%s\"%s\"", r ? "," : "", range_names[r]);
     printf_(t, "]},\"duration_ms\":%.3f}", now_ms() - started);
 }
@@ -580,7 +582,7 @@ static void handle(struct text *t, const char *payload, size_t n) {
         } else if (strcmp(name, "digest") == 0) {
             char hex[65];
             uint64_t state_bytes = 0;
-            state_digest(hex, &state_bytes);
+            state_digest(hex, &state_bytes, true);
             reply_start(t, &req.id);
             printf_(t, ",\"ok\":true,\"output\":{\"sha256\":\"%s\",\"state_bytes\":%" PRIu64 "}}", hex, state_bytes);
         } else if (strcmp(name, "stats") == 0) {
