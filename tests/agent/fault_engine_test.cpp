@@ -670,15 +670,23 @@ TEST_F(FaultEngineTest, OnFaultSeesEveryFaultWithItsWriteFlagAndSourceAddress) {
   const std::uint64_t moved = frames[0][5];
 
   // The MADV_DONTNEED is seen too, as a discard of the snapshot's pages 0 and 1, between the
-  // write faults and the fault that follows it.
-  ASSERT_EQ(seen.size(), 11u);
+  // write faults and the fault that follows it; and the mremap, as a move of the snapshot's
+  // pages 8-11 as they were before it, between that fault and the one at the new address.
+  ASSERT_EQ(seen.size(), 12u);
   EXPECT_EQ(seen[8].discarded_bytes, 2 * P);
+  EXPECT_EQ(seen[8].remapped_bytes, 0u);
   EXPECT_EQ(seen[8].address, c->base);
   ASSERT_TRUE(seen[8].source_address.has_value());
   EXPECT_EQ(*seen[8].source_address, c->base);
+  EXPECT_EQ(seen[10].remapped_bytes, 4 * P);
+  EXPECT_EQ(seen[10].discarded_bytes, 0u);
+  EXPECT_EQ(seen[10].address, c->base + 8 * P);
+  ASSERT_TRUE(seen[10].source_address.has_value());
+  EXPECT_EQ(*seen[10].source_address, c->base + 8 * P);
+  seen.erase(seen.begin() + 10);
   seen.erase(seen.begin() + 8);
   EXPECT_EQ(seen.size(), engine->metrics().faults);
-  for (const auto& f : seen) EXPECT_EQ(f.discarded_bytes, 0u);
+  for (const auto& f : seen) EXPECT_EQ(f.discarded_bytes + f.remapped_bytes, 0u);
   for (std::size_t i = 0; i < 8; ++i) {
     SCOPED_TRACE("fault " + std::to_string(i));
     EXPECT_EQ(seen[i].task, 1);
