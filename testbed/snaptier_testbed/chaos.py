@@ -188,6 +188,17 @@ class Chaos:
     def tierctl(self, host: str, args: str, timeout_s: int = 120):
         return matrix.tierctl(self.run, self.topo, host, args, timeout_s)
 
+    def lacks(self, host: str, policy: str, doc) -> str | None:
+        """What `host`'s agent says it lacks for `policy` (its status' policies[].missing), asked
+        only about a restore that did not run; None if it cannot say."""
+        if not matrix.refused_or_failed(doc):
+            return None
+        try:
+            listed = matrix.agent_policies(self.run, self.topo, host)
+        except TestbedError:
+            return None
+        return next((p.get("missing") for p in listed if p["name"] == policy), None)
+
     def sh(self, host: str, script: str, timeout: float = 120):
         return self.run(self.topo, host, script, timeout=timeout)
 
@@ -325,8 +336,9 @@ def row_corrupt_cxl(c: Chaos, row: Row) -> None:
             row.skip(f"{policy} answers corrupt", host, "criu-remote needs a second host sharing the CXL device")
             continue
         rc, doc, err = c.restore(host, sid, policy, on)
-        if policy == "trenv" and matrix.skip_reason(c.topo, doc):
-            row.skip(f"{policy} answers corrupt", on, matrix.skip_reason(c.topo, doc))
+        skip = matrix.skip_reason(c.topo, doc, c.lacks(on, policy, doc)) if policy == "trenv" else None
+        if skip:
+            row.skip(f"{policy} answers corrupt", on, skip)
             continue
         ok, detail = judge_corrupt(rc, doc, err, ids)
         left = c.strays(on)
@@ -346,7 +358,7 @@ def row_corrupt_cxl(c: Chaos, row: Row) -> None:
         if on is None:
             continue
         rc, doc, err = c.restore(host, sid, policy, on)
-        if policy == "trenv" and matrix.skip_reason(c.topo, doc):
+        if policy == "trenv" and matrix.skip_reason(c.topo, doc, c.lacks(on, policy, doc)):
             continue
         code, message = error_of(rc, doc, err)
         if code is not None or not (doc or {}).get("digest_ok"):

@@ -29,7 +29,7 @@ from .launcher import TestbedError, say
 from .state import REPO, state_dir_for
 from .topology import MiB, Topology
 
-POLICIES = ("criu-eager", "criu-lazy", "criu-remote", "lazy-cxl", "lazy-rdma", "reap", "aquifer", "trenv", "cxlfork", "tiered")
+CONTROL_SCHEMA = REPO / "docs" / "schema" / "control.schema.json"
 WORKLOADS = REPO / "workloads"
 TIERCTL = f"{agents.GUEST_BUILD}/tierctl --socket {agents.AGENT_SOCKET}"
 SNAPSHOT_TIMEOUT_S = 900
@@ -49,6 +49,16 @@ class UsageError(TestbedError):
 def available_functions(root: Path = WORKLOADS) -> list[str]:
     """Function folders: directories of workloads/ with a function.toml, sorted by name."""
     return sorted(p.name for p in root.iterdir() if (p / "function.toml").is_file()) if root.is_dir() else []
+
+
+def known_policies(schema: Path = CONTROL_SCHEMA) -> list[str]:
+    """Every policy name an agent may offer: the control schema's PolicyName (the agent's own
+    list is checked against it by its unit tests). For usage errors before any guest is contacted;
+    what a run restores with is what the agent lists (agent_policies)."""
+    try:
+        return list(json.loads(schema.read_text())["$defs"]["PolicyName"]["enum"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"cannot read the policy names from {schema}: {e}") from None
 
 
 def parse_list(text: str | None, allowed: list[str] | tuple[str, ...], noun: str, flag: str) -> list[str]:
@@ -410,6 +420,17 @@ def _cell(function: str, policy: str, snapshot_id: str | None, snap_host: str, r
             "error": error, "restore": restore, "skipped": skipped}
 
 
+def agent_policies(run, topo: Topology, host: str) -> list[dict]:
+    """The restore policies `host`'s agent serves, in its order, each with what that host lacks
+    for it (`missing`): tierctl status, "policies"."""
+    rc, doc, err = tierctl(run, topo, host, "status", 60)
+    policies = doc.get("policies") if isinstance(doc, dict) else None
+    if rc != 0 or not isinstance(policies, list):
+        raise TestbedError(f"the agent on {host} lists no restore policies: "
+                           f"{err or 'its status has no policies (an agent without a function service?)'}")
+    return [p for p in policies if isinstance(p, dict) and isinstance(p.get("name"), str)]
+
+
 def missing_tiers(topo: Topology) -> dict[str, str]:
     """Tiers no host of this topology can have, and why."""
     if any(h.role == "memory" for h in topo.hosts):
@@ -417,30 +438,31 @@ def missing_tiers(topo: Topology) -> dict[str, str]:
     return {"rdma": "no memory node in this topology (no RDMA pool)"}
 
 
-def skip_reason(topo: Topology, doc: dict | None) -> str | None:
-    """A cell is skipped, not failed, when the agent refused it because it needs a tier this
-    topology cannot have; the agent's own message says which."""
-    error = doc.get("error") if isinstance(doc, dict) else None
-    if not isinstance(error, dict) or error.get("code") not in ("unavailable", "not_found"):
+def refused_or_failed(doc: dict | None) -> bool:
+    """The agent refused the restore ({"error": {code, message}}) or ran it and it failed."""
+    if not isinstance(doc, dict):
+        return False
+    return isinstance(doc.get("error"), dict) or doc.get("ok") is False
+
+
+def skip_reason(topo: Topology, doc: dict | None, lacks: str | None) -> str | None:
+    """A cell is skipped, not failed, when the agent refused it (or it failed) and the restore
+    host's policy list says it lacks something this topology cannot have (`lacks`: that policy's
+    typed `missing`): a tier no host of it has, or a CXL tier that maps in place."""
+    if not lacks or not refused_or_failed(doc):
         return None
-    message = str(error.get("message", ""))
-    # A policy that maps pages in place (trenv) on a host whose CXL tier cannot (devdax).
-    if "in-place: no" in message:
+    error = doc.get("error")
+    message = str(error.get("message", "")) if isinstance(error, dict) else str(error or "")
+    if lacks == "in_place":  # a policy that maps pages in place (trenv) on a devdax CXL tier
         return f"this topology's CXL tier cannot map pages in place: {message}"
-    for tier, why in missing_tiers(topo).items():
-        if f"{tier} tier" in message:
-            return f"{why}: {message}"
-    return None
+    why = missing_tiers(topo).get(lacks)
+    return f"{why}: {message}" if why else None
 
 
 def needs_peer(doc: dict | None) -> bool:
-    """The agent refused a restore on the snapshot host itself because its mechanism serves
-    pages from the snapshot host to another one."""
-    error = doc.get("error") if isinstance(doc, dict) else None
-    if isinstance(error, dict):   # tierctl's refusal: {"code", "message"}
-        return error.get("code") == "unavailable" and "as a peer" in str(error.get("message"))
-    # A restore result that failed: "code: message".
-    return isinstance(error, str) and error.startswith("unavailable:") and "as a peer" in error
+    """The restore failed on the snapshot host itself because its mechanism serves pages from
+    the snapshot host to another one (the result's typed `missing`)."""
+    return isinstance(doc, dict) and doc.get("missing") == "peer"
 
 
 def peer_for(topo: Topology, host: str) -> str | None:
@@ -457,14 +479,35 @@ def _progress(row: dict) -> str:
     return f"FAIL {row['function']} {row['policy']}: {row['error']}"
 
 
-def run_matrix(topo: Topology, functions: list[str], policies: list[str], snap_host: str, restore_host: str,
+def run_matrix(topo: Topology, functions: list[str], policies: list[str] | None, snap_host: str, restore_host: str,
                out_dir: Path, keep: bool = False, run=None, ensure_agents=None) -> int:
-    """Runs every cell; `run` is launcher.run_in (tests pass a fake), `ensure_agents` agents.start."""
+    """Runs every cell; `run` is launcher.run_in (tests pass a fake), `ensure_agents` agents.start.
+    `policies` None: every policy the snapshot host's agent lists, in its order."""
     run = run or launcher.run_in
     if ensure_agents is None:
         launcher.load_running(topo)
         ensure_agents = agents.start
     ensure_agents(topo)
+    offered = [p["name"] for p in agent_policies(run, topo, snap_host)]
+    lacks_on: dict[str, dict[str, str | None]] = {}
+
+    def lacks(host: str, policy: str, doc: dict | None) -> str | None:
+        """What `host` lacks for `policy`, asked of its agent once, and only for a cell that did not run."""
+        if not refused_or_failed(doc):
+            return None
+        if host not in lacks_on:
+            try:
+                lacks_on[host] = {p["name"]: p.get("missing") for p in agent_policies(run, topo, host)}
+            except TestbedError as e:
+                say(f"note: {e}")
+                lacks_on[host] = {}
+        return lacks_on[host].get(policy)
+
+    if policies is None:
+        policies = offered
+    elif unknown := [p for p in policies if p not in offered]:
+        raise TestbedError(f"the agent on {snap_host} does not serve {', '.join(unknown)}; it lists: "
+                           f"{', '.join(offered) or 'none'}")
     t0 = time.monotonic()
     tag = secrets.token_hex(3)
     results = {
@@ -518,7 +561,7 @@ def run_matrix(topo: Topology, functions: list[str], policies: list[str], snap_h
             elif doc is not None:
                 err = ""  # the object says what happened (ok false + error)
             cell = _cell(fn, policy, sid, snap_host, target, restore=doc, error=err or None, rc=rc,
-                         seconds=time.monotonic() - tc, skipped=skip_reason(topo, doc))
+                         seconds=time.monotonic() - tc, skipped=skip_reason(topo, doc, lacks(target, policy, doc)))
             results["cells"].append(cell)
             say(_progress(row_of(cell)))
             results["seconds"] = round(time.monotonic() - t0, 1)
@@ -554,7 +597,8 @@ def build_parser(default_topology: str) -> argparse.ArgumentParser:
                                    "(forwarded by the snapshot host's agent). Exit 0 iff every cell is ok, "
                                    "answers correctly and has an equal state digest.")
     m.add_argument("--functions", help="comma-separated (default: every folder of workloads/ with function.toml)")
-    m.add_argument("--policies", help=f"comma-separated (default, in this order: {','.join(POLICIES)})")
+    m.add_argument("--policies", help="comma-separated (default: every policy the snapshot host's agent lists, "
+                                      "in its order; `tierctl policies`)")
     m.add_argument("--snapshot-host", help="where functions are snapshotted (default: the first compute host)")
     m.add_argument("--restore-host", help="where they are restored (default: the second compute host; the snapshot "
                                           "host itself where the topology has no RDMA pool)")
@@ -582,7 +626,7 @@ def main(argv: list[str], default_topology: str | None = None, run=None, ensure_
             return 0 if png else 1
         topo = load_topology(args.topology)
         functions = parse_list(args.functions, available_functions(), "function", "--functions")
-        policies = parse_list(args.policies, POLICIES, "policy", "--policies")
+        policies = parse_list(args.policies, known_policies(), "policy", "--policies") if args.policies else None
         snap_host, restore_host = pick_hosts(topo, args.snapshot_host, args.restore_host)
         out_dir = Path(args.out) if args.out else default_out_dir(topo)
         if out_dir.exists() and not out_dir.is_dir():

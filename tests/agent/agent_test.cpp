@@ -14,6 +14,7 @@
 #include "snaptier/agent.hpp"
 #include "snaptier/config.hpp"
 #include "snaptier/control.hpp"
+#include "snaptier/cxl_directory.hpp"
 
 namespace snaptier {
 namespace {
@@ -302,6 +303,19 @@ TEST_F(AgentTest, PersistentTiersSurviveAnAgentRestart) {
     json read = ok(SnapshotRead{id, dir_ / "after-restart.out"});
     EXPECT_EQ(read["sha256"], expected_sha) << id;
   }
+}
+
+TEST_F(AgentTest, CleanStopDetachesTheCxlSlot) {
+  auto take_slot = [&] {
+    auto region = MappedRegion::open(dir_ / "cxl.img");
+    EXPECT_TRUE(region) << region.error().what();
+    return CxlDirectory::attach(make_direct_region_access(*region), CxlAttachOptions{.host_index = 0, .host_name = "compute9"});
+  };
+  auto held = take_slot();
+  ASSERT_FALSE(held) << "a running agent's slot was taken";
+  EXPECT_EQ(held.error().code, Errc::already_exists);
+  ASSERT_TRUE(agent_->detach());
+  EXPECT_TRUE(take_slot()) << "the slot stayed attached after a clean stop";
 }
 
 TEST_F(AgentTest, TcpClientsNeedTheConfiguredToken) {

@@ -149,10 +149,9 @@ def test_defaults_are_every_function_folder_and_every_policy_in_order():
     assert "helloworld" in functions and functions == sorted(functions)
     assert all((REPO / "workloads" / f / "function.toml").is_file() for f in functions)
     assert "runtime" not in functions and "tests" not in functions
-    assert matrix.parse_list(None, matrix.POLICIES, "policy", "--policies") == list(matrix.POLICIES)
-    assert matrix.POLICIES == ("criu-eager", "criu-lazy", "criu-remote", "lazy-cxl", "lazy-rdma", "reap", "aquifer",
-                               "trenv", "cxlfork", "tiered")
-    assert matrix.parse_list("tiered, lazy-cxl,tiered", matrix.POLICIES, "policy", "--policies") == ["tiered", "lazy-cxl"]
+    known = matrix.known_policies()
+    assert {"criu-eager", "lazy-cxl", "reap", "tiered"} <= set(known) and len(set(known)) == len(known)
+    assert matrix.parse_list("tiered, lazy-cxl,tiered", known, "policy", "--policies") == ["tiered", "lazy-cxl"]
     assert matrix.pick_hosts(DEFAULT, None, None) == ("host0", "host1")
     assert matrix.pick_hosts(DEFAULT, "host1", None) == ("host1", "host0")
 
@@ -200,6 +199,34 @@ def test_tb_matrix_usage_error_through_the_entry_point(tmp_path):
 
 
 # ---------------------------------------------------------------- a whole run against a fake guest
+AGENT_POLICIES = ["criu-eager", "lazy-cxl", "criu-remote", "reap", "tiered"]
+
+
+def status_with_policies(host, names=AGENT_POLICIES, lacking=None):
+    lacking = lacking or {}
+    names = list(dict.fromkeys([*names, *lacking]))
+    return {"host": host, "role": "compute", "tiers": [], "snapshots": 0, "default_tier": None,
+            "policies": [{"name": n, "mechanism": "snaptier-lazy", "placement": "cxl", "tiers": [["cxl"]],
+                          "in_place": "no pages", "in_place_required": False, "description": n,
+                          "missing": lacking.get(n)} for n in names]}
+
+
+def test_without_policies_the_matrix_runs_what_the_agent_lists_in_its_order(tmp_path):
+    fake = FakeGuests()
+    matrix.main(["matrix", "--functions", "helloworld", "--out", str(tmp_path / "out")], run=fake,
+                ensure_agents=lambda topo: None)
+    ran = [c.split("--policy ")[1].split()[0] for _, c, _ in fake.calls if " restore " in c]
+    assert ran == AGENT_POLICIES
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["policies"] == AGENT_POLICIES
+
+
+def test_a_policy_the_agent_does_not_serve_stops_the_run_before_any_snapshot(tmp_path, capsys):
+    fake = FakeGuests()
+    rc = matrix.main(["matrix", "--functions", "helloworld", "--policies", "lazy-cxl,trenv",
+                      "--out", str(tmp_path / "out")], run=fake, ensure_agents=lambda topo: None)
+    assert rc == 2 and "does not serve trenv" in capsys.readouterr().err
+    assert not any(" snapshot " in c for _, c, _ in fake.calls)
+
 class FakeGuests:
     """Answers tierctl like the agent would; pyaes's snapshot fails, reap's restore returns ok:false."""
 
@@ -211,7 +238,9 @@ class FakeGuests:
         words = command.split()
         op = words[words.index("--json") + 1]
         out, err, rc = "", "", 0
-        if op == "snapshot":
+        if op == "status":
+            out = json.dumps(status_with_policies(host))
+        elif op == "snapshot":
             fn, sid = words[words.index("snapshot") + 1], words[words.index("--id") + 1]
             if fn == "pyaes":
                 err, rc = "error: criu dump failed: exit 1\n", 1
@@ -235,7 +264,7 @@ def test_a_whole_matrix_with_failures_is_recorded_and_exits_1(tmp_path, capsys):
                       "--out", str(tmp_path / "out")], run=fake, ensure_agents=lambda topo: None)
     assert rc == 1
     # Everything ran on the snapshot host; restores were forwarded to host1, with long timeouts.
-    assert {h for h, _, _ in fake.calls} == {"host0"}
+    assert {h for h, c, _ in fake.calls if " status" not in c} == {"host0"}
     snaps = [c for c in fake.calls if " snapshot " in c[1]]
     restores = [c for c in fake.calls if " restore " in c[1]]
     deletes = [c for c in fake.calls if " delete " in c[1]]
@@ -292,12 +321,16 @@ def test_peers_only_on_the_same_link_and_none_without_a_link():
 # ---------------------------------------------------------------- cells that need absent hardware
 NO_POOL = parse_topology({"backend": "native", "host": [{"name": "host0", "role": "compute"},
                                                          {"name": "host1", "role": "compute"}]})
+NO_POOL_LINKED = parse_topology({"name": "nl", "backend": "native",
+                                 "host": [{"name": "host0", "role": "compute"}, {"name": "host1", "role": "compute"}],
+                                 "link": [{"name": "l0", "subnet": "10.9.0.0/24", "hosts": ["host0", "host1"],
+                                           "rdma": False}]})
 NEEDS_RDMA = {"error": {"code": "unavailable",
                         "message": "placement rdma needs the rdma tier, which is not up on this host"}}
 
 
 def test_a_policy_needing_a_tier_the_topology_cannot_have_is_skipped_not_failed():
-    reason = matrix.skip_reason(NO_POOL, NEEDS_RDMA)
+    reason = matrix.skip_reason(NO_POOL, NEEDS_RDMA, "rdma")
     assert reason and "no memory node" in reason and "rdma tier" in reason
     cells = GOOD[:2] + [{**cell("lazy-rdma"), "restore": NEEDS_RDMA, "skipped": reason}]
     rows = by_policy(matrix.rows_of(results(cells)))
@@ -308,18 +341,48 @@ def test_a_policy_needing_a_tier_the_topology_cannot_have_is_skipped_not_failed(
 
 
 def test_a_policy_refused_because_the_cxl_tier_cannot_map_in_place_is_skipped():
-    refused = {"error": {"code": "unavailable", "message": "policy trenv maps every stored page in place from CXL, "
+    refused = {"error": {"code": "unavailable",
+                         "message": "policy trenv maps every stored page in place from CXL, "
                          "and this host cannot: in-place: no (devdax refuses private mappings)"}}
-    reason = matrix.skip_reason(DEFAULT, refused)
+    reason = matrix.skip_reason(DEFAULT, refused, "in_place")
     assert reason and "devdax refuses private mappings" in reason
-    assert matrix.skip_reason(DEFAULT, {"error": {"code": "corrupt", "message": "in-place: no"}}) is None
+    assert matrix.skip_reason(DEFAULT, refused, None) is None  # the words alone decide nothing
 
 
 def test_the_same_refusal_where_the_topology_has_a_pool_is_a_failure():
-    assert matrix.skip_reason(DEFAULT, NEEDS_RDMA) is None
+    assert matrix.skip_reason(DEFAULT, NEEDS_RDMA, "rdma") is None   # this topology has a pool
     other = {"error": {"code": "unavailable", "message": "the queue pair failed"}}
-    assert matrix.skip_reason(NO_POOL, other) is None
-    assert matrix.skip_reason(NO_POOL, restore("tiered")) is None
+    assert matrix.skip_reason(NO_POOL, other, None) is None
+    assert matrix.skip_reason(NO_POOL, restore("tiered"), "rdma") is None  # it ran fine
+
+
+def test_skipping_follows_the_hosts_typed_policy_list_not_the_message():
+    assert matrix.skip_reason(NO_POOL, NEEDS_RDMA, None) is None  # same words, the host lacks nothing
+    failed = {**restore("lazy-rdma", ok=False), "error": "unavailable: the pool is gone"}
+    assert "no memory node" in matrix.skip_reason(NO_POOL, failed, "rdma")
+    assert not matrix.needs_peer({**failed, "error": "unavailable: needs the snapshot host 'h' as a peer"})
+    assert matrix.needs_peer({**failed, "missing": "peer"})
+
+
+def test_a_refused_cell_asks_the_restore_hosts_policy_list_once(tmp_path):
+    calls = []
+
+    def run(topo_, host, command, timeout=None):
+        calls.append((host, command))
+        if " status" in command:
+            out = status_with_policies(host, [*AGENT_POLICIES, "lazy-rdma"],
+                                       lacking={"lazy-rdma": "rdma"} if host == "host1" else {})
+        elif " snapshot " in command:
+            out = {"id": "helloworld-x", "pages": 10, "variants": []}
+        else:
+            out = {"error": {"code": "not_found", "message": "snapshot has no rdma copy"}}
+        return subprocess.CompletedProcess(command, 1 if out.get("error") else 0, json.dumps(out), "")
+    rc = matrix.run_matrix(NO_POOL_LINKED, ["helloworld"], ["lazy-rdma", "lazy-cxl"], "host0", "host1", tmp_path,
+                           keep=True, run=run, ensure_agents=lambda t: None)
+    rows = by_policy(matrix.rows_of(json.loads((tmp_path / "results.json").read_text())))
+    assert rows["lazy-rdma"]["skipped"] and "no memory node" in rows["lazy-rdma"]["skipped"]
+    assert not rows["lazy-cxl"]["skipped"] and not rows["lazy-cxl"]["ok"] and rc == 1
+    assert sum(h == "host1" and " status" in c for h, c in calls) == 1
 
 
 def test_without_an_rdma_pool_the_matrix_restores_on_the_snapshot_host_unless_told():
@@ -341,11 +404,13 @@ def test_a_policy_that_needs_a_peer_is_run_on_one_when_the_matrix_restores_local
 
     def run(topo_, host, command, timeout=None):
         calls.append(command)
-        if " snapshot " in command:
+        if " status" in command:
+            out = status_with_policies(host)
+        elif " snapshot " in command:
             out = {"id": "helloworld-x", "pages": 10, "variants": []}
         elif "--policy criu-remote" in command and "--host host1" not in command:
             out = {**restore("criu-remote", ok=False, answer_ok=None, digest_ok=None, host="host0"),
-                   "error": "unavailable: criu-remote needs the snapshot host 'host0' as a peer"}
+                   "error": "unavailable: criu-remote needs the snapshot host 'host0' as a peer", "missing": "peer"}
         else:
             out = restore("x", host="host1" if "--host host1" in command else "host0")
         return subprocess.CompletedProcess(command, 1 if out.get("error") else 0, json.dumps(out), "")

@@ -95,6 +95,11 @@ int main(int argc, char** argv) {
     spdlog::shutdown();
     std::_Exit(1);
   }
+  // A clean stop gives up this host's directory slot, so it no longer holds back the reuse of
+  // extents other hosts free (a crash leaves the slot attached: docs/cxl-directory.md).
+  if (auto detached = (*agent)->detach(); !detached) {
+    spdlog::warn("cxl directory: could not detach: {}", detached.error().what());
+  }
   spdlog::info("stopped");
   return 0;
 }

@@ -55,6 +55,13 @@ int main(int argc, char** argv) {
   app.add_subcommand("status", "host, role, tiers with capacity and stats, snapshot count")->callback([&] {
     command = Status{};
   });
+  // The agent's list (its status "policies"), not this binary's: the two may be different builds.
+  bool policies_only = false;
+  app.add_subcommand("policies", "the restore policies the agent knows: name, mechanism, tiers, description")
+      ->callback([&] {
+        command = Status{};
+        policies_only = true;
+      });
 
   SnapshotPut put;
   std::string put_path;
@@ -107,7 +114,7 @@ int main(int argc, char** argv) {
       "restore", "restore a function snapshot with a policy, invoke it once, check its answer and memory digest");
   restore_cmd->add_option("snapshot", function_restore.snapshot, "snapshot id")->required();
   restore_cmd->add_option("--policy", function_restore.policy,
-                          "criu-eager | criu-lazy | criu-remote | lazy-cxl | lazy-rdma | reap | tiered")->required();
+                          "a name from `tierctl policies`")->required();
   restore_cmd->add_option("--host", restore_host, "the agent that restores (default: the one tierctl talks to)");
   restore_cmd->add_flag("--keep", function_restore.keep, "leave the restored instance running");
   restore_cmd->callback([&] {
@@ -179,6 +186,31 @@ int main(int argc, char** argv) {
     }
     std::cerr << "tierctl: " << op_name(*command) << " failed: " << errc_name(error.code) << ": " << error.message << "\n";
     return kExitErrorReply;
+  }
+  if (policies_only) {
+    const nlohmann::json policies = response->outcome->value("policies", nlohmann::json());
+    if (!policies.is_array()) {
+      std::cerr << "tierctl: policies: this agent runs no function service (its status lists no policies)\n";
+      return kExitErrorReply;
+    }
+    if (json_output) {
+      std::cout << policies.dump(2) << "\n";
+    } else {
+      for (const auto& p : policies) {
+        std::string tiers;
+        for (const auto& any_of : p.value("tiers", nlohmann::json::array())) {
+          std::string one;
+          for (const auto& t : any_of) one += (one.empty() ? "" : " or ") + t.get<std::string>();
+          tiers += (tiers.empty() ? "" : ", ") + one;
+        }
+        const nlohmann::json missing = p.value("missing", nlohmann::json());
+        std::cout << p.value("name", "") << "  [" << p.value("mechanism", "") << "; needs "
+                  << (tiers.empty() ? std::string("no tier here") : tiers) << "]"
+                  << (missing.is_string() ? "  NOT HERE: no " + missing.get<std::string>() : std::string()) << "\n    "
+                  << p.value("description", "") << "\n";
+      }
+    }
+    return kExitOk;
   }
   if (json_output) {
     std::cout << response->outcome->dump(2, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";

@@ -13,6 +13,7 @@
 
 #include "snaptier/config.hpp"
 #include "snaptier/control.hpp"
+#include "snaptier/cxl_directory.hpp"
 #include "snaptier/error.hpp"
 #include "snaptier/function_service.hpp"
 #include "snaptier/in_place.hpp"
@@ -44,6 +45,7 @@ struct AgentParts {
   std::optional<inplace::Backing> in_place;    // the CXL tier's backing for mapping in place
   std::map<std::string, NetAddress> peers;     // requests for another host go there
   std::string peer_token;
+  std::shared_ptr<CxlDirectory> cxl_directory;  // null: no CXL tier came up
 };
 
 class Agent {
@@ -54,6 +56,10 @@ class Agent {
   [[nodiscard]] Result<nlohmann::json> handle(const control::Command& command);
 
   [[nodiscard]] const AgentParts& parts() const noexcept { return parts_; }
+
+  // For a clean stop, after the control server stopped: marks this host's CXL directory slot
+  // detached (CxlDirectory::detach). Nothing to do without a CXL tier.
+  [[nodiscard]] Result<void> detach();
 
  private:
   [[nodiscard]] Result<nlohmann::json> status();

@@ -17,6 +17,7 @@
 #include "snaptier/control.hpp"
 #include "snaptier/error.hpp"
 #include "snaptier/in_place.hpp"
+#include "snaptier/restore_mechanism.hpp"
 #include "snaptier/store.hpp"
 #include "snaptier/tier.hpp"
 
@@ -38,6 +39,10 @@ class FunctionService {
   // operation timeout), reply {"images": {file: hex}}.
   [[nodiscard]] Result<nlohmann::json> serve_lazy(const control::FunctionServeLazy& request);
 
+  // The restore policies (policy::describe_policies) with what this host lacks for each
+  // ("missing": a tier kind, "in_place", or null): StatusResult.policies.
+  [[nodiscard]] nlohmann::json policies() const;
+
   // Other agents (criu-remote asks the snapshot host for a page server).
   void set_peers(std::map<std::string, NetAddress> peers, std::string token);
   // The CXL tier's file as restored processes would map it (policies that use pages in place).
@@ -57,6 +62,14 @@ class FunctionService {
   std::vector<std::shared_ptr<RemoteDump>> remote_dumps_;
   void reap_remote_dumps(bool all);
   [[nodiscard]] Result<nlohmann::json> call_peer(const std::string& host, const control::Command& command);
+  // A restore request checked and resolved: what the mechanism needs, what the flow checks,
+  // the result's fields known before it starts (or its failure, when a peer is missing).
+  struct PickedRestore {
+    mechanism::RestoreContext context;
+    mechanism::Invocation invocation;
+    mechanism::RestoreResult result;
+  };
+  [[nodiscard]] Result<PickedRestore> pick_restore(const control::FunctionRestore& request);
 
 };
 

@@ -100,6 +100,17 @@ class RestorePolicy {
 
 // criu-eager, criu-lazy, criu-remote, lazy-cxl, lazy-rdma, reap, aquifer, trenv, cxlfork, tiered.
 [[nodiscard]] std::vector<std::string> policy_names();
+
+// What `tierctl policies` lists (the agent's status "policies").
+struct PolicyInfo {
+  std::string name;
+  std::string mechanism;           // to_string(Mechanism)
+  std::string placement;           // the stored copy it reads
+  std::vector<std::vector<std::string>> tiers;  // the restore host needs one tier of each inner list
+  InPlace in_place;
+  std::string description;         // one line
+};
+[[nodiscard]] std::vector<PolicyInfo> describe_policies();
 [[nodiscard]] Result<std::unique_ptr<RestorePolicy>> make_policy(std::string_view name);
 
 }  // namespace snaptier::policy

@@ -175,6 +175,11 @@ Result<RdmaPoolServer*> Agent::require_pool() {
   return fail(Errc::unsupported, parts_.host + " is not a memory node (rdma.* ops need role = \"memnode\")");
 }
 
+Result<void> Agent::detach() {
+  if (!parts_.cxl_directory) return {};
+  return parts_.cxl_directory->detach();
+}
+
 Result<json> Agent::status() {
   json tiers = json::array();
   for (const auto& slot : parts_.tiers) {
@@ -205,6 +210,7 @@ Result<json> Agent::status() {
   } else {
     result["snapshots"] = nullptr;
   }
+  if (parts_.functions) result["policies"] = parts_.functions->policies();
   if (parts_.pool) {
     result["rdma_pool"] = json{{"up", true}, {"stats", encode_stats(parts_.pool->stats())}};
   } else if (parts_.pool_problem) {

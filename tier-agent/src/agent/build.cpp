@@ -140,6 +140,7 @@ Result<std::unique_ptr<Agent>> make_agent(const AgentConfig& config) {
   parts.in_place = in_place;
   parts.peers = config.peers;
   parts.peer_token = config.control.token;
+  parts.cxl_directory = cxl_directory;
   return std::make_unique<Agent>(std::move(parts));
 }
 

@@ -146,39 +146,78 @@ std::string_view to_string(InPlacePages pages) noexcept {
   return "unknown";
 }
 
+namespace {
+
+// Every restore policy, once: `tierctl policies`, the schema's PolicyName (a test compares
+// them) and `tb matrix` all come from here.
+struct PolicyEntry {
+  const char* name;
+  Mechanism mechanism;
+  const char* placement;
+  Policy::Prefetch prefetch;
+  InPlace in_place;
+  const char* description;
+};
+
+const std::vector<PolicyEntry>& policy_table() {
+  using P = Policy::Prefetch;
+  static const std::vector<PolicyEntry> table{
+      {"criu-eager", Mechanism::criu_eager, "cxl", P::none, {},
+       "criu restore from complete images on local storage (every page copied before resume)"},
+      {"criu-lazy", Mechanism::criu_lazy, "cxl", P::none, {}, "CRIU's own lazy-pages daemon over complete local images"},
+      {"criu-remote", Mechanism::criu_remote, "cxl", P::none, {},
+       "CRIU's page server on the snapshot host, pages fetched over the network on demand"},
+      {"lazy-cxl", Mechanism::snaptier_lazy, "cxl", P::none, {}, "every page on demand from the CXL copy"},
+      {"lazy-rdma", Mechanism::snaptier_lazy, "rdma", P::none, {}, "every page on demand from the RDMA pool"},
+      // REAP: the recorded working set installed in one go before resume, from one tier.
+      {"reap", Mechanism::snaptier_lazy, "cxl", P::hot, {},
+       "REAP: the profiled working set copied in before resume, the rest on demand (CXL copy)"},
+      {"aquifer", Mechanism::snaptier_lazy, "tiered", P::hot, {},
+       "hot pages copied from CXL before resume, cold ones from RDMA (or file) on demand"},
+      {"trenv", Mechanism::snaptier_lazy, "cxl", P::none, InPlace{InPlacePages::all_stored, true},
+       "TrEnv: every stored page mapped in place from CXL, a write copies"},
+      // CXLfork's migrate-on-write with its dirty-page prefetch: the written pages are left
+      // lazy, and the plan installs exactly them.
+      {"cxlfork", Mechanism::snaptier_lazy, "cxl", P::written, InPlace{InPlacePages::all_unwritten, true},
+       "CXLfork: every stored page mapped in place from CXL except the ones the profile saw written, which are "
+       "copied into local DRAM before resume"},
+      // Where the CXL tier cannot map privately it copies, as aquifer does.
+      {"tiered", Mechanism::snaptier_lazy, "tiered", P::hot, InPlace{InPlacePages::read_only_hot, false},
+       "read-only hot pages mapped in place from CXL, written hot pages copied before resume, cold pages on demand "
+       "from RDMA (or file), zero pages nowhere"},
+  };
+  return table;
+}
+
+// The tiers a restore host needs for a placement: one of each inner list.
+std::vector<std::vector<std::string>> tiers_of(std::string_view placement) {
+  if (placement == "tiered") return {{"cxl"}, {"rdma", "file"}};
+  return {{std::string(placement)}};
+}
+
+}  // namespace
+
 std::vector<std::string> policy_names() {
-  return {"criu-eager", "criu-lazy", "criu-remote", "lazy-cxl", "lazy-rdma", "reap", "aquifer", "trenv", "cxlfork", "tiered"};
+  std::vector<std::string> out;
+  for (const auto& e : policy_table()) out.emplace_back(e.name);
+  return out;
+}
+
+std::vector<PolicyInfo> describe_policies() {
+  std::vector<PolicyInfo> out;
+  for (const auto& e : policy_table()) {
+    // criu-remote reads its pages on the snapshot host: the restoring host needs none of its tiers.
+    out.push_back(PolicyInfo{e.name, std::string(to_string(e.mechanism)), e.placement,
+                             e.mechanism == Mechanism::criu_remote ? std::vector<std::vector<std::string>>{}
+                                                                   : tiers_of(e.placement),
+                             e.in_place, e.description});
+  }
+  return out;
 }
 
 Result<std::unique_ptr<RestorePolicy>> make_policy(std::string_view name) {
-  using P = Policy::Prefetch;
-  auto make = [](std::string n, Mechanism m, std::string placement, P p, InPlace in_place = {}) -> std::unique_ptr<RestorePolicy> {
-    return std::make_unique<Policy>(std::move(n), m, std::move(placement), p, in_place);
-  };
-  if (name == "criu-eager") return make("criu-eager", Mechanism::criu_eager, "cxl", P::none);
-  if (name == "criu-lazy") return make("criu-lazy", Mechanism::criu_lazy, "cxl", P::none);
-  if (name == "criu-remote") return make("criu-remote", Mechanism::criu_remote, "cxl", P::none);
-  if (name == "lazy-cxl") return make("lazy-cxl", Mechanism::snaptier_lazy, "cxl", P::none);
-  if (name == "lazy-rdma") return make("lazy-rdma", Mechanism::snaptier_lazy, "rdma", P::none);
-  // REAP: the recorded working set installed in one go before resume, from one tier.
-  if (name == "reap") return make("reap", Mechanism::snaptier_lazy, "cxl", P::hot);
-  // aquifer: hot pages (stored in CXL) copied in before resume, cold ones (RDMA or file) on demand.
-  if (name == "aquifer") return make("aquifer", Mechanism::snaptier_lazy, "tiered", P::hot);
-  // trenv: every stored page mapped in place from CXL (all of them are there); a write copies.
-  if (name == "trenv") {
-    return make("trenv", Mechanism::snaptier_lazy, "cxl", P::none, InPlace{InPlacePages::all_stored, true});
-  }
-  // cxlfork: every stored page mapped in place from CXL except those the profile saw written,
-  // which are copied into local DRAM before resume (CXLfork's migrate-on-write with its
-  // dirty-page prefetch): the written pages are left lazy, and the plan installs exactly them.
-  if (name == "cxlfork") {
-    return make("cxlfork", Mechanism::snaptier_lazy, "cxl", P::written, InPlace{InPlacePages::all_unwritten, true});
-  }
-  // tiered: read-only hot pages mapped in place from CXL; written hot pages (and read-only ones
-  // that cannot be mapped) copied in before resume; cold ones (RDMA or file) on demand; zero
-  // pages nowhere. Where the CXL tier cannot map privately it copies, as aquifer does.
-  if (name == "tiered") {
-    return make("tiered", Mechanism::snaptier_lazy, "tiered", P::hot, InPlace{InPlacePages::read_only_hot, false});
+  for (const auto& e : policy_table()) {
+    if (name == e.name) return std::make_unique<Policy>(e.name, e.mechanism, e.placement, e.prefetch, e.in_place);
   }
   std::string known;
   for (const auto& n : policy_names()) known += (known.empty() ? "" : ", ") + n;

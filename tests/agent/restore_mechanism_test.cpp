@@ -1,0 +1,481 @@
+// The restore mechanisms (include/snaptier/restore_mechanism.hpp) with a stand-in `criu` (a
+// shell script that fails, or "restores" a sleeping process, as each test tells it), over a
+// store holding the committed criu fixture: whatever happens, a restore leaves no work
+// directory, no daemon, no thread behind; and the one rendering of a result matches the control
+// schema's FunctionRestoreResult.
+#include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <algorithm>
+#include <functional>
+#include <map>
+#include <set>
+#include <string>
+#include <thread>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "helpers/temp_dir.hpp"
+#include "mechanism/server_thread.hpp"
+#include "snaptier/function_service.hpp"
+#include "snaptier/function_snapshot.hpp"
+#include "snaptier/process.hpp"
+#include "snaptier/restore_mechanism.hpp"
+#include "snaptier/restore_policy.hpp"
+#include "snaptier/snapshot_store.hpp"
+#include "snaptier/tiers.hpp"
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+using namespace snaptier;
+using namespace std::chrono_literals;
+
+namespace {
+
+const fs::path kRepo = fs::path(__FILE__).parent_path().parent_path().parent_path();
+const fs::path kFixture = kRepo / "tests" / "agent" / "data" / "criu" / "single";
+
+std::size_t thread_count() {
+  std::size_t n = 0;
+  for ([[maybe_unused]] const auto& e : fs::directory_iterator("/proc/self/task")) ++n;
+  return n;
+}
+
+bool alive(pid_t pid) { return pid > 0 && proc::is_running(pid); }
+
+pid_t read_pid(const fs::path& file) {
+  std::ifstream in(file);
+  long pid = 0;
+  in >> pid;
+  return static_cast<pid_t>(pid);
+}
+
+// criu restore: "fail" exits 1 with a log line; "run" starts `sleep` as the restored root.
+// criu lazy-pages: records its pid; "daemon-dies" exits at once, else it listens on the socket.
+constexpr const char* kStandInCriu = R"(#!/bin/bash
+set -euo pipefail
+here=$(dirname "$0")
+mode=$(cat "$here/mode")
+echo "$*" >> "$here/calls"
+work= pidfile=
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+  case "${args[i]}" in
+    -W) work=${args[i+1]} ;;
+    --pidfile) pidfile=${args[i+1]} ;;
+  esac
+done
+case "$1" in
+  restore)
+    if [ "$mode" = fail ] || [ "$mode" = daemon-ok-restore-fails ]; then
+      echo "Error (criu/cr-restore.c:1): stand-in failure" > "$work/restore.log"
+      exit 1
+    fi
+    setsid sleep 300 < /dev/null > /dev/null 2>&1 &
+    echo $! > "$pidfile"
+    echo $! > "$here/root.pid"
+    ;;
+  lazy-pages)
+    echo $$ > "$here/daemon.pid"
+    [ "$mode" = daemon-dies ] && exit 3
+    exec python3 -c 'import socket, sys, time
+s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(1); time.sleep(300)' "$work/lazy-pages.socket"
+    ;;
+esac
+)";
+
+class RestoreMechanismTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    bin_ = tmp_.path() / "bin";
+    fs::create_directories(bin_);
+    {
+      std::ofstream script(bin_ / "criu");
+      script << kStandInCriu;
+    }
+    fs::permissions(bin_ / "criu", fs::perms::owner_all);
+    mode("fail");
+
+    local_ = std::shared_ptr<Tier>(*make_local_tier(64 << 20));
+    file_ = std::shared_ptr<Tier>(*make_file_tier(tmp_.path() / "file-tier", 64 << 20));
+    auto made = make_snapshot_store(
+        StoreOptions{"hostA", tmp_.path() / "state", {{TierKind::local, local_}, {TierKind::file, file_}}, nullptr});
+    ASSERT_TRUE(made) << made.error().what();
+    store_ = std::shared_ptr<SnapshotStore>(std::move(*made));
+
+    auto ingested = snap::ingest(kFixture);
+    ASSERT_TRUE(ingested) << ingested.error().what();
+    ingested->snapshot.info.id = "fn:cxl";
+    const std::string blob = json{{"function", "helloworld"}, {"digest", "d"}, {"socket", (tmp_.path() / "sock" / "fn.sock").string()},
+                                  {"snapshot_host", "hostA"}, {"cold_tier", "file"}}
+                                 .dump();
+    ingested->snapshot.blobs[snap::kFunctionBlob].assign(reinterpret_cast<const std::byte*>(blob.data()),
+                                                         reinterpret_cast<const std::byte*>(blob.data()) + blob.size());
+    PlacementRequest placement;
+    placement.default_tier = TierKind::file;
+    auto info = store_->put(ingested->snapshot, ingested->data, placement);
+    ASSERT_TRUE(info) << info.error().what();
+    auto got = store_->get("fn:cxl");
+    ASSERT_TRUE(got) << got.error().what();
+    snapshot_ = *got;
+    threads_before_ = thread_count();
+  }
+
+  void mode(const std::string& m) { std::ofstream(bin_ / "mode") << m << "\n"; }
+
+  mechanism::RestoreContext context(const std::string& policy_name) {
+    auto made = policy::make_policy(policy_name);
+    EXPECT_TRUE(made);
+    mechanism::RestoreContext c;
+    c.criu = (bin_ / "criu").string();
+    c.dir = tmp_.path() / "work" / "restores" / ("fn." + policy_name);
+    c.timeout = 20s;
+    c.store = store_;
+    c.snapshot = snapshot_;
+    c.snapshot_id = "fn";
+    c.policy = std::shared_ptr<const policy::RestorePolicy>(std::move(*made));
+    return c;
+  }
+
+  mechanism::Invocation invocation() {
+    auto spec = function::load_spec(kRepo / "workloads" / "helloworld");
+    EXPECT_TRUE(spec) << spec.error().what();
+    return mechanism::Invocation{*spec, tmp_.path() / "sock" / "fn.sock", "d", false, 20s};
+  }
+
+  // Runs one restore with `policy` to its end; returns the result; the mechanism is gone after.
+  mechanism::RestoreResult restore(const std::string& policy_name) {
+    mechanism::RestoreResult result;
+    result.snapshot = "fn";
+    result.policy = policy_name;
+    auto made = mechanism::make_mechanism(context(policy_name));
+    EXPECT_TRUE(made) << made.error().what();
+    if (!made) return result;
+    dir_ = (*made)->dir();
+    EXPECT_TRUE(fs::is_directory(dir_));
+    mechanism::run_restore(**made, invocation(), result);
+    made->reset();
+    return result;
+  }
+
+  void expect_nothing_left() {
+    EXPECT_FALSE(fs::exists(dir_)) << dir_ << " left behind";
+    if (fs::exists(tmp_.path() / "work" / "restores")) {
+      EXPECT_TRUE(fs::is_empty(tmp_.path() / "work" / "restores"));
+    }
+    for (const char* file : {"root.pid", "daemon.pid"}) {
+      if (fs::exists(bin_ / file)) {
+        EXPECT_FALSE(alive(read_pid(bin_ / file))) << file << " still running";
+      }
+    }
+    EXPECT_EQ(thread_count(), threads_before_) << "a thread outlived the restore";
+  }
+
+  snaptier::testing::TempDir tmp_;
+  fs::path bin_, dir_;
+  std::shared_ptr<Tier> local_, file_;
+  std::shared_ptr<SnapshotStore> store_;
+  Snapshot snapshot_;
+  std::size_t threads_before_ = 0;
+};
+
+TEST_F(RestoreMechanismTest, FailedCriuEagerRestoreLeavesNothingAndSaysWhy) {
+  const auto r = restore("criu-eager");
+  EXPECT_FALSE(r.ok);
+  ASSERT_TRUE(r.error);
+  EXPECT_NE(r.error->find("criu restore failed"), std::string::npos) << *r.error;
+  EXPECT_NE(r.error->find("stand-in failure"), std::string::npos) << "the log's tail is part of the error";
+  ASSERT_TRUE(r.materialize);
+  EXPECT_GT(r.materialize->pages, 0u);
+  EXPECT_FALSE(r.restore_ms) << "the restore never ran";
+  expect_nothing_left();
+}
+
+TEST_F(RestoreMechanismTest, RestoredTreeIsKilledWhenTheFlowFailsAfterTheRestore) {
+  mode("run");  // the "tree" runs, but the instance's socket never appears
+  const auto r = restore("criu-eager");
+  EXPECT_FALSE(r.ok);
+  ASSERT_TRUE(r.error);
+  EXPECT_NE(r.error->find("move "), std::string::npos) << *r.error;
+  EXPECT_TRUE(r.restore_ms);
+  ASSERT_TRUE(fs::exists(bin_ / "root.pid"));
+  expect_nothing_left();
+}
+
+TEST_F(RestoreMechanismTest, CriuLazyDaemonIsEndedWhenTheRestoreFails) {
+  mode("daemon-ok-restore-fails");
+  const auto r = restore("criu-lazy");
+  EXPECT_FALSE(r.ok);
+  ASSERT_TRUE(r.error);
+  EXPECT_NE(r.error->find("criu restore failed"), std::string::npos) << *r.error;
+  ASSERT_TRUE(fs::exists(bin_ / "daemon.pid")) << "the daemon was never started";
+  expect_nothing_left();
+}
+
+TEST_F(RestoreMechanismTest, CriuLazyDaemonThatDiesEarlyIsReportedWithItsExit) {
+  mode("daemon-dies");
+  const auto r = restore("criu-lazy");
+  ASSERT_TRUE(r.error);
+  EXPECT_NE(r.error->find("criu lazy-pages exited early"), std::string::npos) << *r.error;
+  expect_nothing_left();
+}
+
+TEST_F(RestoreMechanismTest, AgentLazyServerThreadEndsWhenCriuRestoreFails) {
+  const auto t0 = std::chrono::steady_clock::now();
+  const auto r = restore("lazy-cxl");
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 15s) << "the server was not told to stop";
+  EXPECT_FALSE(r.ok);
+  ASSERT_TRUE(r.error);
+  EXPECT_EQ(r.error->rfind("i/o error: criu restore failed", 0), 0u) << "criu's failure, not the stopped server's: " << *r.error;
+  ASSERT_TRUE(r.in_place);
+  EXPECT_EQ((*r.in_place)["mode"], "off");
+  expect_nothing_left();
+}
+
+TEST_F(RestoreMechanismTest, ServerThreadDestroyedBeforeItsRestorerConnectsLeavesNoThread) {
+  auto bound_dir = tmp_.path() / "server";
+  fs::create_directories(bound_dir);
+  lazy::LazyPagesOptions o;
+  o.images_dir = kFixture;
+  o.work_dir = bound_dir;
+  o.accept_timeout = 60s;  // far longer than the test: only the stop request ends it
+  bool chained = false;
+  o.on_resumed = [&chained] { chained = true; };
+  auto server = mechanism::ServerThread::start(std::move(o));
+  ASSERT_TRUE(server) << server.error().what();
+  EXPECT_EQ(thread_count(), threads_before_ + 1);
+  EXPECT_FALSE((*server)->wait_resumed(50ms));
+  const auto t0 = std::chrono::steady_clock::now();
+  server->reset();
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, mechanism::ServerThread::kStopGrace + 2s);
+  EXPECT_EQ(thread_count(), threads_before_);
+  EXPECT_FALSE(chained) << "nobody was resumed";
+  EXPECT_FALSE(fs::exists(bound_dir / lazy::kSocketName)) << "socket file left behind";
+}
+
+TEST_F(RestoreMechanismTest, FunctionServiceRestoreThatFailsLeavesNoRestoreDirectory) {
+  FunctionsConfig config;
+  config.workloads_dir = kRepo / "workloads";
+  config.work_dir = tmp_.path() / "work";
+  config.criu = (bin_ / "criu").string();
+  config.operation_timeout = 20s;
+  FunctionService service("hostA", config, store_, {{TierKind::local, local_->caps()}, {TierKind::file, file_->caps()}});
+  for (const char* policy : {"criu-eager", "criu-lazy", "lazy-cxl"}) {
+    control::FunctionRestore request;
+    request.snapshot = "fn";
+    request.policy = policy;
+    auto r = service.restore(request);
+    ASSERT_TRUE(r) << policy << ": " << r.error().what();
+    EXPECT_EQ((*r)["ok"], false) << policy;
+    EXPECT_TRUE(fs::is_empty(config.work_dir / "restores")) << policy << " left a restore directory";
+  }
+  // Refused before anything starts; the policy list says, typed, what this host lacks for it.
+  control::FunctionRestore rdma;
+  rdma.snapshot = "fn";
+  rdma.policy = "lazy-rdma";
+  auto refused = service.restore(rdma);
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refused.error().code, Errc::not_found);
+  std::map<std::string, json> listed;
+  for (const auto& p : service.policies()) listed[p["name"]] = p["missing"];
+  EXPECT_EQ(listed.size(), policy::policy_names().size());
+  EXPECT_EQ(listed["lazy-rdma"], "rdma");
+  EXPECT_EQ(listed["aquifer"], "cxl") << "tiered needs cxl and one of rdma, file";
+  EXPECT_EQ(listed["trenv"], "cxl") << "no CXL tier: cannot map in place";
+  EXPECT_TRUE(listed["criu-eager"] == "cxl" && listed["criu-remote"].is_null());
+  // criu-remote without the snapshot host as a peer: a failed result naming the peer.
+  control::FunctionRestore remote;
+  remote.snapshot = "fn";
+  remote.policy = "criu-remote";
+  auto no_peer = service.restore(remote);
+  ASSERT_TRUE(no_peer) << no_peer.error().what();
+  EXPECT_EQ((*no_peer)["ok"], false);
+  EXPECT_EQ((*no_peer)["missing"], "peer");
+  EXPECT_TRUE(fs::is_empty(config.work_dir / "restores"));
+  EXPECT_EQ(thread_count(), threads_before_);
+}
+
+// ---- the result against the schema --------------------------------------------------------------
+
+json load_schema() {
+  std::ifstream in(kRepo / "docs" / "schema" / "control.schema.json");
+  return json::parse(in);
+}
+
+// The subset of JSON Schema the control schema uses: type, enum, const, $ref, oneOf,
+// required, properties, additionalProperties: false, items, minimum. `strict`: every key of an
+// object must be a listed property (results may gain fields only through the schema).
+class Validator {
+ public:
+  explicit Validator(json schema) : schema_(std::move(schema)) {}
+
+  std::vector<std::string> check(const json& value, const std::string& def, bool strict) {
+    problems_.clear();
+    strict_ = strict;
+    validate(value, schema_["$defs"][def], def);
+    return problems_;
+  }
+
+ private:
+  bool type_ok(const json& v, const std::string& type) {
+    if (type == "string") return v.is_string();
+    if (type == "integer") return v.is_number_integer();
+    if (type == "number") return v.is_number();
+    if (type == "boolean") return v.is_boolean();
+    if (type == "object") return v.is_object();
+    if (type == "array") return v.is_array();
+    if (type == "null") return v.is_null();
+    return false;
+  }
+  bool passes(const json& v, const json& s, const std::string& at) {
+    const auto before = problems_.size();
+    validate(v, s, at);
+    const bool ok = problems_.size() == before;
+    problems_.resize(before);
+    return ok;
+  }
+  void validate(const json& v, const json& s, const std::string& at) {
+    if (s.contains("$ref")) {
+      const std::string ref = s["$ref"];
+      validate(v, schema_["$defs"][ref.substr(ref.rfind('/') + 1)], at);
+    }
+    if (s.contains("type") && !type_ok(v, s["type"].get<std::string>())) {
+      problems_.push_back(at + ": not " + s["type"].get<std::string>());
+    }
+    if (s.contains("enum") && std::find(s["enum"].begin(), s["enum"].end(), v) == s["enum"].end()) {
+      problems_.push_back(at + ": " + v.dump() + " not in the enum");
+    }
+    if (s.contains("const") && v != s["const"]) problems_.push_back(at + ": not " + s["const"].dump());
+    if (s.contains("minimum") && v.is_number() && v.get<double>() < s["minimum"].get<double>()) {
+      problems_.push_back(at + ": below the minimum");
+    }
+    if (s.contains("oneOf")) {
+      int n = 0;
+      for (const auto& alt : s["oneOf"]) n += passes(v, alt, at) ? 1 : 0;
+      if (n != 1) problems_.push_back(at + ": matches " + std::to_string(n) + " alternatives of oneOf");
+    }
+    if (v.is_object()) {
+      for (const auto& key : s.value("required", json::array())) {
+        if (!v.contains(key.get<std::string>())) problems_.push_back(at + ": required " + key.get<std::string>() + " missing");
+      }
+      const json properties = s.value("properties", json::object());
+      const json extra = s.value("additionalProperties", json(true));
+      for (const auto& [key, item] : v.items()) {
+        if (s.contains("propertyNames")) validate(json(key), s["propertyNames"], at + " key " + key);
+        if (properties.contains(key)) {
+          validate(item, properties[key], at + "." + key);
+        } else if (extra.is_object()) {
+          validate(item, extra, at + "." + key);
+        } else if (extra == false || (strict_ && s.contains("properties"))) {
+          problems_.push_back(at + ": " + key + " is not in the schema");
+        }
+      }
+    }
+    if (v.is_array() && s.contains("items")) {
+      for (std::size_t i = 0; i < v.size(); ++i) validate(v[i], s["items"], at + "[" + std::to_string(i) + "]");
+    }
+  }
+
+  json schema_;
+  bool strict_ = false;
+  std::vector<std::string> problems_;
+};
+
+std::string joined(const std::vector<std::string>& v) {
+  std::string out;
+  for (const auto& s : v) out += s + "\n";
+  return out;
+}
+
+mechanism::RestoreResult every_field() {
+  mechanism::RestoreResult r;
+  r.snapshot = "fn";
+  r.variant = "fn";
+  r.function = "helloworld";
+  r.policy = "tiered";
+  r.mechanism = "snaptier-lazy";
+  r.host = "host1";
+  r.ok = true;
+  r.answer_ok = true;
+  r.digest_ok = true;
+  r.digest = std::string(64, 'a');
+  r.zero_pages = 3;
+  r.snapshot_pages = 100;
+  r.snapshot_bytes_per_tier = {{TierKind::cxl, 4096}, {TierKind::rdma, 8192}};
+  r.cold_tier = "rdma";
+  r.materialize = mechanism::MaterializeStep{1.5, 10, 40960};
+  r.remote = mechanism::RemoteStep{"host0", "10.0.0.1", 27001, 512, 3.0, json{{"host", "host0"}}};
+  r.in_place = json{{"pages", "read-only hot pages"}, {"mode", "mapped"}, {"tier", "in-place: yes"}};
+  r.restore_ms = 10;
+  r.first_response_ms = 20;
+  r.invoke_ms = 5;
+  r.local_memory_bytes = 1 << 20;
+  r.local_anonymous_bytes = 1 << 19;
+  r.cxl_mapped_bytes = 1 << 18;
+  r.mapped_cow_bytes = 4096;
+  r.pages_mapped_in_place = 64;
+  r.faults = mechanism::FaultCounts{10, 7, 3, 1, {{TierKind::rdma, 9}}};
+  r.bytes_moved_per_tier = std::map<TierKind, std::uint64_t>{{TierKind::rdma, 36864}};
+  r.pages_prefetched = 5;
+  r.pages_copied_before_resume = 5;
+  r.pages_background = 2;
+  r.prefetch_ms = 0.5;
+  r.faults_after_digest = 12;
+  r.lazy_pages = 40;
+  r.server = mechanism::ServerReport{std::nullopt, 0};
+  r.instance = mechanism::KeptInstance{1234, "/run/x.sock"};
+  return r;
+}
+
+TEST(RestoreResultSchema, EveryRenderedFieldIsInTheSchemaWithItsType) {
+  const json schema = load_schema();
+  Validator v(schema);
+  const json full = mechanism::to_json(every_field());
+  const auto problems = v.check(full, "FunctionRestoreResult", true);
+  EXPECT_TRUE(problems.empty()) << joined(problems);
+  // Every property the schema describes is one the rendering can produce.
+  for (const auto& item : schema["$defs"]["FunctionRestoreResult"]["properties"].items()) {
+    EXPECT_TRUE(full.contains(item.key())) << item.key() << " is in the schema but never rendered";
+  }
+}
+
+TEST(RestoreResultSchema, FailedAndUnreportedResultsMatchTooWithNulls) {
+  Validator v(load_schema());
+  mechanism::RestoreResult failed;
+  failed.policy = "criu-remote";
+  failed.mechanism = "criu-remote";
+  failed.fail_with(Error{Errc::unavailable, "criu-remote needs the snapshot host as a peer"});
+  failed.missing = "peer";
+  const json j = mechanism::to_json(failed);
+  EXPECT_EQ(v.check(j, "FunctionRestoreResult", true), std::vector<std::string>{}) << j.dump(2);
+  EXPECT_EQ(j["missing"], "peer");
+  EXPECT_EQ(j["error"], "unavailable: criu-remote needs the snapshot host as a peer");
+  EXPECT_FALSE(j.contains("restore_ms"));
+
+  mechanism::RestoreResult lazy = every_field();
+  lazy.faults = std::optional<mechanism::FaultCounts>();  // criu lazy-pages counts nothing
+  const json k = mechanism::to_json(lazy);
+  EXPECT_TRUE(k["faults"].is_null());
+  EXPECT_EQ(v.check(k, "FunctionRestoreResult", true), std::vector<std::string>{});
+}
+
+TEST(RestoreResultSchema, PolicyNamesAndMechanismsAreTheSchemasOnes) {
+  const json schema = load_schema();
+  const auto in_schema = schema["$defs"]["PolicyName"]["enum"].get<std::vector<std::string>>();
+  EXPECT_EQ(policy::policy_names(), in_schema) << "docs/schema/control.schema.json PolicyName lists other policies";
+  const json mechanisms = schema["$defs"]["FunctionRestoreResult"]["properties"]["mechanism"]["enum"];
+  const json placements = schema["$defs"]["PlacementName"]["enum"];
+  for (const auto& p : policy::describe_policies()) {
+    EXPECT_NE(std::find(mechanisms.begin(), mechanisms.end(), p.mechanism), mechanisms.end()) << p.name;
+    EXPECT_NE(std::find(placements.begin(), placements.end(), p.placement), placements.end()) << p.name;
+    EXPECT_FALSE(p.description.empty()) << p.name;
+    EXPECT_EQ(p.tiers.empty(), p.mechanism == "criu-remote") << p.name << ": only criu-remote needs no tier here";
+  }
+}
+
+}  // namespace

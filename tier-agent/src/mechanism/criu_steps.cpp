@@ -1,0 +1,115 @@
+#include "mechanism/criu_steps.hpp"
+
+#include <signal.h>
+#include <sys/stat.h>
+
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+namespace snaptier::mechanism {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+using std::chrono::milliseconds;
+
+Result<pid_t> read_pid_file(const fs::path& path) {
+  std::ifstream in(path);
+  long pid = 0;
+  if (!(in >> pid) || pid <= 0) return fail(Errc::io, "criu wrote no pid to " + path.string());
+  return static_cast<pid_t>(pid);
+}
+
+std::uint64_t rss_bytes(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("VmRSS:", 0) == 0) {
+      std::istringstream fields(line.substr(6));
+      std::uint64_t kib = 0;
+      fields >> kib;
+      return kib * 1024;
+    }
+  }
+  return 0;
+}
+
+void kill_tree(pid_t root) noexcept {
+  if (root <= 0) return;
+  (void)::kill(root, SIGKILL);
+  const auto deadline = Clock::now() + std::chrono::seconds(10);
+  while (proc::is_running(root) && Clock::now() < deadline) std::this_thread::sleep_for(milliseconds(10));
+}
+
+std::string tail_of(const fs::path& log) { return proc::read_tail(log, 1500); }
+
+Result<void> run_criu(const std::vector<std::string>& argv, milliseconds timeout, const fs::path& log,
+                      std::string_view what) {
+  auto r = proc::run(argv, timeout);
+  if (!r) return tl::unexpected(r.error());
+  if (!r->status.ok()) {
+    return fail(r->status.timed_out ? Errc::timeout : Errc::io,
+                std::string(what) + " failed (" +
+                    (r->status.timed_out ? "timed out" : "exit " + std::to_string(r->status.exit_code)) + "); end of " +
+                    log.string() + ":\n" + tail_of(log));
+  }
+  return {};
+}
+
+Result<void> wait_for_socket(const fs::path& path, proc::Child& daemon, milliseconds timeout, const fs::path& log) {
+  const auto deadline = Clock::now() + timeout;
+  struct stat st{};
+  while (::stat(path.c_str(), &st) != 0 || !S_ISSOCK(st.st_mode)) {
+    if (daemon.try_wait()) return fail(Errc::io, "criu lazy-pages exited early; end of " + log.string() + ":\n" + tail_of(log));
+    if (Clock::now() >= deadline) return fail(Errc::timeout, "criu lazy-pages did not create " + path.string());
+    std::this_thread::sleep_for(milliseconds(10));
+  }
+  return {};
+}
+
+std::string to_hex(std::span<const std::byte> bytes) {
+  static constexpr char kDigits[] = "0123456789abcdef";
+  std::string out;
+  out.reserve(bytes.size() * 2);
+  for (std::byte b : bytes) {
+    out.push_back(kDigits[std::to_integer<unsigned>(b) >> 4]);
+    out.push_back(kDigits[std::to_integer<unsigned>(b) & 15]);
+  }
+  return out;
+}
+
+Result<std::vector<std::byte>> from_hex(const std::string& text) {
+  auto digit = [](char c) -> int {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    return -1;
+  };
+  if (text.size() % 2 != 0) return fail(Errc::protocol, "odd-length hex image");
+  std::vector<std::byte> out(text.size() / 2);
+  for (std::size_t i = 0; i < out.size(); ++i) {
+    const int hi = digit(text[2 * i]), lo = digit(text[2 * i + 1]);
+    if (hi < 0 || lo < 0) return fail(Errc::protocol, "bad hex digit in an image");
+    out[i] = static_cast<std::byte>(hi * 16 + lo);
+  }
+  return out;
+}
+
+bool tcp_listening(std::uint16_t port) {
+  char hex_port[8];
+  std::snprintf(hex_port, sizeof hex_port, ":%04X", static_cast<unsigned>(port));
+  for (const char* table : {"/proc/net/tcp", "/proc/net/tcp6"}) {
+    std::ifstream in(table);
+    std::string line;
+    std::getline(in, line);  // header
+    while (std::getline(in, line)) {
+      std::istringstream fields(line);
+      std::string slot, local, remote, state;
+      fields >> slot >> local >> remote >> state;
+      if (state == "0A" && local.size() > 5 && local.compare(local.size() - 5, 5, hex_port) == 0) return true;
+    }
+  }
+  return false;
+}
+
+}  // namespace snaptier::mechanism

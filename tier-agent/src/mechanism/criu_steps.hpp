@@ -1,0 +1,39 @@
+// Steps of running CRIU that the mechanisms and the snapshot side share: a bounded criu run
+// with its log's tail in the error, the pid file, the lazy-pages socket, killing a tree.
+#pragma once
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <filesystem>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "snaptier/error.hpp"
+#include "snaptier/process.hpp"
+
+namespace snaptier::mechanism {
+
+[[nodiscard]] Result<pid_t> read_pid_file(const std::filesystem::path& path);
+// VmRSS of `pid`, 0 if it is gone.
+[[nodiscard]] std::uint64_t rss_bytes(pid_t pid);
+// SIGKILL to a restored tree's root (the init of its pid namespace), then a bounded wait.
+void kill_tree(pid_t root) noexcept;
+[[nodiscard]] std::string tail_of(const std::filesystem::path& log);
+// `argv` run to completion within `timeout`; a failure names `what` and ends with the log's tail.
+[[nodiscard]] Result<void> run_criu(const std::vector<std::string>& argv, std::chrono::milliseconds timeout,
+                                    const std::filesystem::path& log, std::string_view what);
+// Until `path` is a socket, `daemon` exits (an error with its log's tail) or `timeout` runs out.
+[[nodiscard]] Result<void> wait_for_socket(const std::filesystem::path& path, proc::Child& daemon,
+                                           std::chrono::milliseconds timeout, const std::filesystem::path& log);
+[[nodiscard]] std::string to_hex(std::span<const std::byte> bytes);
+[[nodiscard]] Result<std::vector<std::byte>> from_hex(const std::string& text);
+// Is something listening on TCP `port` (any address)? From /proc/net/tcp{,6}: connecting to
+// find out would use up the page server's one connection.
+[[nodiscard]] bool tcp_listening(std::uint16_t port);
+
+}  // namespace snaptier::mechanism

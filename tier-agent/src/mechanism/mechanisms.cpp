@@ -1,0 +1,295 @@
+// The restore mechanisms behind RestoreMechanism (include/snaptier/restore_mechanism.hpp):
+// CRIU eager, CRIU's lazy-pages daemon (local images, or the snapshot host's page server for
+// criu-remote), the agent's lazy-pages server, and the same with pages mapped in place.
+//
+// Members are declared in the order things are started, so they are torn down in reverse: the
+// server thread (or CRIU's daemon) ends before the images it reads and the work directory go.
+#include <fstream>
+#include <optional>
+
+#include <spdlog/spdlog.h>
+
+#include "inplace/inplace.hpp"
+#include "mechanism/criu_steps.hpp"
+#include "mechanism/server_thread.hpp"
+#include "snaptier/function_snapshot.hpp"
+#include "snaptier/lazy_pages.hpp"
+#include "snaptier/process.hpp"
+#include "snaptier/restore_mechanism.hpp"
+
+namespace snaptier::mechanism {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+using Clock = std::chrono::steady_clock;
+using std::chrono::milliseconds;
+
+namespace {
+
+double ms_since(Clock::time_point t) { return std::chrono::duration<double, std::milli>(Clock::now() - t).count(); }
+
+class Base : public RestoreMechanism {
+ public:
+  Base(RestoreContext context, WorkDir dir) : dir_(std::move(dir)), ctx_(std::move(context)) {}
+  const fs::path& dir() const noexcept override { return dir_.path(); }
+
+ protected:
+  fs::path images() const { return dir_.path() / "images"; }
+  std::vector<std::string> restore_argv() const {
+    return {ctx_.criu, "restore", "-D", images().string(), "-W", dir().string(), "-d", "--pidfile",
+            (dir() / "pid").string(), "-o", "restore.log", "-v2"};
+  }
+  // Images (and pages) written from the store; all of them, or only what CRIU restores itself.
+  Result<void> materialize(bool all_pages, RestoreResult& out) {
+    const auto t = Clock::now();
+    auto m = snap::materialize(ctx_.snapshot, *ctx_.store, images(), all_pages);
+    if (!m) return tl::unexpected(m.error());
+    materialized_ = std::move(*m);
+    out.materialize = MaterializeStep{ms_since(t), materialized_->pages_written, materialized_->bytes_written};
+    return {};
+  }
+  // The images are not needed once the tree runs (or is gone); a kept instance keeps only its
+  // work directory's socket and logs.
+  void drop_images() {
+    std::error_code ec;
+    fs::remove_all(images(), ec);
+  }
+  void keep_dir_if(bool kept) {
+    if (kept) dir_.keep();
+  }
+
+  WorkDir dir_;
+  RestoreContext ctx_;
+  std::optional<snap::Materialized> materialized_;
+};
+
+// `criu restore` from complete images on local storage.
+class CriuEager final : public Base {
+ public:
+  using Base::Base;
+  Result<void> prepare(RestoreResult& out) override { return materialize(true, out); }
+  Result<pid_t> restore() override {
+    if (auto ok = run_criu(restore_argv(), ctx_.timeout, dir() / "restore.log", "criu restore"); !ok) {
+      return tl::unexpected(ok.error());
+    }
+    return read_pid_file(dir() / "pid");
+  }
+  void finish(bool kept, RestoreResult& out) override {
+    // CRIU moved every page itself: nothing faults.
+    const std::uint64_t bytes = materialized_ ? materialized_->bytes_written : 0;
+    out.faults = FaultCounts{};
+    out.bytes_moved_per_tier = std::map<TierKind, std::uint64_t>{{TierKind::file, bytes}};
+    out.pages_prefetched = bytes / kPageSize;
+    out.pages_copied_before_resume = out.pages_prefetched;
+    out.pages_background = 0;
+    drop_images();
+    keep_dir_if(kept);
+  }
+};
+
+// CRIU's own `criu lazy-pages` daemon: over complete local images, or (remote) over the
+// snapshot host's page server, which a `criu dump --lazy-pages` there runs for us.
+class CriuLazy final : public Base {
+ public:
+  CriuLazy(RestoreContext context, WorkDir dir, bool remote) : Base(std::move(context), std::move(dir)), remote_(remote) {}
+
+  Result<void> prepare(RestoreResult& out) override {
+    if (remote_) {
+      if (auto ok = fetch_remote_images(out); !ok) return ok;
+    } else if (auto ok = materialize(true, out); !ok) {
+      return ok;
+    }
+    std::vector<std::string> argv{ctx_.criu, "lazy-pages", "-D", images().string(), "-W", dir().string(),
+                                  "-o", "lazy-pages.log", "-v2"};
+    if (remote_) {
+      argv.insert(argv.end(), {"--page-server", "--address", ctx_.remote->address, "--port",
+                               std::to_string(ctx_.remote->port)});
+    }
+    auto daemon = proc::spawn(argv);
+    if (!daemon) return tl::unexpected(daemon.error());
+    daemon_ = std::move(*daemon);
+    return wait_for_socket(dir() / lazy::kSocketName, daemon_, milliseconds(30'000), dir() / "lazy-pages.log");
+  }
+
+  Result<pid_t> restore() override {
+    auto argv = restore_argv();
+    argv.push_back("--lazy-pages");
+    if (auto ok = run_criu(argv, ctx_.timeout, dir() / "restore.log", "criu restore"); !ok) return tl::unexpected(ok.error());
+    return read_pid_file(dir() / "pid");
+  }
+
+  void finish(bool kept, RestoreResult& out) override {
+    // criu lazy-pages does not report its faults.
+    const std::uint64_t bytes = materialized_ ? materialized_->bytes_written : 0;
+    out.faults = std::optional<FaultCounts>();
+    out.bytes_moved_per_tier = std::map<TierKind, std::uint64_t>{{TierKind::file, bytes}};
+    out.pages_prefetched = 0;
+    out.pages_copied_before_resume = 0;
+    out.pages_background = 0;
+    // It exits once its tasks are gone or every page is sent; the Child kills it after that.
+    if (daemon_.pid() > 0) (void)daemon_.wait(milliseconds(30'000));
+    drop_images();
+    keep_dir_if(kept);
+  }
+
+ private:
+  Result<void> fetch_remote_images(RestoreResult& out) {
+    if (!ctx_.remote) return fail(Errc::unavailable, "criu-remote needs the snapshot host as a peer");
+    const auto t = Clock::now();
+    const RemotePeer& peer = *ctx_.remote;
+    auto served = peer.call(control::FunctionServeLazy{ctx_.snapshot_id, peer.address, peer.port});
+    if (!served) return tl::unexpected(served.error());
+    std::error_code ec;
+    fs::create_directories(images(), ec);
+    if (ec) return fail(Errc::io, "create " + images().string() + ": " + ec.message());
+    std::uint64_t image_bytes = 0;
+    if (!served->contains("images") || !(*served)["images"].is_object()) {
+      return fail(Errc::protocol, peer.host + " sent no images");
+    }
+    for (const auto& [name, hex] : (*served)["images"].items()) {
+      if (name.empty() || name.find('/') != std::string::npos || name == "." || name == ".." || !hex.is_string()) {
+        return fail(Errc::protocol, peer.host + " sent a bad image entry");
+      }
+      auto bytes = from_hex(hex.get<std::string>());
+      if (!bytes) return tl::unexpected(bytes.error());
+      std::ofstream file(images() / name, std::ios::binary);
+      file.write(reinterpret_cast<const char*>(bytes->data()), static_cast<std::streamsize>(bytes->size()));
+      if (!file) return fail(Errc::io, "write " + (images() / name).string());
+      image_bytes += bytes->size();
+    }
+    json reply = *served;
+    reply.erase("images");
+    out.remote = RemoteStep{peer.host, peer.address, peer.port, image_bytes, ms_since(t), std::move(reply)};
+    return {};
+  }
+
+  bool remote_;
+  proc::Child daemon_;  // killed and reaped on destruction if still running
+};
+
+// `criu restore --lazy-pages --leave-stopped`, the agent's lazy-pages server serving the uffds
+// from the store with the policy's plan. The in-place step comes first: the pages the policy
+// uses in place (none for most) are checked and written into the images as file mappings of
+// the CXL region, so the server sees only the pages that are still copied.
+class AgentLazy final : public Base {
+ public:
+  using Base::Base;
+
+  Result<void> prepare(RestoreResult& out) override {
+    if (auto ok = materialize(false, out); !ok) return ok;
+    const criu::Checkpoint* checkpoint = &materialized_->checkpoint;
+    const policy::RestorePolicy& chosen = *ctx_.policy;
+    const auto selection = inplace::selection(chosen, ctx_.in_place);
+    out.in_place = inplace::describe_choice(chosen, ctx_.in_place);
+    if (selection != policy::InPlacePages::none) {
+      auto prepared = inplace::prepare(*ctx_.store, ctx_.snapshot, images(), materialized_->checkpoint, selection,
+                                       *ctx_.in_place);
+      if (prepared) {
+        mapped_ = std::move(*prepared);
+        inplace::report(*mapped_, *out.in_place);
+        checkpoint = &mapped_->checkpoint;
+      } else if (prepared.error().code == Errc::unsupported && !chosen.in_place().required) {
+        (*out.in_place)["mode"] = "copied (" + prepared.error().message + ")";  // an older snapshot
+      } else {
+        return tl::unexpected(prepared.error());
+      }
+    }
+    auto source = snap::StorePageSource::open(ctx_.store, ctx_.snapshot, *checkpoint);
+    if (!source) return tl::unexpected(source.error());
+    lazy::LazyPagesOptions lo;
+    lo.images_dir = images();
+    lo.work_dir = dir();
+    lo.source = *source;
+    // The planner runs on the server's thread: it holds what it reads (the policy and the source).
+    lo.planner = [policy = ctx_.policy, src = *source](TaskId task, const lazy::LazySource&) {
+      return policy->plan(src->policy_view(task));
+    };
+    lo.resume_after_prefetch = true;
+    lo.accept_timeout = milliseconds(60'000);
+    lo.serve_timeout = ctx_.timeout;
+    auto server = ServerThread::start(std::move(lo));
+    if (!server) return tl::unexpected(server.error());
+    server_ = std::move(*server);
+    return {};
+  }
+
+  Result<pid_t> restore() override {
+    auto argv = restore_argv();
+    argv.insert(argv.end(), {"--lazy-pages", "--leave-stopped"});
+    if (auto ok = run_criu(argv, ctx_.timeout, dir() / "restore.log", "criu restore"); !ok) {
+      const auto& report = server_->finish(milliseconds(5'000));
+      // A server that never saw the restorer only reports that it was stopped; one that did may
+      // hold the cause (a page failing its checksum), so its code leads.
+      if (report.error && report.connected_ms) {
+        return fail(report.error->code, ok.error().message + "; lazy-pages server: " + report.error->message);
+      }
+      return tl::unexpected(ok.error());
+    }
+    auto root = read_pid_file(dir() / "pid");
+    if (!root) return root;
+    // Resumed = every before-resume page installed and SIGCONT sent.
+    if (!server_->wait_resumed(ctx_.timeout)) {
+      kill_tree(*root);
+      const auto& report = server_->finish(milliseconds(5'000));
+      return tl::unexpected(report.error ? *report.error : Error{Errc::timeout, "the restored tasks were never resumed"});
+    }
+    return root;
+  }
+
+  void at_first_response() override {
+    if (auto m = server_->server().metrics_now(milliseconds(5'000))) at_first_response_ = *m;
+  }
+
+  void finish(bool kept, RestoreResult& out) override {
+    const auto& report = server_->finish(kept ? milliseconds(0) : milliseconds(30'000));
+    const FaultMetrics& m = at_first_response_ ? *at_first_response_ : report.metrics;
+    out.faults = FaultCounts{m.faults, m.read_faults, m.write_faults, m.zero_filled_faults, m.demand_pages_per_tier};
+    std::map<TierKind, std::uint64_t> moved;
+    for (const auto& [tier, pages] : m.pages_copied_per_tier) moved[tier] = pages * kPageSize;
+    out.bytes_moved_per_tier = moved;
+    out.pages_prefetched = report.prefetched_pages;
+    out.pages_copied_before_resume = report.prefetched_pages;
+    out.pages_background = m.pages_background;
+    out.prefetch_ms = report.prefetch_ms;
+    out.faults_after_digest = report.metrics.faults;
+    out.lazy_pages = report.lazy_pages;
+    out.server = ServerReport{report.error ? std::optional<std::string>(report.error->what()) : std::nullopt,
+                              report.drained_pages};
+    if (report.error && !kept) {
+      // The cause (e.g. a page that fails its checksum) comes before what it did to the invocation.
+      out.problems.insert(out.problems.begin(), "lazy-pages server: " + report.error->what());
+    }
+    drop_images();
+    keep_dir_if(kept);
+  }
+
+  fs::path mapped_backing() const override { return mapped_ ? mapped_->plan.rewrite.backing_file : fs::path(); }
+  std::uint64_t pages_mapped_in_place() const override { return mapped_ ? mapped_->plan.pages : 0; }
+
+ private:
+  std::optional<inplace::Prepared> mapped_;  // the in-place step's plan, if it mapped pages
+  std::optional<FaultMetrics> at_first_response_;
+  std::unique_ptr<ServerThread> server_;  // last: its thread reads the images and the source
+};
+
+}  // namespace
+
+Result<std::unique_ptr<RestoreMechanism>> make_mechanism(RestoreContext context) {
+  if (!context.policy) return fail(Errc::invalid_argument, "a restore needs a policy");
+  auto dir = WorkDir::create(context.dir);
+  if (!dir) return tl::unexpected(dir.error());
+  const policy::Mechanism kind = context.policy->mechanism();
+  switch (kind) {
+    case policy::Mechanism::criu_eager:
+      return std::make_unique<CriuEager>(std::move(context), std::move(*dir));
+    case policy::Mechanism::criu_lazy:
+      return std::make_unique<CriuLazy>(std::move(context), std::move(*dir), false);
+    case policy::Mechanism::criu_remote:
+      return std::make_unique<CriuLazy>(std::move(context), std::move(*dir), true);
+    case policy::Mechanism::snaptier_lazy:
+      return std::make_unique<AgentLazy>(std::move(context), std::move(*dir));
+  }
+  return fail(Errc::invalid_argument, "unknown mechanism");
+}
+
+}  // namespace snaptier::mechanism
