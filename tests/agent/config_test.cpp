@@ -135,6 +135,42 @@ gid_index = 1
   ASSERT_TRUE(config->memnode.has_value());
   EXPECT_EQ(config->memnode->pool_size, 2ull << 30);
   EXPECT_EQ(config->memnode->device, "rxe0");
+  // The pool outlives the agent by default: a file in /dev/shm named after the host.
+  EXPECT_EQ(config->memnode->pool_path, "/dev/shm/snaptier-pool-" + config->host);
+}
+
+TEST(ConfigTest, PoolPathCanMoveOrBeAnonymous) {
+  const std::string memnode =
+      "[agent]\nrole = \"memnode\"\nhost = \"mem0\"\nstate_dir = \"/x\"\n[control]\ntcp_listen = \"0.0.0.0:7400\"\n"
+      "token = \"0123456789abcdef\"\n[memnode]\npool_size = \"1G\"\n";
+  auto moved = parse_config(memnode + "pool_path = \"/dev/hugepages/pool\"\n", "/etc/snaptier/mem.toml");
+  ASSERT_TRUE(moved) << moved.error().what();
+  EXPECT_EQ(moved->memnode->pool_path, "/dev/hugepages/pool");
+  auto anonymous = parse_config(memnode + "pool_path = \"\"\n", "/etc/snaptier/mem.toml");
+  ASSERT_TRUE(anonymous) << anonymous.error().what();
+  EXPECT_TRUE(anonymous->memnode->pool_path.empty());
+  auto defaulted = parse_config(memnode, "/etc/snaptier/mem.toml");
+  ASSERT_TRUE(defaulted) << defaulted.error().what();
+  EXPECT_EQ(defaulted->memnode->pool_path, "/dev/shm/snaptier-pool-mem0");
+}
+
+TEST(ConfigTest, RdmaReconnectSettings) {
+  const std::string rdma = "[tiers.rdma]\nmemnode = \"10.0.0.9:7400\"\ntoken = \"0123456789abcdef\"\n";
+  auto defaults = parse_config(with_agent(rdma), "c.toml");
+  ASSERT_TRUE(defaults) << defaults.error().what();
+  EXPECT_EQ(defaults->rdma->reconnect.initial_backoff, RdmaReconnectOptions{}.initial_backoff);
+  EXPECT_EQ(defaults->rdma->reconnect.max_attempts, RdmaReconnectOptions{}.max_attempts);
+  auto set = parse_config(with_agent(rdma + "reconnect_initial_ms = 50\nreconnect_max_ms = 800\nreconnect_attempts = 5\n"
+                                            "reconnect_down_retry_ms = 9000\n"),
+                          "c.toml");
+  ASSERT_TRUE(set) << set.error().what();
+  EXPECT_EQ(set->rdma->reconnect.initial_backoff, std::chrono::milliseconds(50));
+  EXPECT_EQ(set->rdma->reconnect.max_backoff, std::chrono::milliseconds(800));
+  EXPECT_EQ(set->rdma->reconnect.max_attempts, 5u);
+  EXPECT_EQ(set->rdma->reconnect.down_retry, std::chrono::milliseconds(9000));
+  expect_rejected(with_agent(rdma + "reconnect_initial_ms = 500\nreconnect_max_ms = 100\n"), "[tiers.rdma] reconnect_max_ms",
+                  "at least reconnect_initial_ms");
+  expect_rejected(with_agent(rdma + "reconnect_attempts = 0\n"), "[tiers.rdma] reconnect_attempts", "between");
 }
 
 TEST(ConfigTest, TokenFileIsReadRelativeToTheConfigFile) {

@@ -258,7 +258,7 @@ TEST(ControlCodecTest, ResponsesRoundTripIncludingErrorCodes) {
 // codec must agree on the wire format in both directions.
 TEST(ControlCodecTest, RdmaJsonOfTheRdmaComponentMatchesTheWireCodec) {
   RdmaPoolGrant grant{RdmaEndpoint{"fe800000000000000000000000000001", 0x123456, 0x654321, 7}, 0x7f1234567000,
-                      0xdeadbeef, 1ull << 33};
+                      0xdeadbeef, 1ull << 33, 0x1f'2345'6789'abcd};
   EXPECT_EQ(json(grant), encode_grant(grant));
   EXPECT_EQ(json(grant.endpoint), encode_endpoint(grant.endpoint));
   auto decoded = decode_grant(json(grant));
@@ -270,9 +270,16 @@ TEST(ControlCodecTest, RdmaJsonOfTheRdmaComponentMatchesTheWireCodec) {
   EXPECT_EQ(decoded->remote_addr, grant.remote_addr);
   EXPECT_EQ(decoded->rkey, grant.rkey);
   EXPECT_EQ(decoded->pool_size, grant.pool_size);
+  EXPECT_EQ(decoded->epoch, grant.epoch);
   auto back = encode_grant(grant).get<RdmaPoolGrant>();
   EXPECT_EQ(back.endpoint.gid, grant.endpoint.gid);
   EXPECT_EQ(back.rkey, grant.rkey);
+  EXPECT_EQ(back.epoch, grant.epoch);
+  // A memory node from before pool epochs sends none: 0, "not tracked", in both decoders.
+  json old = encode_grant(grant);
+  old.erase("epoch");
+  EXPECT_EQ(decode_grant(old)->epoch, 0u);
+  EXPECT_EQ(old.get<RdmaPoolGrant>().epoch, 0u);
 }
 
 TEST(ControlCodecTest, FrameHeaderIsBigEndian) {

@@ -2,12 +2,16 @@
 // device (rdma_rxe exists only in the testbed guests) and skips without one. Environment:
 // SNAPTIER_RDMA_DEVICE (default: first device), SNAPTIER_RDMA_GID_INDEX (default 1).
 #include <gtest/gtest.h>
+#include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
+#include <filesystem>
 #include <functional>
 #include <iostream>
 #include <nlohmann/json.hpp>
+#include <mutex>
 #include <random>
 #include <thread>
 #include <vector>
@@ -303,7 +307,12 @@ class RewritingPool final : public RdmaPoolClient {
   std::function<void(RdmaPoolGrant&)> rewrite_;
 };
 
-void expect_fails_fast_then_stays_broken(Tier& tier, int timeout_ms, const char* what) {
+// Reconnection that never comes within a test: the state right after a failure is what is
+// checked (the reconnect tests below let it happen).
+constexpr RdmaReconnectOptions kNoReconnectSoon{.initial_backoff = std::chrono::seconds(60),
+                                                .max_backoff = std::chrono::seconds(60)};
+
+void expect_fails_fast_then_reconnecting(Tier& tier, int timeout_ms, const char* what) {
   SCOPED_TRACE(what);
   auto extent = tier.allocate(4096);
   ASSERT_TRUE(extent) << extent.error().what();
@@ -325,7 +334,10 @@ void expect_fails_fast_then_stays_broken(Tier& tier, int timeout_ms, const char*
       std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - start).count();
   ASSERT_FALSE(second);
   EXPECT_EQ(second.error().code, Errc::unavailable) << second.error().what();
+  EXPECT_NE(second.error().message.find("reconnecting since"), std::string::npos) << second.error().what();
   EXPECT_LT(second_ms, 100);
+  EXPECT_EQ(tier.health().state, TierState::reconnecting);
+  EXPECT_FALSE(tier.health().last_error.empty());
   auto allocate = tier.allocate(4096);
   ASSERT_FALSE(allocate);
   EXPECT_EQ(allocate.error().code, Errc::unavailable);
@@ -338,18 +350,18 @@ TEST_F(RdmaTierTest, BogusEndpointFailsWithinTheTimeoutAndNeverHangs) {
   auto pool = std::make_shared<RewritingPool>(server_, [](RdmaPoolGrant& grant) {
     grant.endpoint.qpn = (grant.endpoint.qpn + 0x5a5a5) & 0xffffff;  // nobody listens there
   });
-  auto tier = make_rdma_tier(options, pool);
+  auto tier = make_rdma_tier(options, pool, kNoReconnectSoon);
   ASSERT_TRUE(tier) << tier.error().what();
-  expect_fails_fast_then_stays_broken(**tier, options.timeout_ms, "bogus qpn");
+  expect_fails_fast_then_reconnecting(**tier, options.timeout_ms, "bogus qpn");
 }
 
 TEST_F(RdmaTierTest, WrongRkeyIsUnavailable) {
   auto pool = std::make_shared<RewritingPool>(server_, [](RdmaPoolGrant& grant) {
     grant.rkey ^= 0x00ffff00u;
   });
-  auto tier = make_rdma_tier(options_, pool);
+  auto tier = make_rdma_tier(options_, pool, kNoReconnectSoon);
   ASSERT_TRUE(tier) << tier.error().what();
-  expect_fails_fast_then_stays_broken(**tier, options_.timeout_ms, "wrong rkey");
+  expect_fails_fast_then_reconnecting(**tier, options_.timeout_ms, "wrong rkey");
 }
 
 TEST_F(RdmaTierTest, UnreachableGidFailsAtConnectOrFirstOperation) {
@@ -359,7 +371,7 @@ TEST_F(RdmaTierTest, UnreachableGidFailsAtConnectOrFirstOperation) {
     grant.endpoint.gid = "00000000000000000000ffffc0000201";  // 192.0.2.1 (TEST-NET-1)
   });
   const auto start = Clock::now();
-  auto tier = make_rdma_tier(options, pool);
+  auto tier = make_rdma_tier(options, pool, kNoReconnectSoon);
   if (!tier) {
     std::cerr << "  unreachable gid: connect failed: " << tier.error().what() << "\n";
     // RTR resolves the peer's MAC (ARP) on RoCE: rxe fails it after the neighbour timeout.
@@ -368,7 +380,7 @@ TEST_F(RdmaTierTest, UnreachableGidFailsAtConnectOrFirstOperation) {
               options.timeout_ms + 1000);
     return;
   }
-  expect_fails_fast_then_stays_broken(**tier, options.timeout_ms, "unreachable gid");
+  expect_fails_fast_then_reconnecting(**tier, options.timeout_ms, "unreachable gid");
 }
 
 TEST_F(RdmaTierTest, DestroyingATierLeavesThePoolUsable) {
@@ -382,6 +394,140 @@ TEST_F(RdmaTierTest, DestroyingATierLeavesThePoolUsable) {
     ASSERT_TRUE((*tier)->release(*extent));
   }
   expect_round_trip(4 * KiB, 0, 4 * KiB);
+}
+
+bool wait_until_up(const Tier& tier, std::chrono::milliseconds limit) {
+  const auto deadline = Clock::now() + limit;
+  while (Clock::now() < deadline) {
+    if (tier.health().state == TierState::up) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return tier.health().state == TierState::up;
+}
+
+constexpr RdmaReconnectOptions kFastReconnect{.initial_backoff = std::chrono::milliseconds(20),
+                                              .max_backoff = std::chrono::milliseconds(200)};
+
+TEST_F(RdmaTierTest, QueuePairErrorReconnectsAndServesAgain) {
+  // The first grant has a wrong rkey (the QP errors on first use); later grants are right, as
+  // after a memory node that came back.
+  auto grants = std::make_shared<std::atomic<int>>(0);
+  auto pool = std::make_shared<RewritingPool>(server_, [grants](RdmaPoolGrant& grant) {
+    if (grants->fetch_add(1) == 0) grant.rkey ^= 0x00ffff00u;
+  });
+  auto tier = make_rdma_tier(options_, pool, kFastReconnect);
+  ASSERT_TRUE(tier) << tier.error().what();
+  const std::uint64_t epoch = (*tier)->epoch();
+  EXPECT_NE(epoch, 0u);
+  auto extent = (*tier)->allocate(64 * KiB);
+  ASSERT_TRUE(extent) << extent.error().what();
+  const auto data = random_bytes(64 * KiB, 7);
+  auto broken = (*tier)->write(*extent, 0, data);
+  ASSERT_FALSE(broken);
+  EXPECT_EQ(broken.error().code, Errc::unavailable) << broken.error().what();
+  ASSERT_TRUE(wait_until_up(**tier, std::chrono::seconds(5))) << (*tier)->health().last_error;
+  EXPECT_EQ(grants->load(), 2);
+  EXPECT_EQ((*tier)->epoch(), epoch) << "the same pool";
+  ASSERT_TRUE((*tier)->write(*extent, 0, data));
+  std::vector<std::byte> back(data.size());
+  ASSERT_TRUE((*tier)->read(*extent, 0, back));
+  EXPECT_TRUE(back == data);
+  ASSERT_TRUE((*tier)->release(*extent));
+}
+
+// A pool client whose server can be replaced, as a restarted memory node agent is (the control
+// plane reaches whichever agent listens now).
+class RestartablePool final : public RdmaPoolClient {
+ public:
+  explicit RestartablePool(std::shared_ptr<RdmaPoolServer> server) : server_(std::move(server)) {}
+  void replace(std::shared_ptr<RdmaPoolServer> server) {
+    std::lock_guard lock(mutex_);
+    server_ = std::move(server);
+  }
+  Result<RdmaPoolGrant> connect(const RdmaEndpoint& local) override {
+    auto server = current();
+    if (!server) return fail(Errc::unavailable, "the memory node's agent is restarting");
+    return server->accept(local);
+  }
+  Result<Extent> allocate(std::uint64_t length) override {
+    auto server = current();
+    if (!server) return fail(Errc::unavailable, "the memory node's agent is restarting");
+    return server->allocate(length);
+  }
+  Result<void> release(Extent extent) override {
+    auto server = current();
+    if (!server) return fail(Errc::unavailable, "the memory node's agent is restarting");
+    return server->release(extent);
+  }
+
+ private:
+  std::shared_ptr<RdmaPoolServer> current() {
+    std::lock_guard lock(mutex_);
+    return server_;
+  }
+  std::mutex mutex_;
+  std::shared_ptr<RdmaPoolServer> server_;
+};
+
+// Waits (bounded) until a read succeeds: the first ones after a restart fail while the tier
+// notices the old QP is dead and reconnects.
+Result<void> read_when_back(Tier& tier, Extent extent, std::span<std::byte> out, std::chrono::seconds limit) {
+  const auto deadline = Clock::now() + limit;
+  Result<void> last = fail(Errc::timeout, "no read tried");
+  while (Clock::now() < deadline) {
+    last = tier.read(extent, 0, out);
+    if (last) return last;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return last;
+}
+
+TEST(RdmaPoolRestartTest, ThePoolKeepsItsPagesAcrossAServerRestartAndTheTierReconnects) {
+  SKIP_WITHOUT_RDMA();
+  RdmaDeviceOptions options = test_options();
+  options.timeout_ms = 1000;
+  const std::filesystem::path dir = std::filesystem::temp_directory_path() /
+                                    ("snaptier-rdma-pool-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  const RdmaPoolOptions pool_options{.pool_size = 8 * MiB, .path = dir / "pool"};
+  auto first = make_rdma_pool_server(options, pool_options);
+  ASSERT_TRUE(first) << first.error().what();
+  const std::uint64_t epoch = (*first)->state().epoch;
+  auto client = std::make_shared<RestartablePool>(std::shared_ptr<RdmaPoolServer>(std::move(*first)));
+  auto tier = make_rdma_tier(options, client, kFastReconnect);
+  ASSERT_TRUE(tier) << tier.error().what();
+  EXPECT_EQ((*tier)->epoch(), epoch);
+  auto extent = (*tier)->allocate(256 * KiB);
+  ASSERT_TRUE(extent);
+  const auto data = random_bytes(256 * KiB, 99);
+  ASSERT_TRUE((*tier)->write(*extent, 0, data));
+
+  // The agent restarts: the old server (and its QPs, MR, mapping) goes, a new one maps the file.
+  client->replace(nullptr);
+  auto second = make_rdma_pool_server(options, pool_options);
+  ASSERT_TRUE(second) << second.error().what();
+  EXPECT_EQ((*second)->state().epoch, epoch);
+  EXPECT_NE((*second)->state().origin.find("kept 1 extents"), std::string::npos) << (*second)->state().origin;
+  EXPECT_EQ((*second)->stats().used_bytes, extent->length);
+  client->replace(std::shared_ptr<RdmaPoolServer>(std::move(*second)));
+  std::vector<std::byte> back(data.size());
+  auto read = read_when_back(**tier, *extent, back, std::chrono::seconds(10));
+  ASSERT_TRUE(read) << read.error().what();
+  EXPECT_TRUE(back == data) << "byte-exact after the restart";
+  EXPECT_EQ((*tier)->epoch(), epoch);
+
+  // The memory node "reboots": the pool file is gone, the next pool has a new epoch.
+  client->replace(nullptr);
+  std::filesystem::remove(pool_options.path);
+  auto third = make_rdma_pool_server(options, pool_options);
+  ASSERT_TRUE(third) << third.error().what();
+  EXPECT_NE((*third)->state().epoch, epoch);
+  client->replace(std::shared_ptr<RdmaPoolServer>(std::move(*third)));
+  (void)read_when_back(**tier, *extent, back, std::chrono::seconds(10));
+  EXPECT_NE((*tier)->epoch(), epoch) << "the tier reports the new pool's epoch";
+  tier->reset();
+  client.reset();
+  std::filesystem::remove_all(dir);
 }
 
 TEST(RdmaDeviceTest, QueryDescribesAnActivePort) {

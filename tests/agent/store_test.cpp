@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <fstream>
 
@@ -12,6 +13,8 @@
 #include "helpers/temp_dir.hpp"
 #include "snaptier/snapshot_store.hpp"
 #include "snaptier/tiers.hpp"
+#include "snaptier/restore_policy.hpp"
+#include "store/manifest.hpp"
 
 namespace snaptier {
 namespace {
@@ -357,6 +360,121 @@ TEST_F(StoreTest, CorruptPublishedManifestIsReported) {
   auto got = reader_store->get("pub");
   ASSERT_FALSE(got);
   EXPECT_EQ(got.error().code, Errc::corrupt);
+}
+
+// A tier that behaves like an RDMA pool client as far as the store can tell: shared, remote, and
+// with an epoch that changes when its storage is replaced (here: set by the test). The bytes
+// live in a local tier; `lose()` wipes them and moves the epoch, as a rebooted memory node does.
+class EpochTier final : public Tier {
+ public:
+  explicit EpochTier(std::uint64_t epoch) : inner_(*make_local_tier(4 << 20)), epoch_(epoch) {}
+  std::string_view name() const noexcept override { return "rdma"; }
+  TierKind kind() const noexcept override { return TierKind::rdma; }
+  TierCaps caps() const noexcept override { return TierCaps{.shared = true, .remote = true}; }
+  Result<Extent> allocate(std::uint64_t length) override { return inner_->allocate(length); }
+  Result<void> release(Extent extent) override {
+    ++releases_;
+    return inner_->release(extent);
+  }
+  Result<void> read(Extent e, std::uint64_t offset, std::span<std::byte> out) override { return inner_->read(e, offset, out); }
+  Result<void> write(Extent e, std::uint64_t offset, std::span<const std::byte> in) override {
+    return inner_->write(e, offset, in);
+  }
+  TierStats stats() const override { return inner_->stats(); }
+  std::uint64_t epoch() const noexcept override { return epoch_.load(); }
+
+  void set_epoch(std::uint64_t epoch) { epoch_ = epoch; }
+  int releases() const { return releases_; }
+
+ private:
+  std::unique_ptr<Tier> inner_;
+  std::atomic<std::uint64_t> epoch_;
+  int releases_ = 0;
+};
+
+TEST_F(StoreTest, SnapshotsRecordTheRdmaEpochAndAreLostWhenThePoolIsNew) {
+  auto rdma = std::make_shared<EpochTier>(11);
+  const auto data = page_data(4, {1});
+  {
+    auto store = open_store({{TierKind::local, local_}, {TierKind::rdma, rdma}});
+    // Pages 0 and 2 on rdma, page 3 local.
+    PlacementRequest placement{TierKind::rdma, {std::nullopt, std::nullopt, std::nullopt, TierKind::local}};
+    auto info = store->put(make_snapshot("remote", 4), data, placement);
+    ASSERT_TRUE(info) << info.error().what();
+    EXPECT_EQ(info->tier_epochs, (std::map<TierKind, std::uint64_t>{{TierKind::rdma, 11}}))
+        << "only tiers that track an epoch are recorded";
+    ASSERT_TRUE(store->put(make_snapshot("local-only", 2), page_data(2), PlacementRequest{TierKind::local, {}}));
+  }
+  // The epochs are in the manifest: a restarted store still knows them.
+  auto store = open_store({{TierKind::local, local_}, {TierKind::rdma, rdma}});
+  auto snapshot = store->get("remote");
+  ASSERT_TRUE(snapshot) << snapshot.error().what();
+  EXPECT_EQ(snapshot->info.tier_epochs.at(TierKind::rdma), 11u);
+  EXPECT_FALSE(snapshot->info.lost);
+  EXPECT_TRUE(restores_exactly(*store, *snapshot, data, false));
+
+  // Unknown (a tier that never connected) is not taken for a loss.
+  rdma->set_epoch(0);
+  EXPECT_FALSE(store->get("remote")->info.lost);
+
+  rdma->set_epoch(22);  // the memory node came back with a new pool
+  auto listed = store->list();
+  ASSERT_TRUE(listed);
+  ASSERT_EQ(listed->size(), 2u);
+  for (const auto& info : *listed) {
+    if (info.id == "local-only") {
+      EXPECT_FALSE(info.lost);
+    } else {
+      ASSERT_TRUE(info.lost);
+      EXPECT_EQ(*info.lost, "its RDMA pages were lost: pool epoch 11, now 22");
+    }
+  }
+  auto lost = store->get("remote");
+  ASSERT_TRUE(lost) << "a lost snapshot can still be looked at (and deleted)";
+  ASSERT_TRUE(lost->info.lost);
+  // Nothing from the new pool is served as the old pages, and the pages on other tiers still are.
+  std::vector<std::byte> scratch(4 * kPageSize);
+  auto refused = store->read_pages(*lost, 0, 1, scratch);
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refused.error().code, Errc::unavailable);
+  EXPECT_EQ(refused.error().message, "snapshot 'remote': its RDMA pages were lost: pool epoch 11, now 22");
+  auto local_page = store->read_pages(*lost, 3, 1, scratch);
+  ASSERT_TRUE(local_page) << local_page.error().what();
+  // Every restore policy refuses it before starting, with the reason.
+  auto refused_restore = policy::require_readable(lost->info, {{TierKind::local, TierCaps{}}, {TierKind::rdma, rdma->caps()}});
+  ASSERT_FALSE(refused_restore);
+  EXPECT_EQ(refused_restore.error().message, "'remote': its RDMA pages were lost: pool epoch 11, now 22");
+  // Deleting gives nothing back to the new pool: those offsets are not this snapshot's there.
+  const int releases = rdma->releases();
+  ASSERT_TRUE(store->remove("remote"));
+  EXPECT_EQ(rdma->releases(), releases);
+  EXPECT_EQ(store->get("remote").error().code, Errc::not_found);
+}
+
+TEST_F(StoreTest, ManifestsWithoutEpochsStayVersionOneAndEpochsRoundTrip) {
+  Manifest plain;
+  plain.snapshot = make_snapshot("plain", 1);
+  plain.snapshot.info.page_count = 1;
+  const auto v1 = encode_manifest(plain);
+  std::uint32_t version = 0;
+  std::memcpy(&version, v1.data() + 8, 4);
+  EXPECT_EQ(version, 1u) << "readable by agents from before epochs";
+  auto decoded = decode_manifest(v1);
+  ASSERT_TRUE(decoded) << decoded.error().what();
+  EXPECT_TRUE(decoded->snapshot.info.tier_epochs.empty());
+
+  Manifest with = plain;
+  with.snapshot.info.tier_epochs = {{TierKind::rdma, (std::uint64_t{1} << 53) - 1}};
+  const auto v2 = encode_manifest(with);
+  std::memcpy(&version, v2.data() + 8, 4);
+  EXPECT_EQ(version, 2u);
+  decoded = decode_manifest(v2);
+  ASSERT_TRUE(decoded) << decoded.error().what();
+  EXPECT_EQ(decoded->snapshot.info.tier_epochs, with.snapshot.info.tier_epochs);
+  // The epoch table is inside the checksum.
+  auto damaged = v2;
+  damaged[damaged.size() - 6] ^= std::byte{1};
+  EXPECT_EQ(decode_manifest(damaged).error().code, Errc::corrupt);
 }
 
 }  // namespace

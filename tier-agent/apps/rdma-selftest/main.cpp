@@ -279,7 +279,7 @@ class RendezvousPoolClient final : public RdmaPoolClient {
 };
 
 int serve(const RdmaDeviceOptions& options, std::uint64_t pool_size, const std::filesystem::path& dir) {
-  auto server = make_rdma_pool_server(options, pool_size);
+  auto server = make_rdma_pool_server(options, RdmaPoolOptions{.pool_size = pool_size, .path = {}});
   if (!server) {
     std::cerr << "rdma-selftest: pool server: " << server.error().what() << "\n";
     return kExitFailed;
@@ -382,7 +382,7 @@ int main(int argc, char** argv) {
   std::shared_ptr<RdmaPoolServer> shared_server;
   std::shared_ptr<RdmaPoolClient> pool_client;
   if (connect_dir.empty()) {
-    auto server = make_rdma_pool_server(options, pool_size);
+    auto server = make_rdma_pool_server(options, RdmaPoolOptions{.pool_size = pool_size, .path = {}});
     if (!server) return report_failure(out, 0, "pool server: " + server.error().what());
     shared_server = std::move(*server);
     pool_client = make_local_rdma_pool_client(shared_server);

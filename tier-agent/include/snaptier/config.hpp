@@ -13,6 +13,7 @@
 
 #include "snaptier/control.hpp"
 #include "snaptier/error.hpp"
+#include "snaptier/rdma.hpp"
 
 namespace snaptier {
 
@@ -50,12 +51,16 @@ struct RdmaTierConfig {
   int gid_index = 1;
   NetAddress memnode;           // the memory node's control plane (TCP)
   std::string token;            // the memory node's control token
+  RdmaReconnectOptions reconnect;  // reconnect_initial_ms, reconnect_max_ms, ...
 };
 
 struct MemnodeConfig {
   std::uint64_t pool_size = 0;  // bytes of registered memory lent to compute hosts
   std::string device;
   int gid_index = 1;
+  // The pool file (its allocation table is beside it); default /dev/shm/snaptier-pool-<host>;
+  // empty: anonymous memory, lost whenever the agent stops.
+  std::filesystem::path pool_path;
 };
 
 // Serverless functions this (compute) agent can snapshot and restore (docs/agent-config.md).

@@ -3,7 +3,9 @@
 // which is why the tier talks to its pool through the small RdmaPoolClient seam below.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
+#include <filesystem>
 #include <memory>
 #include <string>
 
@@ -28,6 +30,9 @@ struct RdmaPoolGrant {
   std::uint64_t remote_addr = 0;  // base virtual address of the registered pool
   std::uint32_t rkey = 0;
   std::uint64_t pool_size = 0;
+  // The pool's identity: random when the pool is created, kept while its contents are (across
+  // agent restarts with a pool file); 0 from a memory node that does not track it.
+  std::uint64_t epoch = 0;
 };
 
 void to_json(nlohmann::json& j, const RdmaEndpoint& e);
@@ -42,6 +47,34 @@ struct RdmaDeviceOptions {
   int timeout_ms = 5000;    // every completion wait and connection step is bounded
   // The rdma tier's registered staging buffer: one-sided ops larger than this are chunked.
   std::uint64_t bounce_bytes = 1ull << 20;
+};
+
+// How the rdma tier gets its queue pair back after an error completion or a completion timeout
+// (docs/rdma.md, "Reconnection"). The first attempt comes initial_backoff after the failure,
+// attempt k+1 min(initial_backoff * 2^(k-1), max_backoff) after attempt k failed; after
+// max_attempts failed attempts the tier is
+// down and is probed every down_retry, or max_backoff after the last attempt when a request
+// asks for it.
+struct RdmaReconnectOptions {
+  std::chrono::milliseconds initial_backoff{100};
+  std::chrono::milliseconds max_backoff{2000};
+  std::uint32_t max_attempts = 20;
+  std::chrono::milliseconds down_retry{30000};
+};
+
+// The memory node's pool. With a path the pool memory is that file (tmpfs, hugetlbfs) and its
+// allocation table is `<path>.table`: a restarted agent keeps both, and the epoch with them.
+// Without one it is anonymous memory that dies with the agent.
+struct RdmaPoolOptions {
+  std::uint64_t pool_size = 0;
+  std::filesystem::path path;
+};
+
+// What the memory node's status shows about its pool.
+struct RdmaPoolState {
+  std::uint64_t epoch = 0;
+  std::filesystem::path path;  // empty: anonymous memory
+  std::string origin;          // "kept 3 extents (12.0 MiB) from ..." or "new pool: <why>"
 };
 
 // What the chosen device and port look like (diagnostics; the selftest prints it).
@@ -77,10 +110,11 @@ class RdmaPoolServer {
   [[nodiscard]] virtual Result<Extent> allocate(std::uint64_t length) = 0;
   [[nodiscard]] virtual Result<void> release(Extent extent) = 0;
   [[nodiscard]] virtual TierStats stats() const = 0;
+  [[nodiscard]] virtual RdmaPoolState state() const = 0;
 };
 
 [[nodiscard]] Result<std::unique_ptr<RdmaPoolServer>> make_rdma_pool_server(
-    const RdmaDeviceOptions& device, std::uint64_t pool_size);
+    const RdmaDeviceOptions& device, const RdmaPoolOptions& pool);
 
 // A pool client that calls a server in the same process (a host that is its own memory node,
 // the selftest, tests). connect() is server->accept(); the server must outlive nothing else.
@@ -89,10 +123,13 @@ class RdmaPoolServer {
 
 // A Tier whose extents live in one memory node's pool: one RC QP, one-sided READ/WRITE through
 // a registered bounce buffer. Each completion waits at most timeout_ms (Errc::timeout); an error
-// completion is Errc::unavailable. After either the tier is broken: later read/write/allocate
-// fail at once with unavailable (release still works); rebuild the tier to reconnect.
+// completion is Errc::unavailable. After either the QP is dropped and a background thread
+// connects a new one as `reconnect` says; meanwhile read/write/allocate fail at once with
+// unavailable (release still works), and health() tells the state. The first connection is
+// made here: a memory node that does not answer now fails the call.
 [[nodiscard]] Result<std::unique_ptr<Tier>> make_rdma_tier(const RdmaDeviceOptions& device,
-                                                           std::shared_ptr<RdmaPoolClient> pool);
+                                                           std::shared_ptr<RdmaPoolClient> pool,
+                                                           RdmaReconnectOptions reconnect = {});
 
 // True if this machine has at least one RDMA device (tests skip otherwise).
 [[nodiscard]] bool rdma_devices_present();

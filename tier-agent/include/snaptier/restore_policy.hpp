@@ -46,7 +46,7 @@ class Placement {
 
 // Whether this host can read every stored page of a snapshot (a restore reads each page from
 // the tier that holds it): Errc::unavailable naming the first tier that holds pages and is not
-// in `available`.
+// in `available`, or saying why its pages are lost (SnapshotInfo::lost).
 [[nodiscard]] Result<void> require_readable(const SnapshotInfo& info, const std::map<TierKind, TierCaps>& available);
 
 // The stored id of `base`'s copy under a placement: "tiered" keeps the base id, the others

@@ -44,6 +44,12 @@ struct SnapshotInfo {
   std::uint64_t zero_pages = 0;
   std::map<TierKind, std::uint64_t> bytes_per_tier;
   bool published = false;  // visible to other hosts through the shared CXL directory
+  // Tier::epoch() of each tier the pages went to, for tiers that track one (rdma).
+  std::map<TierKind, std::uint64_t> tier_epochs;
+  // Set by get() and list() when a tier's epoch moved on since put(): the pages there are gone,
+  // e.g. "its RDMA pages were lost: pool epoch 12, now 34". Such a snapshot cannot be restored;
+  // read_pages refuses its pages on that tier and remove() gives nothing back to it.
+  std::optional<std::string> lost;
 };
 
 struct Snapshot {

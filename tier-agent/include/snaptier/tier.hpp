@@ -42,6 +42,23 @@ struct TierStats {
   std::uint64_t bytes_written = 0;
 };
 
+// Whether a tier can serve now. Local tiers are always up; a remote tier (rdma) loses its
+// connection and gets it back (docs/rdma.md, "Reconnection").
+enum class TierState : std::uint8_t {
+  up,            // serving
+  reconnecting,  // a connection failed; attempts with backoff are under way
+  down,          // attempts ran out; probed again now and then and on demand
+};
+[[nodiscard]] std::string_view to_string(TierState state) noexcept;
+
+struct TierHealth {
+  TierState state = TierState::up;
+  std::uint64_t since_unix_ms = 0;  // when the tier left `up` (0 while up)
+  std::uint32_t attempt = 0;        // connection attempts made since then
+  std::string last_error;           // why it left `up`, then the last attempt's error
+  std::uint64_t next_attempt_unix_ms = 0;  // 0: none scheduled (up, or an attempt is running)
+};
+
 class Tier {
  public:
   virtual ~Tier() = default;
@@ -68,6 +85,13 @@ class Tier {
   [[nodiscard]] virtual const std::byte* map(Extent /*extent*/) const noexcept { return nullptr; }
 
   [[nodiscard]] virtual TierStats stats() const = 0;
+
+  [[nodiscard]] virtual TierHealth health() const { return {}; }
+
+  // Identifies the storage behind this tier's extents; it changes exactly when their contents
+  // were lost (an RDMA pool created afresh). 0: the tier does not track it, or does not know yet
+  // (never connected). Snapshots record it per tier, and a mismatch marks them lost.
+  [[nodiscard]] virtual std::uint64_t epoch() const noexcept { return 0; }
 };
 
 }  // namespace snaptier

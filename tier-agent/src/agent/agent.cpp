@@ -30,13 +30,20 @@ constexpr std::size_t kPagesPerWrite = 256;
 json encode_info(const SnapshotInfo& info) {
   json bytes_per_tier = json::object();
   for (const auto& [kind, bytes] : info.bytes_per_tier) bytes_per_tier[std::string(control::tier_kind_name(kind))] = bytes;
-  return json{{"id", info.id},
+  json result{{"id", info.id},
               {"owner_host", info.owner_host},
               {"created_unix_ns", info.created_unix_ns},
               {"pages", info.page_count},
               {"zero_pages", info.zero_pages},
               {"bytes_per_tier", bytes_per_tier},
               {"published", info.published}};
+  if (!info.tier_epochs.empty()) {
+    json epochs = json::object();
+    for (const auto& [kind, epoch] : info.tier_epochs) epochs[std::string(control::tier_kind_name(kind))] = epoch;
+    result["tier_epochs"] = std::move(epochs);
+  }
+  if (info.lost) result["lost"] = *info.lost;
+  return result;
 }
 
 json encode_caps(const TierCaps& caps) {
@@ -54,6 +61,16 @@ json encode_stats(const TierStats& stats) {
 
 json encode_error(const Error& error) {
   return json{{"code", control::errc_name(error.code)}, {"message", error.message}};
+}
+
+// The tier's state and, unless it is up, since when and why (TierStatus in the schema).
+void encode_health(json& entry, const TierHealth& health) {
+  entry["state"] = std::string(to_string(health.state));
+  if (health.state == TierState::up) return;
+  json reconnect{{"since_unix_ms", health.since_unix_ms}, {"attempt", health.attempt},
+                 {"last_error", health.last_error}};
+  if (health.next_attempt_unix_ms != 0) reconnect["next_attempt_unix_ms"] = health.next_attempt_unix_ms;
+  entry["reconnect"] = std::move(reconnect);
 }
 
 Result<std::vector<std::byte>> read_blob(const std::string& name, const std::filesystem::path& path) {
@@ -189,8 +206,11 @@ Result<json> Agent::status() {
       entry["up"] = true;
       entry["caps"] = encode_caps(slot.tier->caps());
       entry["stats"] = encode_stats(slot.tier->stats());
+      encode_health(entry, slot.tier->health());
+      if (const std::uint64_t epoch = slot.tier->epoch(); epoch != 0) entry["epoch"] = epoch;
     } else {
       entry["up"] = false;
+      entry["state"] = std::string(to_string(TierState::down));
       if (slot.problem) entry["error"] = encode_error(*slot.problem);
     }
     tiers.push_back(std::move(entry));
@@ -212,7 +232,12 @@ Result<json> Agent::status() {
   }
   if (parts_.functions) result["policies"] = parts_.functions->policies();
   if (parts_.pool) {
-    result["rdma_pool"] = json{{"up", true}, {"stats", encode_stats(parts_.pool->stats())}};
+    const RdmaPoolState pool = parts_.pool->state();
+    result["rdma_pool"] = json{{"up", true},
+                               {"stats", encode_stats(parts_.pool->stats())},
+                               {"epoch", pool.epoch},
+                               {"path", pool.path.string()},
+                               {"origin", pool.origin}};
   } else if (parts_.pool_problem) {
     result["rdma_pool"] = json{{"up", false}, {"error", encode_error(*parts_.pool_problem)}};
   }

@@ -120,8 +120,9 @@ Result<std::unique_ptr<Agent>> make_agent(const AgentConfig& config) {
   if (config.memnode) {
     auto pool = agent_detail::build_rdma_pool(*config.memnode);
     if (pool) {
-      spdlog::info("rdma pool: {} bytes registered on {}", config.memnode->pool_size,
-                   config.memnode->device.empty() ? "the first device" : config.memnode->device);
+      spdlog::info("rdma pool: {} bytes registered on {}, epoch {}; {}", config.memnode->pool_size,
+                   config.memnode->device.empty() ? "the first device" : config.memnode->device,
+                   (*pool)->state().epoch, (*pool)->state().origin);
       parts.pool = std::move(*pool);
     } else {
       spdlog::error("rdma pool: down: {}", pool.error().what());

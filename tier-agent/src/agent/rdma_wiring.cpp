@@ -22,7 +22,7 @@ Result<std::shared_ptr<Tier>> build_rdma_tier(const RdmaTierConfig& config) {
   memnode.token = config.token;
   memnode.connect_timeout = kMemnodeConnectTimeout;
   memnode.io_timeout = kMemnodeIoTimeout;
-  auto tier = make_rdma_tier(device, control::make_control_rdma_pool_client(std::move(memnode)));
+  auto tier = make_rdma_tier(device, control::make_control_rdma_pool_client(std::move(memnode)), config.reconnect);
   if (!tier) return tl::unexpected(tier.error());
   return std::shared_ptr<Tier>(std::move(*tier));
 }
@@ -31,7 +31,7 @@ Result<std::shared_ptr<RdmaPoolServer>> build_rdma_pool(const MemnodeConfig& con
   RdmaDeviceOptions device;
   device.device = config.device;
   device.gid_index = config.gid_index;
-  auto pool = make_rdma_pool_server(device, config.pool_size);
+  auto pool = make_rdma_pool_server(device, RdmaPoolOptions{.pool_size = config.pool_size, .path = config.pool_path});
   if (!pool) return tl::unexpected(pool.error());
   return std::shared_ptr<RdmaPoolServer>(std::move(*pool));
 }

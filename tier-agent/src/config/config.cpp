@@ -360,6 +360,19 @@ Result<AgentConfig> parse_root(const toml::table& root, std::string_view source,
       SNAPTIER_TRY(rdma_token, read_token(rdma, base_dir));
       if (rdma_token.empty()) return rdma.error("token", nullptr, "the memory node's token (token or token_file) is required");
       tier.token = rdma_token;
+      SNAPTIER_TRY(initial, rdma.integer("reconnect_initial_ms", 1, 3'600'000));
+      SNAPTIER_TRY(max_backoff, rdma.integer("reconnect_max_ms", 1, 3'600'000));
+      SNAPTIER_TRY(attempts, rdma.integer("reconnect_attempts", 1, 1'000'000));
+      SNAPTIER_TRY(down_retry, rdma.integer("reconnect_down_retry_ms", 1, 86'400'000));
+      if (initial) tier.reconnect.initial_backoff = std::chrono::milliseconds(*initial);
+      if (max_backoff) tier.reconnect.max_backoff = std::chrono::milliseconds(*max_backoff);
+      if (attempts) tier.reconnect.max_attempts = static_cast<std::uint32_t>(*attempts);
+      if (down_retry) tier.reconnect.down_retry = std::chrono::milliseconds(*down_retry);
+      if (tier.reconnect.max_backoff < tier.reconnect.initial_backoff) {
+        return rdma.error("reconnect_max_ms", nullptr,
+                          "must be at least reconnect_initial_ms (" +
+                              std::to_string(tier.reconnect.initial_backoff.count()) + ")");
+      }
       config.rdma = tier;
       if (auto ok = rdma.reject_unknown_keys(); !ok) return tl::unexpected(ok.error());
     }
@@ -380,6 +393,12 @@ Result<AgentConfig> parse_root(const toml::table& root, std::string_view source,
     node.device = device.value_or("");
     SNAPTIER_TRY(gid_index, memnode.integer("gid_index", 0, 255));
     node.gid_index = static_cast<int>(gid_index.value_or(1));
+    SNAPTIER_TRY(pool_path, memnode.string("pool_path"));
+    if (!pool_path) {
+      node.pool_path = "/dev/shm/snaptier-pool-" + config.host;
+    } else if (!pool_path->empty()) {
+      node.pool_path = resolve(base_dir, *pool_path);
+    }
     config.memnode = node;
     if (auto ok = memnode.reject_unknown_keys(); !ok) return tl::unexpected(ok.error());
   } else if (config.role == AgentRole::memnode) {

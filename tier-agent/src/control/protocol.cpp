@@ -533,7 +533,8 @@ json encode_grant(const RdmaPoolGrant& grant) {
   return json{{"endpoint", encode_endpoint(grant.endpoint)},
               {"remote_addr", grant.remote_addr},
               {"rkey", grant.rkey},
-              {"pool_size", grant.pool_size}};
+              {"pool_size", grant.pool_size},
+              {"epoch", grant.epoch}};
 }
 
 Result<RdmaPoolGrant> decode_grant(const json& j) {
@@ -547,9 +548,11 @@ Result<RdmaPoolGrant> decode_grant(const json& j) {
   SNAPTIER_TRY(remote_addr, reader.required_unsigned("remote_addr"));
   SNAPTIER_TRY(rkey, reader.required_unsigned("rkey", 0xffffffffu));
   SNAPTIER_TRY(pool_size, reader.required_unsigned("pool_size"));
+  SNAPTIER_TRY(epoch, reader.unsigned_integer("epoch"));
   grant.remote_addr = remote_addr;
   grant.rkey = static_cast<std::uint32_t>(rkey);
   grant.pool_size = pool_size;
+  grant.epoch = epoch.value_or(0);
   return grant;
 }
 

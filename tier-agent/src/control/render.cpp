@@ -1,6 +1,7 @@
 // tierctl's human output. Reads results defensively (value() with defaults): a newer agent may
 // add fields, and rendering must never throw on a result it only partly understands.
 #include <cstdio>
+#include <ctime>
 #include <algorithm>
 #include <string>
 #include <vector>
@@ -44,6 +45,16 @@ std::string str(const json& j, const char* key) {
   return it->dump();
 }
 
+// "2026-12-02T00:41:07Z" for a time in milliseconds since the epoch.
+std::string utc_ms(std::uint64_t unix_ms) {
+  const std::time_t seconds = static_cast<std::time_t>(unix_ms / 1000);
+  std::tm tm{};
+  ::gmtime_r(&seconds, &tm);
+  char text[32];
+  std::strftime(text, sizeof text, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return text;
+}
+
 std::string yes_no(const json& j, const char* key) {
   auto it = j.find(key);
   return it != j.end() && it->is_boolean() && it->get<bool>() ? "yes" : "no";
@@ -85,13 +96,24 @@ std::string render_status(const json& r) {
       << "default tier: " << str(r, "default_tier") << "\n"
       << "snapshots:    " << str(r, "snapshots") << "\n";
   if (auto it = r.find("store_error"); it != r.end()) out << "store error:  " << str(*it, "message") << "\n";
-  std::vector<std::vector<std::string>> rows{{"TIER", "UP", "CAPACITY", "USED", "READS", "WRITES", "SOURCE / ERROR"}};
+  std::vector<std::vector<std::string>> rows{{"TIER", "STATE", "CAPACITY", "USED", "READS", "WRITES", "SOURCE / ERROR"}};
   for (const auto& tier : r.value("tiers", json::array())) {
     const json stats = tier.value("stats", json::object());
     std::string source = str(tier, "source");
     if (auto error = tier.find("error"); error != tier.end()) source += ": " + str(*error, "message");
-    bool up = tier.value("up", false);
-    rows.push_back({str(tier, "kind"), up ? "yes" : "NO", up ? human_bytes(u64(stats, "capacity_bytes")) : "-",
+    const bool up = tier.value("up", false);
+    // Agents from before tier states report only "up".
+    std::string state = tier.contains("state") ? str(tier, "state") : (up ? "up" : "down");
+    if (auto reconnect = tier.find("reconnect"); reconnect != tier.end() && reconnect->is_object()) {
+      source += "; " + state + " since " + utc_ms(u64(*reconnect, "since_unix_ms")) + ", attempt " +
+                std::to_string(u64(*reconnect, "attempt"));
+      if (reconnect->contains("next_attempt_unix_ms")) {
+        source += ", next " + utc_ms(u64(*reconnect, "next_attempt_unix_ms"));
+      }
+      source += ": " + str(*reconnect, "last_error");
+    }
+    if (state != "up") std::transform(state.begin(), state.end(), state.begin(), ::toupper);
+    rows.push_back({str(tier, "kind"), state, up ? human_bytes(u64(stats, "capacity_bytes")) : "-",
                     up ? human_bytes(u64(stats, "used_bytes")) : "-", up ? std::to_string(u64(stats, "reads")) : "-",
                     up ? std::to_string(u64(stats, "writes")) : "-", source});
   }
@@ -110,7 +132,8 @@ std::string render_status(const json& r) {
     if (pool->value("up", false)) {
       const json stats = pool->value("stats", json::object());
       out << "\nrdma pool: " << human_bytes(u64(stats, "used_bytes")) << " of "
-          << human_bytes(u64(stats, "capacity_bytes")) << " lent\n";
+          << human_bytes(u64(stats, "capacity_bytes")) << " lent, epoch " << u64(*pool, "epoch") << "\n";
+      if (pool->contains("origin")) out << "           " << str(*pool, "origin") << "\n";
     } else {
       out << "\nrdma pool: DOWN: " << str(pool->value("error", json::object()), "message") << "\n";
     }
@@ -126,6 +149,7 @@ std::string render_info(const json& r) {
       << " hot)\n"
       << "tiers:       " << tiers_summary(r.value("bytes_per_tier", json::object())) << "\n"
       << "published:   " << yes_no(r, "published") << "\n";
+  if (r.contains("lost")) out << "LOST:        " << str(r, "lost") << "\n";
   if (r.contains("vaddr_first")) {
     char range[64];
     std::snprintf(range, sizeof range, "0x%llx - 0x%llx", static_cast<unsigned long long>(u64(r, "vaddr_first")),
@@ -161,14 +185,18 @@ std::string render_result(const Command& command, const json& r) {
                  tiers_summary(r.value("bytes_per_tier", json::object())) + ", published: " + yes_no(r, "published") +
                  "\n";
         } else if constexpr (std::is_same_v<T, SnapshotList>) {
-          std::vector<std::vector<std::string>> rows{{"ID", "OWNER", "PAGES", "ZERO", "TIERS", "PUBLISHED"}};
+          std::vector<std::vector<std::string>> rows{{"ID", "OWNER", "PAGES", "ZERO", "TIERS", "PUBLISHED", "STATE"}};
+          std::string lost;
           for (const auto& info : r.value("snapshots", json::array())) {
+            const bool is_lost = info.contains("lost");
             rows.push_back({str(info, "id"), str(info, "owner_host"), std::to_string(u64(info, "pages")),
                             std::to_string(u64(info, "zero_pages")),
-                            tiers_summary(info.value("bytes_per_tier", json::object())), yes_no(info, "published")});
+                            tiers_summary(info.value("bytes_per_tier", json::object())), yes_no(info, "published"),
+                            is_lost ? "LOST" : "ok"});
+            if (is_lost) lost += "  " + str(info, "id") + ": " + str(info, "lost") + "\n";
           }
           if (rows.size() == 1) return "no snapshots\n";
-          return table(rows);
+          return table(rows) + (lost.empty() ? "" : "lost (not restorable):\n" + lost);
         } else if constexpr (std::is_same_v<T, SnapshotInfoQuery>) {
           return render_info(r);
         } else if constexpr (std::is_same_v<T, SnapshotRead>) {

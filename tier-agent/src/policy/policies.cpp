@@ -111,6 +111,7 @@ Result<std::unique_ptr<Placement>> make_placement(std::string_view name) {
 }
 
 Result<void> require_readable(const SnapshotInfo& info, const std::map<TierKind, TierCaps>& available) {
+  if (info.lost) return fail(Errc::unavailable, "'" + info.id + "': " + *info.lost);
   for (const auto& [tier, bytes] : info.bytes_per_tier) {
     if (bytes == 0 || available.contains(tier)) continue;
     return fail(Errc::unavailable, "'" + info.id + "' keeps pages on the " + std::string(to_string(tier)) +

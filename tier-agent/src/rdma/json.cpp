@@ -24,7 +24,8 @@ void to_json(nlohmann::json& j, const RdmaPoolGrant& g) {
   j = nlohmann::json{{"endpoint", g.endpoint},
                      {"remote_addr", g.remote_addr},
                      {"rkey", g.rkey},
-                     {"pool_size", g.pool_size}};
+                     {"pool_size", g.pool_size},
+                     {"epoch", g.epoch}};
 }
 
 void from_json(const nlohmann::json& j, RdmaPoolGrant& g) {
@@ -32,6 +33,8 @@ void from_json(const nlohmann::json& j, RdmaPoolGrant& g) {
   j.at("remote_addr").get_to(g.remote_addr);
   j.at("rkey").get_to(g.rkey);
   j.at("pool_size").get_to(g.pool_size);
+  // Memory nodes from before pool epochs leave it out: 0, "not tracked".
+  g.epoch = j.contains("epoch") ? j.at("epoch").get<std::uint64_t>() : std::uint64_t{0};
 }
 
 }  // namespace snaptier

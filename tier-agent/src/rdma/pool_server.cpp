@@ -1,5 +1,6 @@
-// Memory-node side of the RDMA pool: one registered anonymous mapping, a first-fit allocator
-// over it, and one responder QP per connected client. The server never posts work: clients
+// Memory-node side of the RDMA pool: one registered mapping (a pool file that outlives the
+// agent, or anonymous memory; see pool_storage.hpp), a first-fit allocator over it whose table
+// is persisted with the file, and one responder QP per connected client. The server never posts work: clients
 // reach the pool with one-sided READ/WRITE, so the data path costs this host no CPU.
 #include <sys/mman.h>
 
@@ -7,9 +8,9 @@
 #include <mutex>
 #include <vector>
 
+#include "rdma/pool_storage.hpp"
 #include "rdma/verbs.hpp"
 #include "snaptier/rdma.hpp"
-#include "tiers/extent_allocator.hpp"
 #include "tiers/posix_util.hpp"
 
 namespace snaptier {
@@ -26,14 +27,8 @@ constexpr std::size_t kMaxClientQps = 256;
 
 class RdmaPoolServerImpl final : public RdmaPoolServer {
  public:
-  RdmaPoolServerImpl(Device device, CompletionQueue cq, detail::UniqueMapping pool, MrPtr mr,
-                     std::uint64_t pool_size)
-      : device_(std::move(device)),
-        cq_(std::move(cq)),
-        pool_(std::move(pool)),
-        mr_(std::move(mr)),
-        pool_size_(pool_size),
-        allocator_(0, pool_size) {}
+  RdmaPoolServerImpl(Device device, CompletionQueue cq, PoolStorage pool, MrPtr mr)
+      : device_(std::move(device)), cq_(std::move(cq)), pool_(std::move(pool)), mr_(std::move(mr)) {}
 
   Result<RdmaPoolGrant> accept(const RdmaEndpoint& client) override {
     if (auto gid = gid_from_hex(client.gid); !gid) return tl::unexpected(gid.error());
@@ -59,25 +54,31 @@ class RdmaPoolServerImpl final : public RdmaPoolServer {
     RdmaPoolGrant grant{.endpoint = local_endpoint(device_, qp->get(), psn),
                         .remote_addr = reinterpret_cast<std::uintptr_t>(pool_.data()),
                         .rkey = mr_->rkey,
-                        .pool_size = pool_size_};
+                        .pool_size = pool_.size(),
+                        .epoch = pool_.epoch()};
     qps_.push_back(std::move(*qp));
     return grant;
   }
 
   Result<Extent> allocate(std::uint64_t length) override {
     std::lock_guard lock(mutex_);
-    return allocator_.allocate(length);
+    return pool_.allocate(length);
   }
 
   Result<void> release(Extent extent) override {
     std::lock_guard lock(mutex_);
-    return allocator_.release(extent);
+    return pool_.release(extent);
   }
 
   TierStats stats() const override {
     std::lock_guard lock(mutex_);
     // One-sided traffic never reaches this CPU: reads/writes are counted by the clients.
-    return TierStats{.capacity_bytes = pool_size_, .used_bytes = allocator_.used_bytes()};
+    return TierStats{.capacity_bytes = pool_.size(), .used_bytes = pool_.used_bytes()};
+  }
+
+  RdmaPoolState state() const override {
+    std::lock_guard lock(mutex_);
+    return RdmaPoolState{.epoch = pool_.epoch(), .path = pool_.path(), .origin = pool_.origin()};
   }
 
  private:
@@ -92,11 +93,9 @@ class RdmaPoolServerImpl final : public RdmaPoolServer {
   // before the mapping it pins, everything before the device.
   Device device_;
   CompletionQueue cq_;
-  detail::UniqueMapping pool_;
+  PoolStorage pool_;
   MrPtr mr_;
-  std::uint64_t pool_size_;
   mutable std::mutex mutex_;
-  ExtentAllocator allocator_;
   std::vector<QpPtr> qps_;
 };
 
@@ -123,26 +122,23 @@ class LocalRdmaPoolClient final : public RdmaPoolClient {
 }  // namespace
 
 Result<std::unique_ptr<RdmaPoolServer>> make_rdma_pool_server(const RdmaDeviceOptions& options,
-                                                              std::uint64_t pool_size) {
-  if (pool_size == 0) return fail(Errc::invalid_argument, "rdma pool: size is zero");
-  const std::uint64_t size = detail::round_up(pool_size, detail::kTierPage);
-  if (size < pool_size) return fail(Errc::invalid_argument, "rdma pool: size overflows");
-
+                                                              const RdmaPoolOptions& pool_options) {
+  if (pool_options.pool_size == 0) return fail(Errc::invalid_argument, "rdma pool: size is zero");
+  // The device first: without one, nothing may touch the pool file (a host without a NIC must
+  // not reset another configuration's pool).
   auto device = open_device(options);
   if (!device) return tl::unexpected(device.error());
   auto cq = create_completion_queue(*device, /*depth=*/64, /*with_channel=*/false);
   if (!cq) return tl::unexpected(cq.error());
 
-  void* data = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (data == MAP_FAILED) {
-    return fail_errno(Errc::no_space, "rdma pool: mmap " + std::to_string(size) + " bytes", errno);
-  }
-  detail::UniqueMapping pool(data, size);
+  auto pool = PoolStorage::open(pool_options.path, pool_options.pool_size);
+  if (!pool) return tl::unexpected(pool.error());
+  const std::uint64_t size = pool->size();
   // Fewer, larger pages mean fewer translation entries on a real NIC; a hint only.
-  (void)::madvise(data, size, MADV_HUGEPAGE);
+  (void)::madvise(pool->data(), size, MADV_HUGEPAGE);
 
   errno = 0;
-  MrPtr mr(ibv_reg_mr(device->pd.get(), data, size,
+  MrPtr mr(ibv_reg_mr(device->pd.get(), pool->data(), size,
                       IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_READ | IBV_ACCESS_REMOTE_WRITE));
   if (!mr) {
     const int err = errno != 0 ? errno : ENOMEM;
@@ -153,8 +149,8 @@ Result<std::unique_ptr<RdmaPoolServer>> make_rdma_pool_server(const RdmaDeviceOp
                                               : ""),
                       err);
   }
-  return std::unique_ptr<RdmaPoolServer>(new RdmaPoolServerImpl(
-      std::move(*device), std::move(*cq), std::move(pool), std::move(mr), size));
+  return std::unique_ptr<RdmaPoolServer>(
+      new RdmaPoolServerImpl(std::move(*device), std::move(*cq), std::move(*pool), std::move(mr)));
 }
 
 std::shared_ptr<RdmaPoolClient> make_local_rdma_pool_client(std::shared_ptr<RdmaPoolServer> server) {

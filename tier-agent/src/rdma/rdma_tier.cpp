@@ -4,8 +4,9 @@
 //
 // Failure model: every completion is awaited with a deadline. A timeout or an error completion
 // moves the QP to the error state (flushing anything still in flight, so no late DMA can land in
-// the bounce buffer) and marks the tier broken: every later read/write/allocate fails at once
-// with Errc::unavailable. Recovery is rebuilding the tier (make_rdma_tier) - a new QP and grant.
+// the bounce buffer) and hands the tier to its Reconnector (reconnect.hpp): a background thread
+// connects a new QP with backoff while every read/write/allocate fails at once with
+// Errc::unavailable naming the state. Device, PD, CQ and bounce buffer are kept.
 #include <sys/mman.h>
 
 #include <atomic>
@@ -14,6 +15,9 @@
 #include <cstring>
 #include <mutex>
 
+#include <spdlog/spdlog.h>
+
+#include "rdma/reconnect.hpp"
 #include "rdma/verbs.hpp"
 #include "snaptier/rdma.hpp"
 #include "tiers/posix_util.hpp"
@@ -27,10 +31,13 @@ constexpr std::uint64_t kMinBounce = 4096;
 constexpr std::uint64_t kMaxBounce = 1ull << 30;
 constexpr std::uint32_t kSendQueueDepth = 16;
 
+Result<void> check_grant(const RdmaPoolGrant& grant);
+
 class RdmaTier final : public Tier {
  public:
   RdmaTier(Device device, CompletionQueue cq, detail::UniqueMapping bounce, MrPtr bounce_mr,
-           QpPtr qp, std::shared_ptr<RdmaPoolClient> pool, RdmaPoolGrant grant, int timeout_ms)
+           QpPtr qp, std::shared_ptr<RdmaPoolClient> pool, RdmaPoolGrant grant, int timeout_ms,
+           RdmaReconnectOptions reconnect)
       : pool_(std::move(pool)),
         device_(std::move(device)),
         cq_(std::move(cq)),
@@ -38,9 +45,12 @@ class RdmaTier final : public Tier {
         bounce_mr_(std::move(bounce_mr)),
         qp_(std::move(qp)),
         grant_(std::move(grant)),
-        timeout_(std::chrono::milliseconds(timeout_ms)) {
+        timeout_(std::chrono::milliseconds(timeout_ms)),
+        capacity_(grant_.pool_size),
+        epoch_(grant_.epoch) {
     const std::uint64_t max_msg = device_.port_attr.max_msg_sz;
     chunk_bytes_ = max_msg > 0 ? std::min<std::uint64_t>(bounce_.size(), max_msg) : bounce_.size();
+    reconnector_ = std::make_unique<Reconnector>(reconnect, [this] { return reconnect(); });
   }
 
   std::string_view name() const noexcept override { return "rdma"; }
@@ -50,27 +60,28 @@ class RdmaTier final : public Tier {
   }
 
   Result<Extent> allocate(std::uint64_t length) override {
-    if (broken_.load(std::memory_order_acquire)) return broken_error();
-    if (length > grant_.pool_size) {
+    if (auto ok = reconnector_->admit("rdma: allocate"); !ok) return tl::unexpected(ok.error());
+    const std::uint64_t capacity = capacity_.load();
+    if (length > capacity) {
       return fail(Errc::no_space, "rdma: allocate " + std::to_string(length) +
-                                      " bytes: the pool has " + std::to_string(grant_.pool_size));
+                                      " bytes: the pool has " + std::to_string(capacity));
     }
     auto extent = pool_->allocate(length);
     if (!extent) return extent;
     // The pool decides offsets; one outside the grant would only fail later, on the wire.
-    if (!detail::check_access("rdma", *extent, 0, 0, 0, grant_.pool_size) || extent->length < length) {
+    if (!detail::check_access("rdma", *extent, 0, 0, 0, capacity) || extent->length < length) {
       (void)pool_->release(*extent);
       return fail(Errc::protocol, "rdma: the memory node returned extent {" +
                                       std::to_string(extent->offset) + ", " +
                                       std::to_string(extent->length) + "} outside its pool of " +
-                                      std::to_string(grant_.pool_size) + " bytes");
+                                      std::to_string(capacity) + " bytes");
     }
     used_.fetch_add(extent->length, std::memory_order_relaxed);
     return extent;
   }
 
   Result<void> release(Extent extent) override {
-    // Allowed on a broken tier: the pool is reached over the control plane, not the QP.
+    // Allowed while reconnecting: the pool is reached over the control plane, not the QP.
     auto ok = pool_->release(extent);
     if (ok) used_.fetch_sub(std::min(extent.length, used_.load()), std::memory_order_relaxed);
     return ok;
@@ -95,19 +106,25 @@ class RdmaTier final : public Tier {
   }
 
   TierStats stats() const override {
-    return TierStats{.capacity_bytes = grant_.pool_size, .used_bytes = used_.load(),
+    return TierStats{.capacity_bytes = capacity_.load(), .used_bytes = used_.load(),
                      .reads = reads_.load(), .writes = writes_.load(),
                      .bytes_read = bytes_read_.load(), .bytes_written = bytes_written_.load()};
   }
 
+  TierHealth health() const override { return reconnector_->health(); }
+  std::uint64_t epoch() const noexcept override { return epoch_.load(); }
+
  private:
   Result<void> transfer(ibv_wr_opcode opcode, Extent extent, std::uint64_t offset,
                         std::uint64_t size, std::byte* read_into, const std::byte* write_from) {
-    if (auto ok = detail::check_access("rdma", extent, offset, size, 0, grant_.pool_size); !ok) {
+    if (auto ok = detail::check_access("rdma", extent, offset, size, 0, capacity_.load()); !ok) {
       return ok;
     }
+    const char* op = opcode == IBV_WR_RDMA_READ ? "rdma: RDMA READ" : "rdma: RDMA WRITE";
+    if (auto ok = reconnector_->admit(op); !ok) return ok;
     std::lock_guard lock(io_mutex_);
-    if (broken_.load(std::memory_order_relaxed)) return broken_error_locked();
+    // A caller queued behind the request that failed finds the QP gone: same answer as admit.
+    if (!qp_ok_) return reconnector_->admit(op);
     std::uint64_t done = 0;
     while (done < size) {
       const std::uint64_t chunk = std::min(size - done, chunk_bytes_);
@@ -174,17 +191,39 @@ class RdmaTier final : public Tier {
   // Called with io_mutex_ held.
   void mark_broken(const std::string& reason) {
     qp_to_error(qp_.get());  // flush in-flight work; nothing may DMA into the bounce buffer later
-    broken_reason_ = reason;
-    broken_.store(true, std::memory_order_release);
+    qp_ok_ = false;
+    spdlog::warn("{}; reconnecting", reason);
+    reconnector_->report_failure(reason);
   }
 
-  tl::unexpected<Error> broken_error_locked() const {
-    return fail(Errc::unavailable, "rdma: the queue pair to the memory node failed earlier (" +
-                                       broken_reason_ + "); rebuild the tier to reconnect");
-  }
-  tl::unexpected<Error> broken_error() const {
+  // One reconnection attempt, on the Reconnector's thread: a new QP on the same device, CQ and
+  // bounce buffer, and a new grant. Every step is bounded (control-plane timeouts, RTR's
+  // neighbour resolution); io_mutex_ is taken only to swap the QP in.
+  Result<void> reconnect() {
+    auto qp = create_rc_qp(device_, cq_.cq.get(), kSendQueueDepth);
+    if (!qp) return tl::unexpected(qp.error());
+    if (auto ok = qp_to_init(qp->get(), device_, 0); !ok) return ok;
+    const std::uint32_t psn = random_psn();
+    auto grant = pool_->connect(local_endpoint(device_, qp->get(), psn));
+    if (!grant) return tl::unexpected(grant.error());
+    if (auto ok = check_grant(*grant); !ok) return ok;
+    if (auto ok = qp_to_rtr(qp->get(), device_, grant->endpoint); !ok) return ok;
+    if (auto ok = qp_to_rts(qp->get(), device_, psn); !ok) return ok;
     std::lock_guard lock(io_mutex_);
-    return broken_error_locked();
+    const std::uint64_t old_epoch = epoch_.load();
+    if (grant->epoch != old_epoch) {
+      // A new pool: nothing this tier allocated exists there any more.
+      spdlog::warn("rdma: the memory node's pool changed (epoch {} -> {}): its earlier contents are lost",
+                   old_epoch, grant->epoch);
+      used_.store(0);
+    }
+    qp_ = std::move(*qp);  // the old QP (in the error state) is destroyed here
+    grant_ = *grant;
+    capacity_.store(grant_.pool_size);
+    epoch_.store(grant_.epoch);
+    qp_ok_ = true;
+    spdlog::info("rdma: reconnected to the memory node (qpn {}, pool epoch {})", grant_.endpoint.qpn, grant_.epoch);
+    return {};
   }
 
   std::shared_ptr<RdmaPoolClient> pool_;
@@ -199,19 +238,35 @@ class RdmaTier final : public Tier {
   std::chrono::milliseconds timeout_;
   std::uint64_t chunk_bytes_ = 0;
 
-  mutable std::mutex io_mutex_;
+  mutable std::mutex io_mutex_;  // guards qp_, grant_, qp_ok_, the bounce buffer, next_wr_id_
   std::uint64_t next_wr_id_ = 0;
-  std::atomic<bool> broken_{false};
-  std::string broken_reason_;
+  bool qp_ok_ = true;
+  std::atomic<std::uint64_t> capacity_;
+  std::atomic<std::uint64_t> epoch_;
   std::atomic<std::uint64_t> used_{0};
   std::atomic<std::uint64_t> reads_{0}, writes_{0}, bytes_read_{0}, bytes_written_{0};
+  // Last: destroyed first, so that its thread never runs reconnect() on a dying tier.
+  std::unique_ptr<Reconnector> reconnector_;
 };
+
+// What a grant must satisfy before a QP is connected to it.
+Result<void> check_grant(const RdmaPoolGrant& grant) {
+  if (grant.pool_size == 0) {
+    return fail(Errc::protocol, "rdma tier: the memory node granted an empty pool");
+  }
+  if (grant.remote_addr + grant.pool_size < grant.remote_addr) {
+    return fail(Errc::protocol, "rdma tier: the granted pool wraps the address space");
+  }
+  return {};
+}
 
 }  // namespace
 
 Result<std::unique_ptr<Tier>> make_rdma_tier(const RdmaDeviceOptions& options,
-                                             std::shared_ptr<RdmaPoolClient> pool) {
+                                             std::shared_ptr<RdmaPoolClient> pool,
+                                             RdmaReconnectOptions reconnect) {
   if (!pool) return fail(Errc::invalid_argument, "rdma tier: no pool client");
+  if (auto ok = check(reconnect); !ok) return tl::unexpected(ok.error());
   if (options.timeout_ms <= 0) {
     return fail(Errc::invalid_argument,
                 "rdma tier: timeout_ms must be positive, got " + std::to_string(options.timeout_ms));
@@ -249,18 +304,13 @@ Result<std::unique_ptr<Tier>> make_rdma_tier(const RdmaDeviceOptions& options,
 
   auto grant = pool->connect(local_endpoint(*device, qp->get(), psn));
   if (!grant) return tl::unexpected(grant.error());
-  if (grant->pool_size == 0) {
-    return fail(Errc::protocol, "rdma tier: the memory node granted an empty pool");
-  }
-  if (grant->remote_addr + grant->pool_size < grant->remote_addr) {
-    return fail(Errc::protocol, "rdma tier: the granted pool wraps the address space");
-  }
+  if (auto ok = check_grant(*grant); !ok) return tl::unexpected(ok.error());
   if (auto ok = qp_to_rtr(qp->get(), *device, grant->endpoint); !ok) return tl::unexpected(ok.error());
   if (auto ok = qp_to_rts(qp->get(), *device, psn); !ok) return tl::unexpected(ok.error());
 
   return std::unique_ptr<Tier>(new RdmaTier(std::move(*device), std::move(*cq), std::move(bounce),
                                             std::move(bounce_mr), std::move(*qp), std::move(pool),
-                                            *grant, options.timeout_ms));
+                                            *grant, options.timeout_ms, reconnect));
 }
 
 bool rdma_devices_present() {

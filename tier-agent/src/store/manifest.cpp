@@ -12,7 +12,10 @@ namespace {
 static_assert(std::endian::native == std::endian::little, "manifests are little-endian");
 
 constexpr char kMagic[8] = {'S', 'N', 'A', 'P', 'M', 'A', 'N', '1'};
-constexpr std::uint32_t kVersion = 1;
+// Version 2 appends the tier epochs after the page table. Manifests without epochs are still
+// written as version 1, which agents from before epochs can read.
+constexpr std::uint32_t kVersion = 2;
+constexpr std::uint32_t kVersionWithoutEpochs = 1;
 constexpr std::size_t kHeaderSize = 24;  // magic, version, flags, body length
 constexpr std::uint32_t kFlagPublished = 1;
 
@@ -72,7 +75,8 @@ std::vector<std::byte> encode_manifest(const Manifest& m) {
   const Snapshot& s = m.snapshot;
   Writer w;
   for (char c : kMagic) w.put(c);
-  w.put(kVersion);
+  const bool epochs = !s.info.tier_epochs.empty();
+  w.put(epochs ? kVersion : kVersionWithoutEpochs);
   w.put<std::uint32_t>(s.info.published ? kFlagPublished : 0);
   w.put<std::uint64_t>(0);  // body length, patched below
   w.put_string(s.info.id);
@@ -105,6 +109,13 @@ std::vector<std::byte> encode_manifest(const Manifest& m) {
     w.put(p.touch_order);
     w.put(p.crc32c);
   }
+  if (epochs) {
+    w.put<std::uint32_t>(static_cast<std::uint32_t>(s.info.tier_epochs.size()));
+    for (const auto& [kind, epoch] : s.info.tier_epochs) {
+      w.put(static_cast<std::uint8_t>(kind));
+      w.put(epoch);
+    }
+  }
   auto& out = w.bytes();
   const std::uint64_t body = out.size() - kHeaderSize;
   std::memcpy(out.data() + 16, &body, sizeof body);
@@ -123,7 +134,7 @@ Result<Manifest> decode_manifest(std::span<const std::byte> bytes) {
   (void)header.get(version);
   (void)header.get(flags);
   (void)header.get(body);
-  if (version != kVersion) {
+  if (version != kVersion && version != kVersionWithoutEpochs) {
     return fail(Errc::unsupported, "manifest version " + std::to_string(version));
   }
   if (body > bytes.size() - kHeaderSize - 4) return corrupt("truncated (body length beyond the end)");
@@ -176,6 +187,15 @@ Result<Manifest> decode_manifest(std::span<const std::byte> bytes) {
            r.get(p.touch_order) && r.get(p.crc32c));
     if (!valid_kind(kind)) return corrupt("bad page tier");
     p.tier = static_cast<TierKind>(kind);
+  }
+  if (version >= 2) {
+    if (!r.get(n32) || n32 > r.remaining() / 9) return corrupt("bad tier epoch count");
+    for (std::uint32_t i = 0; i < n32; ++i) {
+      std::uint8_t kind = 0;
+      std::uint64_t epoch = 0;
+      if (!r.get(kind) || !r.get(epoch) || !valid_kind(kind)) return corrupt("bad tier epoch");
+      s.info.tier_epochs[static_cast<TierKind>(kind)] = epoch;
+    }
   }
   if (r.remaining() != 0) return corrupt("unexpected bytes after the page table");
   return m;

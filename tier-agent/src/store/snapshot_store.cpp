@@ -145,13 +145,18 @@ class TieredSnapshotStore final : public SnapshotStore {
       pages_per_tier[tier].push_back(i);
     }
 
-    // One extent per tier; on any failure give back what was taken.
+    // One extent per tier; on any failure give back what was taken (not to storage that was
+    // replaced meanwhile: the extent is not ours there).
     std::vector<OwnedExtent> extents;
+    info.tier_epochs.clear();
     auto rollback = [&] {
-      for (const auto& e : extents) (void)options_.tiers.at(e.tier)->release(e.extent);
+      for (const auto& e : extents) {
+        if (!lost_on(info, e.tier)) (void)options_.tiers.at(e.tier)->release(e.extent);
+      }
     };
     for (const auto& [tier_kind, indices] : pages_per_tier) {
       Tier& tier = *options_.tiers.at(tier_kind);
+      if (const std::uint64_t epoch = tier.epoch(); epoch != 0) info.tier_epochs[tier_kind] = epoch;
       auto extent = tier.allocate(indices.size() * kPageSize);
       if (!extent) {
         rollback();
@@ -182,6 +187,10 @@ class TieredSnapshotStore final : public SnapshotStore {
         }
       }
       info.bytes_per_tier[tier_kind] = indices.size() * kPageSize;
+      if (auto why = lost_on(info, tier_kind)) {
+        rollback();
+        return fail(Errc::unavailable, "put '" + id + "': " + *why + " while it was written");
+      }
     }
 
     const bool all_shared = std::all_of(pages_per_tier.begin(), pages_per_tier.end(), [&](const auto& kv) {
@@ -226,6 +235,7 @@ class TieredSnapshotStore final : public SnapshotStore {
     std::lock_guard lock(mutex_);
     auto manifest = find(id);
     if (!manifest) return tl::unexpected(manifest.error());
+    mark_lost(manifest->snapshot.info);
     return std::move(manifest->snapshot);
   }
 
@@ -252,7 +262,10 @@ class TieredSnapshotStore final : public SnapshotStore {
       }
     }
     std::vector<SnapshotInfo> out;
-    for (auto& [id, info] : found) out.push_back(std::move(info));
+    for (auto& [id, info] : found) {
+      mark_lost(info);
+      out.push_back(std::move(info));
+    }
     return out;
   }
 
@@ -273,6 +286,8 @@ class TieredSnapshotStore final : public SnapshotStore {
       for (const auto& e : manifest->extents) {
         if (e.tier == TierKind::cxl) {
           has_cxl = true;
+        } else if (lost_on(manifest->snapshot.info, e.tier)) {
+          continue;  // that storage was replaced: the extent belongs to nobody, or to someone else
         } else if (auto tier = options_.tiers.find(e.tier); tier != options_.tiers.end()) {
           (void)tier->second->release(e.extent);
         }
@@ -296,7 +311,7 @@ class TieredSnapshotStore final : public SnapshotStore {
     // every host to move past the tombstone.
     if (auto manifest = decode_manifest(record->manifest)) {
       for (const auto& e : manifest->extents) {
-        if (e.tier == TierKind::cxl) continue;
+        if (e.tier == TierKind::cxl || lost_on(manifest->snapshot.info, e.tier)) continue;
         if (auto tier = options_.tiers.find(e.tier); tier != options_.tiers.end()) {
           (void)tier->second->release(e.extent);
         }
@@ -322,6 +337,9 @@ class TieredSnapshotStore final : public SnapshotStore {
       return fail(Errc::unsupported, describe(snapshot, first) + ", which this store does not have");
     }
     Tier& tier = *found->second;
+    if (auto why = lost_on(snapshot.info, head.tier)) {
+      return fail(Errc::unavailable, "snapshot '" + snapshot.info.id + "': " + *why);
+    }
     const std::size_t limit = std::min(max_pages, pages.size() - first);
     auto same_tier = [&](std::size_t i) { return (pages[i].flags & page_zero) == 0 && pages[i].tier == head.tier; };
     PageRun run{.tier = head.tier};
@@ -417,6 +435,31 @@ class TieredSnapshotStore final : public SnapshotStore {
                                      manifest->snapshot.info.id + "'");
     }
     return manifest;
+  }
+
+  // Why the pages `info` keeps on `kind` are gone, if they are: the tier's epoch is known and
+  // is not the one they were written under. An unknown epoch (tier never connected) is not
+  // taken for a loss.
+  std::optional<std::string> lost_on(const SnapshotInfo& info, TierKind kind) const {
+    auto recorded = info.tier_epochs.find(kind);
+    if (recorded == info.tier_epochs.end()) return std::nullopt;
+    auto tier = options_.tiers.find(kind);
+    if (tier == options_.tiers.end()) return std::nullopt;
+    const std::uint64_t now = tier->second->epoch();
+    if (now == 0 || now == recorded->second) return std::nullopt;
+    std::string name(to_string(kind));
+    if (kind == TierKind::rdma) name = "RDMA";
+    return fmt::format("its {} pages were lost: pool epoch {}, now {}", name, recorded->second, now);
+  }
+
+  void mark_lost(SnapshotInfo& info) const {
+    info.lost.reset();
+    for (const auto& [kind, epoch] : info.tier_epochs) {
+      if (auto why = lost_on(info, kind)) {
+        info.lost = std::move(why);
+        return;
+      }
+    }
   }
 
   // "snapshot 'fn': page 9 (vaddr 0x10001000) on tier cxl"

@@ -102,4 +102,11 @@ std::uint64_t ExtentAllocator::largest_free() const {
   return largest;
 }
 
+std::vector<Extent> ExtentAllocator::allocated() const {
+  std::vector<Extent> out;
+  out.reserve(allocated_.size());
+  for (const auto& [offset, length] : allocated_) out.push_back(Extent{offset, length});
+  return out;
+}
+
 }  // namespace snaptier

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <map>
+#include <vector>
 
 #include "snaptier/error.hpp"
 #include "snaptier/tier.hpp"
@@ -28,6 +29,8 @@ class ExtentAllocator {
   [[nodiscard]] std::uint64_t used_bytes() const noexcept { return used_; }
   [[nodiscard]] std::uint64_t largest_free() const;
   [[nodiscard]] std::size_t free_fragments() const noexcept { return free_.size(); }
+  // Every allocated extent, by offset (what a persisted allocation table records).
+  [[nodiscard]] std::vector<Extent> allocated() const;
 
  private:
   std::uint64_t base_;

@@ -14,6 +14,15 @@ std::string_view to_string(TierKind kind) noexcept {
   return "unknown";
 }
 
+std::string_view to_string(TierState state) noexcept {
+  switch (state) {
+    case TierState::up: return "up";
+    case TierState::reconnecting: return "reconnecting";
+    case TierState::down: return "down";
+  }
+  return "unknown";
+}
+
 Result<TierKind> tier_kind_from_string(std::string_view name) {
   for (TierKind kind : {TierKind::local, TierKind::file, TierKind::cxl, TierKind::rdma}) {
     if (name == to_string(kind)) return kind;
