@@ -88,7 +88,7 @@ TEST(ReconnectMachineTest, SuccessClearsTheEpisodeAndLateFailuresDoNotRestartIt)
   m.failed("second, from a request that raced the first", t0, 6);
   EXPECT_EQ(m.last_error(), "first");
   ASSERT_TRUE(m.start_attempt(t0 + 100ms));
-  m.attempt_succeeded();
+  m.attempt_succeeded(t0 + 100ms);
   EXPECT_EQ(m.state(), TierState::up);
   EXPECT_EQ(m.attempt(), 0u);
   const TierHealth health = m.health(t0, 7);
@@ -98,6 +98,25 @@ TEST(ReconnectMachineTest, SuccessClearsTheEpisodeAndLateFailuresDoNotRestartIt)
   m.failed("again", t0, 8);
   EXPECT_EQ(m.state(), TierState::reconnecting);
   EXPECT_EQ(m.health(t0, 8).since_unix_ms, 8u);
+}
+
+// The attempt swaps the new QP in before it reports success; a request can use (and break) the
+// new QP in between. That failure must not be lost, or the tier would be up with no QP.
+TEST(ReconnectMachineTest, AFailureDuringAnAttemptIsTheNewConnectionsFailure) {
+  ReconnectMachine m(options(100ms, 1000ms, 5, 10s));
+  const auto t0 = Clock::now();
+  m.failed("timeout", t0, 1);
+  ASSERT_TRUE(m.start_attempt(t0 + 100ms));
+  m.failed("remote access error on the new QP", t0 + 150ms, 2);
+  m.attempt_succeeded(t0 + 200ms);
+  EXPECT_EQ(m.state(), TierState::reconnecting);
+  EXPECT_EQ(m.last_error(), "remote access error on the new QP");
+  ASSERT_TRUE(m.due());
+  EXPECT_EQ(*m.due() - (t0 + 200ms), 100ms);
+  const auto t1 = *m.due();
+  ASSERT_TRUE(m.start_attempt(t1));
+  m.attempt_succeeded(t1);
+  EXPECT_EQ(m.state(), TierState::up);
 }
 
 TEST(ReconnectMachineTest, OptionsAreChecked) {

@@ -110,7 +110,7 @@ TEST(RdmaArgsTest, RejectsBadArgumentsBeforeTouchingADevice) {
   ASSERT_FALSE(no_pool);
   EXPECT_EQ(no_pool.error().code, Errc::invalid_argument);
 
-  auto server = make_rdma_pool_server(test_options(), 0);
+  auto server = make_rdma_pool_server(test_options(), RdmaPoolOptions{});
   ASSERT_FALSE(server);
   EXPECT_EQ(server.error().code, Errc::invalid_argument);
 
@@ -130,7 +130,7 @@ class NullPool final : public RdmaPoolClient {
 
 TEST(RdmaArgsTest, WithoutADeviceEverythingIsUnavailable) {
   if (rdma_devices_present()) GTEST_SKIP() << "this machine has an RDMA device";
-  auto server = make_rdma_pool_server(test_options(), MiB);
+  auto server = make_rdma_pool_server(test_options(), RdmaPoolOptions{.pool_size = MiB, .path = {}});
   ASSERT_FALSE(server);
   EXPECT_EQ(server.error().code, Errc::unavailable) << server.error().what();
   auto tier = make_rdma_tier(test_options(), std::make_shared<NullPool>());
@@ -149,7 +149,7 @@ class RdmaTierTest : public ::testing::Test {
     SKIP_WITHOUT_RDMA();
     options_ = test_options();
     options_.bounce_bytes = 64 * KiB;  // small, so that modest requests exercise chunking
-    auto server = make_rdma_pool_server(options_, kPool);
+    auto server = make_rdma_pool_server(options_, RdmaPoolOptions{.pool_size = kPool, .path = {}});
     ASSERT_TRUE(server) << server.error().what();
     server_ = std::move(*server);
     auto tier = make_rdma_tier(options_, make_local_rdma_pool_client(server_));

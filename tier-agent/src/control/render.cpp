@@ -1,5 +1,6 @@
 // tierctl's human output. Reads results defensively (value() with defaults): a newer agent may
 // add fields, and rendering must never throw on a result it only partly understands.
+#include <cctype>
 #include <cstdio>
 #include <ctime>
 #include <algorithm>

@@ -9,6 +9,7 @@
 #include <bit>
 #include <cerrno>
 #include <cstring>
+#include <optional>
 #include <random>
 #include <vector>
 
@@ -178,7 +179,8 @@ Result<PoolStorage> PoolStorage::open(const fs::path& path, std::uint64_t reques
     struct stat st {};
     if (::fstat(fd.get(), &st) != 0) return fail_errno(Errc::io, "rdma pool: stat " + path.string(), errno);
     auto bytes = read_all(table);
-    Result<Table> decoded = bytes ? decode(*bytes) : tl::unexpected(bytes.error());
+    Result<Table> decoded = fail(Errc::not_found, "no table");
+    if (bytes) decoded = decode(*bytes);
     if (!decoded) {
       fresh_reason = bytes ? "the table " + table.string() + " is damaged (" + decoded.error().message + "); not trusted"
                            : "no table beside " + path.string() + " (" + bytes.error().message + ")";

@@ -37,7 +37,7 @@ class RdmaTier final : public Tier {
  public:
   RdmaTier(Device device, CompletionQueue cq, detail::UniqueMapping bounce, MrPtr bounce_mr,
            QpPtr qp, std::shared_ptr<RdmaPoolClient> pool, RdmaPoolGrant grant, int timeout_ms,
-           RdmaReconnectOptions reconnect)
+           RdmaReconnectOptions reconnect_options)
       : pool_(std::move(pool)),
         device_(std::move(device)),
         cq_(std::move(cq)),
@@ -50,7 +50,7 @@ class RdmaTier final : public Tier {
         epoch_(grant_.epoch) {
     const std::uint64_t max_msg = device_.port_attr.max_msg_sz;
     chunk_bytes_ = max_msg > 0 ? std::min<std::uint64_t>(bounce_.size(), max_msg) : bounce_.size();
-    reconnector_ = std::make_unique<Reconnector>(reconnect, [this] { return reconnect(); });
+    reconnector_ = std::make_unique<Reconnector>(reconnect_options, [this] { return this->reconnect(); });
   }
 
   std::string_view name() const noexcept override { return "rdma"; }
@@ -123,8 +123,11 @@ class RdmaTier final : public Tier {
     const char* op = opcode == IBV_WR_RDMA_READ ? "rdma: RDMA READ" : "rdma: RDMA WRITE";
     if (auto ok = reconnector_->admit(op); !ok) return ok;
     std::lock_guard lock(io_mutex_);
-    // A caller queued behind the request that failed finds the QP gone: same answer as admit.
-    if (!qp_ok_) return reconnector_->admit(op);
+    // A caller queued behind the request that failed finds the QP gone.
+    if (!qp_ok_) {
+      if (auto refused = reconnector_->admit(op); !refused) return refused;
+      return fail(Errc::unavailable, std::string(op) + ": the queue pair to the memory node failed; reconnecting");
+    }
     std::uint64_t done = 0;
     while (done < size) {
       const std::uint64_t chunk = std::min(size - done, chunk_bytes_);

@@ -40,7 +40,10 @@ Result<void> check(const RdmaReconnectOptions& o) {
 }
 
 void ReconnectMachine::failed(std::string why, Clock::time_point now, std::uint64_t now_unix_ms) {
-  if (state_ != TierState::up) return;
+  if (state_ != TierState::up) {
+    if (running_ && !failed_while_running_) failed_while_running_ = std::move(why);
+    return;
+  }
   state_ = TierState::reconnecting;
   attempt_ = 0;
   since_unix_ms_ = now_unix_ms;
@@ -58,7 +61,13 @@ bool ReconnectMachine::start_attempt(Clock::time_point now) {
   return true;
 }
 
-void ReconnectMachine::attempt_succeeded() {
+void ReconnectMachine::attempt_succeeded(Clock::time_point now) {
+  if (failed_while_running_) {
+    std::string why = std::move(*failed_while_running_);
+    failed_while_running_.reset();
+    attempt_failed(std::move(why), now);
+    return;
+  }
   running_ = false;
   state_ = TierState::up;
   attempt_ = 0;
@@ -75,6 +84,7 @@ milliseconds ReconnectMachine::backoff_after(std::uint32_t failures) const noexc
 
 void ReconnectMachine::attempt_failed(std::string why, Clock::time_point now) {
   running_ = false;
+  failed_while_running_.reset();
   last_error_ = std::move(why);
   last_end_ = now;
   if (attempt_ >= options_.max_attempts) {
@@ -173,7 +183,7 @@ void Reconnector::run() {
     Result<void> connected = connect_();
     lock.lock();
     if (connected) {
-      machine_.attempt_succeeded();
+      machine_.attempt_succeeded(ReconnectMachine::Clock::now());
     } else {
       machine_.attempt_failed(connected.error().what(), ReconnectMachine::Clock::now());
     }

@@ -36,12 +36,13 @@ class ReconnectMachine {
   [[nodiscard]] std::uint32_t attempt() const noexcept { return attempt_; }
   [[nodiscard]] const std::string& last_error() const noexcept { return last_error_; }
 
-  // The connection failed. From up: reconnecting, first attempt after initial_backoff. Otherwise
-  // ignored: a request racing a reconnect reports the same episode.
+  // The connection failed. From up: reconnecting, first attempt after initial_backoff. While an
+  // attempt runs it is the new connection that failed (the old one takes no requests): the
+  // attempt counts as failed when it reports success. Otherwise ignored (same episode).
   void failed(std::string why, Clock::time_point now, std::uint64_t now_unix_ms);
   // If an attempt is due at `now` and none is running, marks one running and returns true.
   [[nodiscard]] bool start_attempt(Clock::time_point now);
-  void attempt_succeeded();
+  void attempt_succeeded(Clock::time_point now);
   void attempt_failed(std::string why, Clock::time_point now);
   // A request found the tier down: probe again no later than max_backoff after the last
   // attempt ended (a busy caller cannot turn probing into a tight loop).
@@ -61,6 +62,7 @@ class ReconnectMachine {
   std::uint32_t attempt_ = 0;
   std::uint64_t since_unix_ms_ = 0;
   std::string last_error_;
+  std::optional<std::string> failed_while_running_;
   Clock::time_point next_{};
   Clock::time_point last_end_{};
 };
