@@ -92,8 +92,13 @@ def start(topo: Topology, timeout: float = 120) -> None:
     write_configs(topo)
     for h in _order(topo):
         log = f"/shared/logs/{h.name}-agent.log"
+        # The memory node's pool is a file in /dev/shm (it outlives the agent); the guest's tmpfs
+        # is half its RAM by default, less than a large pool. Only a QEMU guest's /dev/shm is its
+        # own: a native host's may be the machine's.
+        shm = (f"mount -o remount,size={h.pool // MiB + 64}M /dev/shm; "
+               if h.role == "memory" and topo.backend == "qemu" else "")
         r = launcher.run_in(topo, h.name, (
-            f"mkdir -p /shared/logs /var/lib/snaptier; "
+            f"mkdir -p /shared/logs /var/lib/snaptier; {shm}"
             f"if [ -f /run/snaptier/agent.pid ] && kill -0 $(cat /run/snaptier/agent.pid) 2>/dev/null; then exit 0; fi; "
             f"rm -f {AGENT_SOCKET}; "
             f"nohup {GUEST_BUILD}/tier-agent --config /shared/agents/{h.name}.toml >> {log} 2>&1 < /dev/null & "

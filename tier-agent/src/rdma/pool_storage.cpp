@@ -25,16 +25,21 @@ namespace fs = std::filesystem;
 
 static_assert(std::endian::native == std::endian::little, "pool tables are little-endian");
 
-// Layout (docs/rdma.md, "Pool persistence"): magic, version, reserved, epoch, pool size, the
-// pool file's st_dev and st_ino, extent count, {offset, length} per extent, CRC32C of it all.
+// Table layout (docs/rdma.md, "Pool persistence"): magic, version, reserved, epoch, pool size,
+// extent count, {offset, length} per extent, CRC32C of it all.
 constexpr char kMagic[8] = {'S', 'N', 'A', 'P', 'P', 'O', 'O', 'L'};
 constexpr std::uint32_t kVersion = 1;
-constexpr std::size_t kHeader = 8 + 4 + 4 + 8 * 5;
+constexpr std::size_t kHeader = 8 + 4 + 4 + 8 * 3;
+
+// The pool file is the pool plus one trailer page that names its epoch: a table is trusted only
+// for the file that carries its epoch (inode numbers are reused at once, so they cannot tell a
+// recreated file from the original).
+constexpr char kTrailerMagic[8] = {'S', 'N', 'A', 'P', 'P', 'F', 'I', 'L'};
+constexpr std::uint64_t kTrailerBytes = 4096;
 
 struct Table {
   std::uint64_t epoch = 0;
   std::uint64_t pool_size = 0;
-  std::uint64_t dev = 0, ino = 0;
   std::vector<Extent> extents;
 };
 
@@ -59,8 +64,6 @@ std::vector<std::byte> encode(const Table& t) {
   put<std::uint32_t>(out, 0);
   put(out, t.epoch);
   put(out, t.pool_size);
-  put(out, t.dev);
-  put(out, t.ino);
   put<std::uint64_t>(out, t.extents.size());
   for (const Extent& e : t.extents) {
     put(out, e.offset);
@@ -88,8 +91,6 @@ Result<Table> decode(std::span<const std::byte> in) {
   Table t;
   t.epoch = get<std::uint64_t>(in.data() + 16);
   t.pool_size = get<std::uint64_t>(in.data() + 24);
-  t.dev = get<std::uint64_t>(in.data() + 32);
-  t.ino = get<std::uint64_t>(in.data() + 40);
   for (std::uint64_t i = 0; i < count; ++i) {
     const std::byte* at = in.data() + kHeader + i * 16;
     t.extents.push_back(Extent{get<std::uint64_t>(at), get<std::uint64_t>(at + 8)});
@@ -130,6 +131,27 @@ Result<void> write_atomically(const fs::path& path, std::span<const std::byte> b
   return {};
 }
 
+std::vector<std::byte> encode_trailer(std::uint64_t epoch, std::uint64_t pool_size) {
+  std::vector<std::byte> out;
+  for (char c : kTrailerMagic) put(out, c);
+  put(out, epoch);
+  put(out, pool_size);
+  put(out, crc32c(out));
+  return out;
+}
+
+// The epoch in the trailer of a pool file of `pool_size` bytes, or nullopt if it has none.
+std::optional<std::uint64_t> read_trailer(int fd, std::uint64_t pool_size) {
+  std::byte buffer[28];
+  if (::pread(fd, buffer, sizeof buffer, static_cast<off_t>(pool_size)) != static_cast<ssize_t>(sizeof buffer)) {
+    return std::nullopt;
+  }
+  if (std::memcmp(buffer, kTrailerMagic, sizeof kTrailerMagic) != 0) return std::nullopt;
+  if (get<std::uint64_t>(buffer + 16) != pool_size) return std::nullopt;
+  if (crc32c(std::span<const std::byte>(buffer, 24)) != get<std::uint32_t>(buffer + 24)) return std::nullopt;
+  return get<std::uint64_t>(buffer + 8);
+}
+
 std::string mib(std::uint64_t bytes) { return fmt::format("{:.1f} MiB", static_cast<double>(bytes) / (1 << 20)); }
 
 }  // namespace
@@ -166,8 +188,8 @@ Result<PoolStorage> PoolStorage::open(const fs::path& path, std::uint64_t reques
   if (ec) return fail(Errc::io, "rdma pool: create " + path.parent_path().string() + ": " + ec.message());
   const fs::path table = table_path(path);
 
-  // Decide whether the file's contents can be kept: only with an intact table written for this
-  // very file (a file recreated by anyone gets a new inode).
+  // Decide whether the file's contents can be kept: only with an intact table whose epoch the
+  // file itself carries.
   std::string fresh_reason;
   std::optional<Table> kept;
   detail::UniqueFd fd(::open(path.c_str(), O_RDWR | O_CLOEXEC));
@@ -184,10 +206,11 @@ Result<PoolStorage> PoolStorage::open(const fs::path& path, std::uint64_t reques
     if (!decoded) {
       fresh_reason = bytes ? "the table " + table.string() + " is damaged (" + decoded.error().message + "); not trusted"
                            : "no table beside " + path.string() + " (" + bytes.error().message + ")";
-    } else if (decoded->dev != static_cast<std::uint64_t>(st.st_dev) ||
-               decoded->ino != static_cast<std::uint64_t>(st.st_ino)) {
-      fresh_reason = "the table " + table.string() + " was written for another file than " + path.string();
-    } else if (decoded->pool_size != size || static_cast<std::uint64_t>(st.st_size) != size) {
+    } else if (static_cast<std::uint64_t>(st.st_size) != decoded->pool_size + kTrailerBytes ||
+               read_trailer(fd.get(), decoded->pool_size) != decoded->epoch) {
+      fresh_reason = "the table " + table.string() + " belongs to another file than " + path.string() +
+                     " (the file does not carry its epoch); not trusted";
+    } else if (decoded->pool_size != size) {
       return fail(Errc::invalid_argument,
                   fmt::format("rdma pool: {} holds a pool of {} bytes with {} extents, pool_size asks for {}; set "
                               "pool_size back, or delete {} and {} to start an empty pool",
@@ -216,6 +239,7 @@ Result<PoolStorage> PoolStorage::open(const fs::path& path, std::uint64_t reques
     fresh_reason = "no pool file " + path.string() + " (first start, or the memory node restarted)";
   }
 
+  std::uint64_t epoch = kept ? kept->epoch : new_pool_epoch();
   if (!fd) {
     fd = detail::UniqueFd(::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600));
     if (!fd) return fail_errno(Errc::io, "rdma pool: create " + path.string(), errno);
@@ -223,27 +247,31 @@ Result<PoolStorage> PoolStorage::open(const fs::path& path, std::uint64_t reques
       return fail_errno(Errc::unavailable, "rdma pool: " + path.string() + " is in use by another agent", errno);
     }
     // Reserve every page now: a full tmpfs must fail here, not as SIGBUS on a later touch.
-    if (int err = ::posix_fallocate(fd.get(), 0, static_cast<off_t>(size)); err != 0) {
+    if (int err = ::posix_fallocate(fd.get(), 0, static_cast<off_t>(size + kTrailerBytes)); err != 0) {
       (void)::unlink(path.c_str());
       return fail_errno(err == ENOSPC ? Errc::no_space : Errc::io,
-                        "rdma pool: allocate " + std::to_string(size) + " bytes for " + path.string(), err);
+                        "rdma pool: allocate " + std::to_string(size + kTrailerBytes) + " bytes for " + path.string(),
+                        err);
+    }
+    const auto trailer = encode_trailer(epoch, size);
+    if (::pwrite(fd.get(), trailer.data(), trailer.size(), static_cast<off_t>(size)) !=
+            static_cast<ssize_t>(trailer.size()) ||
+        ::fsync(fd.get()) != 0) {
+      const int err = errno;
+      (void)::unlink(path.c_str());
+      return fail_errno(Errc::io, "rdma pool: write the trailer of " + path.string(), err);
     }
   }
-  struct stat st {};
-  if (::fstat(fd.get(), &st) != 0) return fail_errno(Errc::io, "rdma pool: stat " + path.string(), errno);
   void* data = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
   if (data == MAP_FAILED) return fail_errno(Errc::no_space, "rdma pool: mmap " + path.string(), errno);
   pool.mapping_ = detail::UniqueMapping(data, size);
   pool.fd_ = std::move(fd);
-  pool.file_dev_ = static_cast<std::uint64_t>(st.st_dev);
-  pool.file_ino_ = static_cast<std::uint64_t>(st.st_ino);
+  pool.epoch_ = epoch;
   if (kept) {
-    pool.epoch_ = kept->epoch;
     pool.recovered_ = true;
     pool.origin_ = fmt::format("kept {} extents ({}) from {}", kept->extents.size(), mib(pool.used_bytes()), table.string());
     return pool;
   }
-  pool.epoch_ = new_pool_epoch();
   pool.origin_ = "new pool: " + fresh_reason;
   if (auto ok = pool.save(); !ok) return tl::unexpected(ok.error());
   return pool;
@@ -251,7 +279,7 @@ Result<PoolStorage> PoolStorage::open(const fs::path& path, std::uint64_t reques
 
 Result<void> PoolStorage::save() const {
   if (path_.empty()) return {};
-  Table t{.epoch = epoch_, .pool_size = size(), .dev = file_dev_, .ino = file_ino_, .extents = {}};
+  Table t{.epoch = epoch_, .pool_size = size(), .extents = {}};
   t.extents = allocator_.allocated();
   if (auto ok = write_atomically(table_path(path_), encode(t)); !ok) {
     return fail(ok.error().code, "rdma pool: save the allocation table: " + ok.error().message);

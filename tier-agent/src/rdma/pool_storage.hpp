@@ -1,6 +1,7 @@
 // The memory node's pool memory and its allocation table, without verbs (the pool server
 // registers data() with the NIC). With a path, the pool is a file (tmpfs or hugetlbfs: memory
-// that outlives the agent, not the machine) and the table is `<path>.table`, rewritten
+// that outlives the agent, not the machine) of the pool's size plus one trailer page naming its
+// epoch, and the table is `<path>.table`, rewritten
 // atomically (temp + fsync + rename) on every allocate and release; a restarted agent maps the
 // same file and keeps the table's extents. Whenever the contents cannot be trusted (no file, no
 // table, a torn or foreign table) the pool starts empty under a new random epoch, which is how
@@ -51,7 +52,6 @@ class PoolStorage {
   detail::UniqueMapping mapping_;
   ExtentAllocator allocator_;
   std::uint64_t epoch_ = 0;
-  std::uint64_t file_dev_ = 0, file_ino_ = 0;
   std::string origin_;
   bool recovered_ = false;
 };
