@@ -282,6 +282,30 @@ TEST(ControlCodecTest, RdmaJsonOfTheRdmaComponentMatchesTheWireCodec) {
   EXPECT_EQ(old.get<RdmaPoolGrant>().epoch, 0u);
 }
 
+// What a user reads in `tierctl status` and `tierctl list` when the RDMA tier is reconnecting
+// and a snapshot's pool is gone.
+TEST(ControlRenderTest, StatusShowsTheTierStateAndListShowsLostSnapshots) {
+  const json status = json::parse(R"({"host": "host0", "role": "compute", "default_tier": "cxl", "snapshots": 1,
+    "tiers": [{"kind": "rdma", "up": true, "source": "memnode 10.77.0.3:7400", "state": "reconnecting",
+               "stats": {"capacity_bytes": 1073741824},
+               "reconnect": {"since_unix_ms": 1796170867000, "attempt": 3, "next_attempt_unix_ms": 1796170868000,
+                             "last_error": "rdma: RDMA READ of 4096 bytes: no completion within 5000 ms"}}]})");
+  const std::string shown = render_result(Status{}, status);
+  for (const char* part : {"RECONNECTING", "since 2026-12-02T", "attempt 3", "next 2026-12-02T", "no completion within 5000 ms"}) {
+    EXPECT_NE(shown.find(part), std::string::npos) << part << " not in:\n" << shown;
+  }
+  const json up = json::parse(R"({"tiers": [{"kind": "local", "up": true, "source": "DRAM", "state": "up"}]})");
+  EXPECT_EQ(render_result(Status{}, up).find("since"), std::string::npos);
+
+  const json list = json::parse(R"({"snapshots": [
+    {"id": "fn", "owner_host": "host0", "pages": 3, "zero_pages": 0, "bytes_per_tier": {"rdma": 12288},
+     "published": true, "lost": "its RDMA pages were lost: pool epoch 12, now 34"},
+    {"id": "ok", "owner_host": "host0", "pages": 1, "zero_pages": 0, "bytes_per_tier": {"cxl": 4096}, "published": true}]})");
+  const std::string listed = render_result(SnapshotList{}, list);
+  EXPECT_NE(listed.find("LOST"), std::string::npos) << listed;
+  EXPECT_NE(listed.find("fn: its RDMA pages were lost: pool epoch 12, now 34"), std::string::npos) << listed;
+}
+
 TEST(ControlCodecTest, FrameHeaderIsBigEndian) {
   std::string frame = encode_frame(std::string(0x010203, 'x'));
   EXPECT_EQ(frame.substr(0, 4), std::string("\x00\x01\x02\x03", 4));
