@@ -5,8 +5,9 @@
 // Failure model: every completion is awaited with a deadline. A timeout or an error completion
 // moves the QP to the error state (flushing anything still in flight, so no late DMA can land in
 // the bounce buffer) and hands the tier to its Reconnector (reconnect.hpp): a background thread
-// connects a new QP with backoff while every read/write/allocate fails at once with
-// Errc::unavailable naming the state. Device, PD, CQ and bounce buffer are kept.
+// connects a new QP with backoff while every other read/write/allocate fails at once with
+// Errc::unavailable naming the state; the request that failed waits for the first attempt and
+// is retried once if the pool is the same. Device, PD, CQ and bounce buffer are kept.
 #include <sys/mman.h>
 
 #include <atomic>
@@ -30,6 +31,9 @@ using namespace rdma_detail;
 constexpr std::uint64_t kMinBounce = 4096;
 constexpr std::uint64_t kMaxBounce = 1ull << 30;
 constexpr std::uint32_t kSendQueueDepth = 16;
+// One reconnect attempt is a few control-plane round trips and RTR's neighbour resolution
+// (about 1 s on rxe); a memory node slower than this is not waited for.
+constexpr std::chrono::milliseconds kAttemptBound{5000};
 
 Result<void> check_grant(const RdmaPoolGrant& grant);
 
@@ -50,6 +54,10 @@ class RdmaTier final : public Tier {
         epoch_(grant_.epoch) {
     const std::uint64_t max_msg = device_.port_attr.max_msg_sz;
     chunk_bytes_ = max_msg > 0 ? std::min<std::uint64_t>(bounce_.size(), max_msg) : bounce_.size();
+    // A first attempt that comes late is not worth holding the request for.
+    if (reconnect_options.initial_backoff <= kAttemptBound) {
+      reconnect_wait_ = reconnect_options.initial_backoff + kAttemptBound;
+    }
     reconnector_ = std::make_unique<Reconnector>(reconnect_options, [this] { return this->reconnect(); });
   }
 
@@ -115,6 +123,10 @@ class RdmaTier final : public Tier {
   std::uint64_t epoch() const noexcept override { return epoch_.load(); }
 
  private:
+  // The request that finds the QP broken waits for the first reconnect attempt and, if the
+  // memory node answers with the same pool, runs once more: READ and WRITE are idempotent, and a
+  // memory node whose agent restarted (every QP gone, the pool kept) costs that request one
+  // completion timeout instead of an error. Requests that arrive meanwhile fail at once.
   Result<void> transfer(ibv_wr_opcode opcode, Extent extent, std::uint64_t offset,
                         std::uint64_t size, std::byte* read_into, const std::byte* write_from) {
     if (auto ok = detail::check_access("rdma", extent, offset, size, 0, capacity_.load()); !ok) {
@@ -122,6 +134,28 @@ class RdmaTier final : public Tier {
     }
     const char* op = opcode == IBV_WR_RDMA_READ ? "rdma: RDMA READ" : "rdma: RDMA WRITE";
     if (auto ok = reconnector_->admit(op); !ok) return ok;
+    const std::uint64_t epoch = epoch_.load();
+    bool broke = false;
+    auto first = transfer_once(op, opcode, extent, offset, size, read_into, write_from, broke);
+    if (first || !broke) return first;
+    if (!reconnector_->await_attempt(reconnect_wait_)) return first;
+    if (epoch_.load() != epoch) {
+      return fail(first.error().code, first.error().message + "; the memory node came back with a new pool (epoch " +
+                                          std::to_string(epoch_.load()) + "): not retried");
+    }
+    bool broke_again = false;
+    auto second = transfer_once(op, opcode, extent, offset, size, read_into, write_from, broke_again);
+    if (!second) {
+      return fail(second.error().code, second.error().message + " (after reconnecting; first: " +
+                                           first.error().message + ")");
+    }
+    spdlog::info("{} of {} bytes served after reconnecting", op, size);
+    return second;
+  }
+
+  // One pass over the chunks; `broke` says whether this call found the QP failing.
+  Result<void> transfer_once(const char* op, ibv_wr_opcode opcode, Extent extent, std::uint64_t offset,
+                             std::uint64_t size, std::byte* read_into, const std::byte* write_from, bool& broke) {
     std::lock_guard lock(io_mutex_);
     // A caller queued behind the request that failed finds the QP gone.
     if (!qp_ok_) {
@@ -134,6 +168,7 @@ class RdmaTier final : public Tier {
       const std::uint64_t pool_offset = extent.offset + offset + done;
       if (write_from != nullptr) std::memcpy(bounce_.data(), write_from + done, chunk);
       if (auto ok = post_and_wait(opcode, pool_offset, static_cast<std::uint32_t>(chunk)); !ok) {
+        broke = !qp_ok_;
         return ok;
       }
       if (read_into != nullptr) std::memcpy(read_into + done, bounce_.data(), chunk);
@@ -239,6 +274,9 @@ class RdmaTier final : public Tier {
   QpPtr qp_;
   RdmaPoolGrant grant_;
   std::chrono::milliseconds timeout_;
+  // How long the failing request waits for the first reconnect attempt: the attempt's start
+  // (initial backoff) plus a bound on its connection setup (control plane, RTR).
+  std::chrono::milliseconds reconnect_wait_{0};
   std::uint64_t chunk_bytes_ = 0;
 
   mutable std::mutex io_mutex_;  // guards qp_, grant_, qp_ok_, the bounce buffer, next_wr_id_

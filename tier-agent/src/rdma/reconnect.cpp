@@ -157,6 +157,13 @@ void Reconnector::report_failure(std::string why) {
   wake_.notify_all();
 }
 
+bool Reconnector::await_attempt(std::chrono::milliseconds limit) {
+  std::unique_lock lock(mutex_);
+  const std::uint64_t seen = attempts_ended_;
+  wake_.wait_for(lock, limit, [&] { return stop_ || attempts_ended_ != seen || machine_.state() == TierState::up; });
+  return machine_.state() == TierState::up;
+}
+
 TierHealth Reconnector::health() const {
   std::lock_guard lock(mutex_);
   return machine_.health(ReconnectMachine::Clock::now(), unix_ms_now());
@@ -187,6 +194,8 @@ void Reconnector::run() {
     } else {
       machine_.attempt_failed(connected.error().what(), ReconnectMachine::Clock::now());
     }
+    ++attempts_ended_;
+    wake_.notify_all();
   }
 }
 

@@ -83,6 +83,9 @@ class Reconnector {
   [[nodiscard]] Result<void> admit(std::string_view what);
   // The connection failed (a request's completion error or timeout).
   void report_failure(std::string why);
+  // For the request that saw the failure: waits until the next attempt has ended (or `limit`
+  // passes) and says whether the tier is up again. Others never wait (admit fails them).
+  [[nodiscard]] bool await_attempt(std::chrono::milliseconds limit);
   [[nodiscard]] TierHealth health() const;
   [[nodiscard]] TierState state() const;
 
@@ -93,6 +96,7 @@ class Reconnector {
   mutable std::mutex mutex_;
   std::condition_variable wake_;
   ReconnectMachine machine_;
+  std::uint64_t attempts_ended_ = 0;
   bool stop_ = false;
   std::thread thread_;  // last: started after everything it uses exists
 };
