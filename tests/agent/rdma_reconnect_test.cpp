@@ -216,6 +216,29 @@ TEST(ReconnectorTest, ConcurrentRequestsDuringASlowAttemptNeverWait) {
   EXPECT_EQ(admitted.load(), 0);
 }
 
+TEST(ReconnectorTest, TheFailingRequestWaitsForOneAttemptOnly) {
+  auto connector = std::make_shared<ScriptedConnector>();
+  Reconnector reconnector(options(20ms, 5s, 1000, 60s), [connector] { return (*connector)(); });
+  reconnector.report_failure("timeout");
+  auto start = Clock::now();
+  EXPECT_FALSE(reconnector.await_attempt(3s)) << "the node does not answer";
+  EXPECT_LT(Clock::now() - start, 1s) << "returns when the attempt ends, not at the limit";
+  EXPECT_EQ(connector->calls_.load(), 1);
+
+  connector->succeed_ = true;
+  start = Clock::now();
+  EXPECT_TRUE(reconnector.await_attempt(3s));
+  EXPECT_EQ(reconnector.state(), TierState::up);
+  EXPECT_LT(Clock::now() - start, 1s) << "the second attempt came after 20 ms x 2";
+
+  connector->succeed_ = false;
+  connector->block_ = true;
+  reconnector.report_failure("timeout again");
+  start = Clock::now();
+  EXPECT_FALSE(reconnector.await_attempt(100ms)) << "bounded by the limit when the attempt is slow";
+  EXPECT_LT(Clock::now() - start, 250ms);
+}
+
 TEST(ReconnectorTest, DestructionDuringAnAttemptWaitsForItAndReturns) {
   auto connector = std::make_shared<ScriptedConnector>();
   connector->block_ = true;
