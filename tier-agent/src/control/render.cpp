@@ -8,6 +8,7 @@
 #include <vector>
 #include <sstream>
 
+#include "core/utc_time.hpp"
 #include "snaptier/control.hpp"
 
 namespace snaptier::control {
@@ -44,16 +45,6 @@ std::string str(const json& j, const char* key) {
   if (it->is_string()) return it->get<std::string>();
   if (it->is_null()) return "-";
   return it->dump();
-}
-
-// "2026-12-02T00:41:07Z" for a time in milliseconds since the epoch.
-std::string utc_ms(std::uint64_t unix_ms) {
-  const std::time_t seconds = static_cast<std::time_t>(unix_ms / 1000);
-  std::tm tm{};
-  ::gmtime_r(&seconds, &tm);
-  char text[32];
-  std::strftime(text, sizeof text, "%Y-%m-%dT%H:%M:%SZ", &tm);
-  return text;
 }
 
 std::string yes_no(const json& j, const char* key) {
@@ -106,10 +97,10 @@ std::string render_status(const json& r) {
     // Agents from before tier states report only "up".
     std::string state = tier.contains("state") ? str(tier, "state") : (up ? "up" : "down");
     if (auto reconnect = tier.find("reconnect"); reconnect != tier.end() && reconnect->is_object()) {
-      source += "; " + state + " since " + utc_ms(u64(*reconnect, "since_unix_ms")) + ", attempt " +
+      source += "; " + state + " since " + detail::utc_time(u64(*reconnect, "since_unix_ms")) + ", attempt " +
                 std::to_string(u64(*reconnect, "attempt"));
       if (reconnect->contains("next_attempt_unix_ms")) {
-        source += ", next " + utc_ms(u64(*reconnect, "next_attempt_unix_ms"));
+        source += ", next " + detail::utc_time(u64(*reconnect, "next_attempt_unix_ms"));
       }
       source += ": " + str(*reconnect, "last_error");
     }

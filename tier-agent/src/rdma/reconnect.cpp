@@ -5,6 +5,8 @@
 
 #include <fmt/format.h>
 
+#include "core/utc_time.hpp"
+
 namespace snaptier::rdma_detail {
 namespace {
 
@@ -13,16 +15,6 @@ using std::chrono::milliseconds;
 std::uint64_t unix_ms_now() {
   return static_cast<std::uint64_t>(
       std::chrono::duration_cast<milliseconds>(std::chrono::system_clock::now().time_since_epoch()).count());
-}
-
-// "2026-12-02T00:41:07Z": what `tierctl status` and the error messages show.
-std::string utc_time(std::uint64_t unix_ms) {
-  const std::time_t seconds = static_cast<std::time_t>(unix_ms / 1000);
-  std::tm tm{};
-  ::gmtime_r(&seconds, &tm);
-  char text[32];
-  std::strftime(text, sizeof text, "%Y-%m-%dT%H:%M:%SZ", &tm);
-  return text;
 }
 
 }  // namespace
@@ -122,7 +114,7 @@ std::string ReconnectMachine::describe(Clock::time_point now) const {
     next = fmt::format("next in {} ms",
                        std::max<std::int64_t>(0, std::chrono::duration_cast<milliseconds>(*when - now).count()));
   }
-  return fmt::format("{} since {} (attempt {}{}{}): {}", to_string(state_), utc_time(since_unix_ms_), attempt_,
+  return fmt::format("{} since {} (attempt {}{}{}): {}", to_string(state_), detail::utc_time(since_unix_ms_), attempt_,
                      next.empty() ? "" : ", ", next, last_error_);
 }
 
