@@ -98,7 +98,7 @@ Result<std::unique_ptr<Agent>> make_agent(const AgentConfig& config) {
       cxl_directory = cxl->directory;
       in_place = cxl->backing;
     }
-    record(parts.tiers, TierKind::cxl, config.cxl->path.string() + (in_place ? " (" + inplace::describe(*in_place) + ")" : ""),
+    record(parts.tiers, TierKind::cxl, config.cxl->path.string(),  // in-place support: status "in_place"
            cxl ? Result<std::shared_ptr<Tier>>(cxl->tier) : tl::unexpected(cxl.error()));
   }
   if (config.rdma) {
