@@ -96,7 +96,7 @@ token = "memnode-token-0123456789"
     auto agent = make_agent(config_);
     ASSERT_TRUE(agent.has_value()) << agent.error().what();
     agent_ = std::move(*agent);
-    auto server = ControlServer::start(server_options(config_.control),
+    auto server = ControlServer::start(server_options(config_),
                                        [agent = agent_.get()](const Command& c) { return agent->handle(c); });
     ASSERT_TRUE(server.has_value()) << server.error().what();
     server_ = std::move(*server);
@@ -380,7 +380,7 @@ pool_size = "16M"
   ASSERT_TRUE(config.has_value()) << config.error().what();
   auto agent = make_agent(*config);
   ASSERT_TRUE(agent.has_value()) << agent.error().what();
-  auto server = ControlServer::start(server_options(config->control),
+  auto server = ControlServer::start(server_options(*config),
                                      [a = agent->get()](const Command& c) { return a->handle(c); });
   ASSERT_TRUE(server.has_value()) << server.error().what();
   const NetAddress memnode{"127.0.0.1", *(*server)->tcp_port()};

@@ -131,8 +131,10 @@ TEST(ControlCodecTest, EveryCommandSurvivesEncodeAndParse) {
                                 RdmaAlloc{1 << 20},
                                 RdmaFree{Extent{4096, 8192}},
                                 FunctionSnapshot{"matmul", "mm-1", "host0"},
-                                FunctionRestore{"mm-1", "tiered", "host1", true},
-                                FunctionServeLazy{"mm-1", "10.77.0.1", 27001}};
+                                FunctionRestore{"mm-1", "tiered", "host1", true, 16},
+                                FunctionServeLazy{"mm-1", "10.77.0.1", 27001},
+                                FunctionInstances{},
+                                FunctionKill{"mm-1.tiered.3"}};
   ASSERT_EQ(commands.size(), std::variant_size_v<Command>) << "a new op needs a case here";
   std::uint64_t id = 40;
   for (const auto& command : commands) {
@@ -153,12 +155,18 @@ TEST(ControlCodecTest, EveryCommandSurvivesEncodeAndParse) {
   EXPECT_EQ(back.metadata, put.metadata);
   auto parsed_free = parse_request(encode_request(Request{1, "", RdmaFree{Extent{4096, 8192}}}));
   EXPECT_EQ(std::get<RdmaFree>(parsed_free->command).extent, (Extent{4096, 8192}));
-  auto parsed_restore = parse_request(encode_request(Request{1, "", FunctionRestore{"mm-1", "tiered", "host1", true}}));
+  auto parsed_restore = parse_request(encode_request(Request{1, "", FunctionRestore{"mm-1", "tiered", "host1", true, 16}}));
   const auto& restore = std::get<FunctionRestore>(parsed_restore->command);
   EXPECT_EQ(restore.snapshot, "mm-1");
   EXPECT_EQ(restore.policy, "tiered");
   EXPECT_EQ(restore.host, std::optional<std::string>("host1"));
   EXPECT_TRUE(restore.keep);
+  EXPECT_EQ(restore.instances, 16u);
+  EXPECT_EQ(std::get<FunctionRestore>(parse_request(encode_request(Request{1, "", FunctionRestore{"m", "reap"}}))->command).instances,
+            1u)
+      << "no instances means one";
+  auto parsed_kill = parse_request(encode_request(Request{1, "", FunctionKill{"mm-1.tiered.3"}}));
+  EXPECT_EQ(std::get<FunctionKill>(parsed_kill->command).instance, "mm-1.tiered.3");
   EXPECT_TRUE(is_long_running(parsed_restore->command));
   EXPECT_FALSE(is_long_running(Command{Ping{}}));
 }
@@ -173,6 +181,12 @@ TEST(ControlCodecTest, RejectsBadFunctionRequests) {
       {R"({"v":1,"id":1,"op":"function.restore","args":{"id":"m"}})", "policy"},
       {R"({"v":1,"id":1,"op":"function.restore","args":{"id":"m","policy":"tiered","keep":"yes"}})", "keep"},
       {R"({"v":1,"id":1,"op":"function.restore","args":{"id":"m","policy":"tiered","extra":1}})", "extra"},
+      {R"({"v":1,"id":1,"op":"function.restore","args":{"id":"m","policy":"tiered","instances":0}})", "instances"},
+      {R"({"v":1,"id":1,"op":"function.restore","args":{"id":"m","policy":"tiered","instances":257}})", "instances"},
+      {R"({"v":1,"id":1,"op":"function.restore","args":{"id":"m","policy":"tiered","instances":"8"}})", "instances"},
+      {R"({"v":1,"id":1,"op":"function.kill","args":{}})", "instance"},
+      {R"({"v":1,"id":1,"op":"function.kill","args":{"instance":"../x y"}})", "instance"},
+      {R"({"v":1,"id":1,"op":"function.instances","args":{"x":1}})", "x"},
   };
   for (const auto& [payload, field] : cases) {
     auto parsed = parse_request(payload);

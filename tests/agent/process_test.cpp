@@ -302,5 +302,45 @@ TEST(ProcessTest, FindExecutable) {
   EXPECT_EQ(restricted.error().code, Errc::not_found);
 }
 
+// Concurrent restores of one snapshot rely on this: each child sees its own directory at the
+// shared path, writes land in that directory, and the agent's own view is untouched.
+TEST(ProcessTest, BindMountsAreTheChildsOwn) {
+  if (::geteuid() != 0) GTEST_SKIP() << "mount namespaces need root";
+  snaptier::testing::TempDir tmp;
+  const auto shared = tmp.path() / "shared";
+  std::filesystem::create_directories(shared);
+  std::ofstream(shared / "who") << "agent\n";
+  std::vector<std::filesystem::path> own;
+  std::vector<Child> children;
+  for (int i = 0; i < 3; ++i) {
+    own.push_back(tmp.path() / ("own" + std::to_string(i)));
+    std::filesystem::create_directories(own.back());
+    std::ofstream(own.back() / "who") << "child" << i << "\n";
+    SpawnOptions options;
+    options.bind_mounts.emplace_back(own.back(), shared);
+    auto child = spawn({"/bin/sh", "-c", "cat " + (shared / "who").string() + " > " + (shared / "seen").string()}, options);
+    ASSERT_TRUE(child) << child.error().what();
+    children.push_back(std::move(*child));
+  }
+  for (int i = 0; i < 3; ++i) {
+    auto status = children[i].wait(10s);
+    ASSERT_TRUE(status) << status.error().what();
+    EXPECT_TRUE(status->ok());
+    EXPECT_EQ(read_file(own[i] / "seen"), "child" + std::to_string(i) + "\n") << "child " << i << " saw another directory";
+  }
+  EXPECT_EQ(read_file(shared / "who"), "agent\n");
+  EXPECT_FALSE(std::filesystem::exists(shared / "seen")) << "a child's write reached the shared path";
+}
+
+TEST(ProcessTest, ABindMountThatCannotBeMadeIsAnErrorNotAChild) {
+  if (::geteuid() != 0) GTEST_SKIP() << "mount namespaces need root";
+  snaptier::testing::TempDir tmp;
+  SpawnOptions options;
+  options.bind_mounts.emplace_back(tmp.path() / "missing", tmp.path());
+  auto child = spawn({"/bin/true"}, options);
+  ASSERT_FALSE(child);
+  EXPECT_NE(child.error().message.find("bind"), std::string::npos) << child.error().what();
+}
+
 }  // namespace
 }  // namespace snaptier::proc

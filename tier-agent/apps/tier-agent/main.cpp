@@ -77,7 +77,7 @@ int main(int argc, char** argv) {
   // Create the Unix socket owner-only from the first instant (chmod after bind leaves a window).
   const mode_t previous_umask = ::umask(0177);
   auto server = snaptier::control::ControlServer::start(
-      snaptier::server_options(config->control),
+      snaptier::server_options(*config),
       [agent = agent->get()](const snaptier::control::Command& command) { return agent->handle(command); });
   ::umask(previous_umask);
   if (!server) {

@@ -117,10 +117,20 @@ int main(int argc, char** argv) {
                           "a name from `tierctl policies`")->required();
   restore_cmd->add_option("--host", restore_host, "the agent that restores (default: the one tierctl talks to)");
   restore_cmd->add_flag("--keep", function_restore.keep, "leave the restored instance running");
+  restore_cmd->add_option("--instances", function_restore.instances,
+                          "a burst: restore this many instances at once (each checked; bounded by the agent's max_operations)")
+      ->check(CLI::Range(1, 256));
   restore_cmd->callback([&] {
     if (!restore_host.empty()) function_restore.host = restore_host;
     command = function_restore;
   });
+
+  app.add_subcommand("instances", "restored instances left running (--keep) and function operations in flight")
+      ->callback([&] { command = FunctionInstances{}; });
+  FunctionKill function_kill;
+  auto* kill_cmd = app.add_subcommand("kill", "end an instance listed by `tierctl instances`");
+  kill_cmd->add_option("instance", function_kill.instance, "its id")->required();
+  kill_cmd->callback([&] { command = function_kill; });
 
   try {
     app.parse(argc, argv);

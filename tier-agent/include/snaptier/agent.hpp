@@ -83,6 +83,6 @@ class Agent {
 [[nodiscard]] Result<std::unique_ptr<Agent>> make_agent(const AgentConfig& config);
 
 // The control server's options for a config's [control] section.
-[[nodiscard]] control::ServerOptions server_options(const ControlConfig& control);
+[[nodiscard]] control::ServerOptions server_options(const AgentConfig& config);
 
 }  // namespace snaptier

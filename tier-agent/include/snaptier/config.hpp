@@ -69,6 +69,9 @@ struct FunctionsConfig {
   std::filesystem::path work_dir;                 // instances, images, restores (tmpfs is best)
   std::string criu = "criu";                      // the criu binary (PATH lookup)
   std::chrono::seconds operation_timeout{900};    // bound on one snapshot or restore
+  // Function operations in flight at once (each instance of a burst counts one); beyond it
+  // requests get Errc::busy. Bounds the agent's own memory and threads per served instance.
+  std::size_t max_operations = 16;
 };
 
 struct AgentConfig {

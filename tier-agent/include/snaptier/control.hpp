@@ -97,6 +97,15 @@ struct FunctionRestore {
   std::string policy;                 // docs/restore-policies.md
   std::optional<std::string> host;
   bool keep = false;                  // leave the restored instance running (else killed after checks)
+  std::uint32_t instances = 1;        // > 1: a burst of that many at once (BurstResult)
+};
+
+// Instances left running (keep), operations in flight and their bound.
+struct FunctionInstances {};
+
+// End an instance listed by FunctionInstances.
+struct FunctionKill {
+  std::string instance;
 };
 
 // Agent to agent, for the criu-remote policy: restore the snapshot here, then `criu dump
@@ -109,7 +118,7 @@ struct FunctionServeLazy {
 
 using Command = std::variant<Ping, Status, SnapshotPut, SnapshotList, SnapshotInfoQuery,
                              SnapshotRead, SnapshotDelete, RdmaConnect, RdmaAlloc, RdmaFree,
-                             FunctionSnapshot, FunctionRestore, FunctionServeLazy>;
+                             FunctionSnapshot, FunctionRestore, FunctionServeLazy, FunctionInstances, FunctionKill>;
 
 // Ops that run for minutes (function snapshot/restore): ServerOptions::long_request_timeout.
 [[nodiscard]] bool is_long_running(const Command& command) noexcept;

@@ -21,6 +21,7 @@ enum class Errc {
   unavailable,        // a peer or device is gone
   permission_denied,  // authentication failed
   protocol,           // a peer spoke something we do not understand
+  busy,               // at a bound of concurrent work (or the object is in use): retry later
 };
 
 [[nodiscard]] std::string_view to_string(Errc code) noexcept;

@@ -1,9 +1,12 @@
 // The agent's function operations (docs/restore-policies.md): snapshot a function on this host
 // (start, criu dump, ingest into the tiers, profile the first invocation) and restore one here
 // with a policy (materialize the images, criu restore, serve the lazy pages, invoke, check the
-// answer and the memory digest, report metrics). One operation runs at a time per agent.
+// answer and the memory digest, report metrics). Operations run concurrently, each in a work
+// directory of its own, up to [functions] max_operations at once (then Errc::busy); a snapshot
+// id is never re-taken while restores read it. Every member is safe to call from any thread.
 #pragma once
 
+#include <atomic>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -23,17 +26,27 @@
 
 namespace snaptier {
 
+namespace agent_detail {
+class Admission;
+}
+
 class FunctionService {
  public:
   // `tiers` are the tiers that came up on this host (placements need them).
   FunctionService(std::string host, FunctionsConfig config, std::shared_ptr<SnapshotStore> store,
                   std::map<TierKind, TierCaps> tiers);
+  ~FunctionService();
 
   // The JSON results are documented in docs/restore-policies.md ("Results").
   [[nodiscard]] Result<nlohmann::json> snapshot(const control::FunctionSnapshot& request);
   // A restore that ran but failed (wrong answer, a tier failing mid-restore) is a result with
-  // "ok": false and the reason; errors are for requests that could not start.
+  // "ok": false and the reason; errors are for requests that could not start. With
+  // request.instances > 1 a burst: that many restores at once, each a result of its own
+  // (docs/schema BurstResult), instances beyond the admission bound marked busy.
   [[nodiscard]] Result<nlohmann::json> restore(const control::FunctionRestore& request);
+  // Instances left running by keep (InstancesResult), and ending one of them.
+  [[nodiscard]] Result<nlohmann::json> instances() const;
+  [[nodiscard]] Result<nlohmann::json> kill(const control::FunctionKill& request);
   // criu-remote, snapshot host side: restore the snapshot eagerly, `criu dump --lazy-pages` it
   // with its page server on request.address:port (running on after the reply, bounded by the
   // operation timeout), reply {"images": {file: hex}}.
@@ -53,14 +66,31 @@ class FunctionService {
   FunctionsConfig config_;
   std::shared_ptr<SnapshotStore> store_;
   std::map<TierKind, TierCaps> tiers_;
-  std::mutex operation_mutex_;  // one snapshot/restore at a time (and the dumped socket path)
-  std::uint64_t restore_counter_ = 0;
+  std::unique_ptr<agent_detail::Admission> admission_;
+  std::atomic<std::uint64_t> restore_counter_{0};
   std::map<std::string, NetAddress> peers_;
   std::string peer_token_;
   std::optional<inplace::Backing> in_place_;  // none: no CXL tier up
   struct RemoteDump;  // a `criu dump --lazy-pages` serving pages after its reply
+  std::mutex remote_dumps_mutex_;
+  std::mutex serve_lazy_mutex_;
   std::vector<std::shared_ptr<RemoteDump>> remote_dumps_;
   void reap_remote_dumps(bool all);
+  struct KeptRecord {
+    std::string snapshot;
+    std::string policy;
+    pid_t pid = 0;
+    std::string socket;
+    std::filesystem::path dir;
+    std::uint64_t started_unix_ms = 0;
+  };
+  mutable std::mutex kept_mutex_;
+  std::map<std::string, KeptRecord> kept_;  // by the restore's work directory name
+  void track_kept(const mechanism::RestoreResult& result, const std::filesystem::path& dir);
+  // One restore that was admitted; `at_first_answer` as in mechanism::Invocation.
+  [[nodiscard]] Result<mechanism::RestoreResult> restore_one(const control::FunctionRestore& request,
+                                                             std::function<void(bool)> at_first_answer = {});
+  [[nodiscard]] Result<nlohmann::json> burst(const control::FunctionRestore& request);
   [[nodiscard]] Result<nlohmann::json> call_peer(const std::string& host, const control::Command& command);
   // A restore request checked and resolved: what the mechanism needs, what the flow checks,
   // the result's fields known before it starts (or its failure, when a peer is missing).

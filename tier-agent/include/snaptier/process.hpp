@@ -28,6 +28,11 @@ struct SpawnOptions {
   std::filesystem::path cwd;                 // empty = inherit
   std::vector<std::pair<std::string, std::string>> env_extra;  // added to the inherited env (replacing same names)
   bool new_session = true;                   // setsid(): the child leads its own process group
+  // Non-empty: the child runs in a mount namespace of its own (a private copy of ours) with
+  // each `source` bind-mounted on `target` (both existing directories). The child's children
+  // inherit it; we do not see the mounts. CRIU restores a function's socket this way into a
+  // directory of each instance's own, so instances of one snapshot do not collide.
+  std::vector<std::pair<std::filesystem::path, std::filesystem::path>> bind_mounts;
 };
 
 struct ExitStatus {

@@ -155,7 +155,14 @@ struct RestoreContext {
   std::shared_ptr<const policy::RestorePolicy> policy;
   std::optional<inplace::Backing> in_place;  // none: no CXL tier up
   std::optional<RemotePeer> remote;          // criu-remote only
+  // Where the dumped instance had its socket (baked into the images). Each restore binds its
+  // own dir/kInstanceDir there, in a mount namespace of its own: the socket lands in
+  // dir/kInstanceDir. Empty: CRIU binds the dumped path itself (one instance at a time).
+  std::filesystem::path socket_dir;
 };
+
+// The restored instance's socket directory inside a restore's work directory.
+inline constexpr const char* kInstanceDir = "instance";
 
 class RestoreMechanism {
  public:
@@ -172,6 +179,8 @@ class RestoreMechanism {
   virtual void finish(bool kept, RestoreResult& out) = 0;
 
   [[nodiscard]] virtual const std::filesystem::path& dir() const noexcept = 0;
+  // Whether CRIU binds the instance's socket in dir()/kInstanceDir (RestoreContext::socket_dir).
+  [[nodiscard]] virtual bool private_socket_dir() const noexcept = 0;
   // The CXL file the tree maps pages from, if any (for inplace::measure); its mapped pages.
   [[nodiscard]] virtual std::filesystem::path mapped_backing() const { return {}; }
   [[nodiscard]] virtual std::uint64_t pages_mapped_in_place() const { return 0; }
@@ -188,6 +197,10 @@ struct Invocation {
   std::string expected_digest;
   bool keep = false;
   std::chrono::milliseconds timeout;
+  // Called once the instance answered its first invocation, before the memory is measured
+  // and the digest taken: a burst holds every instance there until all have answered.
+  // `answered`: the invocation answered (right or wrong).
+  std::function<void(bool answered)> at_first_answer;
 };
 
 // prepare, restore, move the socket, invoke once, check the answer and the digest, measure,

@@ -151,6 +151,14 @@ Result<nlohmann::json> Agent::handle(const control::Command& command) {
           auto service = require_functions();
           if (!service) return tl::unexpected(service.error());
           return (*service)->serve_lazy(c);
+        } else if constexpr (std::is_same_v<T, FunctionInstances>) {
+          auto service = require_functions();
+          if (!service) return tl::unexpected(service.error());
+          return (*service)->instances();
+        } else if constexpr (std::is_same_v<T, FunctionKill>) {
+          auto service = require_functions();
+          if (!service) return tl::unexpected(service.error());
+          return (*service)->kill(c);
         }
       },
       command);
@@ -415,7 +423,9 @@ Result<json> Agent::remove(const control::SnapshotDelete& remove) {
   return json{{"id", remove.id}, {"deleted", true}};
 }
 
-control::ServerOptions server_options(const ControlConfig& control) {
+control::ServerOptions server_options(const AgentConfig& config) {
+  const ControlConfig& control = config.control;
+  const std::size_t function_operations = config.functions ? config.functions->max_operations : 0;
   control::ServerOptions options;
   options.unix_socket = control.unix_socket;
   options.tcp_listen = control.tcp_listen;
@@ -423,9 +433,9 @@ control::ServerOptions server_options(const ControlConfig& control) {
   options.max_frame_bytes = control.max_frame_bytes;
   options.request_timeout = control.request_timeout;
   options.idle_timeout = control.idle_timeout;
-  // Function operations hold a worker for minutes (one at a time per agent, see
-  // FunctionService); keep workers free for the short ops meanwhile.
-  options.worker_threads = 4;
+  // Function operations hold a worker for minutes, up to [functions] max_operations of them
+  // at once; a few more stay free for the short ops (status, instances) meanwhile.
+  options.worker_threads = function_operations + 4;
   return options;
 }
 

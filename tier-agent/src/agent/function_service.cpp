@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <fstream>
 #include <optional>
 #include <sstream>
@@ -15,6 +16,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include "agent/admission.hpp"
 #include "agent/snapshot_copies.hpp"
 #include "inplace/inplace.hpp"
 #include "mechanism/criu_steps.hpp"
@@ -152,6 +154,7 @@ Result<json> FunctionService::call_peer(const std::string& host, const control::
 }
 
 void FunctionService::reap_remote_dumps(bool all) {
+  std::lock_guard lock(remote_dumps_mutex_);
   std::error_code ec;
   for (auto it = remote_dumps_.begin(); it != remote_dumps_.end();) {
     auto& d = **it;
@@ -173,13 +176,18 @@ void FunctionService::reap_remote_dumps(bool all) {
 
 FunctionService::FunctionService(std::string host, FunctionsConfig config, std::shared_ptr<SnapshotStore> store,
                                  std::map<TierKind, TierCaps> tiers)
-    : host_(std::move(host)), config_(std::move(config)), store_(std::move(store)), tiers_(std::move(tiers)) {}
+    : host_(std::move(host)),
+      config_(std::move(config)),
+      store_(std::move(store)),
+      tiers_(std::move(tiers)),
+      admission_(std::make_unique<agent_detail::Admission>(config_.max_operations)) {}
+
+FunctionService::~FunctionService() = default;
 
 // ---------------------------------------------------------------------------------------------
 // snapshot
 
 Result<json> FunctionService::snapshot(const control::FunctionSnapshot& request) {
-  std::lock_guard operation(operation_mutex_);
   if (!store_) return fail(Errc::unsupported, host_ + " has no snapshot store");
   const milliseconds timeout = std::chrono::duration_cast<milliseconds>(config_.operation_timeout);
   const auto t_start = Clock::now();
@@ -189,6 +197,8 @@ Result<json> FunctionService::snapshot(const control::FunctionSnapshot& request)
   if (!is_valid_snapshot_id(id) || id.find(':') != std::string::npos) {
     return fail(Errc::invalid_argument, "'" + id + "' is not a usable snapshot id");
   }
+  auto ticket = admission_->snapshot(id);
+  if (!ticket) return tl::unexpected(ticket.error());
   const fs::path dir = config_.work_dir / "snapshots" / id;
   std::error_code ec;
   fs::remove_all(dir, ec);
@@ -283,21 +293,242 @@ Result<json> FunctionService::snapshot(const control::FunctionSnapshot& request)
 // restore
 
 Result<json> FunctionService::restore(const control::FunctionRestore& request) {
-  std::lock_guard operation(operation_mutex_);
   if (!store_) return fail(Errc::unsupported, host_ + " has no snapshot store");
   reap_remote_dumps(false);
+  if (request.instances > 1) return burst(request);
+  auto ticket = admission_->restore(request.snapshot);
+  if (!ticket) return tl::unexpected(ticket.error());
+  auto result = restore_one(request);
+  if (!result) return tl::unexpected(result.error());
+  return mechanism::to_json(*result);
+}
+
+Result<mechanism::RestoreResult> FunctionService::restore_one(const control::FunctionRestore& request,
+                                                              std::function<void(bool)> at_first_answer) {
   auto picked = pick_restore(request);
   if (!picked) return tl::unexpected(picked.error());
   auto& [context, invocation, result] = *picked;
-  if (result.error) return mechanism::to_json(result);  // refused by what the host lacks, nothing started
+  if (at_first_answer) invocation.at_first_answer = std::move(at_first_answer);
+  if (result.error) return result;  // refused by what the host lacks, nothing started
+  const fs::path dir = context.dir;
   auto restorer = mechanism::make_mechanism(std::move(context));
   if (!restorer) {
     result.fail_with(restorer.error());
-    return mechanism::to_json(result);
+    return result;
   }
   mechanism::run_restore(**restorer, invocation, result);
   restorer->reset();  // its daemons, threads and (unless kept) work directory end here
-  return mechanism::to_json(result);
+  if (result.instance) track_kept(result, dir);
+  return result;
+}
+
+namespace {
+
+std::uint64_t unix_ms_now() {
+  return static_cast<std::uint64_t>(
+      std::chrono::duration_cast<milliseconds>(std::chrono::system_clock::now().time_since_epoch()).count());
+}
+
+// MemAvailable of /proc/meminfo in bytes; nullopt if unreadable.
+std::optional<std::uint64_t> mem_available_bytes() {
+  std::ifstream in("/proc/meminfo");
+  std::string key;
+  std::uint64_t kib = 0;
+  std::string unit;
+  while (in >> key >> kib) {
+    std::getline(in, unit);
+    if (key == "MemAvailable:") return kib * 1024;
+  }
+  return std::nullopt;
+}
+
+// The instances of a burst meet once each has answered (or failed), so that every one is
+// measured while all are alive: the burst's memory is what the host holds for all at once.
+// Every instance calls arrive() or leave() exactly once; the last one takes the samples.
+class BurstHold {
+ public:
+  BurstHold(std::size_t instances, Clock::time_point deadline, std::function<void()> at_release)
+      : waiting_for_(instances), deadline_(deadline), at_release_(std::move(at_release)) {
+    if (waiting_for_ == 0) release_locked();
+  }
+  void arrive() {
+    std::unique_lock lock(mutex_);
+    if (--waiting_for_ == 0) return release_locked();
+    // Bounded: an instance stuck in its own restore does not keep the others forever.
+    released_cv_.wait_until(lock, deadline_, [&] { return released_; });
+  }
+  void leave() {
+    std::lock_guard lock(mutex_);
+    if (--waiting_for_ == 0) release_locked();
+  }
+
+ private:
+  void release_locked() {
+    if (released_) return;
+    released_ = true;
+    if (at_release_) at_release_();
+    released_cv_.notify_all();
+  }
+  std::mutex mutex_;
+  std::condition_variable released_cv_;
+  std::size_t waiting_for_;
+  Clock::time_point deadline_;
+  std::function<void()> at_release_;
+  bool released_ = false;
+};
+
+}  // namespace
+
+Result<json> FunctionService::burst(const control::FunctionRestore& request) {
+  const std::size_t n = request.instances;
+  const auto t0 = Clock::now();
+  const std::uint64_t started_unix_ms = unix_ms_now();
+  const std::uint64_t rss_before = mechanism::rss_bytes(::getpid());
+  const auto available_before = mem_available_bytes();
+
+  // Admission first, for all: the instances beyond the bound are busy from the start.
+  std::vector<std::optional<agent_detail::Admission::Ticket>> tickets(n);
+  std::vector<std::optional<Error>> refused(n);
+  std::size_t admitted = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    auto ticket = admission_->restore(request.snapshot);
+    if (ticket) {
+      tickets[i] = std::move(*ticket);
+      ++admitted;
+    } else {
+      refused[i] = ticket.error();
+    }
+  }
+  if (admitted == 0) return tl::unexpected(*refused.front());
+  // A request that cannot start fails as a whole, before anything runs (as a single restore).
+  control::FunctionRestore one = request;
+  one.instances = 1;
+  if (auto check = pick_restore(one); !check) return tl::unexpected(check.error());
+
+  struct Slot {
+    std::optional<Result<mechanism::RestoreResult>> result;
+    std::optional<double> started_at_ms;
+    std::optional<double> answered_at_ms;
+    bool met = false;  // arrived at or left the hold
+  };
+  std::vector<Slot> slots(n);
+  std::uint64_t rss_peak = rss_before;
+  std::optional<std::uint64_t> available_at_hold;
+  BurstHold hold(admitted, t0 + std::chrono::duration_cast<milliseconds>(config_.operation_timeout), [&] {
+    rss_peak = mechanism::rss_bytes(::getpid());
+    available_at_hold = mem_available_bytes();
+  });
+  std::vector<std::thread> threads;
+  threads.reserve(admitted);
+  for (std::size_t i = 0; i < n; ++i) {
+    if (!tickets[i]) continue;
+    threads.emplace_back([&, i] {
+      Slot& slot = slots[i];
+      slot.started_at_ms = ms_between(t0, Clock::now());
+      slot.result = restore_one(one, [&](bool answered) {
+        if (answered) slot.answered_at_ms = ms_between(t0, Clock::now());
+        slot.met = true;
+        hold.arrive();
+      });
+      if (!slot.met) hold.leave();  // failed before its first invocation
+      tickets[i]->release();
+    });
+  }
+  for (auto& t : threads) t.join();
+
+  json instances = json::array();
+  std::size_t ok = 0, failed = 0, busy = 0, answered = 0;
+  std::optional<double> first_answer, last_answer;
+  std::uint64_t anon_sum = 0, rss_sum = 0, cxl_sum = 0, faults_total = 0;
+  std::map<TierKind, std::uint64_t> moved;
+  for (std::size_t i = 0; i < n; ++i) {
+    const Slot& slot = slots[i];
+    json entry;
+    if (refused[i]) {
+      ++busy;
+      entry = json{{"snapshot", request.snapshot}, {"policy", request.policy}, {"host", host_}, {"ok", false},
+                   {"error", refused[i]->what()}, {"problems", json::array()}};
+    } else if (!slot.result || !*slot.result) {
+      ++failed;
+      const std::string why = slot.result ? slot.result->error().what() : "the instance did not run";
+      entry = json{{"snapshot", request.snapshot}, {"policy", request.policy}, {"host", host_}, {"ok", false},
+                   {"error", why}, {"problems", json::array()}};
+    } else {
+      const mechanism::RestoreResult& r = **slot.result;
+      entry = mechanism::to_json(r);
+      (r.ok ? ok : failed) += 1;
+      anon_sum += r.local_anonymous_bytes.value_or(0);
+      rss_sum += r.local_memory_bytes.value_or(0);
+      cxl_sum += r.cxl_mapped_bytes.value_or(0);
+      if (r.faults && *r.faults) faults_total += (*r.faults)->total;
+      if (r.bytes_moved_per_tier) {
+        for (const auto& [tier, bytes] : *r.bytes_moved_per_tier) moved[tier] += bytes;
+      }
+    }
+    if (slot.answered_at_ms) {
+      ++answered;
+      first_answer = std::min(first_answer.value_or(*slot.answered_at_ms), *slot.answered_at_ms);
+      last_answer = std::max(last_answer.value_or(*slot.answered_at_ms), *slot.answered_at_ms);
+    }
+    entry["index"] = i;
+    entry["busy"] = refused[i].has_value();
+    entry["started_at_ms"] = slot.started_at_ms ? json(*slot.started_at_ms) : json(nullptr);
+    entry["answered_at_ms"] = slot.answered_at_ms ? json(*slot.answered_at_ms) : json(nullptr);
+    instances.push_back(std::move(entry));
+  }
+  json host_memory = nullptr;
+  if (available_before && available_at_hold && *available_at_hold <= *available_before) {
+    host_memory = *available_before - *available_at_hold;
+  }
+  const double per_s = last_answer && *last_answer > 0 ? static_cast<double>(answered) * 1000.0 / *last_answer : 0.0;
+  json summary{{"instances", n}, {"ok", ok}, {"failed", failed}, {"busy", busy},
+               {"first_answer_ms", first_answer ? json(*first_answer) : json(nullptr)},
+               {"last_answer_ms", last_answer ? json(*last_answer) : json(nullptr)},
+               {"instances_per_s", per_s}, {"wall_ms", ms_between(t0, Clock::now())},
+               {"local_anonymous_bytes_sum", anon_sum}, {"local_memory_bytes_sum", rss_sum},
+               {"cxl_mapped_bytes_sum", cxl_sum}, {"bytes_moved_per_tier", tier_bytes(moved)},
+               {"faults_total", faults_total}, {"host_memory_used_bytes", host_memory},
+               {"agent_rss_bytes_before", rss_before}, {"agent_rss_bytes_peak", rss_peak}};
+  spdlog::info("burst {} ({}) x{}: {} ok, {} failed, {} busy, last answer {} ms", request.snapshot, request.policy, n, ok,
+               failed, busy, last_answer.value_or(-1));
+  return json{{"snapshot", request.snapshot}, {"policy", request.policy}, {"host", host_},
+              {"started_unix_ms", started_unix_ms}, {"instances", std::move(instances)}, {"burst", std::move(summary)}};
+}
+
+void FunctionService::track_kept(const mechanism::RestoreResult& result, const fs::path& dir) {
+  std::lock_guard lock(kept_mutex_);
+  kept_[dir.filename().string()] =
+      KeptRecord{result.snapshot, result.policy, result.instance->pid, result.instance->socket, dir, unix_ms_now()};
+}
+
+Result<json> FunctionService::instances() const {
+  json list = json::array();
+  {
+    std::lock_guard lock(kept_mutex_);
+    for (const auto& [id, k] : kept_) {
+      list.push_back({{"id", id}, {"snapshot", k.snapshot}, {"policy", k.policy}, {"pid", k.pid}, {"socket", k.socket},
+                      {"started_unix_ms", k.started_unix_ms}, {"alive", proc::is_running(k.pid)}});
+    }
+  }
+  return json{{"host", host_}, {"instances", std::move(list)}, {"operations", admission_->in_flight()},
+              {"max_operations", admission_->max()}};
+}
+
+Result<json> FunctionService::kill(const control::FunctionKill& request) {
+  KeptRecord record;
+  {
+    std::lock_guard lock(kept_mutex_);
+    auto it = kept_.find(request.instance);
+    if (it == kept_.end()) return fail(Errc::not_found, "no instance '" + request.instance + "' on " + host_);
+    record = std::move(it->second);
+    kept_.erase(it);
+  }
+  const bool was_running = proc::is_running(record.pid);
+  kill_tree(record.pid);
+  std::error_code ec;
+  fs::remove_all(record.dir, ec);
+  spdlog::info("instance {} (pid {}) killed", request.instance, record.pid);
+  return json{{"instance", request.instance}, {"killed", was_running}};
 }
 
 // Everything a restore is refused for comes before anything starts: the policy, the copy it
@@ -348,8 +579,9 @@ Result<FunctionService::PickedRestore> FunctionService::pick_restore(const contr
 
   mechanism::RestoreContext context;
   context.criu = config_.criu;
-  context.dir = config_.work_dir / "restores" /
-                (request.snapshot + "." + request.policy + "." + std::to_string(++restore_counter_));
+  const std::uint64_t serial = ++restore_counter_;
+  context.dir = config_.work_dir / "restores" / (request.snapshot + "." + request.policy + "." + std::to_string(serial));
+  context.socket_dir = meta->socket.parent_path();
   context.timeout = timeout;
   context.store = store_;
   context.snapshot_id = request.snapshot;
@@ -359,7 +591,7 @@ Result<FunctionService::PickedRestore> FunctionService::pick_restore(const contr
     if (auto peer = peers_.find(meta->snapshot_host); peer != peers_.end()) {
       const std::string origin = meta->snapshot_host;
       context.remote = mechanism::RemotePeer{
-          origin, peer->second.host, static_cast<std::uint16_t>(27000 + (restore_counter_ % 1000)),
+          origin, peer->second.host, static_cast<std::uint16_t>(27000 + (serial % 1000)),
           [this, origin](const control::Command& command) { return call_peer(origin, command); }};
     } else {
       // A result, not a refusal: the copy exists, this host just cannot reach its page server.
@@ -400,9 +632,13 @@ json FunctionService::policies() const {
 // criu-remote, snapshot host side
 
 Result<json> FunctionService::serve_lazy(const control::FunctionServeLazy& request) {
-  std::lock_guard operation(operation_mutex_);
   if (!store_) return fail(Errc::unsupported, host_ + " has no snapshot store");
   reap_remote_dumps(false);
+  auto ticket = admission_->restore(request.snapshot);
+  if (!ticket) return tl::unexpected(ticket.error());
+  // The source instance binds the dumped socket path itself (criu dump cannot take a task out
+  // of a mount namespace of its own): one criu-remote source at a time per host.
+  std::lock_guard one_source(serve_lazy_mutex_);
   const milliseconds timeout = std::chrono::duration_cast<milliseconds>(config_.operation_timeout);
   const auto t_start = Clock::now();
   const std::string variant = policy::variant_id(request.snapshot, "cxl");
@@ -477,7 +713,10 @@ Result<json> FunctionService::serve_lazy(const control::FunctionServeLazy& reque
   remote->dir = dir;
   work->keep();  // reap_remote_dumps removes it once the page server is done
   remote->deadline = Clock::now() + timeout;
-  remote_dumps_.push_back(std::move(remote));
+  {
+    std::lock_guard lock(remote_dumps_mutex_);
+    remote_dumps_.push_back(std::move(remote));
+  }
   return json{{"images", images}, {"images_bytes", bytes}, {"host", host_},
               {"restore_ms", ms_between(t_start, t_live)}, {"dump_ms", ms_between(t_live, Clock::now())}};
 }

@@ -430,6 +430,8 @@ Result<AgentConfig> parse_root(const toml::table& root, std::string_view source,
     }
     SNAPTIER_TRY(timeout_s, functions.integer("operation_timeout_s", 1, 86'400));
     if (timeout_s) fc.operation_timeout = std::chrono::seconds(*timeout_s);
+    SNAPTIER_TRY(max_operations, functions.integer("max_operations", 1, 256));
+    if (max_operations) fc.max_operations = static_cast<std::size_t>(*max_operations);
     config.functions = fc;
     if (auto ok = functions.reject_unknown_keys(); !ok) return tl::unexpected(ok.error());
   }

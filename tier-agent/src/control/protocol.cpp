@@ -91,7 +91,7 @@ using detail::JsonReader;
 
 namespace {
 
-constexpr std::array<std::pair<Errc, std::string_view>, 11> kErrcNames{{
+constexpr std::array<std::pair<Errc, std::string_view>, 12> kErrcNames{{
     {Errc::invalid_argument, "invalid_argument"},
     {Errc::not_found, "not_found"},
     {Errc::already_exists, "already_exists"},
@@ -103,6 +103,7 @@ constexpr std::array<std::pair<Errc, std::string_view>, 11> kErrcNames{{
     {Errc::unavailable, "unavailable"},
     {Errc::permission_denied, "permission_denied"},
     {Errc::protocol, "protocol"},
+    {Errc::busy, "busy"},
 }};
 
 constexpr std::array<std::pair<TierKind, std::string_view>, 4> kTierNames{{
@@ -250,6 +251,25 @@ Result<Command> parse_function_restore(JsonReader& reader, const json&) {
   c.host = host;
   SNAPTIER_TRY(keep, reader.boolean("keep"));
   c.keep = keep.value_or(false);
+  SNAPTIER_TRY(instances, reader.unsigned_integer("instances", 256));
+  if (instances) {
+    if (*instances < 1) return reader.error("instances", "must be 1..256");
+    c.instances = static_cast<std::uint32_t>(*instances);
+  }
+  return c;
+}
+
+Result<Command> parse_function_instances(JsonReader&, const json&) { return FunctionInstances{}; }
+
+Result<Command> parse_function_kill(JsonReader& reader, const json&) {
+  FunctionKill c;
+  SNAPTIER_TRY(instance, reader.required_string("instance"));
+  const bool plain = !instance.empty() && instance.size() <= 128 &&
+                     std::all_of(instance.begin(), instance.end(), [](unsigned char ch) {
+                       return std::isalnum(ch) != 0 || ch == '.' || ch == '_' || ch == ':' || ch == '-';
+                     });
+  if (!plain) return reader.error("instance", "must be an id from function.instances");
+  c.instance = instance;
   return c;
 }
 
@@ -288,6 +308,8 @@ constexpr std::array<OpEntry, std::variant_size_v<Command>> kOps{{
     {"function.snapshot", parse_function_snapshot},
     {"function.restore", parse_function_restore},
     {"function.serve_lazy", parse_function_serve_lazy},
+    {"function.instances", parse_function_instances},
+    {"function.kill", parse_function_kill},
 }};
 
 json encode_args(const Command& command) {
@@ -325,7 +347,10 @@ json encode_args(const Command& command) {
           json args{{"id", c.snapshot}, {"policy", c.policy}};
           if (c.host) args["host"] = *c.host;
           if (c.keep) args["keep"] = true;
+          if (c.instances != 1) args["instances"] = c.instances;
           return args;
+        } else if constexpr (std::is_same_v<T, FunctionKill>) {
+          return json{{"instance", c.instance}};
         } else {
           return json::object();
         }

@@ -2,6 +2,7 @@
 // add fields, and rendering must never throw on a result it only partly understands.
 #include <cctype>
 #include <cstdio>
+#include <iomanip>
 #include <ctime>
 #include <algorithm>
 #include <string>
@@ -161,6 +162,32 @@ std::string render_info(const json& r) {
   return out.str();
 }
 
+std::string ms_or_dash(const json& j, const char* key) {
+  if (!j.contains(key) || !j[key].is_number()) return "-";
+  std::ostringstream out;
+  out << std::fixed << std::setprecision(0) << j[key].get<double>();
+  return out.str();
+}
+
+std::string render_burst(const json& r) {
+  const json b = r.value("burst", json::object());
+  std::ostringstream out;
+  out << "burst of " << u64(b, "instances") << " x " << str(r, "snapshot") << " on " << str(r, "host") << " with "
+      << str(r, "policy") << ": " << u64(b, "ok") << " ok, " << u64(b, "failed") << " failed, " << u64(b, "busy")
+      << " busy; first answer " << ms_or_dash(b, "first_answer_ms") << " ms, last " << ms_or_dash(b, "last_answer_ms")
+      << " ms; local anonymous memory " << (u64(b, "local_anonymous_bytes_sum") >> 20) << " MiB summed\n";
+  std::vector<std::vector<std::string>> rows{{"#", "OK", "ANSWERED AT MS", "FIRST RESPONSE MS", "FAULTS", "ANON MIB", "ERROR"}};
+  for (const auto& i : r.value("instances", json::array())) {
+    const bool busy = i.value("busy", false);
+    rows.push_back({std::to_string(u64(i, "index")), busy ? "busy" : (i.value("ok", false) ? "ok" : "FAILED"),
+                    ms_or_dash(i, "answered_at_ms"), ms_or_dash(i, "first_response_ms"),
+                    i.contains("faults") && i["faults"].is_object() ? std::to_string(u64(i["faults"], "total")) : "-",
+                    std::to_string(u64(i, "local_anonymous_bytes") >> 20),
+                    i.value("ok", false) ? "" : str(i, "error")});
+  }
+  return out.str() + table(rows);
+}
+
 }  // namespace
 
 std::string render_result(const Command& command, const json& r) {
@@ -214,6 +241,7 @@ std::string render_result(const Command& command, const json& r) {
           }
           return out.str();
         } else if constexpr (std::is_same_v<T, FunctionRestore>) {
+          if (r.contains("burst")) return render_burst(r);
           std::ostringstream out;
           const bool ok = r.value("ok", false);
           out << (ok ? "ok" : "FAILED") << ": " << str(r, "snapshot") << " restored on " << str(r, "host") << " with "
@@ -228,6 +256,16 @@ std::string render_result(const Command& command, const json& r) {
           out << "\n";
           if (!ok) out << "  error: " << str(r, "error") << "\n";
           return out.str();
+        } else if constexpr (std::is_same_v<T, FunctionInstances>) {
+          std::vector<std::vector<std::string>> rows{{"ID", "SNAPSHOT", "POLICY", "PID", "ALIVE", "SOCKET"}};
+          for (const auto& i : r.value("instances", json::array())) {
+            rows.push_back({str(i, "id"), str(i, "snapshot"), str(i, "policy"), std::to_string(u64(i, "pid")),
+                            yes_no(i, "alive"), str(i, "socket")});
+          }
+          return (rows.size() == 1 ? std::string("no instances left running\n") : table(rows)) + std::to_string(u64(r, "operations")) +
+                 " function operation(s) in flight on " + str(r, "host") + " (bound " + std::to_string(u64(r, "max_operations")) + ")\n";
+        } else if constexpr (std::is_same_v<T, FunctionKill>) {
+          return str(r, "instance") + (yes_no(r, "killed") == "yes" ? " killed\n" : " had already exited; forgotten\n");
         } else {
           return r.dump(2) + "\n";
         }

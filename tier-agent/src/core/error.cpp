@@ -17,6 +17,7 @@ std::string_view to_string(Errc code) noexcept {
     case Errc::unavailable: return "unavailable";
     case Errc::permission_denied: return "permission denied";
     case Errc::protocol: return "protocol error";
+    case Errc::busy: return "busy";
   }
   return "unknown error";
 }

@@ -45,8 +45,8 @@ void kill_tree(pid_t root) noexcept {
 std::string tail_of(const fs::path& log) { return proc::read_tail(log, 1500); }
 
 Result<void> run_criu(const std::vector<std::string>& argv, milliseconds timeout, const fs::path& log,
-                      std::string_view what) {
-  auto r = proc::run(argv, timeout);
+                      std::string_view what, const proc::SpawnOptions& options) {
+  auto r = proc::run(argv, timeout, options);
   if (!r) return tl::unexpected(r.error());
   if (!r->status.ok()) {
     return fail(r->status.timed_out ? Errc::timeout : Errc::io,
@@ -55,6 +55,17 @@ Result<void> run_criu(const std::vector<std::string>& argv, milliseconds timeout
                     log.string() + ":\n" + tail_of(log));
   }
   return {};
+}
+
+Result<proc::SpawnOptions> instance_socket_mount(const fs::path& instance_dir, const fs::path& socket_dir) {
+  std::error_code ec;
+  for (const auto& dir : {instance_dir, socket_dir}) {
+    fs::create_directories(dir, ec);
+    if (ec) return fail(Errc::io, "create " + dir.string() + ": " + ec.message());
+  }
+  proc::SpawnOptions options;
+  options.bind_mounts.emplace_back(instance_dir, socket_dir);
+  return options;
 }
 
 Result<void> wait_for_socket(const fs::path& path, proc::Child& daemon, milliseconds timeout, const fs::path& log) {

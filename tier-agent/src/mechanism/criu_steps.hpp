@@ -26,7 +26,14 @@ void kill_tree(pid_t root) noexcept;
 [[nodiscard]] std::string tail_of(const std::filesystem::path& log);
 // `argv` run to completion within `timeout`; a failure names `what` and ends with the log's tail.
 [[nodiscard]] Result<void> run_criu(const std::vector<std::string>& argv, std::chrono::milliseconds timeout,
-                                    const std::filesystem::path& log, std::string_view what);
+                                    const std::filesystem::path& log, std::string_view what,
+                                    const proc::SpawnOptions& options = {});
+// Spawn options for a `criu restore` whose restored function binds its socket in `socket_dir`
+// (where the dumped instance had it): the restore runs in a mount namespace of its own with
+// `instance_dir` mounted there, so the socket appears in `instance_dir` and concurrent
+// instances of one snapshot never see each other's. Both directories are created.
+[[nodiscard]] Result<proc::SpawnOptions> instance_socket_mount(const std::filesystem::path& instance_dir,
+                                                            const std::filesystem::path& socket_dir);
 // Until `path` is a socket, `daemon` exits (an error with its log's tail) or `timeout` runs out.
 [[nodiscard]] Result<void> wait_for_socket(const std::filesystem::path& path, proc::Child& daemon,
                                            std::chrono::milliseconds timeout, const std::filesystem::path& log);

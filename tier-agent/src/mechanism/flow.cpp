@@ -25,7 +25,7 @@ void run_restore(RestoreMechanism& mechanism, const Invocation& invocation, Rest
     spdlog::warn("restore {} ({}): {}", out.snapshot, out.policy, e.what());
   };
   std::error_code ec;
-  fs::create_directories(invocation.dumped_socket.parent_path(), ec);
+  if (!mechanism.private_socket_dir()) fs::create_directories(invocation.dumped_socket.parent_path(), ec);
 
   // 1. Images on local storage, daemons up. Not part of the timed restore.
   if (auto ok = mechanism.prepare(out); !ok) return failed(ok.error());
@@ -37,15 +37,20 @@ void run_restore(RestoreMechanism& mechanism, const Invocation& invocation, Rest
   RestoredTree tree(*root);  // killed on every return below unless kept
   out.restore_ms = ms_between(t0, Clock::now());
 
-  // 3. Give the copy its own socket path (CRIU rebinds the dumped one), invoke, check.
-  const fs::path socket = mechanism.dir() / "instance.sock";
-  fs::rename(invocation.dumped_socket, socket, ec);
-  if (ec) {
-    return failed(Error{Errc::io, "move " + invocation.dumped_socket.string() + " to " + socket.string() + ": " + ec.message()});
+  // 3. Invoke and check the copy through its socket: CRIU bound it in the instance's own
+  // directory (RestoreContext::socket_dir); without one, at the dumped path, moved aside.
+  fs::path socket = mechanism.dir() / kInstanceDir / invocation.dumped_socket.filename();
+  if (!mechanism.private_socket_dir()) {
+    fs::create_directories(socket.parent_path(), ec);
+    fs::rename(invocation.dumped_socket, socket, ec);
+    if (ec) {
+      return failed(Error{Errc::io, "move " + invocation.dumped_socket.string() + " to " + socket.string() + ": " + ec.message()});
+    }
   }
   auto invoked = function::invoke_example(socket, invocation.spec, std::min(invocation.timeout, milliseconds(300'000)));
   const auto t_first = Clock::now();
   mechanism.at_first_response();
+  if (invocation.at_first_answer) invocation.at_first_answer(invoked.has_value());
   out.local_memory_bytes = rss_bytes(tree.root());
   const inplace::MemoryUse memory = inplace::measure(tree.root(), mechanism.mapped_backing());
   out.local_anonymous_bytes = memory.local_anonymous_bytes;

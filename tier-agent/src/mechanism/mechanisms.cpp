@@ -32,12 +32,23 @@ class Base : public RestoreMechanism {
  public:
   Base(RestoreContext context, WorkDir dir) : dir_(std::move(dir)), ctx_(std::move(context)) {}
   const fs::path& dir() const noexcept override { return dir_.path(); }
+  bool private_socket_dir() const noexcept override { return !ctx_.socket_dir.empty(); }
 
  protected:
   fs::path images() const { return dir_.path() / "images"; }
   std::vector<std::string> restore_argv() const {
     return {ctx_.criu, "restore", "-D", images().string(), "-W", dir().string(), "-d", "--pidfile",
             (dir() / "pid").string(), "-o", "restore.log", "-v2"};
+  }
+  // `criu restore` with this instance's own socket directory (RestoreContext::socket_dir).
+  Result<void> run_criu_restore(const std::vector<std::string>& argv) {
+    proc::SpawnOptions options;
+    if (!ctx_.socket_dir.empty()) {
+      auto own = instance_socket_mount(dir() / kInstanceDir, ctx_.socket_dir);
+      if (!own) return tl::unexpected(own.error());
+      options = std::move(*own);
+    }
+    return run_criu(argv, ctx_.timeout, dir() / "restore.log", "criu restore", options);
   }
   // Images (and pages) written from the store; all of them, or only what CRIU restores itself.
   Result<void> materialize(bool all_pages, RestoreResult& out) {
@@ -69,7 +80,7 @@ class CriuEager final : public Base {
   using Base::Base;
   Result<void> prepare(RestoreResult& out) override { return materialize(true, out); }
   Result<pid_t> restore() override {
-    if (auto ok = run_criu(restore_argv(), ctx_.timeout, dir() / "restore.log", "criu restore"); !ok) {
+    if (auto ok = run_criu_restore(restore_argv()); !ok) {
       return tl::unexpected(ok.error());
     }
     return read_pid_file(dir() / "pid");
@@ -114,7 +125,7 @@ class CriuLazy final : public Base {
   Result<pid_t> restore() override {
     auto argv = restore_argv();
     argv.push_back("--lazy-pages");
-    if (auto ok = run_criu(argv, ctx_.timeout, dir() / "restore.log", "criu restore"); !ok) return tl::unexpected(ok.error());
+    if (auto ok = run_criu_restore(argv); !ok) return tl::unexpected(ok.error());
     return read_pid_file(dir() / "pid");
   }
 
@@ -216,7 +227,7 @@ class AgentLazy final : public Base {
   Result<pid_t> restore() override {
     auto argv = restore_argv();
     argv.insert(argv.end(), {"--lazy-pages", "--leave-stopped"});
-    if (auto ok = run_criu(argv, ctx_.timeout, dir() / "restore.log", "criu restore"); !ok) {
+    if (auto ok = run_criu_restore(argv); !ok) {
       const auto& report = server_->finish(milliseconds(5'000));
       // A server that never saw the restorer only reports that it was stopped; one that did may
       // hold the cause (a page failing its checksum), so its code leads.

@@ -3,6 +3,8 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <spawn.h>
+#include <sched.h>
+#include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -301,9 +303,34 @@ Result<Child> spawn(const std::vector<std::string>& argv, const SpawnOptions& op
   const auto started = Clock::now();
   pid_t pid = -1;
   // glibc's posix_spawn (clone(CLONE_VFORK)) returns only after the exec, with its error.
-  err = ::posix_spawn(&pid, executable.c_str(), &actions.actions, &attr.attr, c_argv.data(), c_env.data());
-  if (err != 0) {
-    return fail_errno(err == ENOENT ? Errc::not_found : Errc::io, "spawn " + executable.string(), err);
+  auto do_spawn = [&]() -> Result<void> {
+    err = ::posix_spawn(&pid, executable.c_str(), &actions.actions, &attr.attr, c_argv.data(), c_env.data());
+    if (err != 0) return fail_errno(err == ENOENT ? Errc::not_found : Errc::io, "spawn " + executable.string(), err);
+    return {};
+  };
+  if (options.bind_mounts.empty()) {
+    if (auto spawned = do_spawn(); !spawned) return tl::unexpected(spawned.error());
+  } else {
+    // Namespaces belong to the thread: a thread of our own unshares its mount namespace (its
+    // fs struct with it), mounts, spawns (the child inherits the thread's namespaces) and ends,
+    // which leaves the agent's other threads where they were.
+    Result<void> spawned;
+    std::thread spawner([&] {
+      spawned = [&]() -> Result<void> {
+        if (::unshare(CLONE_NEWNS) != 0) return fail_errno(Errc::io, "spawn " + argv[0] + ": unshare(CLONE_NEWNS)", errno);
+        if (::mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0) {
+          return fail_errno(Errc::io, "spawn " + argv[0] + ": make / private in its mount namespace", errno);
+        }
+        for (const auto& [source, target] : options.bind_mounts) {
+          if (::mount(source.c_str(), target.c_str(), nullptr, MS_BIND, nullptr) != 0) {
+            return fail_errno(Errc::io, "spawn " + argv[0] + ": bind " + source.string() + " on " + target.string(), errno);
+          }
+        }
+        return do_spawn();
+      }();
+    });
+    spawner.join();
+    if (!spawned) return tl::unexpected(spawned.error());
   }
   return Child(pid, open_pidfd(pid), options.new_session, started);
 }
