@@ -355,14 +355,14 @@ def write_json_atomic(path: Path, doc: dict) -> None:
     tmp.replace(path)
 
 
-def load_results(results_dir: Path) -> dict:
+def load_results(results_dir: Path, kind: str = "matrix") -> dict:
     path = results_dir / "results.json" if results_dir.is_dir() else results_dir
     try:
         return json.loads(path.read_text())
     except OSError as e:
-        raise UsageError(f"no matrix results at {path}: {e.strerror}") from None
+        raise UsageError(f"no {kind} results at {path}: {e.strerror}") from None
     except ValueError as e:
-        raise UsageError(f"{path} is not a matrix results.json: {e}") from None
+        raise UsageError(f"{path} is not a {kind} results.json: {e}") from None
 
 
 def plot(results: dict, png: Path) -> Path:
