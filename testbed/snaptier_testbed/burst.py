@@ -260,9 +260,10 @@ def host_row(cell: dict, host_part: dict, function: str, allow_busy: bool) -> tu
     if leftovers.get("error"):
         errors.append(leftovers["error"])
     elif leftovers.get("operations") or leftovers.get("instances"):
-        left = [str(i) for i in leftovers.get("instances") or []]
-        errors.append(f"left running after the burst: {leftovers.get('operations') or 0} operations in flight"
-                      + (f", instances {', '.join(left)}" if left else ""))
+        left = [f"{leftovers['operations']} function operations in flight"] if leftovers.get("operations") else []
+        if leftovers.get("instances"):
+            left.append(f"instances {', '.join(map(str, leftovers['instances']))} alive")
+        errors.append(f"left running after the burst: {' and '.join(left)}")
     if host_part.get("skipped"):
         row.update({"skipped": host_part["skipped"], "ok": not errors,
                     "error": " | ".join(errors) or None})
@@ -683,6 +684,9 @@ class Burst:
         for host, part in parts.items():
             part["skipped"] = self.skip_after(host, policy, part["result"])
         left = {o["host"]: o for o in on_every_host(self.plan.hosts, self.leftovers)}
+        for host, out in left.items():
+            # Blamed on this cell only: a later cell fails for what it leaves itself.
+            self.kept_before.setdefault(host, set()).update(out.get("instances") or [])
         hosts = []
         for h in self.plan.hosts:
             part = parts.get(h) or {"host": h, "skipped": pre_skipped[h]}
@@ -729,7 +733,7 @@ def run_burst(topo: Topology, plan: BurstPlan, run=None, ensure_agents=None,
         "timeouts_s": {"snapshot": matrix.SNAPSHOT_TIMEOUT_S,
                        "restore": {str(n): restore_timeout_s(n) for n in plan.instance_counts},
                        "instances": INSTANCES_TIMEOUT_S, "leftover_grace": leftover_grace_s},
-        "kept_before": {h: sorted(ids) for h, ids in b.kept_before.items()},
+        "kept_before": {h: sorted(ids) for h, ids in b.kept_before.items()},   # alive before the run: not leftovers
         "snapshot": None, "cells": [], "cleanup": [], "seconds": 0.0,
     }
     say(f"burst: {plan.function}, policies {', '.join(plan.policies)} x instances "
