@@ -6,7 +6,7 @@ JOBS ?= 2
 
 NATIVE := $(TB) -t testbed/topologies/native.toml
 
-.PHONY: all deps build test test-unit test-python image guest-agent testbed up down status health scenario matrix chaos native native-matrix native-chaos native-down clean
+.PHONY: all deps build test test-unit test-python image guest-agent testbed up down status health scenario matrix chaos burst native native-matrix native-chaos native-down clean
 
 all: build
 
@@ -47,6 +47,8 @@ matrix:          ## every function x every restore policy, host0 -> host1 (on th
 	$(TB) matrix
 chaos:           ## fault injection on the running topology, one promise per row (docs/testbed.md)
 	$(TB) chaos
+burst:           ## many instances of one snapshot restored at once on every host (on the running topology)
+	$(TB) burst --function matmul --policies criu-eager,reap,tiered --instances 1,2,4
 
 native: deps image guest-agent  ## the native topology (hosts as namespaces here): up (or reuse), health, scenario
 	@if $(NATIVE) status > /dev/null 2>&1; then echo "native: topology already up and ready, reusing it"; \

@@ -1,4 +1,4 @@
-"""testbed/tb: validate, up, down, status, exec, console, health, argv."""
+"""testbed/tb: validate, up, down, status, exec, console, health, argv, agents, bench, scenario, chaos, burst."""
 from __future__ import annotations
 
 import argparse
@@ -158,6 +158,13 @@ def cmd_chaos(args, topo) -> int:
     return run_chaos(topo, rows, function=function)
 
 
+def cmd_burst(args, topo) -> int:
+    from .burst import plan_from_args, replot, run_burst
+    if args.plot:
+        return replot(Path(args.plot))
+    return run_burst(topo, plan_from_args(topo, args))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="testbed/tb", description="snaptier multi-host QEMU testbed")
     p.add_argument("-t", "--topology", default=os.environ.get("SNAPTIER_TOPOLOGY", str(DEFAULT_TOPOLOGY)),
@@ -207,6 +214,28 @@ def main(argv: list[str] | None = None) -> int:
     ch.add_argument("--only", metavar="ROW,...", help=f"rows to run, in this order (default: all): {','.join(ROWS)}")
     ch.add_argument("--function", help="the function snapshotted by the rows (default helloworld)")
     ch.set_defaults(fn=cmd_chaos)
+    from . import burst
+    bu = sub.add_parser("burst", help="many instances of one snapshot restored at once on every host, from one "
+                                      "shared copy; table, CSV, plot",
+                        description="Snapshot FUNCTION once on the first host, then for every instance count and "
+                                    "policy restore that many instances at once on every host (in parallel). "
+                                    "Exit 0 iff every instance answered right with an equal state digest and "
+                                    "nothing was left running.")
+    bu.add_argument("--function", default=burst.DEFAULT_FUNCTION, help="a folder of workloads/ (default %(default)s)")
+    bu.add_argument("--policies", "--policy", dest="policies", metavar="P[,P...]", default=burst.DEFAULT_POLICIES,
+                    help="restore policies (default %(default)s); ratios are against criu-eager if listed, "
+                         "else the first")
+    bu.add_argument("--instances", metavar="N[,N...]", default=burst.DEFAULT_INSTANCES,
+                    help=f"instances per host, 1..{burst.MAX_INSTANCES} (default %(default)s)")
+    bu.add_argument("--hosts", metavar="H[,H...]",
+                    help="compute hosts that restore, the first also snapshots (default: every compute host "
+                         "sharing its copies; the first alone where the topology has no RDMA pool)")
+    bu.add_argument("--allow-busy", action="store_true",
+                    help="instances the agent refused at its bound (busy) do not fail the run")
+    bu.add_argument("--out", help="results directory (default: run/<topology>/results/burst-<UTC time>/)")
+    bu.add_argument("--keep", action="store_true", help="keep the snapshot in the store afterwards")
+    bu.add_argument("--plot", metavar="RESULTS_DIR", help="only print the table and draw burst.png of an earlier run")
+    bu.set_defaults(fn=cmd_burst)
     # Everything after the first '--' is the guest command, untouched by option parsing.
     argv = list(sys.argv[1:] if argv is None else argv)
     after = argv[argv.index("--") + 1:] if "--" in argv else []

@@ -160,7 +160,7 @@ def tierctl(run, topo: Topology, host: str, args: str, timeout_s: int) -> tuple[
 
 
 # ------------------------------------------------------------------ rows
-def _num(value):
+def number_or_none(value):
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
@@ -199,17 +199,17 @@ def row_of(cell: dict) -> dict:
         "function": cell.get("function"), "policy": cell.get("policy"), "snapshot_id": cell.get("snapshot_id"),
         "snapshot_host": cell.get("snapshot_host"), "restore_host": cell.get("restore_host"),
         "ok": ok, "skipped": skipped or None,
-        "restore_ms": _num(r.get("restore_ms")), "first_response_ms": _num(r.get("first_response_ms")),
-        "faults_total": _num(faults.get("total")), "faults_read": _num(faults.get("read")),
-        "faults_write": _num(faults.get("write")), "faults_zero": _num(faults.get("zero")),
+        "restore_ms": number_or_none(r.get("restore_ms")), "first_response_ms": number_or_none(r.get("first_response_ms")),
+        "faults_total": number_or_none(faults.get("total")), "faults_read": number_or_none(faults.get("read")),
+        "faults_write": number_or_none(faults.get("write")), "faults_zero": number_or_none(faults.get("zero")),
     }
     for tier, n in per_tier.items():
-        row[f"faults_{tier}"] = _num(n)
+        row[f"faults_{tier}"] = number_or_none(n)
     for tier, n in moved.items():
-        row[f"bytes_{tier}"] = _num(n)
+        row[f"bytes_{tier}"] = number_or_none(n)
     row.update({
-        "pages_prefetched": _num(r.get("pages_prefetched")), "pages_background": _num(r.get("pages_background")),
-        "zero_pages": _num(r.get("zero_pages")), "local_memory_bytes": _num(r.get("local_memory_bytes")),
+        "pages_prefetched": number_or_none(r.get("pages_prefetched")), "pages_background": number_or_none(r.get("pages_background")),
+        "zero_pages": number_or_none(r.get("zero_pages")), "local_memory_bytes": number_or_none(r.get("local_memory_bytes")),
         "answer_ok": r.get("answer_ok") if isinstance(r.get("answer_ok"), bool) else None,
         "digest_ok": r.get("digest_ok") if isinstance(r.get("digest_ok"), bool) else None,
         "error": " | ".join(dict.fromkeys(str(e) for e in errors)) or None,
@@ -254,7 +254,11 @@ def csv_columns(rows: list[dict]) -> list[str]:
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    columns = csv_columns(rows)
+    write_csv_rows(path, csv_columns(rows), rows)
+
+
+def write_csv_rows(path: Path, columns: list[str], rows: list[dict]) -> None:
+    """Empty for unknown values, true/false for booleans (what spreadsheets and pandas read back)."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(columns)
@@ -263,13 +267,13 @@ def write_csv(path: Path, rows: list[dict]) -> None:
                         for c in columns])
 
 
-def _fmt(value, spec: str = ".1f") -> str:
+def fmt_number(value, spec: str = ".1f") -> str:
     if value is None:
         return "-"
     return format(round(value), "d") if spec == "d" else format(value, spec)
 
 
-def _pct(value) -> str:
+def fmt_pct(value) -> str:
     if value is None:
         return "-"
     return f"{value:.1f}%" if value < 10 else f"{value:.0f}%"
@@ -298,12 +302,12 @@ def render_table(results: dict, rows: list[dict]) -> str:
         moved = [r.get(f"bytes_{t}") for t in tier_columns([r]) if r.get(f"bytes_{t}") is not None]
         out.append(
             f"  {r['function']:{fw}} {r['policy']:{pw}} {'skip' if r['skipped'] else 'ok' if r['ok'] else 'FAIL':6}"
-            f" {_fmt(r['restore_ms']):>10}"
-            f" {_fmt(r['first_response_ms']):>11} {_fmt(r['faults_total'], 'd'):>7}"
-            + "".join(f" {_fmt(r.get(f'faults_{t}'), 'd'):>8}" for t in tiers)
-            + f" {_fmt(sum(moved) / MiB if moved else None):>9}"
-            f" {_fmt(r['local_memory_bytes'] / MiB if r['local_memory_bytes'] is not None else None):>9}"
-            f" {_pct(r['faults_vs_lazy_cxl_pct']):>18} {_pct(r['first_response_vs_criu_eager_pct']):>22}")
+            f" {fmt_number(r['restore_ms']):>10}"
+            f" {fmt_number(r['first_response_ms']):>11} {fmt_number(r['faults_total'], 'd'):>7}"
+            + "".join(f" {fmt_number(r.get(f'faults_{t}'), 'd'):>8}" for t in tiers)
+            + f" {fmt_number(sum(moved) / MiB if moved else None):>9}"
+            f" {fmt_number(r['local_memory_bytes'] / MiB if r['local_memory_bytes'] is not None else None):>9}"
+            f" {fmt_pct(r['faults_vs_lazy_cxl_pct']):>18} {fmt_pct(r['first_response_vs_criu_eager_pct']):>22}")
     failed = [r for r in rows if not r["ok"]]
     skipped = [r for r in rows if r["skipped"]]
     if failed:
@@ -339,21 +343,26 @@ def write_outputs(out_dir: Path, results: dict) -> list[dict]:
     """results.json (atomically) and matrix.csv; returns the rows."""
     rows = rows_of(results)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / ".results.json.tmp"
-    tmp.write_text(json.dumps({**results, "rows": rows}, indent=1) + "\n")
-    tmp.replace(out_dir / "results.json")
+    write_json_atomic(out_dir / "results.json", {**results, "rows": rows})
     write_csv(out_dir / "matrix.csv", rows)
     return rows
 
 
-def load_results(results_dir: Path) -> dict:
+def write_json_atomic(path: Path, doc: dict) -> None:
+    """A reader (or an interrupted run) never sees half a file: written aside, then renamed."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def load_results(results_dir: Path, kind: str = "matrix") -> dict:
     path = results_dir / "results.json" if results_dir.is_dir() else results_dir
     try:
         return json.loads(path.read_text())
     except OSError as e:
-        raise UsageError(f"no matrix results at {path}: {e.strerror}") from None
+        raise UsageError(f"no {kind} results at {path}: {e.strerror}") from None
     except ValueError as e:
-        raise UsageError(f"{path} is not a matrix results.json: {e}") from None
+        raise UsageError(f"{path} is not a {kind} results.json: {e}") from None
 
 
 def plot(results: dict, png: Path) -> Path:
@@ -401,11 +410,12 @@ def plot(results: dict, png: Path) -> Path:
     return png
 
 
-def try_plot(results: dict, png: Path) -> Path | None:
+def try_plot(results: dict, png: Path, draw=None) -> Path | None:
+    """`draw(results, png)` (default: the matrix's plot), or None with a note if it cannot."""
     try:
-        return plot(results, png)
+        return (draw or plot)(results, png)
     except ImportError:
-        say("matplotlib is missing: no matrix.png (apt-get install python3-matplotlib)")
+        say(f"matplotlib is missing: no {png.name} (apt-get install python3-matplotlib)")
     except Exception as e:  # a plot must never cost the measurements
         say(f"could not draw {png.name}: {e}")
     return None
@@ -418,6 +428,19 @@ def _cell(function: str, policy: str, snapshot_id: str | None, snap_host: str, r
     return {"function": function, "policy": policy, "snapshot_id": snapshot_id, "snapshot_host": snap_host,
             "restore_host": restore_host, "tierctl_rc": rc, "seconds": round(seconds, 1),
             "error": error, "restore": restore, "skipped": skipped}
+
+
+def delete_snapshot(run, topo: Topology, host: str, snap: dict, sid: str) -> list[dict]:
+    """Deletes the snapshot `sid` and its placement copies (`snap`: its tierctl snapshot object)
+    on `host`, copies first so no moment leaves a copy without its snapshot; one record per id."""
+    ids = [v.get("id") for v in snap.get("variants") or [] if isinstance(v, dict) and v.get("id")]
+    records = []
+    for vid in dict.fromkeys([i for i in ids if i != sid] + [sid]):
+        rc, _, err = tierctl(run, topo, host, f"delete {shlex.quote(vid)}", 120)
+        records.append({"id": vid, "ok": rc == 0, "error": err or None})
+        if rc != 0:
+            say(f"note: could not delete {vid} on {host}: {err}")
+    return records
 
 
 def agent_policies(run, topo: Topology, host: str) -> list[dict]:
@@ -474,8 +497,8 @@ def _progress(row: dict) -> str:
     if row["skipped"]:
         return f"skip {row['function']} {row['policy']}: {row['skipped']}"
     if row["ok"]:
-        return (f"ok   {row['function']} {row['policy']}: restore {_fmt(row['restore_ms'])} ms, first response "
-                f"{_fmt(row['first_response_ms'])} ms, {_fmt(row['faults_total'], 'd')} faults")
+        return (f"ok   {row['function']} {row['policy']}: restore {fmt_number(row['restore_ms'])} ms, first response "
+                f"{fmt_number(row['first_response_ms'])} ms, {fmt_number(row['faults_total'], 'd')} faults")
     return f"FAIL {row['function']} {row['policy']}: {row['error']}"
 
 
@@ -567,12 +590,7 @@ def run_matrix(topo: Topology, functions: list[str], policies: list[str] | None,
             results["seconds"] = round(time.monotonic() - t0, 1)
             write_outputs(out_dir, results)
         if not keep:
-            ids = [v.get("id") for v in snap.get("variants") or [] if isinstance(v, dict) and v.get("id")]
-            for vid in dict.fromkeys([i for i in ids if i != sid] + [sid]):
-                rc, _, err = tierctl(run, topo, snap_host, f"delete {shlex.quote(vid)}", 120)
-                results["cleanup"].append({"id": vid, "ok": rc == 0, "error": err or None})
-                if rc != 0:
-                    say(f"note: could not delete {vid} on {snap_host}: {err}")
+            results["cleanup"] += delete_snapshot(run, topo, snap_host, snap, sid)
     results["seconds"] = round(time.monotonic() - t0, 1)
     rows = write_outputs(out_dir, results)
     print(render_table(results, rows))
@@ -582,9 +600,10 @@ def run_matrix(topo: Topology, functions: list[str], policies: list[str] | None,
 
 
 # ------------------------------------------------------------------ command line
-def default_out_dir(topo: Topology) -> Path:
+def default_out_dir(topo: Topology, kind: str = "matrix") -> Path:
+    """run/<topology>/results/<kind>-<UTC time>/ (tb matrix, tb burst)."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return state_dir_for(topo.name) / "results" / f"matrix-{stamp}"
+    return state_dir_for(topo.name) / "results" / f"{kind}-{stamp}"
 
 
 def build_parser(default_topology: str) -> argparse.ArgumentParser:
