@@ -19,6 +19,7 @@
 #include <fstream>
 #include <functional>
 #include <map>
+#include <thread>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -260,6 +261,58 @@ TEST_F(LazyPagesTest, DemandFaultsServeThePagesFileAndZeroOutside) {
   nlohmann::json j = r.report;
   EXPECT_TRUE(j["ok"].get<bool>());
   EXPECT_EQ(j["policy"], "none");
+}
+
+// A burst: several restores served at once, each by its own server on its own thread, all
+// from one shared page source; every restored process sees exactly its pages.
+TEST_F(LazyPagesTest, ConcurrentRestoresFromOneSharedSourceEachGetTheirPages) {
+  constexpr int kRestores = 6;
+  auto cp = criu::load_checkpoint(fixture_dir());
+  ASSERT_TRUE(cp) << cp.error().what();
+  auto made = lazy::CheckpointPageSource::open(*cp);
+  ASSERT_TRUE(made) << made.error().what();
+  std::shared_ptr<lazy::LazySource> shared = *made;
+  struct One {
+    std::unique_ptr<lazy::LazyPagesServer> server;
+    int go[2] = {-1, -1};
+    pid_t child = 0;
+    lazy::LazyPagesReport report;
+    int status = -1;
+  };
+  std::vector<One> restores(kRestores);
+  for (int i = 0; i < kRestores; ++i) {
+    One& one = restores[i];
+    ASSERT_EQ(::pipe2(one.go, O_CLOEXEC), 0);
+    auto o = quick();
+    o.images_dir = fixture_dir();
+    o.work_dir = work_ / std::to_string(i);
+    fs::create_directories(o.work_dir);
+    o.source = shared;
+    o.prefetch = i % 2 == 0 ? lazy::PrefetchPolicy::none : lazy::PrefetchPolicy::all;
+    const int go_write = one.go[1];
+    o.on_resumed = [go_write] { (void)!::write(go_write, "g", 1); };
+    auto server = lazy::LazyPagesServer::bind(o);
+    ASSERT_TRUE(server) << server.error().what();
+    one.server = std::move(*server);
+  }
+  for (auto& one : restores) {
+    one.child = ::fork();
+    if (one.child == 0) restorer(one.server->socket_path(), Mode::good, one.go[0], expected_);
+  }
+  std::vector<std::thread> threads;
+  for (auto& one : restores) threads.emplace_back([&one] { one.report = one.server->run(); });
+  for (auto& t : threads) t.join();
+  for (int i = 0; i < kRestores; ++i) {
+    One& one = restores[i];
+    ASSERT_EQ(::waitpid(one.child, &one.status, 0), one.child);
+    EXPECT_FALSE(one.report.error) << "restore " << i << ": " << one.report.error->what();
+    ASSERT_TRUE(WIFEXITED(one.status)) << "restore " << i;
+    EXPECT_EQ(WEXITSTATUS(one.status), 0) << "restore " << i << ": 10+p: page p had the wrong bytes";
+    EXPECT_EQ(one.report.tasks.size(), 1u);
+    EXPECT_GE(one.report.metrics.pages_copied_per_tier.at(TierKind::file), 4u) << "restore " << i;
+    ::close(one.go[0]);
+    ::close(one.go[1]);
+  }
 }
 
 TEST_F(LazyPagesTest, PrefetchAllInstallsEveryLazyPageBeforeResume) {
