@@ -46,8 +46,10 @@ from .report import Check, print_checks, skipped
 from .state import REPO, state_dir_for
 from .topology import MiB, Topology
 
-ROWS = ("corrupt-cxl", "kill-agent-mid-restore", "fill-cxl", "fill-file", "fill-rdma", "concurrent-publish",
-        "memnode-stall", "memnode-agent-restart")
+ROWS = ("corrupt-cxl", "kill-agent-mid-restore", "kill-burst-instance", "fill-cxl", "fill-file", "fill-rdma",
+        "concurrent-publish", "memnode-stall", "memnode-agent-restart")
+BURST_INSTANCES = 4
+BURST_POLICY = "lazy-cxl"  # demand faults: the restored tasks live long enough to be found and killed
 # Policies whose restore reads a snapshot's CXL pages (the `cxl` or `tiered` copy, hot part).
 CXL_READERS = ("criu-eager", "criu-lazy", "criu-remote", "lazy-cxl", "reap", "aquifer", "trenv", "tiered")
 PROBE = "python3 /opt/snaptier/testbed/guest/chaosprobe.py"
@@ -430,6 +432,61 @@ def row_kill_agent(c: Chaos, row: Row) -> None:
                 if code is None and res else f"{code}: {message[:200]}")
 
 
+def row_kill_burst_instance(c: Chaos, row: Row) -> None:
+    """A burst of instances of one snapshot; one restored task is SIGKILLed while the burst runs:
+    that instance fails, every other one answers right with an equal digest."""
+    if c.snap_host is None:
+        row.skip("kill one instance of a burst", "-", "no compute host")
+        return
+    sid = f"chaos-burst-{c.tag}"
+    snap, err = c.snapshot(c.snap_host, sid)
+    if not row.add(f"snapshot {c.function}", c.snap_host, snap is not None, sid if snap else err):
+        return
+    host = c.snap_host
+    pattern = f"workloads/{c.function}"
+    timeout_s = RESTORE_TIMEOUT_S + 60 * BURST_INSTANCES
+    tierctl = (f"{agents.GUEST_BUILD}/tierctl --socket {agents.AGENT_SOCKET} --timeout-ms {timeout_s * 1000} --json "
+               f"restore {shlex.quote(sid)} --policy {BURST_POLICY} --instances {BURST_INSTANCES}")
+    # The victim: the first restored task of the function to show up while the burst runs (the
+    # snapshot's own instance is gone by now).
+    script = f"""set -u
+out=$(mktemp); {tierctl} > "$out" 2>&1 & burst=$!
+victim=
+for i in $(seq 1 2400); do
+  victim=$(pgrep -o -f {shlex.quote(pattern)} || true)
+  [ -n "$victim" ] && break
+  kill -0 $burst 2>/dev/null || break
+  sleep 0.05
+done
+[ -n "$victim" ] && kill -KILL "$victim"
+wait $burst; echo "victim=${{victim:-none}}"; cat "$out"; rm -f "$out"
+"""
+    r = c.sh(host, script, timeout=timeout_s + 60)
+    lines = (r.stdout or "").splitlines()
+    victim = next((line.split("=", 1)[1].strip() for line in lines if line.startswith("victim=")), "none")
+    text = "\n".join(line for line in lines if not line.startswith("victim="))
+    doc = None
+    if "{" in text:
+        try:
+            doc = json.loads(text[text.find("{"):text.rfind("}") + 1])
+        except ValueError:
+            doc = None
+    if not row.add("one restored task killed mid-burst", host, victim != "none",
+                   f"pid {victim}" if victim != "none" else "no restored task of the function was seen"):
+        return
+    burst = (doc or {}).get("burst") or {}
+    if not row.add("the burst replied", host, bool(burst), "" if burst else (r.stderr or text)[-300:]):
+        return
+    failed = [i for i in doc.get("instances") or [] if not i.get("ok")]
+    good = [i for i in doc.get("instances") or [] if i.get("ok") and i.get("digest_ok")]
+    row.add("that instance alone failed", host, len(failed) == 1 and len(good) == BURST_INSTANCES - 1,
+            f"{len(good)} of {BURST_INSTANCES} answered right with equal digests; failed: "
+            + "; ".join(f"#{i.get('index')}: {str(i.get('error'))[:120]}" for i in failed[:3]))
+    rc, inst, err = c.tierctl(host, "instances", 60)
+    row.add("nothing of the burst still running", host, rc == 0 and (inst or {}).get("operations") == 0,
+            f"operations in flight: {(inst or {}).get('operations')}" if rc == 0 else err)
+
+
 def _tier_stats(c: Chaos, host: str, tier: str) -> dict | None:
     rc, status, _ = c.tierctl(host, "status", 60)
     for t in (status or {}).get("tiers", []):
@@ -675,6 +732,7 @@ ROW_PROMISES = {"memnode-stall": "SIGSTOP the memory node mid-restore",
 RUNNERS = {
     "corrupt-cxl": row_corrupt_cxl,
     "kill-agent-mid-restore": row_kill_agent,
+    "kill-burst-instance": row_kill_burst_instance,
     "fill-cxl": lambda c, r: row_fill(c, r, "cxl"),
     "fill-file": lambda c, r: row_fill(c, r, "file"),
     "fill-rdma": lambda c, r: row_fill(c, r, "rdma"),
