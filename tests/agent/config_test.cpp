@@ -369,6 +369,22 @@ TEST(ConfigTest, PeersSectionMistakesAreRejected) {
   expect_rejected("[peers]\nhost0 = \"10.0.0.1:7400\"\n" + agent, "[peers] host0", "own host name");  // order-free
 }
 
+TEST(ConfigTest, StorePageCacheIsSizedOrTurnedOff) {
+  auto defaults = parse_config(with_agent(""), "min.toml");
+  ASSERT_TRUE(defaults.has_value()) << defaults.error().what();
+  EXPECT_EQ(defaults->store.page_cache_bytes, 64ull << 20);
+  for (const auto& [text, bytes] : std::vector<std::pair<std::string, std::uint64_t>>{
+           {"page_cache = \"256M\"", 256ull << 20}, {"page_cache = 0", 0}, {"page_cache = \"0\"", 0},
+           {"page_cache = 8192", 8192}}) {
+    auto config = parse_config(with_agent("[store]\n" + text + "\n"), "store.toml");
+    ASSERT_TRUE(config.has_value()) << text << ": " << config.error().what();
+    EXPECT_EQ(config->store.page_cache_bytes, bytes) << text;
+  }
+  expect_rejected(with_agent("[store]\npage_cache = 1000\n"), "page_cache", "multiple of 4096");
+  expect_rejected(with_agent("[store]\npage_cache = -1\n"), "page_cache", "positive");
+  expect_rejected(with_agent("[store]\npage_cahce = \"1M\"\n"), "page_cahce", "unknown key");
+}
+
 TEST(ConfigTest, ExampleConfigInTheRepositoryIsValid) {
   auto config = load_config(std::filesystem::path(__FILE__).parent_path() / "../../tier-agent/examples/agent.toml");
   ASSERT_TRUE(config.has_value()) << config.error().what();

@@ -74,6 +74,12 @@ struct FunctionsConfig {
   std::size_t max_operations = 16;
 };
 
+// [store] page_cache: DRAM for verified pages of rdma and file tiers shared by concurrent
+// restores of one snapshot copy (StoreOptions::page_cache_bytes); 0 turns it off.
+struct StoreConfig {
+  std::uint64_t page_cache_bytes = 64ull << 20;
+};
+
 struct AgentConfig {
   std::filesystem::path source;  // the file this was loaded from ("" for in-memory text)
   std::string host;              // this agent's name; defaults to the machine's hostname
@@ -86,6 +92,7 @@ struct AgentConfig {
   std::optional<RdmaTierConfig> rdma;
   std::optional<MemnodeConfig> memnode;  // present iff role == memnode
   std::optional<FunctionsConfig> functions;
+  StoreConfig store;
   // Other agents by host name (their TCP control address; they share this agent's token):
   // requests naming another host are forwarded there.
   std::map<std::string, NetAddress> peers;

@@ -29,7 +29,8 @@ inline constexpr std::size_t kCxlMaxIdLength = 63;
 inline constexpr std::uint64_t kCacheLine = 64;
 
 // An mmapped CXL region: a devdax character device (offset and length multiples of 2 MiB) or a
-// regular file standing in for one. Unmapped and closed on destruction.
+// regular file standing in for one. Unmapped and closed on destruction. Immutable after open(),
+// so threads may share it.
 class MappedRegion {
  public:
   struct Options {
@@ -59,7 +60,9 @@ class MappedRegion {
   bool device_dax_;
 };
 
-// How one host reaches region bytes. Offsets are region offsets. Nothing here checks bounds:
+// How one host reaches region bytes; every implementation may be called from any number of
+// threads at once (the production one is stateless, the cache model locks). Offsets are region
+// offsets. Nothing here checks bounds:
 // callers (the directory, the CXL tier) validate ranges before they access.
 class RegionAccess {
  public:
@@ -152,6 +155,8 @@ struct CxlProblem {
   std::string reason;
 };
 
+// One per host, shared by all its threads: every member may be called concurrently (one mutex
+// guards the replay state); other hosts and processes share only region bytes (the protocol).
 class CxlDirectory {
  public:
   // Verifies the superblock, replays every host's log, recovers this host's arena (live entries

@@ -93,6 +93,8 @@ struct RdmaDeviceInfo {
 
 // Compute side: the control-plane client to a memory node. Implemented over the control plane
 // (control/), faked nowhere: tests without a device skip.
+// Implementations must be safe to call from several threads at once (the tier's requests and
+// its reconnect thread).
 class RdmaPoolClient {
  public:
   virtual ~RdmaPoolClient() = default;
@@ -102,6 +104,7 @@ class RdmaPoolClient {
 };
 
 // Memory-node side: a registered pool, its allocator, and the queue pairs of its clients.
+// Safe to call from any number of threads at once (one mutex).
 class RdmaPoolServer {
  public:
   virtual ~RdmaPoolServer() = default;
@@ -126,7 +129,10 @@ class RdmaPoolServer {
 // completion is Errc::unavailable. After either the QP is dropped and a background thread
 // connects a new one as `reconnect` says; meanwhile read/write/allocate fail at once with
 // unavailable (release still works), and health() tells the state. The first connection is
-// made here: a memory node that does not answer now fails the call.
+// made here: a memory node that does not answer now fails the call. Any number of threads may
+// call the tier at once: requests are serialised on the QP, each caller gets its own
+// completion, and callers queued behind a request that breaks the QP wait for the reconnect
+// with it and are retried once (docs/rdma.md, "Reconnection").
 [[nodiscard]] Result<std::unique_ptr<Tier>> make_rdma_tier(const RdmaDeviceOptions& device,
                                                            std::shared_ptr<RdmaPoolClient> pool,
                                                            RdmaReconnectOptions reconnect = {});

@@ -15,6 +15,8 @@
 
 namespace snaptier {
 
+inline constexpr std::uint64_t kDefaultPageCacheBytes = 64ull << 20;
+
 struct StoreOptions {
   std::string host_name;
   std::filesystem::path state_dir;                    // created if missing
@@ -22,6 +24,10 @@ struct StoreOptions {
   std::shared_ptr<CxlDirectory> cxl_directory;        // required if tiers has a cxl tier
   // read_pages checks each page's CRC32C; false only to measure what the check costs.
   bool verify_page_checksums = true;
+  // Verified pages of non-byte-addressable tiers (rdma, file) kept in DRAM so that concurrent
+  // restores of one copy read each page from its tier once; 0 turns the cache off. Only used
+  // while verify_page_checksums is on (a cached page must have passed its check).
+  std::uint64_t page_cache_bytes = kDefaultPageCacheBytes;
 };
 
 [[nodiscard]] Result<std::unique_ptr<SnapshotStore>> make_snapshot_store(StoreOptions options);

@@ -74,6 +74,37 @@ struct PageRun {
   bool zero = false;  // one all-zero page (never stored), data points at shared zeros
 };
 
+// Pages SnapshotStore::read_pages handed out from one tier: what each tier served, and how many
+// of those pages cost no tier read because the page cache had them.
+struct StoreTierTraffic {
+  std::uint64_t pages = 0;         // pages served (in place, copied, or from the page cache)
+  std::uint64_t bytes = 0;
+  std::uint64_t tier_reads = 0;    // Tier::read calls made for them (one per run of adjacent pages)
+  std::uint64_t tier_bytes = 0;    // bytes those calls moved
+  std::uint64_t cached_pages = 0;  // pages served without a tier read (page-cache hits and joins)
+};
+
+// The store's cache of verified pages from tiers that are not byte-addressable (rdma, file).
+struct PageCacheStats {
+  std::uint64_t capacity_bytes = 0;  // 0: the cache is off
+  std::uint64_t used_bytes = 0;
+  std::uint64_t hits = 0;         // pages served from a cached copy
+  std::uint64_t joined = 0;       // pages served by waiting for another caller's read in flight
+  std::uint64_t filled = 0;       // pages read from their tier, verified and cached
+  std::uint64_t rejected = 0;     // pages read for the cache that failed their check: not cached
+  std::uint64_t evicted = 0;
+  std::uint64_t invalidated = 0;  // pages dropped because their copy was removed or replaced
+};
+
+struct StoreStats {
+  std::map<TierKind, StoreTierTraffic> served;  // tiers that served at least one page
+  std::uint64_t zero_pages = 0;                 // zero pages served (they live in no tier)
+  PageCacheStats page_cache;
+};
+
+// Every member may be called from any number of threads at once. put() and remove() of one id
+// are serialised against each other; everything else runs concurrently. A Snapshot returned by
+// get() stays readable through read_pages until that id is removed (by this host or its owner).
 class SnapshotStore {
  public:
   virtual ~SnapshotStore() = default;
@@ -95,9 +126,15 @@ class SnapshotStore {
   // snapshot, the page (index and vaddr) and the tier. A page that fails after the first ends
   // the run before it (the next call, starting there, reports it). A zero page is a run of its
   // own: one page of zeros. `scratch` holds the copied pages (the run is cut to its size).
+  // Pages of tiers that are not byte-addressable may come from the store's page cache: bytes
+  // that passed the same check when they were read, for the same tier, location and CRC32C;
+  // concurrent callers asking for one page wait for a single tier read of it.
   [[nodiscard]] virtual Result<PageRun> read_pages(const Snapshot& snapshot, std::size_t first,
                                                    std::size_t max_pages,
                                                    std::span<std::byte> scratch) = 0;
+
+  // Counters since the store was made; cheap (no lock).
+  [[nodiscard]] virtual StoreStats stats() const { return {}; }
 };
 
 }  // namespace snaptier

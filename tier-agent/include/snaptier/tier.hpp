@@ -59,6 +59,9 @@ struct TierHealth {
   std::uint64_t next_attempt_unix_ms = 0;  // 0: none scheduled (up, or an attempt is running)
 };
 
+// Every implementation may be called from any number of threads at once (each tier locks its own
+// allocation state; reads and writes of disjoint extents never wait for each other except on rdma,
+// whose one QP serialises them).
 class Tier {
  public:
   virtual ~Tier() = default;

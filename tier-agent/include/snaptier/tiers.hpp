@@ -12,6 +12,8 @@ namespace snaptier {
 
 class CxlDirectory;
 
+// Every tier made here is safe to call from any number of threads at once (see Tier).
+
 // Host DRAM: one anonymous mapping of `capacity_bytes` (rounded up to 4 KiB), first-fit extents.
 // Not persistent; map() returns in-place pointers.
 [[nodiscard]] Result<std::unique_ptr<Tier>> make_local_tier(std::uint64_t capacity_bytes);

@@ -127,10 +127,15 @@ class TableReader {
     return std::optional<bool>{node->as_boolean()->get()};
   }
 
-  // A byte size: an integer or a string with a binary suffix; positive and page aligned.
-  [[nodiscard]] Result<std::optional<std::uint64_t>> size(std::string_view key) {
+  // A byte size: an integer or a string with a binary suffix; positive (or zero where that
+  // means "off") and page aligned.
+  [[nodiscard]] Result<std::optional<std::uint64_t>> size(std::string_view key, bool zero_allowed = false) {
     const toml::node* node = find(key);
     if (node == nullptr) return std::optional<std::uint64_t>{};
+    if (zero_allowed && ((node->is_integer() && node->as_integer()->get() == 0) ||
+                         (node->is_string() && node->as_string()->get() == "0"))) {
+      return std::optional<std::uint64_t>{0};
+    }
     std::uint64_t bytes = 0;
     if (node->is_integer()) {
       std::int64_t value = node->as_integer()->get();
@@ -434,6 +439,15 @@ Result<AgentConfig> parse_root(const toml::table& root, std::string_view source,
     if (max_operations) fc.max_operations = static_cast<std::size_t>(*max_operations);
     config.functions = fc;
     if (auto ok = functions.reject_unknown_keys(); !ok) return tl::unexpected(ok.error());
+  }
+
+  // [store]
+  SNAPTIER_TRY(store_table, top.table("store"));
+  if (store_table != nullptr) {
+    TableReader store(*store_table, "store", source);
+    SNAPTIER_TRY(page_cache, store.size("page_cache", /*zero_allowed=*/true));
+    if (page_cache) config.store.page_cache_bytes = *page_cache;
+    if (auto ok = store.reject_unknown_keys(); !ok) return tl::unexpected(ok.error());
   }
 
   // [peers]: host = "ADDR:PORT"

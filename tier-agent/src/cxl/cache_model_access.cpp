@@ -30,11 +30,16 @@ CacheModelAccess::CacheModelAccess(std::shared_ptr<MappedRegion> shared, bool pr
       dirty_(present_.size(), 0) {}
 
 // Lines move as 8-byte single-copy-atomic words, as they do between a CPU and memory, so another
-// process polling the shared bytes never sees a torn commit word.
+// process polling the shared bytes never sees a torn commit word. A word that did not change is
+// not rewritten: threads of this host reading a page in place (through map_for_read) while
+// another thread maps the same page again then share the copy without a data race.
 void CacheModelAccess::fetch_line(std::uint64_t line) {
   auto* src = reinterpret_cast<std::uint64_t*>(shared_ + line * kCacheLine);
   auto* dst = reinterpret_cast<std::uint64_t*>(copy_.data() + line * kCacheLine);
-  for (std::uint64_t i = 0; i < kWords; ++i) dst[i] = __atomic_load_n(src + i, __ATOMIC_ACQUIRE);
+  for (std::uint64_t i = 0; i < kWords; ++i) {
+    const std::uint64_t word = __atomic_load_n(src + i, __ATOMIC_ACQUIRE);
+    if (dst[i] != word) dst[i] = word;
+  }
   present_[line] = 1;
 }
 

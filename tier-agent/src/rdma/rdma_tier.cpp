@@ -6,14 +6,21 @@
 // moves the QP to the error state (flushing anything still in flight, so no late DMA can land in
 // the bounce buffer) and hands the tier to its Reconnector (reconnect.hpp): a background thread
 // connects a new QP with backoff while every other read/write/allocate fails at once with
-// Errc::unavailable naming the state; the request that failed waits for the first attempt and
-// is retried once if the pool is the same. Device, PD, CQ and bounce buffer are kept.
+// Errc::unavailable naming the state; the request that failed, and those already admitted and
+// queued behind it, wait for the first attempt and are retried once if the pool is the same.
+// Device, PD, CQ and bounce buffer are kept.
+//
+// Concurrency: any number of threads may call every member at once. One WR is in flight at a
+// time (io_mutex_ guards the QP, the bounce buffer and the CQ), so a completion is only ever
+// polled by the caller that posted it, and one of another id (a request abandoned after a
+// timeout) is dropped, never handed to a later caller.
 #include <sys/mman.h>
 
 #include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <map>
 #include <mutex>
 
 #include <spdlog/spdlog.h>
@@ -69,6 +76,7 @@ class RdmaTier final : public Tier {
 
   Result<Extent> allocate(std::uint64_t length) override {
     if (auto ok = reconnector_->admit("rdma: allocate"); !ok) return tl::unexpected(ok.error());
+    const std::uint64_t epoch = epoch_.load();
     const std::uint64_t capacity = capacity_.load();
     if (length > capacity) {
       return fail(Errc::no_space, "rdma: allocate " + std::to_string(length) +
@@ -84,14 +92,40 @@ class RdmaTier final : public Tier {
                                       std::to_string(extent->length) + "} outside its pool of " +
                                       std::to_string(capacity) + " bytes");
     }
+    {
+      std::lock_guard lock(replaced_mutex_);
+      // The pool changed while the control plane answered: the extent may be of either pool.
+      if (epoch_.load() != epoch) {
+        (void)pool_->release(*extent);
+        return fail(Errc::unavailable, "rdma: allocate: the memory node's pool changed meanwhile (epoch " +
+                                           std::to_string(epoch) + " -> " + std::to_string(epoch_.load()) + ")");
+      }
+      if (pool_replaced_) since_replaced_.emplace(extent->offset, extent->length);
+    }
     used_.fetch_add(extent->length, std::memory_order_relaxed);
     return extent;
   }
 
   Result<void> release(Extent extent) override {
+    bool tracked = false;
+    {
+      std::lock_guard lock(replaced_mutex_);
+      if (pool_replaced_) {
+        // An extent of the pool that is gone: the new pool may have given that range to someone
+        // else, whose extent a release would free. Nothing of ours is there to give back.
+        if (!since_replaced_.contains(extent.offset)) return {};
+        tracked = true;
+      }
+    }
     // Allowed while reconnecting: the pool is reached over the control plane, not the QP.
     auto ok = pool_->release(extent);
-    if (ok) used_.fetch_sub(std::min(extent.length, used_.load()), std::memory_order_relaxed);
+    if (ok) {
+      subtract_used(extent.length);
+      if (tracked) {
+        std::lock_guard lock(replaced_mutex_);
+        since_replaced_.erase(extent.offset);
+      }
+    }
     return ok;
   }
 
@@ -134,9 +168,10 @@ class RdmaTier final : public Tier {
     }
     const char* op = opcode == IBV_WR_RDMA_READ ? "rdma: RDMA READ" : "rdma: RDMA WRITE";
     if (auto ok = reconnector_->admit(op); !ok) return ok;
+    if (auto ok = check_current(op, extent); !ok) return ok;
     const std::uint64_t epoch = epoch_.load();
     bool broke = false;
-    auto first = transfer_once(op, opcode, extent, offset, size, read_into, write_from, broke);
+    auto first = transfer_once(op, opcode, extent, offset, size, read_into, write_from, epoch, broke);
     if (first || !broke) return first;
     if (!reconnector_->await_attempt(reconnect_wait_)) return first;
     if (epoch_.load() != epoch) {
@@ -144,7 +179,7 @@ class RdmaTier final : public Tier {
                                           std::to_string(epoch_.load()) + "): not retried");
     }
     bool broke_again = false;
-    auto second = transfer_once(op, opcode, extent, offset, size, read_into, write_from, broke_again);
+    auto second = transfer_once(op, opcode, extent, offset, size, read_into, write_from, epoch, broke_again);
     if (!second) {
       return fail(second.error().code, second.error().message + " (after reconnecting; first: " +
                                            first.error().message + ")");
@@ -153,14 +188,41 @@ class RdmaTier final : public Tier {
     return second;
   }
 
-  // One pass over the chunks; `broke` says whether this call found the QP failing.
+  // After the tier reconnected to a new pool, only extents allocated since are in it.
+  Result<void> check_current(const char* op, Extent extent) {
+    std::lock_guard lock(replaced_mutex_);
+    if (!pool_replaced_) return {};
+    auto it = since_replaced_.upper_bound(extent.offset);
+    if (it != since_replaced_.begin()) {
+      --it;
+      if (extent.offset - it->first <= it->second && extent.length <= it->second - (extent.offset - it->first)) {
+        return {};
+      }
+    }
+    return fail(Errc::unavailable, std::string(op) + ": extent {" + std::to_string(extent.offset) + ", " +
+                                       std::to_string(extent.length) +
+                                       "} belongs to an earlier pool of the memory node (now epoch " +
+                                       std::to_string(epoch_.load()) + "): its contents are lost");
+  }
+
+  // One pass over the chunks; `broke` says whether this call found the QP failing. `epoch` is the
+  // pool the request was admitted for: one that changed while it queued is not written or read.
   Result<void> transfer_once(const char* op, ibv_wr_opcode opcode, Extent extent, std::uint64_t offset,
-                             std::uint64_t size, std::byte* read_into, const std::byte* write_from, bool& broke) {
+                             std::uint64_t size, std::byte* read_into, const std::byte* write_from,
+                             std::uint64_t epoch, bool& broke) {
     std::lock_guard lock(io_mutex_);
-    // A caller queued behind the request that failed finds the QP gone.
+    // A caller queued behind the request that failed finds the QP gone. It was admitted while
+    // the tier was up, so it is treated like that request: it waits for the first attempt and
+    // runs once more, instead of failing every request of a burst for one broken completion.
     if (!qp_ok_) {
+      broke = true;
       if (auto refused = reconnector_->admit(op); !refused) return refused;
       return fail(Errc::unavailable, std::string(op) + ": the queue pair to the memory node failed; reconnecting");
+    }
+    if (epoch_.load() != epoch) {
+      return fail(Errc::unavailable, std::string(op) + ": the memory node's pool changed (epoch " +
+                                         std::to_string(epoch) + " -> " + std::to_string(epoch_.load()) +
+                                         ") while the request waited");
     }
     std::uint64_t done = 0;
     while (done < size) {
@@ -226,6 +288,13 @@ class RdmaTier final : public Tier {
     return {};
   }
 
+  // Saturating: releases of extents counted before a pool change must not wrap the count.
+  void subtract_used(std::uint64_t length) {
+    std::uint64_t used = used_.load(std::memory_order_relaxed);
+    while (!used_.compare_exchange_weak(used, used - std::min(used, length), std::memory_order_relaxed)) {
+    }
+  }
+
   // Called with io_mutex_ held.
   void mark_broken(const std::string& reason) {
     qp_to_error(qp_.get());  // flush in-flight work; nothing may DMA into the bounce buffer later
@@ -253,7 +322,11 @@ class RdmaTier final : public Tier {
       // A new pool: nothing this tier allocated exists there any more.
       spdlog::warn("rdma: the memory node's pool changed (epoch {} -> {}): its earlier contents are lost",
                    old_epoch, grant->epoch);
+      std::lock_guard replaced(replaced_mutex_);
+      pool_replaced_ = true;
+      since_replaced_.clear();
       used_.store(0);
+      epoch_.store(grant->epoch);
     }
     qp_ = std::move(*qp);  // the old QP (in the error state) is destroyed here
     grant_ = *grant;
@@ -286,6 +359,11 @@ class RdmaTier final : public Tier {
   std::atomic<std::uint64_t> epoch_;
   std::atomic<std::uint64_t> used_{0};
   std::atomic<std::uint64_t> reads_{0}, writes_{0}, bytes_read_{0}, bytes_written_{0};
+  // Set once the tier reconnected to a pool of another epoch: from then on only the extents
+  // allocated since (offset -> length) may be read, written or released.
+  std::mutex replaced_mutex_;  // taken after io_mutex_ when both are held
+  bool pool_replaced_ = false;
+  std::map<std::uint64_t, std::uint64_t> since_replaced_;
   // Last: destroyed first, so that its thread never runs reconnect() on a dying tier.
   std::unique_ptr<Reconnector> reconnector_;
 };

@@ -6,12 +6,16 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <condition_variable>
 #include <cstring>
 #include <fstream>
 #include <iterator>
 #include <mutex>
+#include <optional>
+#include <set>
 #include <system_error>
 
 #include <fmt/format.h>
@@ -19,6 +23,7 @@
 #include "cxl/crc32c.hpp"
 #include "snaptier/snapshot_store.hpp"
 #include "store/manifest.hpp"
+#include "store/page_cache.hpp"
 #include "tiers/posix_util.hpp"
 
 namespace snaptier {
@@ -93,13 +98,18 @@ Result<std::vector<std::byte>> read_file(const fs::path& path) {
 
 class TieredSnapshotStore final : public SnapshotStore {
  public:
-  explicit TieredSnapshotStore(StoreOptions options) : options_(std::move(options)) {}
+  explicit TieredSnapshotStore(StoreOptions options)
+      : options_(std::move(options)),
+        cache_(options_.verify_page_checksums ? options_.page_cache_bytes : 0) {}
 
   Result<SnapshotInfo> put(Snapshot snapshot, std::span<const std::byte> data,
                            const PlacementRequest& placement) override {
-    std::lock_guard lock(mutex_);
     const std::string id = snapshot.info.id;
     if (auto ok = check_id(id); !ok) return tl::unexpected(ok.error());
+    const IdHold hold = hold_id(id);
+    // Pages another host's earlier copy under this id left here are unreachable (their
+    // generation differs); dropping them gives their space back now.
+    cache_.invalidate(id);
     auto& pages = snapshot.pages;
     if (data.size() != pages.size() * kPageSize) {
       return fail(Errc::invalid_argument, "put '" + id + "': " + std::to_string(pages.size()) +
@@ -232,7 +242,6 @@ class TieredSnapshotStore final : public SnapshotStore {
   }
 
   Result<Snapshot> get(const std::string& id) override {
-    std::lock_guard lock(mutex_);
     auto manifest = find(id);
     if (!manifest) return tl::unexpected(manifest.error());
     mark_lost(manifest->snapshot.info);
@@ -240,7 +249,6 @@ class TieredSnapshotStore final : public SnapshotStore {
   }
 
   Result<std::vector<SnapshotInfo>> list() override {
-    std::lock_guard lock(mutex_);
     std::map<std::string, SnapshotInfo> found;
     std::error_code ec;
     for (const auto& entry : fs::directory_iterator(manifests_dir(), ec)) {
@@ -269,55 +277,15 @@ class TieredSnapshotStore final : public SnapshotStore {
     return out;
   }
 
+  // Unpublishes first (manifest file or directory tombstone), then gives the extents back: a
+  // get() that races with remove() finds either the whole snapshot or nothing, never a manifest
+  // whose extents were already handed to another put().
   Result<void> remove(const std::string& id) override {
-    std::lock_guard lock(mutex_);
     if (auto ok = check_id(id); !ok) return ok;
-    const fs::path path = manifest_path(id);
-    if (fs::exists(path)) {
-      auto bytes = read_file(path);
-      if (!bytes) return tl::unexpected(bytes.error());
-      auto manifest = decode_manifest(*bytes);
-      if (!manifest) {
-        return fail(Errc::corrupt, "remove '" + id + "': " + manifest.error().message +
-                                       " (extents cannot be released; delete " + path.string() +
-                                       " by hand)");
-      }
-      bool has_cxl = false;
-      for (const auto& e : manifest->extents) {
-        if (e.tier == TierKind::cxl) {
-          has_cxl = true;
-        } else if (lost_on(manifest->snapshot.info, e.tier)) {
-          continue;  // that storage was replaced: the extent belongs to nobody, or to someone else
-        } else if (auto tier = options_.tiers.find(e.tier); tier != options_.tiers.end()) {
-          (void)tier->second->release(e.extent);
-        }
-      }
-      if (has_cxl && options_.cxl_directory) {
-        if (auto ok = options_.cxl_directory->remove(id); !ok && ok.error().code != Errc::not_found) {
-          return ok;
-        }
-      }
-      std::error_code ec;
-      fs::remove(path, ec);
-      if (ec) return fail(Errc::io, "remove " + path.string() + ": " + ec.message());
-      return {};
-    }
-    if (!options_.cxl_directory) return fail(Errc::not_found, "snapshot '" + id + "' not found");
-    auto record = options_.cxl_directory->lookup(id);
-    if (!record) return tl::unexpected(record.error());
-    // The tombstone goes first: it also checks that this host owns the snapshot.
-    if (auto ok = options_.cxl_directory->remove(id); !ok) return ok;
-    // Extents on other shared tiers (rdma) are released at once; only CXL arena space waits for
-    // every host to move past the tombstone.
-    if (auto manifest = decode_manifest(record->manifest)) {
-      for (const auto& e : manifest->extents) {
-        if (e.tier == TierKind::cxl || lost_on(manifest->snapshot.info, e.tier)) continue;
-        if (auto tier = options_.tiers.find(e.tier); tier != options_.tiers.end()) {
-          (void)tier->second->release(e.extent);
-        }
-      }
-    }
-    return {};
+    const IdHold hold = hold_id(id);
+    auto removed = remove_held(id);
+    if (removed) cache_.invalidate(id);
+    return removed;
   }
 
   Result<PageRun> read_pages(const Snapshot& snapshot, std::size_t first, std::size_t max_pages,
@@ -330,6 +298,7 @@ class TieredSnapshotStore final : public SnapshotStore {
     }
     const PageEntry& head = pages[first];
     if (head.flags & page_zero) {
+      zero_served_.fetch_add(1, std::memory_order_relaxed);
       return PageRun{.data = kZeroPage.data(), .pages = 1, .tier = head.tier, .in_place = true, .zero = true};
     }
     auto found = options_.tiers.find(head.tier);
@@ -362,7 +331,7 @@ class TieredSnapshotStore final : public SnapshotStore {
           return tl::unexpected(ok.error());
         }
       }
-      return run;
+      return served(run);
     }
 
     const std::size_t fit = std::min(limit, scratch.size() / kPageSize);
@@ -371,6 +340,7 @@ class TieredSnapshotStore final : public SnapshotStore {
                                               " is copied, and the buffer holds less than a page");
     }
     run.data = scratch.data();
+    if (cache_.capacity_bytes() > 0) return served(read_through_cache(snapshot, first, fit, scratch, tier));
     while (run.pages < fit && same_tier(first + run.pages)) {
       // Pages adjacent in the tier are read with one call (one pread, one RDMA read).
       const std::size_t at = first + run.pages;
@@ -380,19 +350,35 @@ class TieredSnapshotStore final : public SnapshotStore {
         ++group;
       }
       auto slot = scratch.subspan(run.pages * kPageSize, group * kPageSize);
-      Result<void> ok = tier.read(Extent{pages[at].location, slot.size()}, 0, slot);
+      Result<void> ok = read_tier(tier, head.tier, pages[at].location, slot);
       if (!ok) {
         if (run.pages > 0) break;  // serve what was read; the next call reports the error
         return fail(ok.error().code, describe(snapshot, at) + ": " + ok.error().message);
       }
       for (std::size_t k = 0; k < group; ++k, ++run.pages) {
         if (ok = verify(snapshot, at + k, slot.data() + k * kPageSize); !ok) {
-          if (run.pages > 0) return run;
+          if (run.pages > 0) return served(run);
           return tl::unexpected(ok.error());
         }
       }
     }
-    return run;
+    return served(run);
+  }
+
+  StoreStats stats() const override {
+    StoreStats out;
+    for (TierKind kind : {TierKind::local, TierKind::file, TierKind::cxl, TierKind::rdma}) {
+      const Traffic& t = traffic(kind);
+      StoreTierTraffic row{.pages = t.pages.load(std::memory_order_relaxed),
+                           .bytes = t.pages.load(std::memory_order_relaxed) * kPageSize,
+                           .tier_reads = t.tier_reads.load(std::memory_order_relaxed),
+                           .tier_bytes = t.tier_bytes.load(std::memory_order_relaxed),
+                           .cached_pages = t.cached_pages.load(std::memory_order_relaxed)};
+      if (row.pages > 0 || row.tier_reads > 0) out.served.emplace(kind, row);
+    }
+    out.zero_pages = zero_served_.load(std::memory_order_relaxed);
+    out.page_cache = cache_.stats();
+    return out;
   }
 
   Result<void> prepare() {
@@ -403,6 +389,183 @@ class TieredSnapshotStore final : public SnapshotStore {
   }
 
  private:
+  // put() and remove() of one id run one at a time; other ids and every reader go on meanwhile.
+  class IdHold {
+   public:
+    IdHold(TieredSnapshotStore& store, std::string id) : store_(store), id_(std::move(id)) {}
+    IdHold(const IdHold&) = delete;
+    IdHold& operator=(const IdHold&) = delete;
+    ~IdHold() {
+      {
+        std::lock_guard lock(store_.ids_mutex_);
+        store_.busy_ids_.erase(id_);
+      }
+      store_.id_released_.notify_all();
+    }
+
+   private:
+    TieredSnapshotStore& store_;
+    std::string id_;
+  };
+
+  [[nodiscard]] IdHold hold_id(const std::string& id) {
+    std::unique_lock lock(ids_mutex_);
+    id_released_.wait(lock, [&] { return !busy_ids_.contains(id); });
+    busy_ids_.insert(id);
+    return IdHold(*this, id);
+  }
+
+  Result<void> remove_held(const std::string& id) {
+    const fs::path path = manifest_path(id);
+    if (fs::exists(path)) {
+      auto bytes = read_file(path);
+      if (!bytes) return tl::unexpected(bytes.error());
+      auto manifest = decode_manifest(*bytes);
+      if (!manifest) {
+        return fail(Errc::corrupt, "remove '" + id + "': " + manifest.error().message +
+                                       " (extents cannot be released; delete " + path.string() +
+                                       " by hand)");
+      }
+      const bool has_cxl = std::any_of(manifest->extents.begin(), manifest->extents.end(),
+                                       [](const OwnedExtent& e) { return e.tier == TierKind::cxl; });
+      if (has_cxl && options_.cxl_directory) {
+        if (auto ok = options_.cxl_directory->remove(id); !ok && ok.error().code != Errc::not_found) {
+          return ok;
+        }
+      }
+      std::error_code ec;
+      fs::remove(path, ec);
+      if (ec) return fail(Errc::io, "remove " + path.string() + ": " + ec.message());
+      release_private_extents(*manifest);
+      return {};
+    }
+    if (!options_.cxl_directory) return fail(Errc::not_found, "snapshot '" + id + "' not found");
+    auto record = options_.cxl_directory->lookup(id);
+    if (!record) return tl::unexpected(record.error());
+    // The tombstone goes first: it also checks that this host owns the snapshot.
+    if (auto ok = options_.cxl_directory->remove(id); !ok) return ok;
+    // Extents on other shared tiers (rdma) are released at once; only CXL arena space waits for
+    // every host to move past the tombstone.
+    if (auto manifest = decode_manifest(record->manifest)) release_private_extents(*manifest);
+    return {};
+  }
+
+  // Gives back a removed snapshot's extents on every tier but CXL (whose arena space the
+  // directory frees once every host has moved past the tombstone).
+  void release_private_extents(const Manifest& manifest) {
+    for (const auto& e : manifest.extents) {
+      // Storage that was replaced: the extent belongs to nobody, or to someone else.
+      if (e.tier == TierKind::cxl || lost_on(manifest.snapshot.info, e.tier)) continue;
+      if (auto tier = options_.tiers.find(e.tier); tier != options_.tiers.end()) {
+        (void)tier->second->release(e.extent);
+      }
+    }
+  }
+
+  // Per tier: what read_pages handed out. Relaxed atomics: the numbers are for reports.
+  struct Traffic {
+    std::atomic<std::uint64_t> pages{0}, tier_reads{0}, tier_bytes{0}, cached_pages{0};
+  };
+  Traffic& traffic(TierKind kind) { return traffic_[static_cast<std::size_t>(kind) % traffic_.size()]; }
+  const Traffic& traffic(TierKind kind) const {
+    return traffic_[static_cast<std::size_t>(kind) % traffic_.size()];
+  }
+
+  Result<PageRun> served(Result<PageRun> run) {
+    if (run && !run->zero) traffic(run->tier).pages.fetch_add(run->pages, std::memory_order_relaxed);
+    return run;
+  }
+
+  Result<void> read_tier(Tier& tier, TierKind kind, std::uint64_t location, std::span<std::byte> out) {
+    auto ok = tier.read(Extent{location, out.size()}, 0, out);
+    Traffic& t = traffic(kind);
+    t.tier_reads.fetch_add(1, std::memory_order_relaxed);
+    if (ok) t.tier_bytes.fetch_add(out.size(), std::memory_order_relaxed);
+    return ok;
+  }
+
+  static store_detail::PageKey cache_key(const Snapshot& snapshot, std::size_t index) {
+    return store_detail::PageKey{snapshot.info.id, snapshot.info.created_unix_ns, index};
+  }
+  static store_detail::PageIdentity cache_identity(const PageEntry& page) {
+    return store_detail::PageIdentity{page.tier, page.location, page.crc32c};
+  }
+
+  // read_pages' copy path through the page cache: each page is served from the cache, from
+  // another caller's read in flight, or read here (runs of pages adjacent in the tier with one
+  // call, as without the cache) and cached once it passed its check. Only a page that was
+  // checksummed at put() is looked up: one without a checksum fails verify() as before.
+  Result<PageRun> read_through_cache(const Snapshot& snapshot, std::size_t first, std::size_t fit,
+                                     std::span<std::byte> scratch, Tier& tier) {
+    using store_detail::PageCache;
+    const auto& pages = snapshot.pages;
+    const TierKind kind = pages[first].tier;
+    auto same_tier = [&](std::size_t i) { return (pages[i].flags & page_zero) == 0 && pages[i].tier == kind; };
+    auto cacheable = [&](std::size_t i) { return (pages[i].flags & page_checksummed) != 0; };
+    PageRun run{.data = scratch.data(), .tier = kind};
+    while (run.pages < fit && same_tier(first + run.pages)) {
+      const std::size_t at = first + run.pages;
+      const auto out = scratch.subspan(run.pages * kPageSize, kPageSize);
+      PageCache::Acquired got;
+      if (cacheable(at)) got = cache_.acquire(cache_key(snapshot, at), cache_identity(pages[at]), out);
+      switch (got.outcome) {
+        case PageCache::Outcome::hit:
+        case PageCache::Outcome::joined:
+          traffic(kind).cached_pages.fetch_add(1, std::memory_order_relaxed);
+          ++run.pages;
+          continue;
+        case PageCache::Outcome::failed:
+          if (run.pages > 0) return run;
+          return tl::unexpected(*got.error);
+        case PageCache::Outcome::bypass:
+        case PageCache::Outcome::claimed:
+          break;
+      }
+      // Read here: this page, and the following ones that are adjacent in the tier and that no
+      // one has (claiming never waits, so a reader holding claims never waits for another).
+      std::vector<PageCache::Claim> claims;
+      claims.push_back(std::move(got.claim));
+      if (got.outcome == PageCache::Outcome::claimed) {
+        while (run.pages + claims.size() < fit) {
+          const std::size_t next = at + claims.size();
+          if (!same_tier(next) || !cacheable(next) ||
+              pages[next].location != pages[at].location + claims.size() * kPageSize) {
+            break;
+          }
+          auto claim = cache_.try_claim(cache_key(snapshot, next), cache_identity(pages[next]));
+          if (!claim) break;
+          claims.push_back(std::move(claim));
+        }
+      }
+      const std::size_t group = claims.size();
+      auto slot = scratch.subspan(run.pages * kPageSize, group * kPageSize);
+      if (auto ok = read_tier(tier, kind, pages[at].location, slot); !ok) {
+        // Dropping the claims lets their waiters try the read themselves.
+        if (run.pages > 0) return run;
+        return fail(ok.error().code, describe(snapshot, at) + ": " + ok.error().message);
+      }
+      // Every page of the group is checked and handed to its waiters, even past one that fails;
+      // this caller's run ends before the first failure.
+      std::optional<Error> failure;
+      for (std::size_t k = 0; k < group; ++k) {
+        const auto page = slot.subspan(k * kPageSize, kPageSize);
+        auto ok = verify(snapshot, at + k, page.data());
+        if (ok) {
+          if (claims[k]) cache_.fill(std::move(claims[k]), page);
+          if (!failure) ++run.pages;
+          continue;
+        }
+        if (claims[k]) cache_.reject(std::move(claims[k]), ok.error());
+        if (!failure) failure = ok.error();
+      }
+      if (failure) {
+        if (run.pages > 0) return run;
+        return tl::unexpected(*failure);
+      }
+    }
+    return run;
+  }
+
   fs::path manifests_dir() const { return options_.state_dir / "manifests"; }
   fs::path manifest_path(const std::string& id) const { return manifests_dir() / (id + ".snapman"); }
 
@@ -486,7 +649,12 @@ class TieredSnapshotStore final : public SnapshotStore {
   }
 
   StoreOptions options_;
-  std::mutex mutex_;
+  store_detail::PageCache cache_;
+  std::array<Traffic, 5> traffic_;  // by TierKind value
+  std::atomic<std::uint64_t> zero_served_{0};
+  std::mutex ids_mutex_;
+  std::condition_variable id_released_;
+  std::set<std::string> busy_ids_;
 };
 
 }  // namespace
