@@ -47,6 +47,9 @@ class FunctionService {
   // Instances left running by keep (InstancesResult), and ending one of them.
   [[nodiscard]] Result<nlohmann::json> instances() const;
   [[nodiscard]] Result<nlohmann::json> kill(const control::FunctionKill& request);
+  // Held while snapshot.delete removes `id` (a copy "ID:placement" or an id): refused with busy
+  // while restores on this host read that snapshot, whose pages they may be using in place.
+  [[nodiscard]] Result<std::shared_ptr<void>> hold_for_delete(const std::string& id);
   // criu-remote, snapshot host side: restore the snapshot eagerly, `criu dump --lazy-pages` it
   // with its page server on request.address:port (running on after the reply, bounded by the
   // operation timeout), reply {"images": {file: hex}}.

@@ -41,7 +41,7 @@ Result<Admission::Ticket> Admission::snapshot(const std::string& id) {
   if (snapshotting_.contains(id)) return fail(Errc::busy, "busy: snapshot '" + id + "' is already being taken");
   if (auto it = restoring_.find(id); it != restoring_.end()) {
     return fail(Errc::busy, "busy: " + std::to_string(it->second) + " restore(s) of '" + id +
-                                "' in flight read the copy a new snapshot would replace; retry once they end");
+                                "' in flight read the pages a new snapshot or a delete would replace; retry once they end");
   }
   ++in_flight_;
   snapshotting_.insert(id);

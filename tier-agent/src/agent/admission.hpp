@@ -42,7 +42,7 @@ class Admission {
 
   // A restore (or one instance of a burst, or a criu-remote source) reading snapshot `id`.
   [[nodiscard]] Result<Ticket> restore(const std::string& id);
-  // A snapshot taking (or replacing) `id`.
+  // A snapshot taking (or replacing) `id`, or a delete of it.
   [[nodiscard]] Result<Ticket> snapshot(const std::string& id);
 
   [[nodiscard]] std::size_t in_flight() const;

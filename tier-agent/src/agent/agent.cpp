@@ -418,6 +418,13 @@ Result<json> Agent::read(const control::SnapshotRead& read) {
 Result<json> Agent::remove(const control::SnapshotDelete& remove) {
   auto store = require_store();
   if (!store) return tl::unexpected(store.error());
+  // Restores here may be using the pages in place (CXL): they end before the space is freed.
+  std::shared_ptr<void> hold;
+  if (parts_.functions) {
+    auto held = parts_.functions->hold_for_delete(remove.id);
+    if (!held) return tl::unexpected(held.error());
+    hold = std::move(*held);
+  }
   if (auto ok = (*store)->remove(remove.id); !ok) return tl::unexpected(ok.error());
   spdlog::info("snapshot.delete {}", remove.id);
   return json{{"id", remove.id}, {"deleted", true}};

@@ -110,6 +110,7 @@ Result<std::unique_ptr<Agent>> make_agent(const AgentConfig& config) {
   store.host_name = config.host;
   store.state_dir = config.state_dir;
   store.cxl_directory = cxl_directory;
+  store.page_cache_bytes = config.store.page_cache_bytes;
   for (const auto& slot : parts.tiers) {
     if (slot.tier) store.tiers.emplace(slot.kind, slot.tier);
   }

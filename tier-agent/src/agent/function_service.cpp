@@ -514,6 +514,12 @@ Result<json> FunctionService::instances() const {
               {"max_operations", admission_->max()}};
 }
 
+Result<std::shared_ptr<void>> FunctionService::hold_for_delete(const std::string& id) {
+  auto ticket = admission_->snapshot(id.substr(0, id.find(':')));
+  if (!ticket) return tl::unexpected(ticket.error());
+  return std::make_shared<agent_detail::Admission::Ticket>(std::move(*ticket));
+}
+
 Result<json> FunctionService::kill(const control::FunctionKill& request) {
   KeptRecord record;
   {
