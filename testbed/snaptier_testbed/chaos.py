@@ -443,20 +443,21 @@ def row_kill_burst_instance(c: Chaos, row: Row) -> None:
     if not row.add(f"snapshot {c.function}", c.snap_host, snap is not None, sid if snap else err):
         return
     host = c.snap_host
-    pattern = f"workloads/{c.function}"
+    # criu restore writes the restored root's pid into the restore's work directory: the tree
+    # exists from then until the instance ends.
+    pid_files = f"{agents.FUNCTIONS_WORK_DIR}/restores/{sid}.{BURST_POLICY}.*/pid"
     timeout_s = RESTORE_TIMEOUT_S + 60 * BURST_INSTANCES
     tierctl = (f"{agents.GUEST_BUILD}/tierctl --socket {agents.AGENT_SOCKET} --timeout-ms {timeout_s * 1000} --json "
                f"restore {shlex.quote(sid)} --policy {BURST_POLICY} --instances {BURST_INSTANCES}")
-    # The victim: the first restored task of the function to show up while the burst runs (the
-    # snapshot's own instance is gone by now).
+    # The victim: the first restored tree of the burst to show up.
     script = f"""set -u
 out=$(mktemp); {tierctl} > "$out" 2>&1 & burst=$!
 victim=
-for i in $(seq 1 2400); do
-  victim=$(pgrep -o -f {shlex.quote(pattern)} || true)
+for i in $(seq 1 20000); do
+  for f in {pid_files}; do [ -s "$f" ] && victim=$(cat "$f") && break; done
   [ -n "$victim" ] && break
   kill -0 $burst 2>/dev/null || break
-  sleep 0.05
+  sleep 0.005
 done
 [ -n "$victim" ] && kill -KILL "$victim"
 wait $burst; echo "victim=${{victim:-none}}"; cat "$out"; rm -f "$out"
@@ -472,7 +473,7 @@ wait $burst; echo "victim=${{victim:-none}}"; cat "$out"; rm -f "$out"
         except ValueError:
             doc = None
     if not row.add("one restored task killed mid-burst", host, victim != "none",
-                   f"pid {victim}" if victim != "none" else "no restored task of the function was seen"):
+                   f"pid {victim}" if victim != "none" else "no restored tree of the burst was seen"):
         return
     burst = (doc or {}).get("burst") or {}
     if not row.add("the burst replied", host, bool(burst), "" if burst else (r.stderr or text)[-300:]):
