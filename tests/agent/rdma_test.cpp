@@ -673,11 +673,13 @@ TEST(RdmaPoolRestartTest, ThePoolKeepsItsPagesAcrossAServerRestartAndTheTierReco
   EXPECT_NE((*tier)->epoch(), epoch) << "the tier reports the new pool's epoch";
   ASSERT_TRUE(wait_until_up(**tier, std::chrono::seconds(5)));
 
-  // The new pool may hand the old extent's range to somebody else: the old extent is neither
-  // read nor written there, and releasing it frees nothing of theirs.
-  auto fresh = (*tier)->allocate(256 * KiB);
+  // The new pool may hand part of the old extent's range to somebody else: the old extent is
+  // neither read nor written there, and releasing it frees nothing of theirs. (An extent is an
+  // offset and a length: one the new pool handed out again exactly is indistinguishable here;
+  // the store refuses every snapshot of a lost pool before it gets that far, docs/rdma.md.)
+  auto fresh = (*tier)->allocate(64 * KiB);
   ASSERT_TRUE(fresh) << fresh.error().what();
-  const auto fresh_data = random_bytes(256 * KiB, 100);
+  const auto fresh_data = random_bytes(64 * KiB, 100);
   ASSERT_TRUE((*tier)->write(*fresh, 0, fresh_data));
   auto stale = (*tier)->read(*extent, 0, back);
   ASSERT_FALSE(stale);
