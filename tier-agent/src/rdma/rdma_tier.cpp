@@ -113,7 +113,8 @@ class RdmaTier final : public Tier {
       if (pool_replaced_) {
         // An extent of the pool that is gone: the new pool may have given that range to someone
         // else, whose extent a release would free. Nothing of ours is there to give back.
-        if (!since_replaced_.contains(extent.offset)) return {};
+        const auto it = since_replaced_.find(extent.offset);
+        if (it == since_replaced_.end() || it->second != extent.length) return {};
         tracked = true;
       }
     }
