@@ -87,10 +87,13 @@ def _order(topo: Topology):
     return sorted(topo.hosts, key=lambda h: h.role != "memory")
 
 
-def start(topo: Topology, timeout: float = 120) -> None:
+def start(topo: Topology, timeout: float = 120, hosts: list[str] | None = None) -> None:
+    """Start every agent that is not running (only those of `hosts` if given), memory nodes first."""
     launcher.load_running(topo)
     write_configs(topo)
     for h in _order(topo):
+        if hosts and h.name not in hosts:
+            continue
         log = f"/shared/logs/{h.name}-agent.log"
         # The memory node's pool is a file in /dev/shm (it outlives the agent); the guest's tmpfs
         # is half its RAM by default, less than a large pool. Only a QEMU guest's /dev/shm is its

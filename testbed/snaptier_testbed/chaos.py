@@ -47,7 +47,7 @@ from .state import REPO, state_dir_for
 from .topology import MiB, Topology
 
 ROWS = ("corrupt-cxl", "kill-agent-mid-restore", "kill-burst-instance", "fill-cxl", "fill-file", "fill-rdma",
-        "concurrent-publish", "memnode-stall", "memnode-agent-restart")
+        "concurrent-publish", "memnode-stall", "memnode-agent-restart", "memnode-late")
 BURST_INSTANCES = 4
 BURST_POLICY = "lazy-cxl"  # demand faults: the restored tasks live long enough to be found and killed
 # Policies whose restore reads a snapshot's CXL pages (the `cxl` or `tiered` copy, hot part).
@@ -728,8 +728,46 @@ def row_memnode_agent_restart(c: Chaos, row: Row) -> None:
     c.sh(host, "rm -f /tmp/chaos-pool.out", 30)
 
 
+def _rdma_state(c: Chaos, host: str) -> tuple[str, str]:
+    rc, status, err = c.tierctl(host, "status", 60)
+    if rc != 0:
+        return "unknown", err
+    for t in (status or {}).get("tiers", []):
+        if t.get("kind") == "rdma":
+            why = (t.get("reconnect") or {}).get("last_error") or (t.get("error") or {}).get("message") or ""
+            return str(t.get("state") or ("up" if t.get("up") else "down")), str(why)
+    return "absent", "no rdma tier in its status"
+
+
+def row_memnode_late(c: Chaos, row: Row) -> None:
+    """A compute agent that starts while the memory node's agent is down uses the pool once it
+    comes, without a restart."""
+    if not _needs_memnode(c, row, "a compute agent started before its memory node"):
+        return
+    sid = f"chaos-late-{c.tag}"
+    snap, err = c.snapshot(c.snap_host, sid)
+    if not row.add(f"snapshot {c.function}", c.snap_host, snap is not None, sid if snap else err):
+        return
+    host = c.peer or c.snap_host
+    agents.stop(c.topo, [c.memnode, host])
+    agents.start(c.topo, hosts=[host])
+    state, why = _rdma_state(c, host)
+    row.add("started without its memory node: the tier says so", host, state in ("reconnecting", "down"),
+            f"rdma {state}: {why[:160]}")
+    agents.start(c.topo)  # the memory node's agent (the pool file kept its pages)
+    deadline = time.monotonic() + 90
+    while state != "up" and time.monotonic() < deadline:
+        time.sleep(2)
+        state, why = _rdma_state(c, host)
+    row.add("the tier comes up once the memory node does, nothing restarted", host, state == "up",
+            f"rdma {state}" + (f": {why[:160]}" if state != "up" else ""))
+    ok, detail = _restore_ok(c, host, sid, "lazy-rdma")
+    row.add("lazy-rdma restores byte-exact", host, ok, detail)
+
+
 ROW_PROMISES = {"memnode-stall": "SIGSTOP the memory node mid-restore",
-                "memnode-agent-restart": "restart the memory node's agent", "fill-rdma": "a clear no space"}
+                "memnode-agent-restart": "restart the memory node's agent",
+                "memnode-late": "a compute agent started before its memory node", "fill-rdma": "a clear no space"}
 RUNNERS = {
     "corrupt-cxl": row_corrupt_cxl,
     "kill-agent-mid-restore": row_kill_agent,
@@ -740,12 +778,13 @@ RUNNERS = {
     "concurrent-publish": row_concurrent_publish,
     "memnode-stall": row_memnode_stall,
     "memnode-agent-restart": row_memnode_agent_restart,
+    "memnode-late": row_memnode_late,
 }
 
 
 def static_skip(topo: Topology, name: str) -> str | None:
     """Why a row cannot run on this topology at all (known without contacting a host), or None."""
-    if name in ("memnode-stall", "memnode-agent-restart"):
+    if name in ("memnode-stall", "memnode-agent-restart", "memnode-late"):
         if topo.backend != "qemu":
             return ("emulated topologies only: it needs the RDMA memory node, which native topologies cannot "
                     "have on this machine (no rdma_rxe in its kernel)")

@@ -622,6 +622,43 @@ Result<void> read_when_back(Tier& tier, Extent extent, std::span<std::byte> out,
   return last;
 }
 
+// A compute host that comes up before its memory node: the tier is built down, says why, and
+// serves once the memory node answers, without a restart.
+TEST(RdmaPoolRestartTest, ATierBuiltBeforeItsMemoryNodeIsUpConnectsWhenItComes) {
+  SKIP_WITHOUT_RDMA();
+  RdmaDeviceOptions options = test_options();
+  options.timeout_ms = 1000;
+  auto client = std::make_shared<RestartablePool>(nullptr);
+  auto tier = make_rdma_tier(options, client, kFastReconnect);
+  ASSERT_TRUE(tier) << "a memory node that is not up yet is a passing fault: " << tier.error().what();
+  EXPECT_NE((*tier)->health().state, TierState::up);
+  auto refused = (*tier)->allocate(64 * KiB);
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refused.error().code, Errc::unavailable) << refused.error().what();
+
+  const std::filesystem::path dir = std::filesystem::temp_directory_path() /
+                                    ("snaptier-rdma-late-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  auto server = make_rdma_pool_server(options, RdmaPoolOptions{.pool_size = 8 * MiB, .path = dir / "pool"});
+  ASSERT_TRUE(server) << server.error().what();
+  const std::uint64_t epoch = (*server)->state().epoch;
+  client->replace(std::shared_ptr<RdmaPoolServer>(std::move(*server)));
+  ASSERT_TRUE(wait_until_up(**tier, std::chrono::seconds(10))) << "the tier never reached the memory node";
+  EXPECT_EQ((*tier)->epoch(), epoch);
+  EXPECT_EQ((*tier)->stats().capacity_bytes, 8 * MiB);
+  auto extent = (*tier)->allocate(64 * KiB);
+  ASSERT_TRUE(extent) << extent.error().what();
+  const auto data = random_bytes(64 * KiB, 7);
+  ASSERT_TRUE((*tier)->write(*extent, 0, data));
+  std::vector<std::byte> back(data.size());
+  ASSERT_TRUE((*tier)->read(*extent, 0, back));
+  EXPECT_TRUE(back == data);
+  ASSERT_TRUE((*tier)->release(*extent));
+  tier->reset();
+  client.reset();
+  std::filesystem::remove_all(dir);
+}
+
 TEST(RdmaPoolRestartTest, ThePoolKeepsItsPagesAcrossAServerRestartAndTheTierReconnects) {
   SKIP_WITHOUT_RDMA();
   RdmaDeviceOptions options = test_options();

@@ -68,6 +68,17 @@ class RdmaTier final : public Tier {
     reconnector_ = std::make_unique<Reconnector>(reconnect_options, [this] { return this->reconnect(); });
   }
 
+  // A tier whose memory node did not answer when it was built: it starts reconnecting at once
+  // (and, once its attempts run out, keeps probing as a down tier), so a memory node that comes
+  // up after this host is used without a restart.
+  void start_disconnected(std::string why) {
+    {
+      std::lock_guard lock(io_mutex_);
+      qp_ok_ = false;
+    }
+    reconnector_->report_failure(std::move(why));
+  }
+
   std::string_view name() const noexcept override { return "rdma"; }
   TierKind kind() const noexcept override { return TierKind::rdma; }
   TierCaps caps() const noexcept override {
@@ -319,7 +330,8 @@ class RdmaTier final : public Tier {
     if (auto ok = qp_to_rts(qp->get(), device_, psn); !ok) return ok;
     std::lock_guard lock(io_mutex_);
     const std::uint64_t old_epoch = epoch_.load();
-    if (grant->epoch != old_epoch) {
+    // Epoch 0: the tier never reached a pool (it started disconnected): nothing to lose.
+    if (old_epoch != 0 && grant->epoch != old_epoch) {
       // A new pool: nothing this tier allocated exists there any more.
       spdlog::warn("rdma: the memory node's pool changed (epoch {} -> {}): its earlier contents are lost",
                    old_epoch, grant->epoch);
@@ -423,7 +435,19 @@ Result<std::unique_ptr<Tier>> make_rdma_tier(const RdmaDeviceOptions& options,
   const std::uint32_t psn = random_psn();
 
   auto grant = pool->connect(local_endpoint(*device, qp->get(), psn));
-  if (!grant) return tl::unexpected(grant.error());
+  if (!grant) {
+    const Errc code = grant.error().code;
+    // A memory node that is not up yet (or not reachable yet) is a passing fault: the tier is
+    // built down and reconnects by itself. Anything else (bad token, bad config) is an error.
+    if (code != Errc::unavailable && code != Errc::timeout && code != Errc::io) return tl::unexpected(grant.error());
+    spdlog::warn("rdma: the memory node did not answer ({}); the tier starts down and keeps trying",
+                 grant.error().what());
+    auto tier = std::unique_ptr<RdmaTier>(new RdmaTier(std::move(*device), std::move(*cq), std::move(bounce),
+                                                       std::move(bounce_mr), std::move(*qp), std::move(pool),
+                                                       RdmaPoolGrant{}, options.timeout_ms, reconnect));
+    tier->start_disconnected("the memory node did not answer when the tier was built: " + grant.error().what());
+    return std::unique_ptr<Tier>(std::move(tier));
+  }
   if (auto ok = check_grant(*grant); !ok) return tl::unexpected(ok.error());
   if (auto ok = qp_to_rtr(qp->get(), *device, grant->endpoint); !ok) return tl::unexpected(ok.error());
   if (auto ok = qp_to_rts(qp->get(), *device, psn); !ok) return tl::unexpected(ok.error());
