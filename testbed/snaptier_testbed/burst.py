@@ -314,6 +314,11 @@ def host_row(cell: dict, host_part: dict, function: str, allow_busy: bool) -> tu
     })
     for key in tier_keys(inst_rows):
         row[key] = _sum(r.get(key) for r in started)
+    # What the copy itself occupies per tier: one copy for every instance, however many.
+    stored = next((i["snapshot_bytes_per_tier"] for i in (burst or {}).get("instances") or []
+                   if isinstance(i, dict) and isinstance(i.get("snapshot_bytes_per_tier"), dict)), {})
+    for tier in STORED_TIERS:
+        row[f"stored_{tier}_bytes"] = number_or_none(stored.get(tier)) if stored else None
     agent = (burst or {}).get("burst") if isinstance((burst or {}).get("burst"), dict) else None
     before, peak = (number_or_none((agent or {}).get(k)) for k in ("agent_rss_bytes_before", "agent_rss_bytes_peak"))
     row.update({
@@ -361,6 +366,9 @@ def all_row(cell: dict, rows: list[dict]) -> dict:
                       ("restore_median_ms", statistics.median), ("wall_ms", max)):
         values = [r[key] for r in ran if r.get(key) is not None]
         row[key] = pick(values) if values else None
+    for tier in STORED_TIERS:  # the same copy on every host: not summed
+        values = [r.get(f"stored_{tier}_bytes") for r in ran if r.get(f"stored_{tier}_bytes") is not None]
+        row[f"stored_{tier}_bytes"] = max(values) if values else None
     used = [r.get("host_memory_used_bytes") for r in ran]
     row["host_memory_used_bytes"] = sum(used) if all(u is not None for u in used) else None
     sent = [r["sent_at_ms"] for r in ran if r.get("sent_at_ms") is not None]
@@ -427,7 +435,8 @@ FRONT = ["policy", "instances", "host", "hosts", "ok", "skipped", "requested", "
          "first_response_median_ms", "first_response_max_ms", "restore_median_ms", "wall_ms", "launch_skew_ms",
          "faults_total", "local_anonymous_bytes", "local_anonymous_MiB", "local_anonymous_per_instance_MiB",
          "local_memory_bytes", "cxl_mapped_bytes"]
-BACK = ["host_memory_used_bytes", "agent_rss_growth_bytes", "leftover_operations", "leftover_instances",
+STORED_TIERS = ("cxl", "rdma", "file")
+BACK = ["stored_cxl_bytes", "stored_rdma_bytes", "stored_file_bytes", "host_memory_used_bytes", "agent_rss_growth_bytes", "leftover_operations", "leftover_instances",
         "baseline", "last_answer_vs_baseline_pct", "local_anonymous_vs_baseline_pct", "last_answer_growth_x",
         "local_anonymous_growth_x", "error", "notes"]
 INSTANCE_COLUMNS = ["policy", "instances", "host", "index", "busy", "ok", "started_at_ms", "answered_at_ms",
@@ -471,6 +480,7 @@ def render_table(results: dict, rows: list[dict]) -> str:
     head = (["policy", "instances", "hosts", "result", "ok/failed/busy", "first answer ms", "last answer ms",
              "instances/s", "local anon MiB", "per instance MiB"]
             + [f"{k[len('bytes_'):]} MiB" for k in tiers]
+            + ["stored cxl/rdma MiB"]
             + [f"last vs {base}", f"local vs {base}", "last growth", "local growth"])
     out = [f"burst of {results.get('function')} on topology {results.get('topology')}: snapshot on "
            f"{results.get('snapshot_host')}, restored on {', '.join(results.get('hosts') or [])} at once ({clock})",
@@ -490,6 +500,7 @@ def render_table(results: dict, rows: list[dict]) -> str:
              fmt_number(r.get("instances_per_s"), ".2f"), _mib(r.get("local_anonymous_bytes")),
              fmt_number(r.get("local_anonymous_per_instance_MiB"), ".2f")]
             + [_mib(r.get(k)) for k in tiers]
+            + [f"{_mib(r.get('stored_cxl_bytes'))}/{_mib(r.get('stored_rdma_bytes'))}"]
             + [pct(r.get("last_answer_vs_baseline_pct")), pct(r.get("local_anonymous_vs_baseline_pct")),
                times(r.get("last_answer_growth_x")), times(r.get("local_anonymous_growth_x"))]) + " |")
     failed = [r for r in rows if not r["ok"] and r["host"] != ALL_HOSTS]

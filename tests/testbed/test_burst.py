@@ -175,6 +175,8 @@ def test_sums_over_instances_and_hosts_and_first_and_last_answer():
     assert every["host_memory_used_bytes"] == 20 * MiB and every["agent_rss_growth_bytes"] == 6 * MiB
     assert every["launch_skew_ms"] == 3.0 and every["ok"] and every["error"] is None
     assert every["notes"] is None  # the synthetic agent summaries agree with their instances
+    # One copy serves every instance on every host: what it stores does not grow with them.
+    assert h0["stored_cxl_bytes"] == h1["stored_cxl_bytes"] == every["stored_cxl_bytes"] == 409600
 
 
 def test_an_agent_summary_that_disagrees_with_its_instances_is_noted_not_failed():
