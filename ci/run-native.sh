@@ -25,6 +25,14 @@ rm -rf "$artifacts/native-matrix"
 $tb matrix --out "$artifacts/native-matrix"
 log "native matrix: $((SECONDS - t1)) s; results in $artifacts/native-matrix"
 
+# Concurrent restores: bursts of one snapshot on both hosts at once, each instance checked.
+t1=$SECONDS
+rm -rf "$artifacts/native-burst"
+$tb burst --function matmul --policies criu-eager,reap,tiered --instances 1,4,8 --hosts host0,host1 \
+    --out "$artifacts/native-burst"
+$tb chaos --only kill-burst-instance
+log "native bursts: $((SECONDS - t1)) s; results in $artifacts/native-burst"
+
 $tb down
 left=$(pgrep -f "process=snaptier-native-" || true)
 [ -z "$left" ] || die "native host processes left after down: $left"
