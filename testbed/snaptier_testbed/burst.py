@@ -158,9 +158,9 @@ def restore_timeout_s(instances: int) -> int:
 
 
 def restore_command(snapshot_id: str, policy: str, instances: int) -> str:
-    # A burst of one is the plain restore every agent has always served.
-    burst = f" --instances {instances}" if instances > 1 else ""
-    return f"restore {shlex.quote(snapshot_id)} --policy {shlex.quote(policy)}{burst}"
+    # Always a burst, a burst of one too: its times then count from the burst's start like the
+    # others' (materializing the images included), not from criu restore as a single restore's do.
+    return f"restore {shlex.quote(snapshot_id)} --policy {shlex.quote(policy)} --instances {instances}"
 
 
 # ------------------------------------------------------------------ reading the agent's objects

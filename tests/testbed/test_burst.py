@@ -144,7 +144,8 @@ def test_default_hosts_are_those_that_share_the_copy():
 def test_the_restore_timeout_grows_with_the_instance_count():
     timeouts = [burst.restore_timeout_s(n) for n in (1, 2, 16, 256)]
     assert timeouts[0] == matrix.RESTORE_TIMEOUT_S and timeouts == sorted(set(timeouts))
-    assert burst.restore_command("m", "reap", 1) == "restore m --policy reap"  # what every agent serves
+    # A burst of one too: its times then count from the burst's start like the others'.
+    assert burst.restore_command("m", "reap", 1) == "restore m --policy reap --instances 1"
     assert burst.restore_command("m", "reap", 8).endswith("--instances 8")
 
 
@@ -373,8 +374,8 @@ class FakeAgents:
         elif op == "restore":
             self.arrived.wait(timeout=10)  # BrokenBarrierError unless every host's request is in flight
             policy = words[words.index("--policy") + 1]
-            n = int(words[words.index("--instances") + 1]) if "--instances" in words else 1
-            if n == 1:
+            n = int(words[words.index("--instances") + 1]) if "--instances" in words else None
+            if n is None:
                 out = single_result(host, policy)
             else:
                 out = burst_result([instance(i, host, policy, busy=self.busy_over is not None and i >= self.busy_over)
@@ -399,7 +400,7 @@ def test_a_whole_burst_restores_on_every_host_at_once_and_passes(tmp_path, capsy
     assert len(restores) == 2 * 2 * 2 and {h for h, _, _ in restores} == {"host0", "host1"}
     assert not any("--host " in c for _, c, _ in restores)  # each host's own agent restores
     four = [t for _, c, t in restores if "--instances 4" in c]
-    one = [t for _, c, t in restores if "--instances" not in c]
+    one = [t for _, c, t in restores if "--instances 1" in c]
     assert len(four) == len(one) == 4 and min(four) > max(one)  # the timeout grows with the burst
     assert any(" delete " in c for _, c, _ in fake.calls)
     assert sum(" instances" in c for _, c, _ in fake.calls) >= 2 * (1 + 4)  # before the run, after each cell

@@ -117,11 +117,13 @@ int main(int argc, char** argv) {
                           "a name from `tierctl policies`")->required();
   restore_cmd->add_option("--host", restore_host, "the agent that restores (default: the one tierctl talks to)");
   restore_cmd->add_flag("--keep", function_restore.keep, "leave the restored instance running");
-  restore_cmd->add_option("--instances", function_restore.instances,
+  std::uint32_t restore_instances = 0;
+  restore_cmd->add_option("--instances", restore_instances,
                           "a burst: restore this many instances at once (each checked; bounded by the agent's max_operations)")
       ->check(CLI::Range(1, 256));
   restore_cmd->callback([&] {
     if (!restore_host.empty()) function_restore.host = restore_host;
+    if (restore_instances > 0) function_restore.instances = restore_instances;
     command = function_restore;
   });
 

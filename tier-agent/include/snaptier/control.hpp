@@ -97,7 +97,9 @@ struct FunctionRestore {
   std::string policy;                 // docs/restore-policies.md
   std::optional<std::string> host;
   bool keep = false;                  // leave the restored instance running (else killed after checks)
-  std::uint32_t instances = 1;        // > 1: a burst of that many at once (BurstResult)
+  // Given (1..256): a burst of that many at once, answered with a BurstResult (its times count
+  // from the burst's start, materializing included); absent: one restore, a FunctionRestoreResult.
+  std::optional<std::uint32_t> instances;
 };
 
 // Instances left running (keep), operations in flight and their bound.

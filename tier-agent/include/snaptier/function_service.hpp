@@ -41,7 +41,7 @@ class FunctionService {
   [[nodiscard]] Result<nlohmann::json> snapshot(const control::FunctionSnapshot& request);
   // A restore that ran but failed (wrong answer, a tier failing mid-restore) is a result with
   // "ok": false and the reason; errors are for requests that could not start. With
-  // request.instances > 1 a burst: that many restores at once, each a result of its own
+  // request.instances given, a burst: that many restores at once, each a result of its own
   // (docs/schema BurstResult), instances beyond the admission bound marked busy.
   [[nodiscard]] Result<nlohmann::json> restore(const control::FunctionRestore& request);
   // Instances left running by keep (InstancesResult), and ending one of them.

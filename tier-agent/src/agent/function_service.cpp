@@ -295,7 +295,7 @@ Result<json> FunctionService::snapshot(const control::FunctionSnapshot& request)
 Result<json> FunctionService::restore(const control::FunctionRestore& request) {
   if (!store_) return fail(Errc::unsupported, host_ + " has no snapshot store");
   reap_remote_dumps(false);
-  if (request.instances > 1) return burst(request);
+  if (request.instances) return burst(request);
   auto ticket = admission_->restore(request.snapshot);
   if (!ticket) return tl::unexpected(ticket.error());
   auto result = restore_one(request);
@@ -380,7 +380,7 @@ class BurstHold {
 }  // namespace
 
 Result<json> FunctionService::burst(const control::FunctionRestore& request) {
-  const std::size_t n = request.instances;
+  const std::size_t n = request.instances.value_or(1);
   const auto t0 = Clock::now();
   const std::uint64_t started_unix_ms = unix_ms_now();
   const std::uint64_t rss_before = mechanism::rss_bytes(::getpid());
@@ -402,7 +402,7 @@ Result<json> FunctionService::burst(const control::FunctionRestore& request) {
   if (admitted == 0) return tl::unexpected(*refused.front());
   // A request that cannot start fails as a whole, before anything runs (as a single restore).
   control::FunctionRestore one = request;
-  one.instances = 1;
+  one.instances.reset();
   if (auto check = pick_restore(one); !check) return tl::unexpected(check.error());
 
   struct Slot {

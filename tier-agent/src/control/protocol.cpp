@@ -347,7 +347,7 @@ json encode_args(const Command& command) {
           json args{{"id", c.snapshot}, {"policy", c.policy}};
           if (c.host) args["host"] = *c.host;
           if (c.keep) args["keep"] = true;
-          if (c.instances != 1) args["instances"] = c.instances;
+          if (c.instances) args["instances"] = *c.instances;
           return args;
         } else if constexpr (std::is_same_v<T, FunctionKill>) {
           return json{{"instance", c.instance}};
