@@ -230,6 +230,15 @@ class Chaos:
         self.made.setdefault(host, set()).update(ids + [doc.get("id") or sid])
         return doc, ""
 
+    def row_snapshot(self, row: Row, prefix: str) -> tuple[str, dict] | None:
+        """The row's own snapshot of the function on the snapshot host, recorded as its first
+        check: (id, tierctl's result), or None when it failed (the row stops there)."""
+        sid = f"chaos-{prefix}-{self.tag}"
+        snap, err = self.snapshot(self.snap_host, sid)
+        if not row.add(f"snapshot {self.function}", self.snap_host, snap is not None, sid if snap else err):
+            return None
+        return sid, snap
+
     def restore(self, host: str, sid: str, policy: str, on: str | None = None):
         forward = f" --host {shlex.quote(on)}" if on and on != host else ""
         return self.tierctl(host, f"restore {shlex.quote(sid)} --policy {shlex.quote(policy)}{forward}",
@@ -383,10 +392,10 @@ def row_kill_agent(c: Chaos, row: Row) -> None:
     if c.snap_host is None:
         row.skip("kill the agent mid-restore", "-", "no compute host")
         return
-    sid = f"chaos-kill-{c.tag}"
-    snap, err = c.snapshot(c.snap_host, sid)
-    if not row.add(f"snapshot {c.function}", c.snap_host, snap is not None, sid if snap else err):
+    made = c.row_snapshot(row, "kill")
+    if made is None:
         return
+    sid, snap = made
     # The restoring host: the second host of the CXL device when the `cxl` copy is published
     # (it can restore it), else the snapshot host.
     cxl_copy = next((v for v in snap.get("variants") or [] if v.get("id") == f"{sid}:cxl"), {})
@@ -438,10 +447,10 @@ def row_kill_burst_instance(c: Chaos, row: Row) -> None:
     if c.snap_host is None:
         row.skip("kill one instance of a burst", "-", "no compute host")
         return
-    sid = f"chaos-burst-{c.tag}"
-    snap, err = c.snapshot(c.snap_host, sid)
-    if not row.add(f"snapshot {c.function}", c.snap_host, snap is not None, sid if snap else err):
+    made = c.row_snapshot(row, "burst")
+    if made is None:
         return
+    sid, snap = made
     host = c.snap_host
     # criu restore writes the restored root's pid into the restore's work directory: the tree
     # exists from then until the instance ends.
@@ -676,10 +685,10 @@ def _restore_ok(c: Chaos, host: str, sid: str, policy: str) -> tuple[bool, str]:
 def row_memnode_stall(c: Chaos, row: Row) -> None:
     if not _needs_memnode(c, row, "SIGSTOP the memory node mid-restore"):
         return
-    sid = f"chaos-stall-{c.tag}"
-    snap, err = c.snapshot(c.snap_host, sid)
-    if not row.add(f"snapshot {c.function}", c.snap_host, snap is not None, sid if snap else err):
+    made = c.row_snapshot(row, "stall")
+    if made is None:
         return
+    sid, snap = made
     host = c.peer or c.snap_host
     pid = c.memnode_pid()
     if not row.add("memory node's QEMU found", c.memnode, pid is not None, f"pid {pid}"):
@@ -708,10 +717,10 @@ def row_memnode_stall(c: Chaos, row: Row) -> None:
 def row_memnode_agent_restart(c: Chaos, row: Row) -> None:
     if not _needs_memnode(c, row, "restart the memory node's agent"):
         return
-    sid = f"chaos-pool-{c.tag}"
-    snap, err = c.snapshot(c.snap_host, sid)
-    if not row.add(f"snapshot {c.function}", c.snap_host, snap is not None, sid if snap else err):
+    made = c.row_snapshot(row, "pool")
+    if made is None:
         return
+    sid, snap = made
     host = c.peer or c.snap_host
     rc, before, err = c.tierctl(host, f"read {sid}:rdma /tmp/chaos-pool.out", 600)
     if not row.add("read the RDMA copy", host, rc == 0, (before or {}).get("sha256", "")[:16] or err):
@@ -744,10 +753,10 @@ def row_memnode_late(c: Chaos, row: Row) -> None:
     comes, without a restart."""
     if not _needs_memnode(c, row, "a compute agent started before its memory node"):
         return
-    sid = f"chaos-late-{c.tag}"
-    snap, err = c.snapshot(c.snap_host, sid)
-    if not row.add(f"snapshot {c.function}", c.snap_host, snap is not None, sid if snap else err):
+    made = c.row_snapshot(row, "late")
+    if made is None:
         return
+    sid, snap = made
     host = c.peer or c.snap_host
     agents.stop(c.topo, [c.memnode, host])
     agents.start(c.topo, hosts=[host])
