@@ -157,9 +157,14 @@ TEST_F(AgentTest, StatusShowsEveryConfiguredTierAndWhyOneIsDown) {
   }
   EXPECT_TRUE(tiers["cxl"]["caps"]["byte_addressable"].get<bool>());
   EXPECT_TRUE(tiers["cxl"]["caps"]["shared"].get<bool>());
-  // No memory node listens on port 9: the rdma tier is reported down with a reason.
-  EXPECT_FALSE(tiers["rdma"]["up"].get<bool>());
-  EXPECT_FALSE(tiers["rdma"]["error"]["message"].get<std::string>().empty());
+  // No memory node listens on port 9: the rdma tier does not serve, and says why. Without an
+  // RDMA device (the host) it was never built (up = false, error); with one (the guests) a
+  // memory node that does not answer is a passing fault: built, reconnecting, last_error.
+  const json& rdma = tiers["rdma"];
+  EXPECT_NE(rdma.value("state", "down"), "up") << rdma.dump();
+  const std::string why = rdma["up"].get<bool>() ? rdma["reconnect"]["last_error"].get<std::string>()
+                                                 : rdma["error"]["message"].get<std::string>();
+  EXPECT_FALSE(why.empty()) << rdma.dump();
   EXPECT_EQ(ok(Ping{})["host"], "compute0");
 }
 
@@ -273,7 +278,9 @@ TEST_F(AgentTest, PutRefusesBadInputsWithTheRightCode) {
 
   e = error(put_cmd("to-rdma", TierKind::rdma));
   EXPECT_EQ(e.code, Errc::unavailable);
-  EXPECT_NE(e.message.find("rdma is down"), std::string::npos) << e.message;
+  EXPECT_NE(e.message.find("rdma"), std::string::npos) << e.message;
+  EXPECT_TRUE(e.message.find("down") != std::string::npos || e.message.find("reconnecting") != std::string::npos)
+      << "says the tier is not serving: " << e.message;
 
   ok(put_cmd("twice"));
   EXPECT_EQ(error(put_cmd("twice", TierKind::local)).code, Errc::already_exists);
