@@ -230,9 +230,13 @@ class Chaos:
         self.made.setdefault(host, set()).update(ids + [doc.get("id") or sid])
         return doc, ""
 
-    def row_snapshot(self, row: Row, prefix: str) -> tuple[str, dict] | None:
+    def row_snapshot(self, row: Row, prefix: str, what: str) -> tuple[str, dict] | None:
         """The row's own snapshot of the function on the snapshot host, recorded as its first
-        check: (id, tierctl's result), or None when it failed (the row stops there)."""
+        check: (id, tierctl's result), or None when the row stops there (no compute host: `what`
+        is skipped; or the snapshot failed)."""
+        if self.snap_host is None:
+            row.skip(what, "-", "no compute host")
+            return None
         sid = f"chaos-{prefix}-{self.tag}"
         snap, err = self.snapshot(self.snap_host, sid)
         if not row.add(f"snapshot {self.function}", self.snap_host, snap is not None, sid if snap else err):
@@ -389,10 +393,7 @@ KILL_POINTS = (
 
 
 def row_kill_agent(c: Chaos, row: Row) -> None:
-    if c.snap_host is None:
-        row.skip("kill the agent mid-restore", "-", "no compute host")
-        return
-    made = c.row_snapshot(row, "kill")
+    made = c.row_snapshot(row, "kill", "kill the agent mid-restore")
     if made is None:
         return
     sid, snap = made
@@ -444,10 +445,7 @@ def row_kill_agent(c: Chaos, row: Row) -> None:
 def row_kill_burst_instance(c: Chaos, row: Row) -> None:
     """A burst of instances of one snapshot; one restored task is SIGKILLed while the burst runs:
     that instance fails, every other one answers right with an equal digest."""
-    if c.snap_host is None:
-        row.skip("kill one instance of a burst", "-", "no compute host")
-        return
-    made = c.row_snapshot(row, "burst")
+    made = c.row_snapshot(row, "burst", "kill one instance of a burst")
     if made is None:
         return
     sid, snap = made
@@ -685,7 +683,7 @@ def _restore_ok(c: Chaos, host: str, sid: str, policy: str) -> tuple[bool, str]:
 def row_memnode_stall(c: Chaos, row: Row) -> None:
     if not _needs_memnode(c, row, "SIGSTOP the memory node mid-restore"):
         return
-    made = c.row_snapshot(row, "stall")
+    made = c.row_snapshot(row, "stall", "SIGSTOP the memory node mid-restore")
     if made is None:
         return
     sid, snap = made
@@ -717,7 +715,7 @@ def row_memnode_stall(c: Chaos, row: Row) -> None:
 def row_memnode_agent_restart(c: Chaos, row: Row) -> None:
     if not _needs_memnode(c, row, "restart the memory node's agent"):
         return
-    made = c.row_snapshot(row, "pool")
+    made = c.row_snapshot(row, "pool", "restart the memory node's agent")
     if made is None:
         return
     sid, snap = made
@@ -753,7 +751,7 @@ def row_memnode_late(c: Chaos, row: Row) -> None:
     comes, without a restart."""
     if not _needs_memnode(c, row, "a compute agent started before its memory node"):
         return
-    made = c.row_snapshot(row, "late")
+    made = c.row_snapshot(row, "late", "a compute agent started before its memory node")
     if made is None:
         return
     sid, snap = made
