@@ -6,7 +6,7 @@ JOBS ?= 2
 
 NATIVE := $(TB) -t testbed/topologies/native.toml
 
-.PHONY: all deps build test test-unit test-python image guest-agent testbed up down status health scenario matrix chaos burst native native-matrix native-chaos native-down clean
+.PHONY: all deps build test test-unit test-python image guest-agent testbed up down status health scenario matrix chaos burst native native-matrix native-chaos native-down zdtm clean
 
 all: build
 
@@ -61,6 +61,9 @@ native-chaos:    ## tb chaos on the native topology (rows needing the memory nod
 	$(NATIVE) chaos
 native-down:
 	$(NATIVE) down
+
+zdtm: deps image guest-agent  ## CRIU's zdtm suite, lazy pages: CRIU's daemon vs the agent's (docs/zdtm.md)
+	bash tests/zdtm/zdtm.sh
 
 clean:
 	rm -rf build

@@ -1,11 +1,13 @@
 // snaptier-lazy-pages: a drop-in replacement for `criu lazy-pages` (docs/lazy-restore.md).
 //
 //   snaptier-lazy-pages --images DIR [--work-dir DIR] [--prefetch none|all] [--resume]
-//                       [--timeout-s N] [--metrics-json FILE]
+//                       [--timeout-s N] [--metrics-json FILE] [--status-fd FD]
 //   criu restore --lazy-pages -D DIR [-W WORK_DIR] -d [--leave-stopped, with --resume]
 //
 // Prints the report (engine metrics included) as one JSON line on stdout at exit.
 // Exit status: 0 served, 1 restore failed (the tree was killed), 2 usage/setup.
+#include <unistd.h>
+
 #include <csignal>
 #include <cstdio>
 #include <fstream>
@@ -24,7 +26,7 @@ extern "C" void on_signal(int) { g_stop.store(true); }
 int main(int argc, char** argv) {
   CLI::App app{"snaptier-lazy-pages: serve CRIU lazy restores from the checkpoint images"};
   std::string images, work_dir, policy = "none", metrics_path;
-  int timeout_s = 600, accept_timeout_s = 60, step_timeout_s = 120;
+  int timeout_s = 600, accept_timeout_s = 60, step_timeout_s = 120, status_fd = -1;
   bool resume = false, quiet = false;
   app.add_option("--images,-D", images, "CRIU images directory")->required();
   app.add_option("--work-dir,-W", work_dir, "where lazy-pages.socket is bound (default: images dir)");
@@ -35,6 +37,9 @@ int main(int argc, char** argv) {
   app.add_option("--step-timeout-s", step_timeout_s, "bound between protocol messages")->check(CLI::Range(1, 86'400));
   app.add_option("--metrics-json", metrics_path, "also write the report to FILE");
   app.add_flag("--quiet,-q", quiet, "no progress lines on stderr");
+  app.add_option("--status-fd", status_fd,
+                 "as criu's: write one NUL byte to FD once listening, then close it (closed without it on failure)")
+      ->check(CLI::NonNegativeNumber);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -68,6 +73,11 @@ int main(int argc, char** argv) {
     return 2;
   }
   if (!quiet) std::cerr << "snaptier-lazy-pages: listening on " << (*server)->socket_path().string() << "\n";
+  if (status_fd >= 0) {
+    const char ready = '\0';
+    if (::write(status_fd, &ready, 1) != 1) std::cerr << "snaptier-lazy-pages: --status-fd " << status_fd << ": write failed\n";
+    ::close(status_fd);
+  }
   auto report = (*server)->run();
   nlohmann::json j = report;
   std::cout << j.dump() << std::endl;
