@@ -10,11 +10,10 @@ Facts this encodes (verified under QEMU 10.0 TCG, see docs/testbed.md):
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "testbed"))
-from snaptier_testbed.machine import MachineSpec  # noqa: E402
+if TYPE_CHECKING:  # the description is testbed's; the backend only reads it (no import at run time)
+    from snaptier_testbed.machine import MachineSpec
 
 QEMU = "qemu-system-x86_64"
 GiB = 1 << 30

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import agents, launcher, matrix
+from . import agents, launcher, matrix, tierctl
 from .launcher import TestbedError, say
 from .matrix import UsageError, fmt_number, number_or_none
 from .topology import MiB, Topology
@@ -625,7 +625,7 @@ class Burst:
         self.lacks_on: dict[str, dict[str, str | None]] = {}
 
     def tierctl(self, host: str, args: str, timeout_s: int):
-        return matrix.tierctl(self.run, self.topo, host, args, timeout_s)
+        return tierctl.tierctl(self.run, self.topo, host, args, timeout_s)
 
     def instances_on(self, host: str) -> dict:
         """{operations, instances (ids alive and not there before the run), error, result}."""

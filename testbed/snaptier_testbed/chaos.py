@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import agents, launcher, matrix
+from . import agents, launcher, matrix, tierctl
 from .launcher import TestbedError, say
 from .machine import Runtime, cxl_backing
 from .report import Check, print_checks, skipped
@@ -188,7 +188,7 @@ class Chaos:
 
     # -- tierctl
     def tierctl(self, host: str, args: str, timeout_s: int = 120):
-        return matrix.tierctl(self.run, self.topo, host, args, timeout_s)
+        return tierctl.tierctl(self.run, self.topo, host, args, timeout_s)
 
     def lacks(self, host: str, policy: str, doc) -> str | None:
         """What `host`'s agent says it lacks for `policy` (its status' policies[].missing), asked
@@ -206,7 +206,7 @@ class Chaos:
 
     def probe_json(self, host: str, args: str, timeout: float = 120):
         r = self.sh(host, f"{PROBE} {args}", timeout=timeout)
-        doc = matrix.parse_json_output(r.stdout or "")
+        doc = tierctl.parse_json_output(r.stdout or "")
         if doc is None:
             try:
                 doc = json.loads((r.stdout or "").strip().splitlines()[-1])
@@ -624,7 +624,7 @@ def row_concurrent_publish(c: Chaos, row: Row, rounds: int = 3) -> None:
             (share / go).unlink(missing_ok=True)
             told = {}
             for h, o in outcome.items():
-                doc = matrix.parse_json_output(o.get("stdout") or "")
+                doc = tierctl.parse_json_output(o.get("stdout") or "")
                 told[h] = error_of(o.get("rc", 1), doc, (o.get("stderr") or "")[-300:])
             winners = [h for h, (code, _) in told.items() if code is None]
             skew = abs((outcome[a].get("started") or 0) - (outcome[b].get("started") or 0)) * 1000

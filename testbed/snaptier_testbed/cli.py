@@ -1,4 +1,5 @@
-"""testbed/tb: validate, up, down, status, exec, console, health, argv, agents, bench, scenario, chaos, burst."""
+"""testbed/tb's one argument parser: validate, up, down, status, exec, console, health, argv, agents, bench,
+scenario, chaos, burst, matrix."""
 from __future__ import annotations
 
 import argparse
@@ -165,7 +166,12 @@ def cmd_burst(args, topo) -> int:
     return run_burst(topo, plan_from_args(topo, args))
 
 
-def main(argv: list[str] | None = None) -> int:
+def cmd_matrix(args, topo) -> int:
+    from .matrix import run_from_args
+    return run_from_args(args, topo, **(args.matrix_hooks or {}))
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="testbed/tb", description="snaptier multi-host QEMU testbed")
     p.add_argument("-t", "--topology", default=os.environ.get("SNAPTIER_TOPOLOGY", str(DEFAULT_TOPOLOGY)),
                    help="topology file (default: %(default)s)")
@@ -236,12 +242,26 @@ def main(argv: list[str] | None = None) -> int:
     bu.add_argument("--keep", action="store_true", help="keep the snapshot in the store afterwards")
     bu.add_argument("--plot", metavar="RESULTS_DIR", help="only print the table and draw burst.png of an earlier run")
     bu.set_defaults(fn=cmd_burst)
+    from . import matrix
+    m = sub.add_parser("matrix", help="restore every function with every policy across two hosts; table, CSV, plot",
+                       description="Snapshot each function on one host, restore it with each policy on another "
+                                   "(forwarded by the snapshot host's agent). Exit 0 iff every cell is ok, "
+                                   "answers correctly and has an equal state digest.")
+    matrix.add_arguments(m)
+    m.set_defaults(fn=cmd_matrix)
+    return p
+
+
+def main(argv: list[str] | None = None, matrix_hooks: dict | None = None) -> int:
+    """`matrix_hooks`: the guest runner and agent starter `tb matrix` uses, replaced by tests."""
+    p = build_parser()
     # Everything after the first '--' is the guest command, untouched by option parsing.
     argv = list(sys.argv[1:] if argv is None else argv)
     after = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
     args = p.parse_args(argv)
     args.after_separator = after
+    args.matrix_hooks = matrix_hooks
     try:
         topo = load_topology(args.topology)
         return args.fn(args, topo)

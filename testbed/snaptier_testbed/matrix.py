@@ -15,11 +15,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import secrets
 import shlex
 import subprocess
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,14 +25,13 @@ from pathlib import Path
 from . import agents, launcher
 from .launcher import TestbedError, say
 from .state import REPO, state_dir_for
+from .tierctl import tierctl
 from .topology import MiB, Topology
 
 CONTROL_SCHEMA = REPO / "docs" / "schema" / "control.schema.json"
 WORKLOADS = REPO / "workloads"
-TIERCTL = f"{agents.GUEST_BUILD}/tierctl --socket {agents.AGENT_SOCKET}"
 SNAPSHOT_TIMEOUT_S = 900
 RESTORE_TIMEOUT_S = 600
-SSH_MARGIN_S = 60            # the launcher's timeout is tierctl's plus this
 FAULTS_BASELINE = "lazy-cxl"
 FIRST_RESPONSE_BASELINE = "criu-eager"
 FIXED_TIERS = ("cxl", "rdma")  # always a column; other tiers (local, file) when some result has them
@@ -106,57 +103,6 @@ def pick_hosts(topo: Topology, snapshot_host: str | None, restore_host: str | No
             raise UsageError(f"{restore_host} is not on a link with {snap}: the agent of {snap} "
                              "cannot forward the restore to it")
     return snap, restore_host
-
-
-# ------------------------------------------------------------------ running tierctl
-def parse_json_output(stdout: str) -> dict | None:
-    """tierctl --json prints one object; tolerate stray lines before it."""
-    text = stdout.strip()
-    if not text:
-        return None
-    try:
-        doc = json.loads(text)
-        return doc if isinstance(doc, dict) else None
-    except ValueError:
-        pass
-    for line in reversed(text.splitlines()):
-        if line.startswith("{"):
-            try:
-                doc = json.loads(line)
-                return doc if isinstance(doc, dict) else None
-            except ValueError:
-                continue
-    return None
-
-
-def describe_failure(rc: int, stderr: str, stdout: str, timeout_s: float) -> str:
-    msg = " ".join((stderr.strip() or stdout.strip()).split())[-300:]
-    if rc == 1:
-        return msg or "the agent replied with an error"
-    if rc == 2:
-        return f"tierctl refused the arguments (an older build?): {msg}"
-    if rc == 3:
-        return f"cannot reach the agent or it timed out: {msg}" if msg else "cannot reach the agent or it timed out"
-    if rc == 124:
-        return f"no answer within {timeout_s:.0f} s"
-    if rc == 255:
-        return f"ssh to the guest failed: {msg}"
-    return f"tierctl exited {rc}: {msg}"
-
-
-def tierctl(run, topo: Topology, host: str, args: str, timeout_s: int) -> tuple[int, dict | None, str]:
-    """(exit status, parsed JSON object or None, error text or '')."""
-    command = f"{TIERCTL} --timeout-ms {timeout_s * 1000} --json {args}"
-    try:
-        r = run(topo, host, command, timeout=timeout_s + SSH_MARGIN_S)
-    except TestbedError as e:  # e.g. the topology went down mid-matrix
-        return 255, None, str(e)
-    doc = parse_json_output(r.stdout or "")
-    err = "" if r.returncode == 0 and doc is not None else describe_failure(
-        r.returncode, r.stderr or "", r.stdout or "", timeout_s + SSH_MARGIN_S)
-    if r.returncode == 0 and doc is None:
-        err = f"tierctl printed no JSON object: {(r.stdout or '').strip()[-200:]!r}"
-    return r.returncode, doc, err
 
 
 # ------------------------------------------------------------------ rows
@@ -606,15 +552,8 @@ def default_out_dir(topo: Topology, kind: str = "matrix") -> Path:
     return state_dir_for(topo.name) / "results" / f"{kind}-{stamp}"
 
 
-def build_parser(default_topology: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="testbed/tb", description="snaptier multi-host QEMU testbed")
-    p.add_argument("-t", "--topology", default=os.environ.get("SNAPTIER_TOPOLOGY", default_topology),
-                   help="topology file (default: %(default)s)")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    m = sub.add_parser("matrix", help="restore every function with every policy across two hosts; table, CSV, plot",
-                       description="Snapshot each function on one host, restore it with each policy on another "
-                                   "(forwarded by the snapshot host's agent). Exit 0 iff every cell is ok, "
-                                   "answers correctly and has an equal state digest.")
+def add_arguments(m: argparse.ArgumentParser) -> None:
+    """`tb matrix`'s options, on the subparser testbed/tb's one parser (cli.py) gives it."""
     m.add_argument("--functions", help="comma-separated (default: every folder of workloads/ with function.toml)")
     m.add_argument("--policies", help="comma-separated (default: every policy the snapshot host's agent lists, "
                                       "in its order; `tierctl policies`)")
@@ -625,35 +564,30 @@ def build_parser(default_topology: str) -> argparse.ArgumentParser:
     m.add_argument("--keep", action="store_true", help="keep the snapshots in the store afterwards")
     m.add_argument("--plot", metavar="RESULTS_DIR",
                    help="only draw RESULTS_DIR/matrix.png (and print the table) from an earlier run")
-    return p
 
 
-def main(argv: list[str], default_topology: str | None = None, run=None, ensure_agents=None) -> int:
-    """`testbed/tb [-t TOPOLOGY] matrix ...`; usage errors exit 2 before any guest is contacted."""
-    from .topology import TopologyError, load_topology
-    default_topology = default_topology or str(REPO / "testbed" / "topologies" / "default.toml")
-    args = build_parser(default_topology).parse_args(argv)
-    try:
-        if args.plot:
-            results = load_results(Path(args.plot))
-            rows = rows_of(results)
-            print(render_table(results, rows))
-            png = try_plot(results, (Path(args.plot) if Path(args.plot).is_dir() else Path(args.plot).parent)
-                           / "matrix.png")
-            if png:
-                print(png)
-            return 0 if png else 1
-        topo = load_topology(args.topology)
-        functions = parse_list(args.functions, available_functions(), "function", "--functions")
-        policies = parse_list(args.policies, known_policies(), "policy", "--policies") if args.policies else None
-        snap_host, restore_host = pick_hosts(topo, args.snapshot_host, args.restore_host)
-        out_dir = Path(args.out) if args.out else default_out_dir(topo)
-        if out_dir.exists() and not out_dir.is_dir():
-            raise UsageError(f"--out {out_dir} exists and is not a directory")
-        return run_matrix(topo, functions, policies, snap_host, restore_host, out_dir, keep=args.keep,
-                          run=run, ensure_agents=ensure_agents)
-    except (TopologyError, TestbedError) as e:
-        print(f"testbed: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+def run_from_args(args, topo: Topology, run=None, ensure_agents=None) -> int:
+    """`testbed/tb [-t TOPOLOGY] matrix ...`; usage errors (UsageError) come before any guest is contacted."""
+    if args.plot:
+        results = load_results(Path(args.plot))
+        rows = rows_of(results)
+        print(render_table(results, rows))
+        png = try_plot(results, (Path(args.plot) if Path(args.plot).is_dir() else Path(args.plot).parent)
+                       / "matrix.png")
+        if png:
+            print(png)
+        return 0 if png else 1
+    functions = parse_list(args.functions, available_functions(), "function", "--functions")
+    policies = parse_list(args.policies, known_policies(), "policy", "--policies") if args.policies else None
+    snap_host, restore_host = pick_hosts(topo, args.snapshot_host, args.restore_host)
+    out_dir = Path(args.out) if args.out else default_out_dir(topo)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out {out_dir} exists and is not a directory")
+    return run_matrix(topo, functions, policies, snap_host, restore_host, out_dir, keep=args.keep,
+                      run=run, ensure_agents=ensure_agents)
+
+
+def main(argv: list[str], run=None, ensure_agents=None) -> int:
+    """testbed/tb's own parser and error handling, with the guest runner replaceable (tests)."""
+    from .cli import main as tb_main
+    return tb_main(argv, matrix_hooks={"run": run, "ensure_agents": ensure_agents})

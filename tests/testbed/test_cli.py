@@ -69,3 +69,30 @@ def test_impossible_resources_are_refused_before_any_qemu(tmp_path):
     r = run("-t", str(topo), "up", env={"SNAPTIER_STATE": str(tmp_path / "state")})
     assert r.returncode == 2 and "needs" in r.stderr and "MiB of RAM" in r.stderr
     assert qemu_count() == 0
+
+
+def test_one_parser_lists_every_subcommand_and_each_has_its_help():
+    from snaptier_testbed.cli import build_parser
+    sub = next(a for a in build_parser()._actions if a.dest == "cmd")
+    names = set(sub.choices)
+    assert {"up", "down", "health", "scenario", "chaos", "burst", "matrix"} <= names
+    listed = run("--help")
+    assert listed.returncode == 0
+    for name in names:
+        assert name in listed.stdout
+        assert run(name, "--help").returncode == 0, name
+
+
+def test_matrix_usage_errors_come_from_the_one_parser_before_any_guest():
+    r = run("matrix", "--functions", "no-such-function")
+    assert r.returncode == 2 and "no-such-function" in r.stderr
+    r = run("matrix", "--no-such-option")
+    assert r.returncode == 2 and "unrecognized arguments: --no-such-option" in r.stderr
+
+
+def test_the_qemu_backend_imports_nothing_of_the_testbed_at_run_time():
+    code = ("import sys; sys.path.insert(0, %r); import snaptier_qemu.argv, snaptier_qemu.process; "
+            "print(sorted(m for m in sys.modules if m.startswith('snaptier_testbed')))" % str(REPO / "qemu"))
+    r = subprocess.run(["/usr/bin/python3", "-c", code], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
