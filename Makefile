@@ -6,14 +6,17 @@ JOBS ?= 2
 
 NATIVE := $(TB) -t testbed/topologies/native.toml
 
-.PHONY: all deps build test test-unit test-python image guest-agent testbed up down status health scenario matrix chaos burst native native-matrix native-chaos native-down zdtm clean
+.PHONY: all deps build-deps build test test-unit test-python image guest-agent testbed up down status health scenario matrix chaos burst native native-matrix native-chaos native-down zdtm clean
 
 all: build
 
 deps:            ## install host packages (apt, bookworm-backports QEMU >= 10, mmdebstrap)
 	bash ci/install-deps.sh
 
-build: deps      ## build the agent, tests and benchmarks for this host
+build-deps:      ## check the build dependencies (no root needed); install the missing ones as root
+	bash ci/install-deps.sh --build
+
+build: build-deps  ## build the agent, tests and benchmarks for this host
 	cmake -S . -B $(BUILD) -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo > /dev/null
 	cmake --build $(BUILD) -j$(JOBS)
 

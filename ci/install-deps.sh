@@ -1,23 +1,50 @@
 #!/usr/bin/env bash
 # Installs what snaptier needs on a Debian 12 (bookworm) host. Idempotent: a second run only
 # checks versions. The mirror is derived from the machine's own apt sources, never written here.
+#   ci/install-deps.sh            everything: the build, the unit tests and the testbed (root)
+#   ci/install-deps.sh --build    what `make test` needs only: the build and the unit tests.
+#                                 Checks without root; installs what is missing when root.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=ci/lib.sh
 . "$here/lib.sh"
 
-[ "$(id -u)" = 0 ] || die "install-deps must run as root (apt-get, mmdebstrap --mode=root)"
+only_build=0
+[ "${1:-}" = --build ] && only_build=1
 
-# Packages for the host: build the agent and its tests, run the testbed.
-host_pkgs=(
+# Packages for the host: build the agent and run its unit tests (and the functions they run)...
+build_pkgs=(
   build-essential cmake ninja-build pkg-config git
   libboost-dev libboost-system-dev nlohmann-json3-dev libcli11-dev libspdlog-dev libfmt-dev
   libexpected-dev libtomlplusplus-dev libgtest-dev libgmock-dev libbenchmark-dev libibverbs-dev
   libdaxctl-dev libcxl-dev
   python3 python3-pytest python3-matplotlib python3-numpy python3-pil python3-pyaes
+)
+# ... and run the testbed.
+testbed_pkgs=(
   e2fsprogs busybox-static cpio xz-utils zstd gzip
   vde2 socat openssh-client coreutils procps util-linux
 )
+
+missing_of() {
+  local p
+  for p in "$@"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || printf '%s\n' "$p"; done
+}
+
+if [ $only_build = 1 ]; then
+  mapfile -t missing < <(missing_of "${build_pkgs[@]}")
+  [ ${#missing[@]} = 0 ] && exit 0
+  [ "$(id -u)" = 0 ] || die "missing build dependencies: ${missing[*]} (as root: make deps, or apt-get install ${missing[*]})"
+  log "installing build dependencies: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  timeout 600 apt-get update -q >/dev/null || die "apt-get update failed"
+  timeout 1200 apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null \
+    || die "apt-get install failed for: ${missing[*]}"
+  exit 0
+fi
+
+[ "$(id -u)" = 0 ] || die "install-deps must run as root (apt-get, mmdebstrap --mode=root)"
+host_pkgs=("${build_pkgs[@]}" "${testbed_pkgs[@]}")
 # From bookworm-backports: QEMU >= 10 (volatile CXL type-3 memory) and mmdebstrap >= 1.4.
 backport_pkgs=(qemu-system-x86 qemu-utils mmdebstrap)
 
@@ -33,8 +60,7 @@ if [ ! -f "$bp_list" ] || [ "$(cat "$bp_list")" != "$want" ]; then
   rm -f "$stamp"
 fi
 
-missing=()
-for p in "${host_pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p"); done
+mapfile -t missing < <(missing_of "${host_pkgs[@]}")
 need_bp=0
 qemu_major=$(qemu-system-x86_64 --version 2>/dev/null | sed -n 's/^QEMU emulator version \([0-9]*\).*/\1/p' || true)
 [ "${qemu_major:-0}" -ge 10 ] || need_bp=1

@@ -37,6 +37,7 @@
 #include "core/unique_fd.hpp"
 #include "helpers/scm_rights.hpp"
 #include "helpers/temp_dir.hpp"
+#include "helpers/userfaultfd.hpp"
 #include "snaptier/criu_images.hpp"
 #include "snaptier/cxl_directory.hpp"
 #include "snaptier/fault_engine.hpp"
@@ -791,15 +792,9 @@ Bytes mapping_bytes(const fs::path& checkpoint_dir) {
   return expected;
 }
 
-bool userfaultfd_works() {
-  auto probe = create_userfaultfd(default_uffd_features());
-  if (!probe) return false;
-  ::close(*probe);
-  return true;
-}
 
 TEST_F(FunctionSnapshotTest, RestoredTaskFaultsInLazyPagesFromEveryTier) {
-  if (!userfaultfd_works()) GTEST_SKIP() << "userfaultfd unavailable";
+  if (auto why = snaptier::testing::userfaultfd_unavailable(default_uffd_features())) GTEST_SKIP() << *why;
   const fs::path dir = single();
   Tiers tiers(tmp_.path() / "tiers");
   const Snapshot snapshot = stored(dir, tiers, "fn");  // pages 8, 9, 10, 11 on local, cxl, file, local
@@ -942,7 +937,7 @@ class CorruptPageTest : public FunctionSnapshotTest {
 bool killed(int status) { return WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL; }
 
 TEST_F(CorruptPageTest, DemandFaultOnACorruptPageKillsTheTaskOnEveryTier) {
-  if (!userfaultfd_works()) GTEST_SKIP() << "userfaultfd unavailable";
+  if (auto why = snaptier::testing::userfaultfd_unavailable(default_uffd_features())) GTEST_SKIP() << *why;
   // cxl and local hand the engine their mapping (checked in place), file a checked copy.
   for (TierKind tier : {TierKind::cxl, TierKind::local, TierKind::file}) {
     SCOPED_TRACE(to_string(tier));
@@ -962,7 +957,7 @@ TEST_F(CorruptPageTest, DemandFaultOnACorruptPageKillsTheTaskOnEveryTier) {
 }
 
 TEST_F(CorruptPageTest, PrefetchInstallsThePagesBeforeACorruptOneAndNeverIt) {
-  if (!userfaultfd_works()) GTEST_SKIP() << "userfaultfd unavailable";
+  if (auto why = snaptier::testing::userfaultfd_unavailable(default_uffd_features())) GTEST_SKIP() << *why;
   prepare(TierKind::cxl);
   Restored child;
   auto engine = engine_for(child);
@@ -977,7 +972,7 @@ TEST_F(CorruptPageTest, PrefetchInstallsThePagesBeforeACorruptOneAndNeverIt) {
 }
 
 TEST_F(CorruptPageTest, LazyServerEndsTheRestoreWhenAPrefetchedPageIsCorrupt) {
-  if (!userfaultfd_works()) GTEST_SKIP() << "userfaultfd unavailable";
+  if (auto why = snaptier::testing::userfaultfd_unavailable(default_uffd_features())) GTEST_SKIP() << *why;
   prepare(TierKind::cxl);
   const fs::path work = tmp_.path() / "work";
   fs::create_directories(work);
@@ -1010,7 +1005,7 @@ TEST_F(CorruptPageTest, LazyServerEndsTheRestoreWhenAPrefetchedPageIsCorrupt) {
 }
 
 TEST_F(CorruptPageTest, BackgroundFetchOfACorruptPageKillsTheTask) {
-  if (!userfaultfd_works()) GTEST_SKIP() << "userfaultfd unavailable";
+  if (auto why = snaptier::testing::userfaultfd_unavailable(default_uffd_features())) GTEST_SKIP() << *why;
   prepare(TierKind::cxl);
   Restored child;
   auto engine = engine_for(child);

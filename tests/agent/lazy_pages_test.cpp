@@ -26,6 +26,7 @@
 #include <nlohmann/json.hpp>
 
 #include "helpers/scm_rights.hpp"
+#include "helpers/userfaultfd.hpp"
 #include "snaptier/criu_images.hpp"
 #include "snaptier/fault_engine.hpp"
 #include "snaptier/lazy_pages.hpp"
@@ -212,6 +213,15 @@ class LazyPagesTest : public ::testing::Test {
   std::function<void()> at_resume_;  // run() calls it in on_resumed, before the restorer goes on
 };
 
+// The tests that run a restorer stand-in: it needs a userfaultfd of its own.
+class LazyRestoreTest : public LazyPagesTest {
+ protected:
+  void SetUp() override {
+    LazyPagesTest::SetUp();
+    if (auto why = snaptier::testing::userfaultfd_unavailable()) GTEST_SKIP() << *why;
+  }
+};
+
 TEST_F(LazyPagesTest, PageSourceLazyRangesFromRealFixture) {
   auto cp = criu::load_checkpoint(fixture_dir());
   ASSERT_TRUE(cp) << cp.error().what();
@@ -243,7 +253,7 @@ TEST_F(LazyPagesTest, PageSourceLazyRangesFromRealFixture) {
   EXPECT_FALSE((*src)->fetch(4242, kBase, 1, buf));
 }
 
-TEST_F(LazyPagesTest, DemandFaultsServeThePagesFileAndZeroOutside) {
+TEST_F(LazyRestoreTest, DemandFaultsServeThePagesFileAndZeroOutside) {
   auto r = run(Mode::good, quick());
   ASSERT_FALSE(r.report.error) << r.report.error->what();
   ASSERT_TRUE(WIFEXITED(r.status)) << r.status;
@@ -265,7 +275,7 @@ TEST_F(LazyPagesTest, DemandFaultsServeThePagesFileAndZeroOutside) {
 
 // A burst: several restores served at once, each by its own server on its own thread, all
 // from one shared page source; every restored process sees exactly its pages.
-TEST_F(LazyPagesTest, ConcurrentRestoresFromOneSharedSourceEachGetTheirPages) {
+TEST_F(LazyRestoreTest, ConcurrentRestoresFromOneSharedSourceEachGetTheirPages) {
   constexpr int kRestores = 6;
   auto cp = criu::load_checkpoint(fixture_dir());
   ASSERT_TRUE(cp) << cp.error().what();
@@ -315,7 +325,7 @@ TEST_F(LazyPagesTest, ConcurrentRestoresFromOneSharedSourceEachGetTheirPages) {
   }
 }
 
-TEST_F(LazyPagesTest, PrefetchAllInstallsEveryLazyPageBeforeResume) {
+TEST_F(LazyRestoreTest, PrefetchAllInstallsEveryLazyPageBeforeResume) {
   auto o = quick();
   o.prefetch = lazy::PrefetchPolicy::all;
   auto r = run(Mode::good, o);
@@ -329,7 +339,7 @@ TEST_F(LazyPagesTest, PrefetchAllInstallsEveryLazyPageBeforeResume) {
   EXPECT_EQ(r.report.metrics.faults, r.report.metrics.zero_filled_faults);
 }
 
-TEST_F(LazyPagesTest, ForkedChildInheritsTheParentsPageSource) {
+TEST_F(LazyRestoreTest, ForkedChildInheritsTheParentsPageSource) {
   if (::geteuid() != 0) GTEST_SKIP() << "UFFD_FEATURE_EVENT_FORK needs CAP_SYS_PTRACE";
   auto r = run(Mode::fork_child, quick());
   ASSERT_FALSE(r.report.error) << r.report.error->what();
@@ -339,7 +349,7 @@ TEST_F(LazyPagesTest, ForkedChildInheritsTheParentsPageSource) {
   EXPECT_EQ(r.report.metrics.tasks_adopted, 2u);
 }
 
-TEST_F(LazyPagesTest, GarbagePidIsAProtocolErrorAndKillsTheSender) {
+TEST_F(LazyRestoreTest, GarbagePidIsAProtocolErrorAndKillsTheSender) {
   auto r = run(Mode::garbage_pid, quick());
   ASSERT_TRUE(r.report.error);
   EXPECT_EQ(r.report.error->code, Errc::protocol) << r.report.error->what();
@@ -348,14 +358,14 @@ TEST_F(LazyPagesTest, GarbagePidIsAProtocolErrorAndKillsTheSender) {
   EXPECT_LT(r.ms, 2000);
 }
 
-TEST_F(LazyPagesTest, MissingFdIsAProtocolError) {
+TEST_F(LazyRestoreTest, MissingFdIsAProtocolError) {
   auto r = run(Mode::no_fd, quick());
   ASSERT_TRUE(r.report.error);
   EXPECT_EQ(r.report.error->code, Errc::protocol) << r.report.error->what();
   EXPECT_TRUE(WIFSIGNALED(r.status) && WTERMSIG(r.status) == SIGKILL) << r.status;
 }
 
-TEST_F(LazyPagesTest, EarlyCloseBeforeRstfIsAProtocolError) {
+TEST_F(LazyRestoreTest, EarlyCloseBeforeRstfIsAProtocolError) {
   auto r = run(Mode::early_close, quick());
   ASSERT_TRUE(r.report.error);
   EXPECT_EQ(r.report.error->code, Errc::protocol) << r.report.error->what();
@@ -363,7 +373,7 @@ TEST_F(LazyPagesTest, EarlyCloseBeforeRstfIsAProtocolError) {
   EXPECT_TRUE(WIFSIGNALED(r.status) && WTERMSIG(r.status) == SIGKILL) << r.status;
 }
 
-TEST_F(LazyPagesTest, NoRstfWithinStepTimeoutTimesOutAndKills) {
+TEST_F(LazyRestoreTest, NoRstfWithinStepTimeoutTimesOutAndKills) {
   auto o = quick();
   o.step_timeout = 300ms;
   auto r = run(Mode::no_rstf, o);
@@ -389,7 +399,7 @@ TEST_F(LazyPagesTest, NoRestorerTimesOutAndUnlinksStaleSocket) {
   EXPECT_FALSE(fs::exists(work_ / lazy::kSocketName));
 }
 
-TEST_F(LazyPagesTest, PageSourceFailureKillsTheTree) {
+TEST_F(LazyRestoreTest, PageSourceFailureKillsTheTree) {
   const fs::path images = work_ / "images";
   fs::create_directories(images);
   for (const auto& e : fs::directory_iterator(fixture_dir())) fs::copy(e.path(), images / e.path().filename());
@@ -512,7 +522,7 @@ TEST_F(LazyPagesTest, ArgEnvPagesJoinEveryAgentPolicysBeforeResumeSetOnce) {
 // The user-visible property: right after resume, a remote reader that cannot raise a uffd
 // fault (/proc/PID/mem, the path of /proc/PID/cmdline) sees the arg strings, with a planner
 // that installs nothing (lazy-cxl's).
-TEST_F(LazyPagesTest, ArgEnvPagesAreReadableRemotelyRightAfterResumeWithoutPrefetch) {
+TEST_F(LazyRestoreTest, ArgEnvPagesAreReadableRemotelyRightAfterResumeWithoutPrefetch) {
   auto cp = criu::load_checkpoint(fixture_dir());
   ASSERT_TRUE(cp) << cp.error().what();
   const auto& mm = *cp->tasks[0].mm;
