@@ -672,6 +672,17 @@ def _needs_memnode(c: Chaos, row: Row, what: str) -> bool:
     return True
 
 
+def _memnode_row(c: Chaos, row: Row, tag: str, what: str) -> tuple[str, str] | None:
+    """The memory-node rows' start: (snapshot id, the host that restores), or None when the
+    row stops here (no memory node, no snapshot: the row says why)."""
+    if not _needs_memnode(c, row, what):
+        return None
+    made = c.row_snapshot(row, tag, what)
+    if made is None:
+        return None
+    return made[0], c.peer or c.snap_host
+
+
 def _restore_ok(c: Chaos, host: str, sid: str, policy: str) -> tuple[bool, str]:
     rc, doc, err = c.restore(host, sid, policy)
     code, message = error_of(rc, doc, err)
@@ -681,13 +692,10 @@ def _restore_ok(c: Chaos, host: str, sid: str, policy: str) -> tuple[bool, str]:
 
 
 def row_memnode_stall(c: Chaos, row: Row) -> None:
-    if not _needs_memnode(c, row, "SIGSTOP the memory node mid-restore"):
+    started = _memnode_row(c, row, "stall", "SIGSTOP the memory node mid-restore")
+    if started is None:
         return
-    made = c.row_snapshot(row, "stall", "SIGSTOP the memory node mid-restore")
-    if made is None:
-        return
-    sid, snap = made
-    host = c.peer or c.snap_host
+    sid, host = started
     pid = c.memnode_pid()
     if not row.add("memory node's QEMU found", c.memnode, pid is not None, f"pid {pid}"):
         return
@@ -713,13 +721,10 @@ def row_memnode_stall(c: Chaos, row: Row) -> None:
 
 
 def row_memnode_agent_restart(c: Chaos, row: Row) -> None:
-    if not _needs_memnode(c, row, "restart the memory node's agent"):
+    started = _memnode_row(c, row, "pool", "restart the memory node's agent")
+    if started is None:
         return
-    made = c.row_snapshot(row, "pool", "restart the memory node's agent")
-    if made is None:
-        return
-    sid, snap = made
-    host = c.peer or c.snap_host
+    sid, host = started
     rc, before, err = c.tierctl(host, f"read {sid}:rdma /tmp/chaos-pool.out", 600)
     if not row.add("read the RDMA copy", host, rc == 0, (before or {}).get("sha256", "")[:16] or err):
         return
@@ -749,13 +754,10 @@ def _rdma_state(c: Chaos, host: str) -> tuple[str, str]:
 def row_memnode_late(c: Chaos, row: Row) -> None:
     """A compute agent that starts while the memory node's agent is down uses the pool once it
     comes, without a restart."""
-    if not _needs_memnode(c, row, "a compute agent started before its memory node"):
+    started = _memnode_row(c, row, "late", "a compute agent started before its memory node")
+    if started is None:
         return
-    made = c.row_snapshot(row, "late", "a compute agent started before its memory node")
-    if made is None:
-        return
-    sid, snap = made
-    host = c.peer or c.snap_host
+    sid, host = started
     agents.stop(c.topo, [c.memnode, host])
     agents.start(c.topo, hosts=[host])
     state, why = _rdma_state(c, host)
