@@ -32,11 +32,12 @@ using json = nlohmann::json;
 constexpr std::uint64_t KiB = 1024;
 constexpr std::uint64_t MiB = 1024 * KiB;
 
-#define SKIP_WITHOUT_RDMA()                                                          \
-  do {                                                                               \
-    if (!rdma_devices_present()) {                                                   \
-      GTEST_SKIP() << "no RDMA device (rdma_rxe exists only in the testbed guests)"; \
-    }                                                                                \
+#define SKIP_WITHOUT_RDMA()                                                                    \
+  do {                                                                                         \
+    if (!rdma_support_built()) GTEST_SKIP() << "this build has no RDMA (built without libibverbs)"; \
+    if (!rdma_devices_present()) {                                                             \
+      GTEST_SKIP() << "no RDMA device (rdma_rxe exists only in the testbed guests)";           \
+    }                                                                                          \
   } while (0)
 
 std::vector<std::byte> random_bytes(std::size_t size, std::uint64_t seed) {
@@ -131,6 +132,15 @@ class NullPool final : public RdmaPoolClient {
   Result<Extent> allocate(std::uint64_t) override { return fail(Errc::unavailable, "null"); }
   Result<void> release(Extent) override { return fail(Errc::unavailable, "null"); }
 };
+
+TEST(RdmaArgsTest, ABuildWithoutVerbsHasNoDeviceAndSaysWhy) {
+  if (rdma_support_built()) GTEST_SKIP() << "this build has libibverbs";
+  EXPECT_FALSE(rdma_devices_present());
+  auto tier = make_rdma_tier(test_options(), std::make_shared<NullPool>());
+  ASSERT_FALSE(tier);
+  EXPECT_EQ(tier.error().code, Errc::unavailable);
+  EXPECT_NE(tier.error().message.find("libibverbs"), std::string::npos) << tier.error().what();
+}
 
 TEST(RdmaArgsTest, WithoutADeviceEverythingIsUnavailable) {
   if (rdma_devices_present()) GTEST_SKIP() << "this machine has an RDMA device";

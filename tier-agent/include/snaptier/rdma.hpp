@@ -140,4 +140,8 @@ class RdmaPoolServer {
 // True if this machine has at least one RDMA device (tests skip otherwise).
 [[nodiscard]] bool rdma_devices_present();
 
+// False in a build without libibverbs: every RDMA call checks its arguments, then fails with
+// unavailable ("this build has no RDMA"), and no device is ever present.
+[[nodiscard]] bool rdma_support_built() noexcept;
+
 }  // namespace snaptier

@@ -8,6 +8,7 @@
 #include <mutex>
 #include <vector>
 
+#include "rdma/arguments.hpp"
 #include "rdma/pool_storage.hpp"
 #include "rdma/verbs.hpp"
 #include "snaptier/rdma.hpp"
@@ -99,31 +100,11 @@ class RdmaPoolServerImpl final : public RdmaPoolServer {
   std::vector<QpPtr> qps_;
 };
 
-class LocalRdmaPoolClient final : public RdmaPoolClient {
- public:
-  explicit LocalRdmaPoolClient(std::shared_ptr<RdmaPoolServer> server) : server_(std::move(server)) {}
-  Result<RdmaPoolGrant> connect(const RdmaEndpoint& local) override {
-    if (!server_) return fail(Errc::unavailable, "local rdma pool client: no server");
-    return server_->accept(local);
-  }
-  Result<Extent> allocate(std::uint64_t length) override {
-    if (!server_) return fail(Errc::unavailable, "local rdma pool client: no server");
-    return server_->allocate(length);
-  }
-  Result<void> release(Extent extent) override {
-    if (!server_) return fail(Errc::unavailable, "local rdma pool client: no server");
-    return server_->release(extent);
-  }
-
- private:
-  std::shared_ptr<RdmaPoolServer> server_;
-};
-
 }  // namespace
 
 Result<std::unique_ptr<RdmaPoolServer>> make_rdma_pool_server(const RdmaDeviceOptions& options,
                                                               const RdmaPoolOptions& pool_options) {
-  if (pool_options.pool_size == 0) return fail(Errc::invalid_argument, "rdma pool: size is zero");
+  if (auto ok = check_pool_arguments(pool_options); !ok) return tl::unexpected(ok.error());
   // The device first: without one, nothing may touch the pool file (a host without a NIC must
   // not reset another configuration's pool).
   auto device = open_device(options);
@@ -151,10 +132,6 @@ Result<std::unique_ptr<RdmaPoolServer>> make_rdma_pool_server(const RdmaDeviceOp
   }
   return std::unique_ptr<RdmaPoolServer>(
       new RdmaPoolServerImpl(std::move(*device), std::move(*cq), std::move(*pool), std::move(mr)));
-}
-
-std::shared_ptr<RdmaPoolClient> make_local_rdma_pool_client(std::shared_ptr<RdmaPoolServer> server) {
-  return std::make_shared<LocalRdmaPoolClient>(std::move(server));
 }
 
 }  // namespace snaptier

@@ -25,6 +25,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include "rdma/arguments.hpp"
 #include "rdma/reconnect.hpp"
 #include "rdma/verbs.hpp"
 #include "snaptier/rdma.hpp"
@@ -35,8 +36,6 @@ namespace {
 
 using namespace rdma_detail;
 
-constexpr std::uint64_t kMinBounce = 4096;
-constexpr std::uint64_t kMaxBounce = 1ull << 30;
 constexpr std::uint32_t kSendQueueDepth = 16;
 // One reconnect attempt is a few control-plane round trips and RTR's neighbour resolution
 // (about 1 s on rxe); a memory node slower than this is not waited for.
@@ -397,17 +396,7 @@ Result<void> check_grant(const RdmaPoolGrant& grant) {
 Result<std::unique_ptr<Tier>> make_rdma_tier(const RdmaDeviceOptions& options,
                                              std::shared_ptr<RdmaPoolClient> pool,
                                              RdmaReconnectOptions reconnect) {
-  if (!pool) return fail(Errc::invalid_argument, "rdma tier: no pool client");
-  if (auto ok = check(reconnect); !ok) return tl::unexpected(ok.error());
-  if (options.timeout_ms <= 0) {
-    return fail(Errc::invalid_argument,
-                "rdma tier: timeout_ms must be positive, got " + std::to_string(options.timeout_ms));
-  }
-  if (options.bounce_bytes < kMinBounce || options.bounce_bytes > kMaxBounce) {
-    return fail(Errc::invalid_argument, "rdma tier: bounce_bytes " +
-                                            std::to_string(options.bounce_bytes) +
-                                            " is outside 4 KiB..1 GiB");
-  }
+  if (auto ok = check_tier_arguments(options, pool.get(), reconnect); !ok) return tl::unexpected(ok.error());
   const std::uint64_t bounce_size = detail::round_up(options.bounce_bytes, detail::kTierPage);
 
   auto device = open_device(options);
@@ -456,6 +445,8 @@ Result<std::unique_ptr<Tier>> make_rdma_tier(const RdmaDeviceOptions& options,
                                             std::move(bounce_mr), std::move(*qp), std::move(pool),
                                             *grant, options.timeout_ms, reconnect));
 }
+
+bool rdma_support_built() noexcept { return true; }
 
 bool rdma_devices_present() {
   int count = 0;

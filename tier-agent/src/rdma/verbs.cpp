@@ -8,6 +8,8 @@
 #include <cstring>
 #include <random>
 
+#include "rdma/arguments.hpp"
+
 namespace snaptier::rdma_detail {
 namespace {
 
@@ -98,14 +100,7 @@ std::string_view port_state_name(ibv_port_state state) noexcept {
 }
 
 Result<Device> open_device(const RdmaDeviceOptions& options) {
-  if (options.port < 1 || options.port > 255) {
-    return fail(Errc::invalid_argument, "rdma: port " + std::to_string(options.port) +
-                                            " is out of range 1..255");
-  }
-  if (options.gid_index < 0) {
-    return fail(Errc::invalid_argument,
-                "rdma: gid_index " + std::to_string(options.gid_index) + " is negative");
-  }
+  if (auto ok = check_device_arguments(options); !ok) return tl::unexpected(ok.error());
 
   int count = 0;
   errno = 0;
