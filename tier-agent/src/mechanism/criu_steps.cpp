@@ -56,8 +56,9 @@ Result<void> run_criu(const std::vector<std::string>& argv, milliseconds timeout
   if (!r->status.ok()) {
     std::string how;
     if (r->status.timed_out) {
-      how = "timed out after " + std::to_string(timeout.count()) + " ms; killed with the " +
-            std::to_string(r->status.descendants_killed) + " processes it had started";
+      const std::size_t n = r->status.descendants_killed;
+      how = "timed out after " + std::to_string(timeout.count()) + " ms; killed with the " + std::to_string(n) +
+            (n == 1 ? " process" : " processes") + " it had started";
     } else if (r->status.signal != 0) {
       how = "killed by signal " + std::to_string(r->status.signal);
     } else {
