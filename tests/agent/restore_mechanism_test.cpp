@@ -59,7 +59,8 @@ pid_t read_pid(const fs::path& file) {
 }
 
 // criu restore: "fail" exits 1 with a log line; "run" starts `sleep` as the restored root;
-// "hang" starts a spinning tree in a session of its own and never returns.
+// "run-tree" the same with a child of the root in a session of its own; "hang" starts a
+// spinning tree in a session of its own and never returns.
 // criu lazy-pages: records its pid; "daemon-dies" exits at once, else it listens on the socket.
 constexpr const char* kStandInCriu = R"(#!/bin/bash
 set -euo pipefail
@@ -87,9 +88,18 @@ case "$1" in
         < /dev/null > /dev/null 2>&1 &
       sleep 300
     fi
-    setsid sleep 300 < /dev/null > /dev/null 2>&1 &
-    echo $! > "$pidfile"
-    echo $! > "$here/root.pid"
+    if [ "$mode" = run-tree ]; then
+      # A restored root whose child is in a session of its own: killing the root alone
+      # would leave the child running.
+      setsid bash -c 'setsid sleep 300 & echo $! >> "$0/tree.pids"; sleep 300' "$here" < /dev/null > /dev/null 2>&1 &
+      root=$!
+      while [ ! -s "$here/tree.pids" ]; do sleep 0.01; done  # criu returns once the tree is up
+    else
+      setsid sleep 300 < /dev/null > /dev/null 2>&1 &
+      root=$!
+    fi
+    echo $root > "$pidfile"
+    echo $root > "$here/root.pid"
     ;;
   lazy-pages)
     echo $$ > "$here/daemon.pid"
@@ -218,6 +228,18 @@ TEST_F(RestoreMechanismTest, RestoredTreeIsKilledWhenTheFlowFailsAfterTheRestore
   EXPECT_NE(r.error->find("move "), std::string::npos) << *r.error;
   EXPECT_TRUE(r.restore_ms);
   ASSERT_TRUE(fs::exists(bin_ / "root.pid"));
+  expect_nothing_left();
+}
+
+TEST_F(RestoreMechanismTest, RestoredTreeIsKilledBelowItsRootToo) {
+  mode("run-tree");
+  const auto r = restore("criu-eager");
+  EXPECT_FALSE(r.ok);
+  ASSERT_TRUE(r.restore_ms) << "criu returned: the tree ran";
+  std::ifstream in(bin_ / "tree.pids");
+  long child = 0;
+  ASSERT_TRUE(in >> child) << "the root's child wrote no pid";
+  EXPECT_FALSE(alive(static_cast<pid_t>(child))) << "the root's child (own session) outlived the root";
   expect_nothing_left();
 }
 
