@@ -350,11 +350,13 @@ TEST(ProcessTest, ABindMountThatCannotBeMadeIsAnErrorNotAChild) {
 // when the restored task spins on a short pages file: a task in a session of its own (CRIU's
 // restored root keeps the dumped session, not criu's process group) spinning, with a child; an
 // instance as pid 1 of its own pid namespace (if this kernel lets root make one); criu itself
-// waiting. A group kill reaches none of the first two.
+// waiting (`wait`: bash would exec a last plain command). A group kill reaches none of the
+// first two.
 constexpr const char* kHangingTree = R"(
 setsid bash -c 'sleep 300 & while :; do :; done' &
 setsid unshare --pid --fork sleep 300 2>/dev/null &
-sleep 300
+sleep 300 &
+wait
 )";
 
 // Orphans of the tree come to this process while it lives (instead of to pid 1, which may reap
@@ -397,7 +399,7 @@ TEST(ProcessTreeTest, TimeoutKillsEveryProcessBelowTheChildInAnySessionOrPidName
   ASSERT_TRUE(subreaper.ok());
   auto child = spawn({"bash", "-c", kHangingTree});
   ASSERT_TRUE(child) << child.error().what();
-  // bash -c's sleep, the spinner and its sleep, unshare and its pid-namespace init (if made).
+  // The spinner and its sleep, unshare and its pid-namespace init (if made), bash's sleep.
   const std::vector<pid_t> tree = settled_tree(child->pid(), 5);
   ASSERT_GE(tree.size(), 3u);
   std::size_t other_sessions = 0;
@@ -426,8 +428,10 @@ TEST(ProcessTreeTest, KillTreeEndsARootThatIsNotOurChildAndEverythingBelowIt) {
   SpawnOptions options;
   options.log_file = dir.path() / "log";
   // The "restored root": a grandchild in its own session, with a child and a grandchild.
-  auto child = spawn({"bash", "-c", "setsid bash -c 'bash -c \"sleep 300 & sleep 300\" & sleep 300' & echo $!; sleep 300"},
-                     options);
+  // `wait`s keep every bash there (bash would exec a last plain command), whatever its version.
+  auto child = spawn(
+      {"bash", "-c", "setsid bash -c 'bash -c \"sleep 300 & sleep 300 & wait\" & sleep 300 & wait' & echo $!; sleep 300 & wait"},
+      options);
   ASSERT_TRUE(child) << child.error().what();
   const pid_t root = wait_for_pid_line(options.log_file);
   ASSERT_GT(root, 0);
