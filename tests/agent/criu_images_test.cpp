@@ -698,3 +698,107 @@ TEST(CriuCheckpointCorrupt, DamagedImagesInADirectoryFailCleanly) {
   }
   ASSERT_TRUE(load_checkpoint(tmp.path()));
 }
+
+// ---------------------------------------------------------------- before criu restore
+
+TEST(CriuPagesCheck, CompleteFixturesPass) {
+  auto single = check_pages_files(kSingle);
+  ASSERT_TRUE(single) << single.error().what();
+  ASSERT_EQ(single->size(), 1u);
+  EXPECT_EQ(single->at(0).pages, kSingle / "pages-1.img");
+  EXPECT_EQ(single->at(0).needed_bytes, 20 * kPageSize);
+  EXPECT_EQ(single->at(0).file_bytes, 20 * kPageSize);
+  auto tree = check_pages_files(kTree);
+  ASSERT_TRUE(tree) << tree.error().what();
+  EXPECT_EQ(tree->size(), 2u) << "both tasks' pagemaps";
+}
+
+TEST(CriuPagesCheck, ShortOrMissingPagesFileIsRefusedNamingFileAndBytes) {
+  snaptier::testing::TempDir tmp;
+  copy_dir(kSingle, tmp.path());
+  const auto pages = tmp.path() / "pages-1.img";
+  for (std::uint64_t size : {std::uint64_t{0}, 19 * kPageSize, 20 * kPageSize - 1}) {
+    fs::resize_file(pages, size);
+    auto r = check_pages_files(tmp.path());
+    ASSERT_FALSE(r) << size;
+    EXPECT_EQ(r.error().code, Errc::corrupt);
+    EXPECT_NE(r.error().message.find(pages.string() + " holds " + std::to_string(size) +
+                                     " bytes but pagemap-15884.img needs 81920 bytes (20 present pages)"),
+              std::string::npos)
+        << r.error().message;
+  }
+  // A longer file is what CRIU accepts too: it reads only what the pagemap names.
+  fs::resize_file(pages, 21 * kPageSize);
+  auto longer = check_pages_files(tmp.path());
+  ASSERT_TRUE(longer) << longer.error().what();
+  EXPECT_EQ(longer->at(0).file_bytes, 21 * kPageSize);
+  fs::remove(pages);
+  auto missing = check_pages_files(tmp.path());
+  ASSERT_FALSE(missing);
+  EXPECT_EQ(missing.error().code, Errc::corrupt);
+  EXPECT_NE(missing.error().message.find(pages.string() + " is missing (0 bytes) but pagemap-15884.img needs 81920"),
+            std::string::npos)
+      << missing.error().message;
+  // A pagemap that does not parse is refused too, before anything reads the pages.
+  write_file(tmp.path() / "pagemap-15884.img", Bytes(3, std::byte{0}));
+  auto garbage = check_pages_files(tmp.path());
+  ASSERT_FALSE(garbage);
+  EXPECT_EQ(garbage.error().code, Errc::corrupt);
+  EXPECT_NE(garbage.error().message.find("pagemap-15884.img"), std::string::npos) << garbage.error().message;
+}
+
+// SYNTHETIC: the flags of criu/page-xfer.c. Bytes in pages-<id>.img only for PE_PRESENT (plain
+// dump: PE_PRESENT, or PE_LAZY|PE_PRESENT); none for PE_PARENT (the parent checkpoint) or
+// PE_LAZY alone (`criu dump --lazy-pages`: the page server sends them).
+TEST(CriuPagesCheck, OnlyPresentEntriesNeedBytesLazyOnlyAndParentDoNot) {
+  snaptier::testing::TempDir tmp;
+  Msg head = Msg{}.v(1, 3);
+  const std::vector<Msg> entries{head,
+                                 pe(0x10000, 2, kPePresent),
+                                 pe(0x20000, 4, kPeLazy),             // served by a page server
+                                 pe(0x30000, 8, kPeParent),           // in the parent checkpoint
+                                 pe(0x40000, 1, kPeLazy | kPePresent),  // plain dump, lazy-capable VMA
+                                 pe(0x50000, 16, kPeLazy)};
+  write_file(tmp.path() / "pagemap-7.img", image(kPagemapMagic, entries));
+  write_file(tmp.path() / "pages-3.img", Bytes(3 * kPageSize, std::byte{0x5a}));
+  auto ok = check_pages_files(tmp.path());
+  ASSERT_TRUE(ok) << ok.error().what();
+  EXPECT_EQ(ok->at(0).needed_bytes, 3 * kPageSize);
+
+  // One page short: the PE_LAZY|PE_PRESENT entry, from offset 2 pages, is what lacks bytes.
+  fs::resize_file(tmp.path() / "pages-3.img", 2 * kPageSize);
+  auto short_lazy = check_pages_files(tmp.path());
+  ASSERT_FALSE(short_lazy);
+  EXPECT_NE(short_lazy.error().message.find("needs 12288 bytes (3 present pages); first short entry at vaddr 0x40000 "
+                                            "(1 pages from offset 8192)"),
+            std::string::npos)
+      << short_lazy.error().message;
+
+  // Only lazy and parent entries: nothing needed, not even the file.
+  fs::remove(tmp.path() / "pages-3.img");
+  write_file(tmp.path() / "pagemap-7.img", image(kPagemapMagic, {head, pe(0x20000, 4, kPeLazy), pe(0x30000, 8, kPeParent)}));
+  auto none = check_pages_files(tmp.path());
+  ASSERT_TRUE(none) << none.error().what();
+  EXPECT_EQ(none->at(0).needed_bytes, 0u);
+}
+
+TEST(CriuPagesCheck, SharedMemoryPagemapsAreCheckedToo) {
+  snaptier::testing::TempDir tmp;
+  copy_dir(kSingle, tmp.path());
+  write_file(tmp.path() / "pagemap-shmem-9.img", image(kPagemapMagic, {Msg{}.v(1, 2), pe(0, 4, kPePresent)}));
+  write_file(tmp.path() / "pages-2.img", Bytes(kPageSize, std::byte{1}));
+  auto r = check_pages_files(tmp.path());
+  ASSERT_FALSE(r);
+  EXPECT_NE(r.error().message.find("pages-2.img holds 4096 bytes but pagemap-shmem-9.img needs 16384"), std::string::npos)
+      << r.error().message;
+  write_file(tmp.path() / "pages-2.img", Bytes(4 * kPageSize, std::byte{1}));
+  auto ok = check_pages_files(tmp.path());
+  ASSERT_TRUE(ok) << ok.error().what();
+  EXPECT_EQ(ok->size(), 2u);
+}
+
+TEST(CriuPagesCheck, MissingDirectoryIsNotFound) {
+  auto r = check_pages_files(kData / "no-such-images");
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code, Errc::not_found);
+}

@@ -2,13 +2,17 @@
 // group, clean errors for missing executables, log tails, RAII kill, release.
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <fstream>
 #include <sstream>
 #include <thread>
+#include <vector>
 
 #include "helpers/temp_dir.hpp"
 #include "snaptier/process.hpp"
@@ -340,6 +344,119 @@ TEST(ProcessTest, ABindMountThatCannotBeMadeIsAnErrorNotAChild) {
   auto child = spawn({"/bin/true"}, options);
   ASSERT_FALSE(child);
   EXPECT_NE(child.error().message.find("bind"), std::string::npos) << child.error().what();
+}
+
+// A stand-in for `criu restore` that hangs after creating its tree, the way criu 4.1.1 does
+// when the restored task spins on a short pages file: a task in a session of its own (CRIU's
+// restored root keeps the dumped session, not criu's process group) spinning, with a child; an
+// instance as pid 1 of its own pid namespace (if this kernel lets root make one); criu itself
+// waiting (`wait`: bash would exec a last plain command). A group kill reaches none of the
+// first two.
+constexpr const char* kHangingTree = R"(
+setsid bash -c 'sleep 300 & while :; do :; done' &
+setsid unshare --pid --fork sleep 300 2>/dev/null &
+sleep 300 &
+wait
+)";
+
+// Orphans of the tree come to this process while it lives (instead of to pid 1, which may reap
+// late), so the test can reap them and check that the pids are really gone.
+class Subreaper {
+ public:
+  Subreaper() { ok_ = ::prctl(PR_SET_CHILD_SUBREAPER, 1) == 0; }
+  ~Subreaper() { (void)::prctl(PR_SET_CHILD_SUBREAPER, 0); }
+  [[nodiscard]] bool ok() const { return ok_; }
+  // Reaps what came to us until every pid in `pids` is gone (kill(pid, 0) == ESRCH) or `bound`.
+  static bool all_gone_within(const std::vector<pid_t>& pids, std::chrono::milliseconds bound) {
+    const auto deadline = Clock::now() + bound;
+    for (;;) {
+      while (::waitpid(-1, nullptr, WNOHANG) > 0) {
+      }
+      const bool gone = std::all_of(pids.begin(), pids.end(), [](pid_t p) { return ::kill(p, 0) != 0 && errno == ESRCH; });
+      if (gone) return true;
+      if (Clock::now() >= deadline) return false;
+      std::this_thread::sleep_for(5ms);
+    }
+  }
+
+ private:
+  bool ok_ = false;
+};
+
+// The tree below `root` once it has at least `at_least` processes (or 3 s passed).
+std::vector<pid_t> settled_tree(pid_t root, std::size_t at_least) {
+  const auto deadline = Clock::now() + 3s;
+  std::vector<pid_t> tree = descendants(root);
+  while (tree.size() < at_least && Clock::now() < deadline) {
+    std::this_thread::sleep_for(10ms);
+    tree = descendants(root);
+  }
+  return tree;
+}
+
+TEST(ProcessTreeTest, TimeoutKillsEveryProcessBelowTheChildInAnySessionOrPidNamespace) {
+  Subreaper subreaper;
+  ASSERT_TRUE(subreaper.ok());
+  auto child = spawn({"bash", "-c", kHangingTree});
+  ASSERT_TRUE(child) << child.error().what();
+  // The spinner and its sleep, unshare and its pid-namespace init (if made), bash's sleep.
+  const std::vector<pid_t> tree = settled_tree(child->pid(), 5);
+  ASSERT_GE(tree.size(), 3u);
+  std::size_t other_sessions = 0;
+  for (pid_t p : tree) {
+    EXPECT_TRUE(is_running(p)) << p;
+    if (::getsid(p) != child->pid()) ++other_sessions;
+  }
+  EXPECT_GE(other_sessions, 2u) << "the spinner and its child left criu's session and group";
+
+  const auto started = Clock::now();
+  auto status = child->wait(300ms);
+  const auto waited = Clock::now() - started;
+  ASSERT_TRUE(status) << status.error().what();
+  EXPECT_TRUE(status->timed_out);
+  EXPECT_EQ(status->descendants_killed, tree.size());
+  EXPECT_LT(waited, 3s) << "bounded: the kill waits for the tree, not for the sleeps";
+  // wait() returned only after every one of them had exited (zombies at most, none running).
+  for (pid_t p : tree) EXPECT_FALSE(is_running(p)) << "pid " << p << " of the tree still runs";
+  EXPECT_TRUE(Subreaper::all_gone_within(tree, 2s)) << "a process of the tree is still there";
+}
+
+TEST(ProcessTreeTest, KillTreeEndsARootThatIsNotOurChildAndEverythingBelowIt) {
+  Subreaper subreaper;
+  ASSERT_TRUE(subreaper.ok());
+  testing::TempDir dir;
+  SpawnOptions options;
+  options.log_file = dir.path() / "log";
+  // The "restored root": a grandchild in its own session, with a child and a grandchild.
+  // `wait`s keep every bash there (bash would exec a last plain command), whatever its version.
+  auto child = spawn(
+      {"bash", "-c", "setsid bash -c 'bash -c \"sleep 300 & sleep 300 & wait\" & sleep 300 & wait' & echo $!; sleep 300 & wait"},
+      options);
+  ASSERT_TRUE(child) << child.error().what();
+  const pid_t root = wait_for_pid_line(options.log_file);
+  ASSERT_GT(root, 0);
+  const std::vector<pid_t> below = settled_tree(root, 4);
+  ASSERT_EQ(below.size(), 4u) << "bash, its two sleeps, the root's sleep";
+
+  const auto started = Clock::now();
+  const TreeKill killed = kill_tree(root, 5s);
+  EXPECT_LT(Clock::now() - started, 2s);
+  EXPECT_EQ(killed.killed, 4u);
+  EXPECT_EQ(killed.survivors, 0u);
+  EXPECT_FALSE(is_running(root));
+  for (pid_t p : below) EXPECT_FALSE(is_running(p)) << p;
+  // The root stays its parent's zombie to reap (a shell that does not); what was below it
+  // came to us.
+  EXPECT_TRUE(Subreaper::all_gone_within(below, 2s));
+  EXPECT_TRUE(is_running(child->pid())) << "the root's parent is not part of the root's tree";
+  EXPECT_TRUE(descendants(root).empty());
+}
+
+TEST(ProcessTreeTest, KillTreeOfAGonePidIsANoOp) {
+  auto r = run({"true"}, 5s);
+  ASSERT_TRUE(r);
+  EXPECT_EQ(kill_tree(0, 1s).killed, 0u);
+  EXPECT_TRUE(descendants(0).empty());
 }
 
 }  // namespace

@@ -13,7 +13,9 @@
 #include <algorithm>
 #include <functional>
 #include <map>
+#include <iterator>
 #include <set>
+#include <span>
 #include <string>
 #include <thread>
 
@@ -21,6 +23,7 @@
 #include <nlohmann/json.hpp>
 
 #include "helpers/temp_dir.hpp"
+#include "mechanism/criu_steps.hpp"
 #include "mechanism/server_thread.hpp"
 #include "snaptier/function_service.hpp"
 #include "snaptier/function_snapshot.hpp"
@@ -55,7 +58,9 @@ pid_t read_pid(const fs::path& file) {
   return static_cast<pid_t>(pid);
 }
 
-// criu restore: "fail" exits 1 with a log line; "run" starts `sleep` as the restored root.
+// criu restore: "fail" exits 1 with a log line; "run" starts `sleep` as the restored root;
+// "run-tree" the same with a child of the root in a session of its own; "hang" starts a
+// spinning tree in a session of its own and never returns.
 // criu lazy-pages: records its pid; "daemon-dies" exits at once, else it listens on the socket.
 constexpr const char* kStandInCriu = R"(#!/bin/bash
 set -euo pipefail
@@ -76,9 +81,25 @@ case "$1" in
       echo "Error (criu/cr-restore.c:1): stand-in failure" > "$work/restore.log"
       exit 1
     fi
-    setsid sleep 300 < /dev/null > /dev/null 2>&1 &
-    echo $! > "$pidfile"
-    echo $! > "$here/root.pid"
+    if [ "$mode" = hang ]; then
+      # criu 4.1.1 on a short pages file: the restored task (its own session) spins in
+      # preadv, criu waits for it forever.
+      setsid bash -c 'sleep 300 & echo $! >> "$0/tree.pids"; echo $$ >> "$0/tree.pids"; while :; do :; done' "$here" \
+        < /dev/null > /dev/null 2>&1 &
+      sleep 300
+    fi
+    if [ "$mode" = run-tree ]; then
+      # A restored root whose child is in a session of its own: killing the root alone
+      # would leave the child running.
+      setsid bash -c 'setsid sleep 300 & echo $! >> "$0/tree.pids"; sleep 300' "$here" < /dev/null > /dev/null 2>&1 &
+      root=$!
+      while [ ! -s "$here/tree.pids" ]; do sleep 0.01; done  # criu returns once the tree is up
+    else
+      setsid sleep 300 < /dev/null > /dev/null 2>&1 &
+      root=$!
+    fi
+    echo $root > "$pidfile"
+    echo $root > "$here/root.pid"
     ;;
   lazy-pages)
     echo $$ > "$here/daemon.pid"
@@ -128,13 +149,13 @@ class RestoreMechanismTest : public ::testing::Test {
 
   void mode(const std::string& m) { std::ofstream(bin_ / "mode") << m << "\n"; }
 
-  mechanism::RestoreContext context(const std::string& policy_name) {
+  mechanism::RestoreContext context(const std::string& policy_name, std::chrono::milliseconds timeout = 20s) {
     auto made = policy::make_policy(policy_name);
     EXPECT_TRUE(made);
     mechanism::RestoreContext c;
     c.criu = (bin_ / "criu").string();
     c.dir = tmp_.path() / "work" / "restores" / ("fn." + policy_name);
-    c.timeout = 20s;
+    c.timeout = timeout;
     c.store = store_;
     c.snapshot = snapshot_;
     c.snapshot_id = "fn";
@@ -149,11 +170,14 @@ class RestoreMechanismTest : public ::testing::Test {
   }
 
   // Runs one restore with `policy` to its end; returns the result; the mechanism is gone after.
-  mechanism::RestoreResult restore(const std::string& policy_name) {
+  mechanism::RestoreResult restore(const std::string& policy_name, std::chrono::milliseconds timeout = 20s) {
+    return restore_with(context(policy_name, timeout));
+  }
+  mechanism::RestoreResult restore_with(mechanism::RestoreContext c) {
     mechanism::RestoreResult result;
     result.snapshot = "fn";
-    result.policy = policy_name;
-    auto made = mechanism::make_mechanism(context(policy_name));
+    result.policy = std::string(c.policy->name());
+    auto made = mechanism::make_mechanism(std::move(c));
     EXPECT_TRUE(made) << made.error().what();
     if (!made) return result;
     dir_ = (*made)->dir();
@@ -207,6 +231,18 @@ TEST_F(RestoreMechanismTest, RestoredTreeIsKilledWhenTheFlowFailsAfterTheRestore
   expect_nothing_left();
 }
 
+TEST_F(RestoreMechanismTest, RestoredTreeIsKilledBelowItsRootToo) {
+  mode("run-tree");
+  const auto r = restore("criu-eager");
+  EXPECT_FALSE(r.ok);
+  ASSERT_TRUE(r.restore_ms) << "criu returned: the tree ran";
+  std::ifstream in(bin_ / "tree.pids");
+  long child = 0;
+  ASSERT_TRUE(in >> child) << "the root's child wrote no pid";
+  EXPECT_FALSE(alive(static_cast<pid_t>(child))) << "the root's child (own session) outlived the root";
+  expect_nothing_left();
+}
+
 TEST_F(RestoreMechanismTest, CriuLazyDaemonIsEndedWhenTheRestoreFails) {
   mode("daemon-ok-restore-fails");
   const auto r = restore("criu-lazy");
@@ -235,6 +271,96 @@ TEST_F(RestoreMechanismTest, AgentLazyServerThreadEndsWhenCriuRestoreFails) {
   ASSERT_TRUE(r.in_place);
   EXPECT_EQ((*r.in_place)["mode"], "off");
   expect_nothing_left();
+}
+
+// ---- what criu is handed, and what is left when it hangs ----------------------------------------
+
+bool ran_criu_restore(const fs::path& calls) {
+  std::ifstream in(calls);
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind("restore", 0) == 0) return true;
+  return false;
+}
+
+TEST_F(RestoreMechanismTest, ShortPagesFileIsRefusedBeforeCriuRestoreRunsForEveryMechanism) {
+  for (const char* policy_name : {"criu-eager", "criu-lazy", "lazy-cxl"}) {
+    SCOPED_TRACE(policy_name);
+    mode("run");
+    fs::remove(bin_ / "calls");
+    auto made = mechanism::make_mechanism(context(policy_name));
+    ASSERT_TRUE(made) << made.error().what();
+    dir_ = (*made)->dir();
+    mechanism::RestoreResult out;
+    ASSERT_TRUE((*made)->prepare(out));
+    const fs::path pages = dir_ / "images" / "pages-1.img";
+    ASSERT_EQ(fs::file_size(pages), 20 * kPageSize) << "materialized at full size (holes for the lazy pages)";
+    fs::resize_file(pages, kPageSize);  // what a full disk or a torn copy leaves
+    auto root = (*made)->restore();
+    ASSERT_FALSE(root);
+    EXPECT_EQ(root.error().code, Errc::corrupt);
+    EXPECT_NE(root.error().message.find("criu restore not run: " + pages.string() +
+                                        " holds 4096 bytes but pagemap-15884.img needs 81920 bytes"),
+              std::string::npos)
+        << root.error().message;
+    EXPECT_FALSE(ran_criu_restore(bin_ / "calls")) << "criu restore ran on a short pages file";
+    made->reset();
+    expect_nothing_left();
+  }
+}
+
+TEST_F(RestoreMechanismTest, ShortPagesFileFromTheSnapshotHostFailsTheRestoreResult) {
+  mode("run");
+  // criu-remote: the snapshot host's reply carries the images; one pages file came short.
+  json images = json::object();
+  for (const auto& e : fs::directory_iterator(kFixture)) {
+    if (e.path().extension() != ".img") continue;
+    std::ifstream in(e.path(), std::ios::binary);
+    std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    if (e.path().filename() == "pages-1.img") bytes.resize(3 * kPageSize);
+    images[e.path().filename().string()] =
+        mechanism::to_hex(std::span<const std::byte>(reinterpret_cast<const std::byte*>(bytes.data()), bytes.size()));
+  }
+  auto c = context("criu-remote");
+  c.remote = mechanism::RemotePeer{"hostA", "127.0.0.1", 7999, [images](const control::Command&) -> Result<json> {
+                                     return json{{"ok", true}, {"images", images}};
+                                   }};
+  const auto r = restore_with(std::move(c));
+  EXPECT_FALSE(r.ok);
+  ASSERT_TRUE(r.error);
+  EXPECT_EQ(r.error->rfind("corrupt: criu restore not run: ", 0), 0u) << *r.error;
+  EXPECT_NE(r.error->find("pages-1.img holds 12288 bytes but pagemap-15884.img needs 81920 bytes (20 present pages)"),
+            std::string::npos)
+      << *r.error;
+  EXPECT_FALSE(r.restore_ms) << "no restore was timed";
+  EXPECT_EQ(mechanism::to_json(r)["error"], *r.error);
+  EXPECT_FALSE(ran_criu_restore(bin_ / "calls"));
+  expect_nothing_left();
+}
+
+TEST_F(RestoreMechanismTest, CriuRestoreThatHangsIsKilledWithTheTreeItCreated) {
+  for (const char* policy_name : {"criu-eager", "lazy-cxl"}) {
+    SCOPED_TRACE(policy_name);
+    mode("hang");
+    fs::remove(bin_ / "tree.pids");
+    const auto t0 = std::chrono::steady_clock::now();
+    const auto r = restore(policy_name, 1s);
+    const auto took = std::chrono::steady_clock::now() - t0;
+    EXPECT_FALSE(r.ok);
+    ASSERT_TRUE(r.error);
+    EXPECT_EQ(r.error->rfind("timeout: criu restore failed (timed out after 1000 ms; killed with the 3 processes it had "
+                             "started)",
+                             0),
+              0u)
+        << *r.error;
+    EXPECT_LT(took, 12s);
+    std::ifstream in(bin_ / "tree.pids");
+    std::vector<pid_t> tree;
+    for (long pid = 0; in >> pid;) tree.push_back(static_cast<pid_t>(pid));
+    ASSERT_EQ(tree.size(), 2u) << "the spinner and its child";
+    for (pid_t p : tree) EXPECT_FALSE(alive(p)) << "pid " << p << " of the restored tree still runs";
+    expect_nothing_left();
+  }
 }
 
 TEST_F(RestoreMechanismTest, ServerThreadDestroyedBeforeItsRestorerConnectsLeavesNoThread) {

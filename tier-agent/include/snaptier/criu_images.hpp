@@ -182,4 +182,24 @@ struct Checkpoint {
 // listed, not followed.
 [[nodiscard]] Result<Checkpoint> load_checkpoint(const std::filesystem::path& dir);
 
+
+// --- Before `criu restore` reads a directory. ---
+// criu 4.1.1 reads a pages-<id>.img with a preadv() loop that treats 0 bytes read as "try
+// again" (criu/pie/restorer.c, criu/pagemap.c process_async_reads): a pages file shorter than
+// its pagemap says makes the restored task spin at 100% CPU forever instead of failing.
+// Every pagemap-*.img of `dir` (tasks' and shared memory's) is parsed, and the bytes CRIU reads
+// from its pages-<pages_id>.img must be there: the entries flagged PE_PRESENT, in pagemap order
+// (the only entries that advance CRIU's offset in the pages file). PE_PARENT entries live in
+// the parent checkpoint and PE_LAZY entries without PE_PRESENT (`criu dump --lazy-pages`) are
+// served by a page server: neither needs a byte here. A PE_LAZY|PE_PRESENT entry (a plain dump)
+// does, since an eager restore and `criu lazy-pages` read it from the file. A longer file is
+// fine (CRIU never reads past what its pagemap names). A short or missing pages file, or an
+// unreadable pagemap, is Errc::corrupt naming the file, the bytes expected and found.
+struct PagesFileCheck {
+  std::filesystem::path pagemap, pages;
+  std::uint64_t needed_bytes = 0;  // present pages * kPageSize
+  std::uint64_t file_bytes = 0;
+};
+[[nodiscard]] Result<std::vector<PagesFileCheck>> check_pages_files(const std::filesystem::path& dir);
+
 }  // namespace snaptier::criu

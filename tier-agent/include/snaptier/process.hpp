@@ -11,6 +11,7 @@
 #include <sys/types.h>
 
 #include <chrono>
+#include <cstddef>
 #include <cstdint>
 #include <csignal>
 #include <filesystem>
@@ -39,6 +40,7 @@ struct ExitStatus {
   int exit_code = -1;      // WEXITSTATUS if it exited, else -1
   int signal = 0;          // the signal that killed it, else 0
   bool timed_out = false;  // wait() ran out and killed it
+  std::size_t descendants_killed = 0;  // when timed out: processes below it that were killed with it
   double elapsed_ms = 0;   // spawn to reap
 
   [[nodiscard]] bool ok() const noexcept { return exit_code == 0 && signal == 0 && !timed_out; }
@@ -54,14 +56,16 @@ class Child {
   Child& operator=(Child&& other) noexcept;
   Child(const Child&) = delete;
   Child& operator=(const Child&) = delete;
-  // Still running and owned: SIGKILL (the group if new_session) and reap.
+  // Still running and owned: SIGKILL (the group if new_session, and every process below it) and reap.
   ~Child();
 
   [[nodiscard]] pid_t pid() const noexcept { return pid_; }
   // True once wait()/try_wait() reaped it (or it was released / moved from).
   [[nodiscard]] bool finished() const noexcept { return pid_ <= 0 || reaped_.has_value(); }
 
-  // Waits at most `timeout`; then SIGKILLs (the group if new_session), reaps, timed_out = true.
+  // Waits at most `timeout`; then SIGKILLs it, its group if new_session and every process below
+  // it (kill_tree: a child that made its own session or pid namespace, as CRIU's restored tree
+  // does, dies too), reaps, timed_out = true.
   // Errc::timeout only if the child survives SIGKILL for seconds (uninterruptible sleep);
   // Errc::io if it cannot be waited for (someone else reaped it). Calling again after the
   // child was reaped returns the same status.
@@ -111,6 +115,24 @@ struct RunResult {
 // trailing whitespace removed; "" if unreadable.
 [[nodiscard]] std::string read_tail(const std::filesystem::path& file, std::size_t max_bytes = 2048,
                                     std::uintmax_t from = 0);
+
+// The processes below `root` (its children, theirs, ...) as /proc shows them now: each one
+// whose parent (/proc/PID/stat) is `root` or one of them. Thread-group leaders only.
+[[nodiscard]] std::vector<pid_t> descendants(pid_t root);
+
+struct TreeKill {
+  std::size_t killed = 0;     // processes below the root that were sent SIGKILL
+  std::size_t survivors = 0;  // of those and the root, still not exited when the wait ran out
+};
+// Ends `root` and everything below it, whatever session, process group or pid namespace each is
+// in. SIGSTOP first, to every process found below the root and again to those found on the next
+// look, until a look finds none new: a stopped process cannot fork, and one killed while its
+// child was not yet known would leave that child reparented and out of reach. Then SIGKILL to
+// each (through pidfds opened when found, so a reused pid is never hit) and a wait of at most
+// `grace` for each to exit. Nobody is reaped: the root's parent reaps it (Child does), the
+// others are the root's or its children's, and go to init when those die. Not found: a process
+// that left the tree before (a double fork whose middle process already exited).
+TreeKill kill_tree(pid_t root, std::chrono::milliseconds grace) noexcept;
 
 // pidfd_open(2) (Linux >= 5.3, O_CLOEXEC implied); -1 with errno if the kernel lacks it.
 [[nodiscard]] int open_pidfd(pid_t pid) noexcept;

@@ -246,9 +246,11 @@ Result<json> FunctionService::snapshot(const control::FunctionSnapshot& request)
   auto started = mechanism::ServerThread::start(std::move(lo));
   if (!started) return tl::unexpected(started.error());
   auto server = std::move(*started);
-  auto restored = run_criu({config_.criu, "restore", "--lazy-pages", "-D", images.string(), "-W", profile_dir.string(), "-d",
-                            "--pidfile", (profile_dir / "pid").string(), "-o", "restore.log", "-v2"},
-                           timeout, profile_dir / "restore.log", "profiling criu restore");
+  auto restored = mechanism::run_criu_restore(
+      images,
+      {config_.criu, "restore", "--lazy-pages", "-D", images.string(), "-W", profile_dir.string(), "-d", "--pidfile",
+       (profile_dir / "pid").string(), "-o", "restore.log", "-v2"},
+      timeout, profile_dir / "restore.log", "profiling criu restore");
   if (!restored) return tl::unexpected(restored.error());
   auto restored_pid = read_pid_file(profile_dir / "pid");
   if (!restored_pid) return tl::unexpected(restored_pid.error());
@@ -664,9 +666,10 @@ Result<json> FunctionService::serve_lazy(const control::FunctionServeLazy& reque
   // A live instance to migrate: the snapshot restored eagerly here.
   auto materialized = snap::materialize(*snapshot, *store_, dir / "images", /*all_pages=*/true);
   if (!materialized) return tl::unexpected(materialized.error());
-  if (auto ok = run_criu({config_.criu, "restore", "-D", (dir / "images").string(), "-W", dir.string(), "-d", "--pidfile",
-                          (dir / "pid").string(), "-o", "restore.log", "-v2"},
-                         timeout, dir / "restore.log", "criu restore (source of criu-remote)");
+  if (auto ok = mechanism::run_criu_restore(dir / "images",
+                                            {config_.criu, "restore", "-D", (dir / "images").string(), "-W", dir.string(),
+                                             "-d", "--pidfile", (dir / "pid").string(), "-o", "restore.log", "-v2"},
+                                            timeout, dir / "restore.log", "criu restore (source of criu-remote)");
       !ok) {
     return tl::unexpected(ok.error());
   }

@@ -7,6 +7,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <limits>
@@ -452,6 +453,52 @@ Result<Checkpoint> load_checkpoint(const std::filesystem::path& dir) {
     cp.tasks.push_back(std::move(task));
   }
   return cp;
+}
+
+Result<std::vector<PagesFileCheck>> check_pages_files(const std::filesystem::path& dir) {
+  std::vector<std::filesystem::path> pagemaps;
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator(dir, ec)) {
+    const std::string name = entry.path().filename().string();
+    if (name.size() > 12 && name.rfind("pagemap-", 0) == 0 && name.compare(name.size() - 4, 4, ".img") == 0)
+      pagemaps.push_back(entry.path());
+  }
+  if (ec) return fail(ec == std::errc::no_such_file_or_directory ? Errc::not_found : Errc::io,
+                      "images directory " + dir.string() + ": " + ec.message());
+  std::sort(pagemaps.begin(), pagemaps.end());
+
+  std::vector<PagesFileCheck> checked;
+  checked.reserve(pagemaps.size());
+  for (const auto& path : pagemaps) {
+    const std::string pm_name = path.filename().string();
+    auto data = read_image_file(path);
+    if (!data) return tl::unexpected(data.error());
+    Pagemap pm;
+    SNAPTIER_CRIU_TRY(pm, parse_pagemap(*data, pm_name));
+    PagesFileCheck c{path, dir / ("pages-" + std::to_string(pm.pages_id) + ".img"), pm.present_bytes(), 0};
+    auto size = regular_file_size(c.pages);
+    if (!size && size.error().code != Errc::not_found) return tl::unexpected(size.error());
+    c.file_bytes = size ? *size : 0;
+    if (c.file_bytes < c.needed_bytes) {
+      // The first entry CRIU would read past the end of the file, for the message.
+      const PagemapEntry* first_short = nullptr;
+      for (const auto& e : pm.entries)
+        if (e.data_offset && *e.data_offset + e.bytes() > c.file_bytes) {
+          first_short = &e;
+          break;
+        }
+      const std::string what = size ? "holds " + std::to_string(c.file_bytes) + " bytes" : "is missing (0 bytes)";
+      std::string message = c.pages.string() + " " + what + " but " + pm_name + " needs " +
+                            std::to_string(c.needed_bytes) + " bytes (" + std::to_string(pm.present_pages) +
+                            " present pages)";
+      if (first_short != nullptr)
+        message += "; first short entry at vaddr " + hex(first_short->vaddr) + " (" +
+                   std::to_string(first_short->nr_pages) + " pages from offset " + std::to_string(*first_short->data_offset) + ")";
+      return fail(Errc::corrupt, message + "; refused before criu restore, which would spin on it");
+    }
+    checked.push_back(std::move(c));
+  }
+  return checked;
 }
 
 }  // namespace snaptier::criu

@@ -8,6 +8,10 @@
 #include <sstream>
 #include <thread>
 
+#include <spdlog/spdlog.h>
+
+#include "snaptier/criu_images.hpp"
+
 namespace snaptier::mechanism {
 
 namespace fs = std::filesystem;
@@ -37,9 +41,10 @@ std::uint64_t rss_bytes(pid_t pid) {
 
 void kill_tree(pid_t root) noexcept {
   if (root <= 0) return;
-  (void)::kill(root, SIGKILL);
-  const auto deadline = Clock::now() + std::chrono::seconds(10);
-  while (proc::is_running(root) && Clock::now() < deadline) std::this_thread::sleep_for(milliseconds(10));
+  const proc::TreeKill killed = proc::kill_tree(root, std::chrono::seconds(10));
+  if (killed.survivors != 0) {
+    spdlog::warn("restored tree {}: {} of its processes survived SIGKILL for 10 s", root, killed.survivors);
+  }
 }
 
 std::string tail_of(const fs::path& log) { return proc::read_tail(log, 1500); }
@@ -49,12 +54,28 @@ Result<void> run_criu(const std::vector<std::string>& argv, milliseconds timeout
   auto r = proc::run(argv, timeout, options);
   if (!r) return tl::unexpected(r.error());
   if (!r->status.ok()) {
+    std::string how;
+    if (r->status.timed_out) {
+      const std::size_t n = r->status.descendants_killed;
+      how = "timed out after " + std::to_string(timeout.count()) + " ms; killed with the " + std::to_string(n) +
+            (n == 1 ? " process" : " processes") + " it had started";
+    } else if (r->status.signal != 0) {
+      how = "killed by signal " + std::to_string(r->status.signal);
+    } else {
+      how = "exit " + std::to_string(r->status.exit_code);
+    }
     return fail(r->status.timed_out ? Errc::timeout : Errc::io,
-                std::string(what) + " failed (" +
-                    (r->status.timed_out ? "timed out" : "exit " + std::to_string(r->status.exit_code)) + "); end of " +
-                    log.string() + ":\n" + tail_of(log));
+                std::string(what) + " failed (" + how + "); end of " + log.string() + ":\n" + tail_of(log));
   }
   return {};
+}
+
+Result<void> run_criu_restore(const fs::path& images_dir, const std::vector<std::string>& argv, milliseconds timeout,
+                              const fs::path& log, std::string_view what, const proc::SpawnOptions& options) {
+  if (auto checked = criu::check_pages_files(images_dir); !checked) {
+    return fail(checked.error().code, std::string(what) + " not run: " + checked.error().message);
+  }
+  return run_criu(argv, timeout, log, what, options);
 }
 
 Result<proc::SpawnOptions> instance_socket_mount(const fs::path& instance_dir, const fs::path& socket_dir) {

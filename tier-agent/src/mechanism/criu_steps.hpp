@@ -21,13 +21,23 @@ namespace snaptier::mechanism {
 [[nodiscard]] Result<pid_t> read_pid_file(const std::filesystem::path& path);
 // VmRSS of `pid`, 0 if it is gone.
 [[nodiscard]] std::uint64_t rss_bytes(pid_t pid);
-// SIGKILL to a restored tree's root (the init of its pid namespace), then a bounded wait.
+// SIGKILL to a restored tree: its root (the init of its pid namespace, which takes the rest
+// of the namespace with it) and every process below it wherever it is (proc::kill_tree), then
+// a bounded wait for each to exit.
 void kill_tree(pid_t root) noexcept;
 [[nodiscard]] std::string tail_of(const std::filesystem::path& log);
 // `argv` run to completion within `timeout`; a failure names `what` and ends with the log's tail.
+// On a timeout criu is killed with every process below it (proc::Child::wait): for a restore,
+// the tasks it had created, which otherwise run on.
 [[nodiscard]] Result<void> run_criu(const std::vector<std::string>& argv, std::chrono::milliseconds timeout,
                                     const std::filesystem::path& log, std::string_view what,
                                     const proc::SpawnOptions& options = {});
+// Every `criu restore` of the agent: the images in `images_dir` are checked first
+// (criu::check_pages_files: a short pages file is refused, Errc::corrupt, and criu never runs),
+// then run_criu.
+[[nodiscard]] Result<void> run_criu_restore(const std::filesystem::path& images_dir, const std::vector<std::string>& argv,
+                                            std::chrono::milliseconds timeout, const std::filesystem::path& log,
+                                            std::string_view what, const proc::SpawnOptions& options = {});
 // Spawn options for a `criu restore` whose restored function binds its socket in `socket_dir`
 // (where the dumped instance had it): the restore runs in a mount namespace of its own with
 // `instance_dir` mounted there, so the socket appears in `instance_dir` and concurrent

@@ -48,7 +48,7 @@ class Base : public RestoreMechanism {
       if (!own) return tl::unexpected(own.error());
       options = std::move(*own);
     }
-    return run_criu(argv, ctx_.timeout, dir() / "restore.log", "criu restore", options);
+    return mechanism::run_criu_restore(images(), argv, ctx_.timeout, dir() / "restore.log", "criu restore", options);
   }
   // Images (and pages) written from the store; all of them, or only what CRIU restores itself.
   Result<void> materialize(bool all_pages, RestoreResult& out) {

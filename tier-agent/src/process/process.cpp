@@ -1,5 +1,6 @@
 #include "snaptier/process.hpp"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <spawn.h>
@@ -19,6 +20,8 @@
 #include <cstring>
 #include <fstream>
 #include <set>
+#include <unordered_map>
+#include <unordered_set>
 #include <system_error>
 #include <thread>
 
@@ -141,6 +144,7 @@ Child::~Child() { terminate(); }
 
 void Child::terminate() noexcept {
   if (pid_ > 0 && !reaped_) {
+    (void)kill_tree(pid_, kKillGrace);
     kill(SIGKILL);
     (void)reap_until(Clock::now() + kKillGrace);  // if it will not die, leave a zombie rather than hang
   }
@@ -199,10 +203,14 @@ Result<ExitStatus> Child::wait(std::chrono::milliseconds timeout) {
   const int r = reap_until(Clock::now() + bounded);
   if (r == 1) return *reaped_;
   if (r < 0) return fail_errno(Errc::io, "waitpid " + std::to_string(pid_), -r);
+  // The tree before the group: killing a process of the tree before its children are known
+  // would hand them to init, out of reach.
+  const TreeKill tree = kill_tree(pid_, kKillGrace);
   kill(SIGKILL);
   const int killed = reap_until(Clock::now() + kKillGrace);
   if (killed == 1) {
     reaped_->timed_out = true;
+    reaped_->descendants_killed = tree.killed;
     return *reaped_;
   }
   if (killed < 0) return fail_errno(Errc::io, "waitpid " + std::to_string(pid_), -killed);
@@ -410,20 +418,142 @@ int open_pidfd(pid_t pid) noexcept {
 #endif
 }
 
-char task_state(pid_t pid) noexcept {
-  if (pid <= 0) return 0;
+namespace {
+
+struct StatFields {
+  char state = 0;
+  pid_t ppid = 0;
+};
+
+// State and parent from /proc/PID/stat; state 0 if there is no such task.
+StatFields read_stat(pid_t pid) noexcept {
+  StatFields out;
+  if (pid <= 0) return out;
   char path[48];
   std::snprintf(path, sizeof path, "/proc/%d/stat", static_cast<int>(pid));
   const int fd = ::open(path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return 0;
+  if (fd < 0) return out;
   char buf[512];
   const ssize_t n = ::read(fd, buf, sizeof buf - 1);
   ::close(fd);
-  if (n <= 0) return 0;
+  if (n <= 0) return out;
   buf[n] = 0;
-  // "pid (comm) S ...": comm may hold spaces and ')', so the state follows the last ')'.
+  // "pid (comm) S ppid ...": comm may hold spaces and ')', so the state follows the last ')'.
   const char* close_paren = std::strrchr(buf, ')');
-  return (close_paren != nullptr && close_paren[1] == ' ') ? close_paren[2] : 0;
+  if (close_paren == nullptr || close_paren[1] != ' ' || close_paren[2] == 0) return out;
+  out.state = close_paren[2];
+  out.ppid = static_cast<pid_t>(std::strtol(close_paren + 3, nullptr, 10));
+  return out;
+}
+
+int send_signal(int pidfd, pid_t pid, int sig) noexcept {
+#ifdef SYS_pidfd_send_signal
+  if (pidfd >= 0) return static_cast<int>(::syscall(SYS_pidfd_send_signal, pidfd, sig, nullptr, 0));
+#endif
+  (void)pidfd;
+  return ::kill(pid, sig);
+}
+
+// Every process's parent, as /proc lists them now.
+std::unordered_map<pid_t, std::vector<pid_t>> children_by_parent() {
+  std::unordered_map<pid_t, std::vector<pid_t>> children;
+  DIR* dir = ::opendir("/proc");
+  if (dir == nullptr) return children;
+  while (const dirent* entry = ::readdir(dir)) {
+    char* end = nullptr;
+    const long pid = std::strtol(entry->d_name, &end, 10);
+    if (end == entry->d_name || *end != 0 || pid <= 0) continue;
+    const StatFields stat = read_stat(static_cast<pid_t>(pid));
+    if (stat.state != 0) children[stat.ppid].push_back(static_cast<pid_t>(pid));
+  }
+  ::closedir(dir);
+  return children;
+}
+
+// A tree has settled after this many looks at most (each one stops what it found); beyond it
+// something forks faster than SIGSTOP lands, and what was found is killed anyway.
+constexpr int kMaxTreeRounds = 64;
+
+}  // namespace
+
+char task_state(pid_t pid) noexcept { return read_stat(pid).state; }
+
+std::vector<pid_t> descendants(pid_t root) {
+  std::vector<pid_t> out;
+  if (root <= 0) return out;
+  const auto children = children_by_parent();
+  std::vector<pid_t> pending{root};
+  std::unordered_set<pid_t> seen{root};
+  while (!pending.empty()) {
+    const pid_t parent = pending.back();
+    pending.pop_back();
+    const auto it = children.find(parent);
+    if (it == children.end()) continue;
+    for (pid_t child : it->second) {
+      if (!seen.insert(child).second) continue;
+      out.push_back(child);
+      pending.push_back(child);
+    }
+  }
+  return out;
+}
+
+TreeKill kill_tree(pid_t root, std::chrono::milliseconds grace) noexcept {
+  TreeKill out;
+  if (root <= 0) return out;
+  struct Member {
+    pid_t pid;
+    UniqueFd pidfd;  // -1 if the kernel has no pidfds (then by pid)
+  };
+  std::vector<Member> members;
+  std::unordered_set<pid_t> known;
+  auto stop = [&](pid_t pid) {
+    UniqueFd fd(open_pidfd(pid));
+    if (!fd && errno == ESRCH) return;  // gone already
+    (void)send_signal(fd.get(), pid, SIGSTOP);
+    known.insert(pid);
+    members.push_back(Member{pid, std::move(fd)});
+  };
+  try {
+    stop(root);
+    for (int round = 0; round < kMaxTreeRounds; ++round) {
+      bool found = false;
+      for (pid_t pid : descendants(root)) {
+        if (known.count(pid) != 0) continue;
+        stop(pid);
+        found = true;
+      }
+      if (!found) break;
+    }
+  } catch (...) {
+    // Out of memory while looking: kill what was found.
+  }
+  for (const auto& m : members) (void)send_signal(m.pidfd.get(), m.pid, SIGKILL);
+  out.killed = members.empty() ? 0 : members.size() - (members.front().pid == root ? 1 : 0);
+
+  const auto deadline = Clock::now() + std::clamp<std::chrono::milliseconds>(grace, std::chrono::milliseconds(0), kLongestWait);
+  for (const auto& m : members) {
+    for (;;) {
+      bool exited;
+      if (m.pidfd) {
+        // Readable once the process has exited (a zombie counts: it runs no more).
+        const auto ms = std::chrono::ceil<std::chrono::milliseconds>(deadline - Clock::now()).count();
+        pollfd pfd{m.pidfd.get(), POLLIN, 0};
+        const int p = ::poll(&pfd, 1, static_cast<int>(std::clamp<long long>(ms, 0, INT_MAX)));
+        if (p < 0 && errno == EINTR) continue;
+        exited = p > 0 || (p < 0 && !is_running(m.pid));
+      } else {
+        exited = !is_running(m.pid);
+        if (!exited && Clock::now() < deadline) {
+          std::this_thread::sleep_for(kPollInterval);
+          continue;
+        }
+      }
+      if (!exited) ++out.survivors;
+      break;
+    }
+  }
+  return out;
 }
 
 }  // namespace snaptier::proc
