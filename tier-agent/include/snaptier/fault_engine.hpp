@@ -146,7 +146,7 @@ struct FaultObservation {
 struct FaultEngineOptions {
   // Max pages per UFFDIO_COPY (prefetch and background; zero ranges of the view are not cut).
   // Also the size of the engine's copy buffer(s) for sources that fill `buffer`.
-  std::size_t prefetch_batch_pages = 512;
+  std::size_t prefetch_batch_pages = 64;
   // Installer threads of one prefetch() (the caller counts as one), used only when the source's
   // concurrent_fetch() is true and the call has at least prefetch_parallel_min_pages pages.
   // The sorted runs are cut into this many contiguous slices of about equal page count.
