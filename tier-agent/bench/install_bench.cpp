@@ -409,7 +409,8 @@ int main(int argc, char** argv) {
                      {"cpu_gb_per_cpu_s", median(cpu_rate)}, {"ratio_memcpy_1_thread", median(r_mem1)},
                      {"ratio_memcpy_same_threads", median(r_memt)}, {"ratio_single_thread", median(r_single)},
                      {"copy_ioctls", last.copy_ioctls}, {"zeropage_ioctls", last.zeropage_ioctls},
-                     {"pages", last.pages_prefetched}};
+                     {"pages", last.pages_prefetched}, {"gb_per_s_per_round", rate},
+                     {"ratio_memcpy_1_thread_per_round", r_mem1}, {"ratio_single_thread_per_round", r_single}};
     out["results"].push_back(j);
     csv << k.kind << "," << k.source << "," << k.pattern << "," << j["batch_pages"] << "," << k.threads << ","
         << median(rate) << "," << j["gb_per_s_min"] << "," << j["gb_per_s_max"] << "," << median(cpu_rate) << ","
