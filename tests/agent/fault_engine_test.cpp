@@ -582,7 +582,6 @@ TEST_F(FaultEngineTest, ErrorInOneThreadFailsTheParallelPrefetchAndLeavesNothing
   EXPECT_EQ(m.errors, 1u);
   EXPECT_EQ(failures.load(), 0);  // prefetch returns the error; the task is not running
   EXPECT_FALSE(page_present(c->pid, c->base, kBad));
-  EXPECT_TRUE(page_present(c->pid, c->base, 0));  // slice 0 started before the error
   // stopped early: a full slice alone is 64 fetches = 12.8 ms and far more than this
   EXPECT_LT(m.pages_prefetched, kPages / 2);
   EXPECT_LT(took, std::chrono::seconds(2));
