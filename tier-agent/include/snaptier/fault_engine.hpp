@@ -9,8 +9,10 @@
 // Threads: call every FaultEngine member from one thread (the owner); none of them may run
 // concurrently with another. Inside one prefetch() call the engine may install pages with up to
 // FaultEngineOptions::prefetch_threads worker threads, and only if the source's
-// concurrent_fetch() is true. The workers call PageSource::fetch concurrently and issue
-// UFFDIO_COPY / UFFDIO_ZEROPAGE / UFFDIO_WAKE on the task's uffd; nothing else. They are joined
+// concurrent_fetch() is true. The workers (the calling thread is one of them) call
+// PageSource::fetch concurrently, read the task's address view (no uffd event is handled while
+// prefetch() runs) and issue UFFDIO_COPY / UFFDIO_ZEROPAGE / UFFDIO_WAKE on the task's uffd;
+// nothing else. They are joined
 // before prefetch() returns, and their counts are merged into metrics() then, so metrics() is
 // exact whenever the owner can call it. Callbacks (on_failure, on_fork, on_fault) only ever run
 // on the owner's thread.
@@ -144,8 +146,9 @@ struct FaultObservation {
 };
 
 struct FaultEngineOptions {
-  // Max pages per UFFDIO_COPY (prefetch and background; zero ranges of the view are not cut).
-  // Also the size of the engine's copy buffer(s) for sources that fill `buffer`.
+  // Max pages per UFFDIO_COPY and per PageSource::fetch (prefetch and background), and the
+  // size of the engine's copy buffer(s). Zero pages are not cut by it: a zero range of the view
+  // and consecutive zero answers of the source go in one UFFDIO_ZEROPAGE.
   std::size_t prefetch_batch_pages = 64;
   // Installer threads of one prefetch() (the caller counts as one), used only when the source's
   // concurrent_fetch() is true and the call has at least prefetch_parallel_min_pages pages.
