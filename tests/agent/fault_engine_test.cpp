@@ -15,7 +15,11 @@
 #include <cstdio>
 #include <cstring>
 #include <functional>
+#include <fcntl.h>
+
+#include <filesystem>
 #include <map>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <thread>
@@ -72,11 +76,22 @@ class MemorySource final : public PageSource {
   bool in_place = false;  // answer with a pointer (byte-addressable tier)
   std::chrono::microseconds delay{0};  // per fetch: a slow tier
   TierKind tier = TierKind::local;
-  std::size_t calls = 0;
+  std::atomic<std::size_t> calls{0};
+  bool concurrent = false;  // concurrent_fetch(): the engine may prefetch with several threads
+
+  bool concurrent_fetch() const noexcept override { return concurrent; }
+  std::set<std::thread::id> fetch_threads() const {
+    std::lock_guard lock(threads_mutex_);
+    return threads_;
+  }
 
   Result<PageFill> fetch(TaskId task, std::uint64_t vaddr, std::size_t max_pages,
                          std::span<std::byte> buffer) override {
     ++calls;
+    {
+      std::lock_guard lock(threads_mutex_);
+      threads_.insert(std::this_thread::get_id());
+    }
     if (delay.count() > 0) std::this_thread::sleep_for(delay);
     auto it = bases_.find(task);
     const std::size_t total = data_.size() / P;
@@ -101,6 +116,8 @@ class MemorySource final : public PageSource {
   std::set<std::size_t> zero_, failing_;
   std::vector<std::byte> data_;
   std::map<TaskId, std::uint64_t> bases_;
+  mutable std::mutex threads_mutex_;
+  std::set<std::thread::id> threads_;
 };
 
 // ---- the child process ----------------------------------------------------------------------
@@ -369,6 +386,210 @@ TEST_F(FaultEngineTest, PrefetchedPagesCauseNoFaults) {
   EXPECT_EQ(m.pages_prefetched, 49u);
   EXPECT_EQ(m.pages_demand, 15u);
   EXPECT_EQ(m.eexist, 1u);
+}
+
+// ---- parallel prefetch and zero runs --------------------------------------------------------
+
+// Whether page `idx` of the child's mapping is present (/proc/PID/pagemap bit 63).
+bool page_present(pid_t pid, std::uint64_t base, std::size_t idx) {
+  UniqueFd fd(::open(("/proc/" + std::to_string(pid) + "/pagemap").c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) return false;
+  std::uint64_t entry = 0;
+  const off_t off = static_cast<off_t>((base / P + idx) * sizeof entry);
+  if (::pread(fd.get(), &entry, sizeof entry, off) != static_cast<ssize_t>(sizeof entry)) return false;
+  return (entry >> 63) != 0;
+}
+
+std::size_t thread_count() {
+  std::size_t n = 0;
+  for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator("/proc/self/task")) ++n;
+  return n;
+}
+
+ChildFn read_all(std::size_t pages) {
+  return [pages](std::byte* base, int sock) {
+    std::vector<std::uint64_t> sums;
+    for (std::size_t i = 0; i < pages; ++i) sums.push_back(read_sum(base + i * P));
+    send_frame(sock, sums);
+  };
+}
+
+TEST_F(FaultEngineTest, ParallelPrefetchInstallsEveryPageWithTheRightBytes) {
+  constexpr std::size_t kPages = 3000;
+  std::set<std::size_t> zero;
+  for (std::size_t i = 500; i < 700; ++i) zero.insert(i);  // a zero run across a slice boundary?
+  zero.insert(1234);
+  auto source = std::make_shared<MemorySource>(kPages, zero);
+  source->concurrent = true;
+  source->in_place = true;
+  FaultEngineOptions o;
+  o.prefetch_batch_pages = 16;
+  o.prefetch_threads = 4;
+  o.prefetch_parallel_min_pages = 2;
+  auto engine = make(source, o);
+  auto c = start(*engine, *source, kPages, read_all(kPages));
+  ASSERT_TRUE(c && c->uffd >= 0);
+  // every page but each 7th, in a shuffled order with duplicates
+  std::vector<std::uint64_t> pages;
+  std::set<std::size_t> listed;
+  for (std::size_t i = 0; i < kPages; ++i) {
+    if (i % 7 == 3) continue;
+    listed.insert(i);
+    pages.push_back(c->base + ((i * 1237) % kPages) * P);
+  }
+  listed.clear();
+  for (std::uint64_t a : pages) listed.insert((a - c->base) / P);
+  pages.push_back(pages.front());
+  const std::size_t before = thread_count();
+  auto r = engine->prefetch(1, pages);
+  ASSERT_TRUE(r.has_value()) << r.error().what();
+  EXPECT_EQ(thread_count(), before);  // the workers are gone
+  EXPECT_GT(source->fetch_threads().size(), 1u);  // it did run on several threads
+  EXPECT_EQ(r->pages_installed, listed.size());
+  EXPECT_EQ(r->pages_present, 0u);
+  const FaultMetrics after_prefetch = engine->metrics();
+  EXPECT_EQ(after_prefetch.pages_prefetched, listed.size());
+  EXPECT_EQ(after_prefetch.copy_ioctls + after_prefetch.zeropage_ioctls, r->ioctls);
+  std::size_t zero_listed = 0;
+  for (std::size_t i : listed) zero_listed += zero.count(i);
+  EXPECT_EQ(after_prefetch.pages_zero, zero_listed);
+  EXPECT_EQ(after_prefetch.pages_copied_per_tier.at(TierKind::local), listed.size() - zero_listed);
+  EXPECT_EQ(after_prefetch.bytes_copied, (listed.size() - zero_listed) * P);
+  EXPECT_EQ(after_prefetch.faults, 0u);
+  go(*c);
+  auto frames = serve_to_exit(*engine, *c);
+  expect_exit_ok(*c);
+  ASSERT_EQ(frames.size(), 1u);
+  ASSERT_EQ(frames[0].size(), kPages);
+  for (std::size_t i = 0; i < kPages; ++i) {
+    ASSERT_EQ(frames[0][i], zero.count(i) != 0 ? zero_sum() : source_sum(i)) << "page " << i;
+  }
+  const FaultMetrics& m = engine->metrics();
+  EXPECT_EQ(m.faults, kPages - listed.size());  // only the pages not prefetched faulted
+  EXPECT_EQ(m.pages_demand + m.pages_prefetched, kPages);
+  EXPECT_EQ(m.errors, 0u);
+}
+
+TEST_F(FaultEngineTest, ParallelPrefetchCutsOneRunIntoEqualSlicesOfWholeBatches) {
+  // 1024 contiguous pages on 4 threads: 4 slices of 256 pages, 16 copies of 16 pages each.
+  constexpr std::size_t kPages = 1024;
+  auto source = std::make_shared<MemorySource>(kPages);
+  source->concurrent = true;
+  FaultEngineOptions o;
+  o.prefetch_batch_pages = 16;
+  o.prefetch_threads = 4;
+  o.prefetch_parallel_min_pages = 2;
+  auto engine = make(source, o);
+  auto c = start(*engine, *source, kPages, read_all(kPages));
+  ASSERT_TRUE(c && c->uffd >= 0);
+  std::vector<std::uint64_t> pages;
+  for (std::size_t i = 0; i < kPages; ++i) pages.push_back(c->base + i * P);
+  auto r = engine->prefetch(1, pages);
+  ASSERT_TRUE(r.has_value()) << r.error().what();
+  EXPECT_EQ(r->pages_installed, kPages);
+  EXPECT_EQ(engine->metrics().copy_ioctls, 64u);
+  EXPECT_EQ(engine->metrics().pages_prefetched, kPages);
+  EXPECT_EQ(source->calls.load(), 64u);  // the buffer-filling source: one fetch per copy
+  go(*c);
+  auto frames = serve_to_exit(*engine, *c);
+  expect_exit_ok(*c);
+  ASSERT_EQ(frames.size(), 1u);
+  for (std::size_t i = 0; i < kPages; ++i) ASSERT_EQ(frames[0][i], source_sum(i)) << i;
+  EXPECT_EQ(engine->metrics().faults, 0u);
+}
+
+TEST_F(FaultEngineTest, ASourceThatIsNotConcurrentIsNeverCalledFromTwoThreads) {
+  constexpr std::size_t kPages = 2048;
+  auto source = std::make_shared<MemorySource>(kPages);  // concurrent = false
+  FaultEngineOptions o;
+  o.prefetch_batch_pages = 16;
+  o.prefetch_threads = 4;
+  o.prefetch_parallel_min_pages = 2;
+  auto engine = make(source, o);
+  auto c = start(*engine, *source, kPages, [](std::byte*, int) {});
+  ASSERT_TRUE(c && c->uffd >= 0);
+  std::vector<std::uint64_t> pages;
+  for (std::size_t i = 0; i < kPages; ++i) pages.push_back(c->base + i * P);
+  auto r = engine->prefetch(1, pages);
+  ASSERT_TRUE(r.has_value()) << r.error().what();
+  EXPECT_EQ(r->pages_installed, kPages);
+  EXPECT_EQ(source->fetch_threads(), std::set<std::thread::id>{std::this_thread::get_id()});
+}
+
+TEST_F(FaultEngineTest, ZeroRunsAreInstalledAsOneZeropageRange) {
+  // pages 0..299 zero (more than a batch of 16), 300..309 data, 310..399 zero
+  constexpr std::size_t kPages = 400;
+  std::set<std::size_t> zero;
+  for (std::size_t i = 0; i < kPages; ++i) {
+    if (i < 300 || i >= 310) zero.insert(i);
+  }
+  auto source = std::make_shared<MemorySource>(kPages, zero);
+  FaultEngineOptions o;
+  o.prefetch_batch_pages = 16;
+  auto engine = make(source, o);
+  auto c = start(*engine, *source, kPages, read_all(kPages));
+  ASSERT_TRUE(c && c->uffd >= 0);
+  std::vector<std::uint64_t> pages;
+  for (std::size_t i = 0; i < kPages; ++i) pages.push_back(c->base + i * P);
+  auto r = engine->prefetch(1, pages);
+  ASSERT_TRUE(r.has_value()) << r.error().what();
+  const FaultMetrics& m = engine->metrics();
+  EXPECT_EQ(m.zeropage_ioctls, 2u);  // 0..299 and 310..399, each one range
+  EXPECT_EQ(m.copy_ioctls, 1u);      // 300..309
+  EXPECT_EQ(m.pages_zero, 390u);
+  EXPECT_EQ(r->ioctls, 3u);
+  EXPECT_EQ(r->pages_installed, kPages);
+  go(*c);
+  auto frames = serve_to_exit(*engine, *c);
+  expect_exit_ok(*c);
+  ASSERT_EQ(frames.size(), 1u);
+  for (std::size_t i = 0; i < kPages; ++i) {
+    ASSERT_EQ(frames[0][i], zero.count(i) != 0 ? zero_sum() : source_sum(i)) << i;
+  }
+  EXPECT_EQ(m.faults, 0u);
+}
+
+TEST_F(FaultEngineTest, ErrorInOneThreadFailsTheParallelPrefetchAndLeavesNothingHanging) {
+  // 4 slices of 1024 pages; slice 1 starts with the failing page. The source is slow (0.2 ms
+  // per fetch of 16 pages), so the other slices are stopped long before their end.
+  constexpr std::size_t kPages = 4096, kBad = 1024;
+  auto source = std::make_shared<MemorySource>(kPages, std::set<std::size_t>{}, std::set<std::size_t>{kBad});
+  source->concurrent = true;
+  source->delay = std::chrono::microseconds(200);
+  FaultEngineOptions o;
+  o.prefetch_batch_pages = 16;
+  o.prefetch_threads = 4;
+  o.prefetch_parallel_min_pages = 2;
+  std::atomic<int> failures{0};
+  o.on_failure = [&](const FaultFailure&) {
+    ++failures;
+    return false;
+  };
+  auto engine = make(source, o);
+  auto c = start(*engine, *source, kPages, [](std::byte*, int) {});
+  ASSERT_TRUE(c && c->uffd >= 0);
+  std::vector<std::uint64_t> pages;
+  for (std::size_t i = 0; i < kPages; ++i) pages.push_back(c->base + i * P);
+  const std::size_t before = thread_count();
+  const auto t0 = std::chrono::steady_clock::now();
+  auto r = engine->prefetch(1, pages);
+  const auto took = std::chrono::steady_clock::now() - t0;
+  ASSERT_FALSE(r.has_value());
+  EXPECT_NE(r.error().message.find("page 1024"), std::string::npos) << r.error().what();
+  EXPECT_EQ(thread_count(), before);  // every worker joined
+  ASSERT_TRUE(engine->failure().has_value());
+  const FaultMetrics& m = engine->metrics();
+  EXPECT_EQ(m.errors, 1u);
+  EXPECT_EQ(failures.load(), 0);  // prefetch returns the error; the task is not running
+  EXPECT_FALSE(page_present(c->pid, c->base, kBad));
+  // stopped early: a full slice alone is 64 fetches = 12.8 ms and far more than this
+  EXPECT_LT(m.pages_prefetched, kPages / 2);
+  EXPECT_LT(took, std::chrono::seconds(2));
+  // the counts are exact: every prefetched page is present, the rest are not
+  std::size_t present = 0;
+  for (std::size_t i = 0; i < kPages; ++i) present += page_present(c->pid, c->base, i) ? 1 : 0;
+  EXPECT_EQ(present, m.pages_prefetched);
+  EXPECT_EQ(m.copy_ioctls * 16, m.pages_prefetched);
 }
 
 TEST_F(FaultEngineTest, EngineDoesTheHandshakeOnARawUffd) {

@@ -4,7 +4,18 @@
 // Firecracker-style handler socket, or created by a test) plus the uffds the kernel hands it on
 // FORK events. One poll loop (epoll, every wait bounded) serves PAGEFAULT, FORK, REMAP, UNMAP and
 // REMOVE; see docs/fault-engine.md for the event table, the prefetch model and failure
-// behaviour. The engine is single-threaded: call every member from one thread.
+// behaviour.
+//
+// Threads: call every FaultEngine member from one thread (the owner); none of them may run
+// concurrently with another. Inside one prefetch() call the engine may install pages with up to
+// FaultEngineOptions::prefetch_threads worker threads, and only if the source's
+// concurrent_fetch() is true. The workers (the calling thread is one of them) call
+// PageSource::fetch concurrently, read the task's address view (no uffd event is handled while
+// prefetch() runs) and issue UFFDIO_COPY / UFFDIO_ZEROPAGE / UFFDIO_WAKE on the task's uffd;
+// nothing else. They are joined
+// before prefetch() returns, and their counts are merged into metrics() then, so metrics() is
+// exact whenever the owner can call it. Callbacks (on_failure, on_fork, on_fault) only ever run
+// on the owner's thread.
 #pragma once
 
 #include <sys/types.h>
@@ -65,6 +76,11 @@ class PageSource {
   [[nodiscard]] virtual Result<PageFill> fetch(TaskId task, std::uint64_t vaddr,
                                                std::size_t max_pages,
                                                std::span<std::byte> buffer) = 0;
+
+  // true: fetch may be called from several threads at once (parallel prefetch); each thread
+  // passes its own buffer, and a PageFill::data pointer must stay valid until the same
+  // thread's next call. false (the default): the engine never calls fetch concurrently.
+  [[nodiscard]] virtual bool concurrent_fetch() const noexcept { return false; }
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -130,7 +146,15 @@ struct FaultObservation {
 };
 
 struct FaultEngineOptions {
-  std::size_t prefetch_batch_pages = 64;    // max pages per UFFDIO_COPY (prefetch and background)
+  // Max pages per UFFDIO_COPY and per PageSource::fetch (prefetch and background), and the
+  // size of the engine's copy buffer(s). Zero pages are not cut by it: a zero range of the view
+  // and consecutive zero answers of the source go in one UFFDIO_ZEROPAGE.
+  std::size_t prefetch_batch_pages = 64;
+  // Installer threads of one prefetch() (the caller counts as one), used only when the source's
+  // concurrent_fetch() is true and the call has at least prefetch_parallel_min_pages pages.
+  // The sorted runs are cut into this many contiguous slices of about equal page count.
+  std::size_t prefetch_threads = 2;
+  std::size_t prefetch_parallel_min_pages = 1024;
   std::size_t background_batch_pages = 32;  // background pages installed per poll round
   // Called once per failed fault (source error, unexpected ioctl error). It must make sure the
   // task never runs on with missing memory: kill it (or its whole tree). Return true if the task
@@ -187,7 +211,10 @@ class FaultEngine {
 
   // Installs `pages` (page-aligned addresses, any order, duplicates fine) now, before the task
   // resumes: sorted, coalesced into runs, one UFFDIO_COPY per contiguous run the source answers
-  // (at most prefetch_batch_pages). A source error is returned (the task is not running yet).
+  // (at most prefetch_batch_pages), on up to prefetch_threads threads (see the top of this
+  // file). A source error is returned (the task is not running yet); with several threads the
+  // others stop at their next batch, all are joined, and the first error (by address) is
+  // returned. Pages installed before the error stay installed.
   [[nodiscard]] virtual Result<PrefetchReport> prefetch(TaskId task,
                                                         std::span<const std::uint64_t> pages) = 0;
   // Queues `pages` for background installation, interleaved with demand faults (demand first:

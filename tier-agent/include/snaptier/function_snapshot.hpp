@@ -142,6 +142,9 @@ class StorePageSource final : public lazy::LazySource {
 
   [[nodiscard]] Result<PageFill> fetch(TaskId task, std::uint64_t vaddr, std::size_t max_pages,
                                        std::span<std::byte> buffer) override;
+  // fetch only reads what open() built and calls SnapshotStore::read_pages, which any number of
+  // threads may call at once: the engine may prefetch from it on several threads.
+  [[nodiscard]] bool concurrent_fetch() const noexcept override { return true; }
   [[nodiscard]] bool has_task(TaskId task) const noexcept override;
   [[nodiscard]] std::vector<std::uint64_t> lazy_pages(TaskId task) const override;
 

@@ -11,11 +11,13 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <cstdio>
 #include <deque>
 #include <string>
+#include <thread>
 #include <nlohmann/json.hpp>
 
 #include "core/unique_fd.hpp"
@@ -57,6 +59,61 @@ struct Outcome {
   std::size_t ioctls = 0;
   Error error{Errc::io, {}};
 };
+
+// A contiguous piece of a prefetch: `pages` pages from `addr`.
+struct Run {
+  std::uint64_t addr = 0;
+  std::size_t pages = 0;
+};
+
+// Adds the installation counters of `d` (what fill() and account() touch) to `into`.
+void add_install_counts(FaultMetrics& into, const FaultMetrics& d) {
+  for (const auto& [tier, n] : d.pages_copied_per_tier) into.pages_copied_per_tier[tier] += n;
+  for (const auto& [tier, n] : d.demand_pages_per_tier) into.demand_pages_per_tier[tier] += n;
+  into.pages_demand += d.pages_demand;
+  into.pages_prefetched += d.pages_prefetched;
+  into.pages_background += d.pages_background;
+  into.pages_zero += d.pages_zero;
+  into.bytes_copied += d.bytes_copied;
+  into.copy_ioctls += d.copy_ioctls;
+  into.zeropage_ioctls += d.zeropage_ioctls;
+  into.eexist += d.eexist;
+  into.enoent += d.enoent;
+}
+
+// The runs of sorted, unique page addresses.
+std::vector<Run> runs_of(const std::vector<std::uint64_t>& sorted) {
+  std::vector<Run> runs;
+  for (std::size_t i = 0; i < sorted.size();) {
+    std::size_t j = i + 1;
+    while (j < sorted.size() && sorted[j] == sorted[j - 1] + kPageSize) ++j;
+    runs.push_back(Run{sorted[i], j - i});
+    i = j;
+  }
+  return runs;
+}
+
+// Cuts `runs` into `k` lists of contiguous address order with about equal page counts (long
+// runs are split).
+std::vector<std::vector<Run>> slices_of(const std::vector<Run>& runs, std::size_t total, std::size_t k) {
+  std::vector<std::vector<Run>> out(k);
+  const std::size_t per = (total + k - 1) / k;
+  std::size_t slice = 0, filled = 0;
+  for (Run r : runs) {
+    while (r.pages > 0) {
+      if (filled == per && slice + 1 < k) {
+        ++slice;
+        filled = 0;
+      }
+      const std::size_t n = slice + 1 < k ? std::min(r.pages, per - filled) : r.pages;
+      out[slice].push_back(Run{r.addr, n});
+      filled += n;
+      r.addr += n * kPageSize;
+      r.pages -= n;
+    }
+  }
+  return out;
+}
 
 struct PendingFault {
   std::uint64_t addr = 0;
@@ -137,14 +194,18 @@ class Engine final : public FaultEngine {
     const std::uint64_t start = now_ns();
     PrefetchReport report;
     std::vector<std::uint64_t> sorted = normalise(pages);
-    for (std::size_t i = 0; i < sorted.size();) {
-      std::size_t j = i + 1;
-      while (j < sorted.size() && sorted[j] == sorted[j - 1] + kPageSize) ++j;
-      std::uint64_t addr = sorted[i];
-      std::size_t left = j - i;
+    std::vector<Run> runs = runs_of(sorted);
+    if (parallel_threads(sorted.size()) > 1) {
+      auto left = prefetch_parallel(*t, runs, sorted.size(), report);
+      if (!left) return tl::unexpected(left.error());
+      runs = std::move(*left);
+    }
+    for (const Run& run : runs) {
+      std::uint64_t addr = run.addr;
+      std::size_t left = run.pages;
       const std::uint64_t deadline = now_ns() + eagain_ns();
       while (left > 0) {
-        Outcome o = install(*t, addr, left, Origin::prefetch);
+        Outcome o = install(*t, addr, left, Origin::prefetch, buffer_.data(), metrics_);
         report.ioctls += o.ioctls;
         report.pages_present += o.present_pages;
         report.pages_installed += o.done_pages - o.present_pages;
@@ -170,7 +231,6 @@ class Engine final : public FaultEngine {
         }
         if (now_ns() > deadline) return fail(Errc::timeout, "prefetch: mapping kept changing");
       }
-      i = j;
     }
     report.elapsed_ns = now_ns() - start;
     return report;
@@ -336,33 +396,163 @@ class Engine final : public FaultEngine {
     }
   }
 
+  // ---- parallel prefetch -----------------------------------------------------------------------
+
+  std::size_t parallel_threads(std::size_t pages) const {
+    if (options_.prefetch_threads <= 1 || !source_->concurrent_fetch()) return 1;
+    if (pages < std::max<std::size_t>(2, options_.prefetch_parallel_min_pages)) return 1;
+    return std::min(options_.prefetch_threads, pages);
+  }
+
+  // One worker's share of a parallel prefetch.
+  struct Slice {
+    std::vector<Run> runs;
+    std::byte* buffer = nullptr;
+    FaultMetrics counts;  // merged by the owner after the join
+    PrefetchReport report;
+    Status status = Status::ok;  // first non-ok outcome (vanished runs are skipped, as serially)
+    Error error{Errc::io, {}};
+    std::uint64_t error_addr = 0;
+    std::vector<Run> left;  // not installed because of `status` again (retried by the owner)
+  };
+
+  // Runs on a worker thread: touches nothing of the engine but the task's uffd (ioctls), its
+  // view (read only: no event is handled while prefetch runs) and the source.
+  void run_slice(const Task& t, Slice& s, const std::atomic<bool>& stop) {
+    for (std::size_t i = 0; i < s.runs.size(); ++i) {
+      std::uint64_t addr = s.runs[i].addr;
+      std::size_t left = s.runs[i].pages;
+      while (left > 0) {
+        if (stop.load(std::memory_order_relaxed)) {
+          s.left.push_back(Run{addr, left});
+          s.left.insert(s.left.end(), s.runs.begin() + static_cast<long>(i) + 1, s.runs.end());
+          return;
+        }
+        Outcome o = install(t, addr, left, Origin::prefetch, s.buffer, s.counts, &stop);
+        s.report.ioctls += o.ioctls;
+        s.report.pages_present += o.present_pages;
+        s.report.pages_installed += o.done_pages - o.present_pages;
+        addr += o.done_pages * kPageSize;
+        left -= o.done_pages;
+        if (o.status == Status::vanished) break;
+        if (o.status != Status::ok) {
+          s.status = o.status;
+          s.error = std::move(o.error);
+          s.error_addr = addr;
+          s.left.push_back(Run{addr, left});
+          s.left.insert(s.left.end(), s.runs.begin() + static_cast<long>(i) + 1, s.runs.end());
+          return;
+        }
+      }
+    }
+  }
+
+  std::byte* worker_buffer(std::size_t i) {
+    while (worker_buffers_.size() < i) {
+      const std::size_t bytes = buffer_.size();
+      void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (p == MAP_FAILED) return nullptr;
+      worker_buffers_.emplace_back(p, bytes);
+    }
+    return worker_buffers_[i - 1].data();
+  }
+
+  // Installs `runs` on several threads. Returns the runs still to install (those an EAGAIN
+  // stopped; the owner retries them after reading the events), or the error that failed it.
+  Result<std::vector<Run>> prefetch_parallel(Task& t, const std::vector<Run>& runs, std::size_t total,
+                                             PrefetchReport& report) {
+    const std::size_t k = parallel_threads(total);
+    std::vector<std::vector<Run>> cut = slices_of(runs, total, k);
+    std::vector<Slice> slices(k);
+    for (std::size_t i = 0; i < k; ++i) {
+      slices[i].runs = std::move(cut[i]);
+      slices[i].buffer = i == 0 ? buffer_.data() : worker_buffer(i);
+    }
+    std::atomic<bool> stop{false};
+    auto work = [&](std::size_t i) {
+      run_slice(t, slices[i], stop);
+      if (slices[i].status == Status::failed || slices[i].status == Status::gone) {
+        stop.store(true, std::memory_order_relaxed);
+      }
+    };
+    std::vector<std::thread> threads;
+    std::vector<std::size_t> here{0};  // slices the calling thread runs
+    for (std::size_t i = 1; i < k; ++i) {
+      bool started = false;
+      if (slices[i].buffer != nullptr) {
+        try {
+          threads.emplace_back(work, i);
+          started = true;
+        } catch (...) {  // no thread to be had: this one does it
+        }
+      }
+      if (!started) {
+        if (slices[i].buffer == nullptr) slices[i].buffer = buffer_.data();
+        here.push_back(i);
+      }
+    }
+    for (std::size_t i : here) work(i);
+    for (std::thread& th : threads) th.join();
+
+    std::vector<Run> left;
+    const Slice* failed = nullptr;
+    bool gone = false;
+    for (Slice& s : slices) {
+      add_install_counts(metrics_, s.counts);
+      report.ioctls += s.report.ioctls;
+      report.pages_present += s.report.pages_present;
+      report.pages_installed += s.report.pages_installed;
+      if (s.status == Status::failed && failed == nullptr) failed = &s;
+      if (s.status == Status::gone) gone = true;
+      if (s.status == Status::again) ++metrics_.eagain_retries;
+      left.insert(left.end(), s.left.begin(), s.left.end());
+    }
+    if (failed != nullptr) {
+      record_error(failed->error);
+      if (!failure_) failure_ = failed->error;
+      return tl::unexpected(failed->error);
+    }
+    if (gone) {
+      mark_gone(t);
+      reap();
+      return fail(Errc::unavailable, "prefetch: task " + std::to_string(t.id) + " is gone");
+    }
+    if (!left.empty()) drain(t);  // an EAGAIN: the events that changed the mapping first
+    if (t.dead) {
+      reap();
+      return fail(Errc::unavailable, "prefetch: task is gone");
+    }
+    return left;
+  }
+
   // ---- ioctls ---------------------------------------------------------------------------------
 
-  void wake(Task& t, std::uint64_t addr, std::uint64_t len) {
+  static void wake(const Task& t, std::uint64_t addr, std::uint64_t len) {
     uffdio_range r{addr, len};
     (void)::ioctl(t.uffd.get(), UFFDIO_WAKE, &r);
   }
 
-  void account(Origin origin, std::size_t pages, bool zero, TierKind tier) {
+  static void account(FaultMetrics& m, Origin origin, std::size_t pages, bool zero, TierKind tier) {
     if (pages == 0) return;
     switch (origin) {
-      case Origin::demand: metrics_.pages_demand += pages; break;
-      case Origin::prefetch: metrics_.pages_prefetched += pages; break;
-      case Origin::background: metrics_.pages_background += pages; break;
+      case Origin::demand: m.pages_demand += pages; break;
+      case Origin::prefetch: m.pages_prefetched += pages; break;
+      case Origin::background: m.pages_background += pages; break;
     }
     if (zero) {
-      metrics_.pages_zero += pages;
+      m.pages_zero += pages;
     } else {
-      metrics_.pages_copied_per_tier[tier] += pages;
-      if (origin == Origin::demand) metrics_.demand_pages_per_tier[tier] += pages;
-      metrics_.bytes_copied += pages * kPageSize;
+      m.pages_copied_per_tier[tier] += pages;
+      if (origin == Origin::demand) m.demand_pages_per_tier[tier] += pages;
+      m.bytes_copied += pages * kPageSize;
     }
   }
 
   // UFFDIO_COPY (src != nullptr) or UFFDIO_ZEROPAGE of `pages` pages at dst. Handles partial
-  // progress, EEXIST (skip the page, wake its faulters) and EINTR; reports the rest.
-  Outcome fill(Task& t, std::uint64_t dst, const std::byte* src, std::size_t pages, TierKind tier,
-               Origin origin) {
+  // progress, EEXIST (skip the page, wake its faulters) and EINTR; reports the rest. Counts go
+  // to `m` (the engine's metrics, or a prefetch worker's own, merged after the join).
+  static Outcome fill(const Task& t, std::uint64_t dst, const std::byte* src, std::size_t pages,
+                      TierKind tier, Origin origin, FaultMetrics& m) {
     Outcome o;
     const std::uint64_t len = pages * kPageSize;
     std::uint64_t off = 0;
@@ -375,21 +565,21 @@ class Engine final : public FaultEngine {
         c.dst = dst + off;
         c.src = reinterpret_cast<std::uint64_t>(src + off);
         c.len = len - off;
-        ++metrics_.copy_ioctls;
+        ++m.copy_ioctls;
         rc = ::ioctl(t.uffd.get(), UFFDIO_COPY, &c);
         progress = rc == 0 ? static_cast<std::int64_t>(c.len) : c.copy;
       } else {
         uffdio_zeropage z{};
         z.range.start = dst + off;
         z.range.len = len - off;
-        ++metrics_.zeropage_ioctls;
+        ++m.zeropage_ioctls;
         rc = ::ioctl(t.uffd.get(), UFFDIO_ZEROPAGE, &z);
         progress = rc == 0 ? static_cast<std::int64_t>(z.range.len) : z.zeropage;
       }
       const int err = rc == 0 ? 0 : errno;
       if (progress > 0) {
         const std::size_t n = static_cast<std::size_t>(progress) / kPageSize;
-        account(origin, n, src == nullptr, tier);
+        account(m, origin, n, src == nullptr, tier);
         if (src == nullptr) o.zero_pages += n;
         o.done_pages += n;
         off += static_cast<std::uint64_t>(progress);
@@ -397,7 +587,7 @@ class Engine final : public FaultEngine {
       }
       if (err == EINTR) continue;
       if (err == EEXIST) {
-        ++metrics_.eexist;
+        ++m.eexist;
         wake(t, dst + off, kPageSize);  // no wake on error: whoever waits for it, wake them
         ++o.present_pages;
         ++o.done_pages;
@@ -413,7 +603,7 @@ class Engine final : public FaultEngine {
         return o;
       }
       if (err == ENOENT) {
-        ++metrics_.enoent;
+        ++m.enoent;
         wake(t, dst + off, len - off);
         o.status = Status::vanished;
         return o;
@@ -426,45 +616,69 @@ class Engine final : public FaultEngine {
   }
 
   // Installs `pages` pages from `addr` (current addresses of task t), translating through its
-  // view and asking the source, in runs of at most prefetch_batch_pages.
-  Outcome install(Task& t, std::uint64_t addr, std::size_t pages, Origin origin) {
+  // view and asking the source, in UFFDIO_COPYs of at most prefetch_batch_pages. Zero pages go
+  // in one UFFDIO_ZEROPAGE per contiguous stretch: a zero range of the view at once, and
+  // consecutive zero answers of the source coalesced. `buffer` holds prefetch_batch_pages pages
+  // for the source. With `stop`, returns early (status ok, fewer pages done) once it is set.
+  Outcome install(const Task& t, std::uint64_t addr, std::size_t pages, Origin origin, std::byte* buffer,
+                  FaultMetrics& m, const std::atomic<bool>* stop = nullptr) {
     Outcome total;
     const std::size_t batch = std::max<std::size_t>(1, options_.prefetch_batch_pages);
-    while (total.done_pages < pages) {
-      const std::uint64_t a = addr + total.done_pages * kPageSize;
-      RangeMap::Lookup l = t.view.translate(a);
-      std::size_t run = std::min(pages - total.done_pages, batch);
-      if (l.run_end != UINT64_MAX) run = std::min<std::size_t>(run, (l.run_end - a) / kPageSize);
-      run = std::max<std::size_t>(run, 1);
-      Outcome o;
-      if (l.zero) {
-        o = fill(t, a, nullptr, run, TierKind::local, origin);
-      } else {
-        auto got = source_->fetch(t.source_task, l.source, run,
-                                  std::span<std::byte>(buffer_.data(), run * kPageSize));
-        if (!got) {
-          total.status = Status::failed;
-          total.error = got.error();
-          return total;
-        }
-        const std::size_t n = std::clamp<std::size_t>(got->pages, 1, run);
-        if (got->answer == PageAnswer::zero) {
-          o = fill(t, a, nullptr, n, got->tier, origin);
-        } else {
-          const std::byte* src = got->data != nullptr ? got->data : buffer_.data();
-          o = fill(t, a, src, n, got->tier, origin);
-        }
-      }
+    auto add = [&total](Outcome& o) {
       total.done_pages += o.done_pages;
       total.zero_pages += o.zero_pages;
       total.present_pages += o.present_pages;
       total.ioctls += o.ioctls;
-      if (o.status != Status::ok) {
-        total.status = o.status;
-        total.error = std::move(o.error);
+      if (o.status == Status::ok) return true;
+      total.status = o.status;
+      total.error = std::move(o.error);
+      return false;
+    };
+    std::uint64_t zero_at = 0;  // source-answered zero pages not installed yet, ending at `seen`
+    std::size_t zero_pages = 0;
+    auto flush_zero = [&] {
+      if (zero_pages == 0) return true;
+      Outcome o = fill(t, zero_at, nullptr, zero_pages, TierKind::local, origin, m);
+      zero_pages = 0;
+      return add(o);
+    };
+    std::size_t seen = 0;  // pages looked at: installed, or pending as zero
+    while (seen < pages) {
+      if (stop != nullptr && stop->load(std::memory_order_relaxed)) break;
+      const std::uint64_t a = addr + seen * kPageSize;
+      RangeMap::Lookup l = t.view.translate(a);
+      std::size_t run = pages - seen;
+      if (!l.zero) run = std::min(run, batch);
+      if (l.run_end != UINT64_MAX) run = std::min<std::size_t>(run, (l.run_end - a) / kPageSize);
+      run = std::max<std::size_t>(run, 1);
+      if (l.zero) {
+        if (!flush_zero()) return total;
+        Outcome o = fill(t, a, nullptr, run, TierKind::local, origin, m);
+        seen += run;
+        if (!add(o)) return total;
+        continue;
+      }
+      auto got = source_->fetch(t.source_task, l.source, run, std::span<std::byte>(buffer, run * kPageSize));
+      if (!got) {
+        if (!flush_zero()) return total;
+        total.status = Status::failed;
+        total.error = got.error();
         return total;
       }
+      const std::size_t n = std::clamp<std::size_t>(got->pages, 1, run);
+      if (got->answer == PageAnswer::zero) {
+        if (zero_pages == 0) zero_at = a;
+        zero_pages += n;
+        seen += n;
+        continue;
+      }
+      if (!flush_zero()) return total;
+      const std::byte* src = got->data != nullptr ? got->data : buffer;
+      Outcome o = fill(t, a, src, n, got->tier, origin, m);
+      seen += n;
+      if (!add(o)) return total;
     }
+    (void)flush_zero();
     return total;
   }
 
@@ -472,7 +686,7 @@ class Engine final : public FaultEngine {
 
   void serve_fault(Task& t, std::uint64_t addr, pid_t tid, std::uint64_t first_ns) {
     if (t.failed || t.dead) return;
-    Outcome o = install(t, addr, 1, Origin::demand);
+    Outcome o = install(t, addr, 1, Origin::demand, buffer_.data(), metrics_);
     switch (o.status) {
       case Status::ok:
         if (o.zero_pages > 0) ++metrics_.zero_filled_faults;
@@ -644,7 +858,7 @@ class Engine final : public FaultEngine {
              t.background[run] == addr + run * kPageSize) {
         ++run;
       }
-      Outcome o = install(t, addr, run, Origin::background);
+      Outcome o = install(t, addr, run, Origin::background, buffer_.data(), metrics_);
       std::size_t consumed = o.done_pages;
       if (o.status == Status::vanished || o.status == Status::failed) ++consumed;  // skip it
       consumed = std::min(consumed, t.background.size());
@@ -671,6 +885,7 @@ class Engine final : public FaultEngine {
   FaultEngineOptions options_;
   UniqueFd epoll_;
   UniqueMapping buffer_;
+  std::vector<UniqueMapping> worker_buffers_;  // prefetch workers 1..k-1 (0 uses buffer_)
   std::uint64_t created_ns_;
   std::map<std::uint64_t, std::unique_ptr<Task>> tasks_;  // key -> task
   std::map<TaskId, std::uint64_t> ids_;
