@@ -417,6 +417,15 @@ std::size_t thread_count_settled(std::size_t want) {
   return n;
 }
 
+// Prefetch on 4 threads whatever its size, in copies of 16 pages.
+FaultEngineOptions parallel_options() {
+  FaultEngineOptions o;
+  o.prefetch_batch_pages = 16;
+  o.prefetch_threads = 4;
+  o.prefetch_parallel_min_pages = 2;
+  return o;
+}
+
 ChildFn read_all(std::size_t pages) {
   return [pages](std::byte* base, int sock) {
     std::vector<std::uint64_t> sums;
@@ -433,10 +442,7 @@ TEST_F(FaultEngineTest, ParallelPrefetchInstallsEveryPageWithTheRightBytes) {
   auto source = std::make_shared<MemorySource>(kPages, zero);
   source->concurrent = true;
   source->in_place = true;
-  FaultEngineOptions o;
-  o.prefetch_batch_pages = 16;
-  o.prefetch_threads = 4;
-  o.prefetch_parallel_min_pages = 2;
+  const FaultEngineOptions o = parallel_options();
   auto engine = make(source, o);
   auto c = start(*engine, *source, kPages, read_all(kPages));
   ASSERT_TRUE(c && c->uffd >= 0);
@@ -486,10 +492,7 @@ TEST_F(FaultEngineTest, ParallelPrefetchCutsOneRunIntoEqualSlicesOfWholeBatches)
   constexpr std::size_t kPages = 1024;
   auto source = std::make_shared<MemorySource>(kPages);
   source->concurrent = true;
-  FaultEngineOptions o;
-  o.prefetch_batch_pages = 16;
-  o.prefetch_threads = 4;
-  o.prefetch_parallel_min_pages = 2;
+  const FaultEngineOptions o = parallel_options();
   auto engine = make(source, o);
   auto c = start(*engine, *source, kPages, read_all(kPages));
   ASSERT_TRUE(c && c->uffd >= 0);
@@ -512,10 +515,7 @@ TEST_F(FaultEngineTest, ParallelPrefetchCutsOneRunIntoEqualSlicesOfWholeBatches)
 TEST_F(FaultEngineTest, ASourceThatIsNotConcurrentIsNeverCalledFromTwoThreads) {
   constexpr std::size_t kPages = 2048;
   auto source = std::make_shared<MemorySource>(kPages);  // concurrent = false
-  FaultEngineOptions o;
-  o.prefetch_batch_pages = 16;
-  o.prefetch_threads = 4;
-  o.prefetch_parallel_min_pages = 2;
+  const FaultEngineOptions o = parallel_options();
   auto engine = make(source, o);
   auto c = start(*engine, *source, kPages, [](std::byte*, int) {});
   ASSERT_TRUE(c && c->uffd >= 0);
@@ -567,10 +567,7 @@ TEST_F(FaultEngineTest, ErrorInOneThreadFailsTheParallelPrefetchAndLeavesNothing
   auto source = std::make_shared<MemorySource>(kPages, std::set<std::size_t>{}, std::set<std::size_t>{kBad});
   source->concurrent = true;
   source->delay = std::chrono::microseconds(200);
-  FaultEngineOptions o;
-  o.prefetch_batch_pages = 16;
-  o.prefetch_threads = 4;
-  o.prefetch_parallel_min_pages = 2;
+  FaultEngineOptions o = parallel_options();
   std::atomic<int> failures{0};
   o.on_failure = [&](const FaultFailure&) {
     ++failures;
