@@ -14,6 +14,7 @@
 #include <thread>
 #include <vector>
 
+#include "core/unique_fd.hpp"
 #include "helpers/temp_dir.hpp"
 #include "snaptier/fault_engine.hpp"
 #include "snaptier/snapshot_store.hpp"
@@ -86,11 +87,7 @@ TEST_P(StorePrefetchTest, ParallelPrefetchFromTheStoreInstallsEveryPageWithItsBy
   const std::size_t bytes = kPages * kPageSize;
   void* m = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   ASSERT_NE(m, MAP_FAILED);
-  struct Unmap {
-    void* p;
-    std::size_t n;
-    ~Unmap() { ::munmap(p, n); }
-  } unmap{m, bytes};
+  const detail::UniqueMapping unmap(m, bytes);
   const auto base = reinterpret_cast<std::uint64_t>(m);
   auto uffd = create_userfaultfd(0);
   ASSERT_TRUE(uffd.has_value());

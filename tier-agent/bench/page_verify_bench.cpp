@@ -18,6 +18,7 @@
 #include <random>
 #include <vector>
 
+#include "core/unique_fd.hpp"
 #include "cxl/crc32c.hpp"
 #include "snaptier/cxl_directory.hpp"
 #include "snaptier/fault_engine.hpp"
@@ -68,11 +69,7 @@ Result<double> prefetch_once(SnapshotStore& store, const Snapshot& snapshot, std
   const std::size_t bytes = snapshot.pages.size() * kPageSize;
   void* m = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (m == MAP_FAILED) return fail_errno(Errc::no_space, "mmap", errno);
-  struct Unmap {
-    void* p;
-    std::size_t n;
-    ~Unmap() { ::munmap(p, n); }
-  } unmap{m, bytes};
+  const detail::UniqueMapping unmap(m, bytes);
   const auto base = reinterpret_cast<std::uint64_t>(m);
   auto uffd = create_userfaultfd(0);  // no events: nothing but the copies to measure
   if (!uffd) return tl::unexpected(uffd.error());
