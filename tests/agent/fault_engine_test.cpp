@@ -27,6 +27,7 @@
 
 #include "core/unique_fd.hpp"
 #include "helpers/scm_rights.hpp"
+#include "helpers/threads.hpp"
 #include "restore/range_map.hpp"
 #include "snaptier/fault_engine.hpp"
 
@@ -400,23 +401,6 @@ bool page_present(pid_t pid, std::uint64_t base, std::size_t idx) {
   return (entry >> 63) != 0;
 }
 
-std::size_t thread_count() {
-  std::size_t n = 0;
-  for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator("/proc/self/task")) ++n;
-  return n;
-}
-
-// A joined thread can stay listed in /proc/self/task a moment after pthread_join returns (the
-// kernel releases it after clearing its tid); slow machines (TCG guests) show it. Bounded wait.
-std::size_t thread_count_settled(std::size_t want) {
-  std::size_t n = thread_count();
-  for (int i = 0; i < 200 && n != want; ++i) {
-    ::usleep(10'000);
-    n = thread_count();
-  }
-  return n;
-}
-
 // Prefetch on 4 threads whatever its size, in copies of 16 pages.
 FaultEngineOptions parallel_options() {
   FaultEngineOptions o;
@@ -457,10 +441,10 @@ TEST_F(FaultEngineTest, ParallelPrefetchInstallsEveryPageWithTheRightBytes) {
   listed.clear();
   for (std::uint64_t a : pages) listed.insert((a - c->base) / P);
   pages.push_back(pages.front());
-  const std::size_t before = thread_count();
+  const std::size_t before = testing::thread_count();
   auto r = engine->prefetch(1, pages);
   ASSERT_TRUE(r.has_value()) << r.error().what();
-  EXPECT_EQ(thread_count_settled(before), before);  // the workers are gone
+  EXPECT_EQ(testing::thread_count_settled(before), before);  // the workers are gone
   EXPECT_GT(source->fetch_threads().size(), 1u);  // it did run on several threads
   EXPECT_EQ(r->pages_installed, listed.size());
   EXPECT_EQ(r->pages_present, 0u);
@@ -578,13 +562,13 @@ TEST_F(FaultEngineTest, ErrorInOneThreadFailsTheParallelPrefetchAndLeavesNothing
   ASSERT_TRUE(c && c->uffd >= 0);
   std::vector<std::uint64_t> pages;
   for (std::size_t i = 0; i < kPages; ++i) pages.push_back(c->base + i * P);
-  const std::size_t before = thread_count();
+  const std::size_t before = testing::thread_count();
   const auto t0 = std::chrono::steady_clock::now();
   auto r = engine->prefetch(1, pages);
   const auto took = std::chrono::steady_clock::now() - t0;
   ASSERT_FALSE(r.has_value());
   EXPECT_NE(r.error().message.find("page 1024"), std::string::npos) << r.error().what();
-  EXPECT_EQ(thread_count_settled(before), before);  // every worker joined
+  EXPECT_EQ(testing::thread_count_settled(before), before);  // every worker joined
   ASSERT_TRUE(engine->failure().has_value());
   const FaultMetrics& m = engine->metrics();
   EXPECT_EQ(m.errors, 1u);

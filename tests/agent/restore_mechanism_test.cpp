@@ -23,6 +23,7 @@
 #include <nlohmann/json.hpp>
 
 #include "helpers/temp_dir.hpp"
+#include "helpers/threads.hpp"
 #include "mechanism/criu_steps.hpp"
 #include "mechanism/server_thread.hpp"
 #include "snaptier/function_service.hpp"
@@ -42,12 +43,6 @@ namespace {
 
 const fs::path kRepo = fs::path(__FILE__).parent_path().parent_path().parent_path();
 const fs::path kFixture = kRepo / "tests" / "agent" / "data" / "criu" / "single";
-
-std::size_t thread_count() {
-  std::size_t n = 0;
-  for ([[maybe_unused]] const auto& e : fs::directory_iterator("/proc/self/task")) ++n;
-  return n;
-}
 
 bool alive(pid_t pid) { return pid > 0 && proc::is_running(pid); }
 
@@ -144,7 +139,7 @@ class RestoreMechanismTest : public ::testing::Test {
     auto got = store_->get("fn:cxl");
     ASSERT_TRUE(got) << got.error().what();
     snapshot_ = *got;
-    threads_before_ = thread_count();
+    threads_before_ = snaptier::testing::thread_count();
   }
 
   void mode(const std::string& m) { std::ofstream(bin_ / "mode") << m << "\n"; }
@@ -197,7 +192,7 @@ class RestoreMechanismTest : public ::testing::Test {
         EXPECT_FALSE(alive(read_pid(bin_ / file))) << file << " still running";
       }
     }
-    EXPECT_EQ(thread_count(), threads_before_) << "a thread outlived the restore";
+    EXPECT_EQ(snaptier::testing::thread_count_settled(threads_before_), threads_before_) << "a thread outlived the restore";
   }
 
   snaptier::testing::TempDir tmp_;
@@ -374,12 +369,12 @@ TEST_F(RestoreMechanismTest, ServerThreadDestroyedBeforeItsRestorerConnectsLeave
   o.on_resumed = [&chained] { chained = true; };
   auto server = mechanism::ServerThread::start(std::move(o));
   ASSERT_TRUE(server) << server.error().what();
-  EXPECT_EQ(thread_count(), threads_before_ + 1);
+  EXPECT_EQ(snaptier::testing::thread_count(), threads_before_ + 1);
   EXPECT_FALSE((*server)->wait_resumed(50ms));
   const auto t0 = std::chrono::steady_clock::now();
   server->reset();
   EXPECT_LT(std::chrono::steady_clock::now() - t0, mechanism::ServerThread::kStopGrace + 2s);
-  EXPECT_EQ(thread_count(), threads_before_);
+  EXPECT_EQ(snaptier::testing::thread_count_settled(threads_before_), threads_before_);
   EXPECT_FALSE(chained) << "nobody was resumed";
   EXPECT_FALSE(fs::exists(bound_dir / lazy::kSocketName)) << "socket file left behind";
 }
@@ -423,7 +418,7 @@ TEST_F(RestoreMechanismTest, FunctionServiceRestoreThatFailsLeavesNoRestoreDirec
   EXPECT_EQ((*no_peer)["ok"], false);
   EXPECT_EQ((*no_peer)["missing"], "peer");
   EXPECT_TRUE(fs::is_empty(config.work_dir / "restores"));
-  EXPECT_EQ(thread_count(), threads_before_);
+  EXPECT_EQ(snaptier::testing::thread_count_settled(threads_before_), threads_before_);
 }
 
 // ---- the result against the schema --------------------------------------------------------------
