@@ -24,6 +24,18 @@ debian_mirror() {
   printf '%s\n' "${uri%/}"
 }
 
+# The guests' trixie rootfs (built or found cached by guests/build-image.sh), on stdout. It is
+# the agent's build chroot and the root of native hosts and of the zdtm runs.
+guest_rootfs() {
+  local repo image key rootfs
+  repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+  image=$("$repo/guests/build-image.sh" | tail -n 1) || return 1  # its last line is the image directory
+  key=$(sed -n 's/^rootfs_key=//p' "$image/info")
+  rootfs=${SNAPTIER_CACHE:-/var/cache/snaptier}/rootfs-$key
+  [ -f "$rootfs.READY" ] || die "guest rootfs $rootfs is missing; run guests/build-image.sh --force"
+  printf '%s\n' "$rootfs"
+}
+
 # Runs "$@" until it succeeds or SECONDS_LIMIT (first arg) passes. Never waits forever.
 retry_for() {
   local limit=$1; shift

@@ -9,12 +9,9 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/.." && pwd)
 . "$repo/ci/lib.sh"
 [ "$(id -u)" = 0 ] || die "building in the guest chroot needs root"
-image=$("$here/build-image.sh" | tail -n 1)  # its last line is the image directory
-rootfs_key=$(sed -n 's/^rootfs_key=//p' "$image/info")
-rootfs=${SNAPTIER_CACHE:-/var/cache/snaptier}/rootfs-$rootfs_key
-[ -f "$rootfs.READY" ] || die "guest rootfs $rootfs is missing; run guests/build-image.sh --force"
+rootfs=$(guest_rootfs)
 mkdir -p "$repo/build/guest"
-log "building the tier agent in the $(sed -n 's/^suite=//p' "$image/info") chroot"
+log "building the tier agent in the guests' rootfs ($rootfs) as a chroot"
 # A private mount namespace: the bind mounts vanish with the process, even if the build fails.
 timeout 1800 unshare --mount --propagation private bash -euo pipefail -c '
   rootfs=$1 repo=$2; shift 2

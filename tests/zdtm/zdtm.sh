@@ -37,11 +37,9 @@ daemon_bin=$repo/build/guest/tier-agent/snaptier-lazy-pages
 [ -x "$daemon_bin" ] || die "$daemon_bin is missing: run 'make guest-agent' (or 'make zdtm')"
 
 # ---- the root: the guests' rootfs plus the zdtm layer (cached by content)
-image=$("$repo/guests/build-image.sh" | tail -n 1)
-rootfs_key=$(sed -n 's/^rootfs_key=//p' "$image/info")
-cache=${SNAPTIER_CACHE:-/var/cache/snaptier}
-rootfs=$cache/rootfs-$rootfs_key
-[ -f "$rootfs.READY" ] || die "guest rootfs $rootfs is missing; run guests/build-image.sh --force"
+rootfs=$(guest_rootfs)
+rootfs_key=${rootfs##*/rootfs-}
+cache=$(dirname "$rootfs")
 layer_key=$( (printf '%s\n' "$rootfs_key"; cat "$here/build-layer.sh" "$here/layer-steps.sh") | sha256sum | cut -c1-16)
 layer=$cache/zdtm-$layer_key
 if [ ! -f "$layer.READY" ]; then
