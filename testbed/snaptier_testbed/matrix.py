@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import secrets
 import shlex
 import subprocess
@@ -34,6 +35,7 @@ SNAPSHOT_TIMEOUT_S = 900
 RESTORE_TIMEOUT_S = 600
 FAULTS_BASELINE = "lazy-cxl"
 FIRST_RESPONSE_BASELINE = "criu-eager"
+LAZY_BASELINE = "criu-lazy"
 FIXED_TIERS = ("cxl", "rdma")  # always a column; other tiers (local, file) when some result has them
 TIER_ORDER = ("cxl", "rdma", "local", "file")
 
@@ -146,6 +148,7 @@ def row_of(cell: dict) -> dict:
         "snapshot_host": cell.get("snapshot_host"), "restore_host": cell.get("restore_host"),
         "ok": ok, "skipped": skipped or None,
         "restore_ms": number_or_none(r.get("restore_ms")), "first_response_ms": number_or_none(r.get("first_response_ms")),
+        "warm_invoke_ms": number_or_none(r.get("warm_invoke_ms")), "bare_restore_ms": number_or_none(r.get("bare_restore_ms")),
         "faults_total": number_or_none(faults.get("total")), "faults_read": number_or_none(faults.get("read")),
         "faults_write": number_or_none(faults.get("write")), "faults_zero": number_or_none(faults.get("zero")),
     }
@@ -164,19 +167,78 @@ def row_of(cell: dict) -> dict:
 
 
 def add_ratios(rows: list[dict]) -> list[dict]:
-    """faults vs lazy-cxl and first response vs criu-eager of the same function, in percent
-    (None when either cell failed or has no number, or the baseline is 0)."""
+    """faults vs lazy-cxl of the same function in percent; first response as a speedup over
+    criu-eager and criu-lazy of the same function (their first response / this one) and as a
+    ratio to the function's limit (limits()). None when a cell failed or has no number, or the
+    baseline is 0."""
     by = {(r["function"], r["policy"]): r for r in rows}
+    limit_of = limits(rows)
+
+    def baseline(r: dict, policy: str, metric: str):
+        base = by.get((r["function"], policy))
+        return base.get(metric) if base and base["ok"] and not base["skipped"] else None
+
     for r in rows:
-        for key, metric, base_policy in (("faults_vs_lazy_cxl_pct", "faults_total", FAULTS_BASELINE),
-                                         ("first_response_vs_criu_eager_pct", "first_response_ms",
-                                          FIRST_RESPONSE_BASELINE)):
-            base = by.get((r["function"], base_policy))
-            mine = r.get(metric)
-            ref = base.get(metric) if base and base["ok"] else None
-            ran = r["ok"] and not r["skipped"]
-            r[key] = round(100.0 * mine / ref, 1) if ran and mine is not None and ref and not base["skipped"] else None
+        ran = r["ok"] and not r["skipped"]
+        faults, base_faults = r.get("faults_total"), baseline(r, FAULTS_BASELINE, "faults_total")
+        r["faults_vs_lazy_cxl_pct"] = (round(100.0 * faults / base_faults, 1)
+                                       if ran and faults is not None and base_faults else None)
+        first = r.get("first_response_ms")
+        for key, policy in (("speedup_vs_criu_eager", FIRST_RESPONSE_BASELINE), ("speedup_vs_criu_lazy", LAZY_BASELINE)):
+            base = baseline(r, policy, "first_response_ms")
+            r[key] = round(base / first, 3) if ran and first and base else None
+        limit = limit_of.get(r["function"], {}).get("limit_ms")
+        r["limit_ms"] = limit
+        r["first_response_vs_limit"] = round(first / limit, 3) if ran and first is not None and limit else None
     return rows
+
+
+def limits(rows: list[dict]) -> dict[str, dict]:
+    """Per function, the limit of its first response (docs/restore-policies.md, "The limit"):
+    the fastest bare restore plus the fastest warm invocation among its successful cells, a
+    lower bound however noisy the run. A function missing either has no limit."""
+    out: dict[str, dict] = {}
+    for fn in dict.fromkeys(r["function"] for r in rows):
+        good = [r for r in rows if r["function"] == fn and r["ok"] and not r["skipped"]]
+        bare = [r["bare_restore_ms"] for r in good if r.get("bare_restore_ms") is not None]
+        warm = [r["warm_invoke_ms"] for r in good if r.get("warm_invoke_ms") is not None]
+        if bare and warm:
+            out[fn] = {"bare_restore_ms": min(bare), "warm_invoke_ms": min(warm),
+                       "limit_ms": round(min(bare) + min(warm), 3)}
+    return out
+
+
+def geo_mean(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None and v > 0]
+    return round(math.exp(sum(math.log(v) for v in values) / len(values)), 3) if values else None
+
+
+def summary(rows: list[dict]) -> dict:
+    """Per policy over the functions: geo-means of first response / limit and of the speedups,
+    the worst ratio to the limit; per function: its limit and the policy that came closest;
+    and the same geo-means over each function's closest policy ("best")."""
+    functions = limits(rows)
+    policies = {}
+    for policy in dict.fromkeys(r["policy"] for r in rows):
+        mine = [r for r in rows if r["policy"] == policy and r["ok"] and not r["skipped"]]
+        vs = [r["first_response_vs_limit"] for r in mine if r.get("first_response_vs_limit") is not None]
+        policies[policy] = {
+            "functions": len(mine), "vs_limit_geo_mean": geo_mean(vs), "vs_limit_max": max(vs) if vs else None,
+            "speedup_vs_criu_eager_geo_mean": geo_mean([r.get("speedup_vs_criu_eager") for r in mine]),
+            "speedup_vs_criu_lazy_geo_mean": geo_mean([r.get("speedup_vs_criu_lazy") for r in mine]),
+        }
+    best = []
+    for fn, lim in functions.items():
+        ranked = sorted((r for r in rows if r["function"] == fn and r.get("first_response_vs_limit") is not None),
+                        key=lambda r: r["first_response_vs_limit"])
+        if ranked:
+            lim.update({"best_policy": ranked[0]["policy"], "best_vs_limit": ranked[0]["first_response_vs_limit"]})
+            best.append(ranked[0])
+    overall = {"functions": len(best), "vs_limit_geo_mean": geo_mean([r["first_response_vs_limit"] for r in best]),
+               "vs_limit_max": max((r["first_response_vs_limit"] for r in best), default=None),
+               "speedup_vs_criu_eager_geo_mean": geo_mean([r.get("speedup_vs_criu_eager") for r in best]),
+               "speedup_vs_criu_lazy_geo_mean": geo_mean([r.get("speedup_vs_criu_lazy") for r in best])}
+    return {"functions": functions, "policies": policies, "best": overall}
 
 
 def rows_of(results: dict) -> list[dict]:
@@ -193,10 +255,11 @@ def tier_columns(rows: list[dict]) -> list[str]:
 def csv_columns(rows: list[dict]) -> list[str]:
     tiers = tier_columns(rows)
     return (["function", "policy", "snapshot_id", "snapshot_host", "restore_host", "ok", "skipped",
-             "restore_ms", "first_response_ms", "faults_total", "faults_read", "faults_write", "faults_zero"]
+             "restore_ms", "first_response_ms", "warm_invoke_ms", "bare_restore_ms", "limit_ms",
+             "first_response_vs_limit", "speedup_vs_criu_eager", "speedup_vs_criu_lazy", "faults_total", "faults_read", "faults_write", "faults_zero"]
             + [f"faults_{t}" for t in tiers] + [f"bytes_{t}" for t in tiers]
             + ["pages_prefetched", "pages_background", "zero_pages", "local_memory_bytes",
-               "faults_vs_lazy_cxl_pct", "first_response_vs_criu_eager_pct", "answer_ok", "digest_ok", "error"])
+               "faults_vs_lazy_cxl_pct", "answer_ok", "digest_ok", "error"])
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -234,12 +297,13 @@ def render_table(results: dict, rows: list[dict]) -> str:
     head = (f"  {'function':{fw}} {'policy':{pw}} {'result':6} {'restore ms':>10} {'1st resp ms':>11} {'faults':>7}"
             + "".join(f" {t + ' flt':>8}" for t in tiers)
             + f" {'moved MiB':>9} {'local MiB':>9} {'faults vs ' + FAULTS_BASELINE:>18}"
-            f" {'1st resp vs ' + FIRST_RESPONSE_BASELINE:>22}")
+            f" {'limit ms':>8} {'vs limit':>8} {'x eager':>7} {'x lazy':>7}")
     hosts = results.get("hosts", {})
     clock = ("native hosts: real CPU and DRAM, CXL at DRAM speed" if results.get("backend") == "native"
              else "emulated hardware: compare ratios, not absolutes")
     out = [f"restore matrix on topology {results.get('topology')}: snapshots on {hosts.get('snapshot')}, "
-           f"restored on {hosts.get('restore')} ({clock})", head]
+           f"restored on {hosts.get('restore')} ({clock}); x eager, x lazy: speedup of the first response over "
+           f"{FIRST_RESPONSE_BASELINE}, {LAZY_BASELINE}", head]
     last = None
     for r in rows:
         if last is not None and r["function"] != last:
@@ -253,7 +317,9 @@ def render_table(results: dict, rows: list[dict]) -> str:
             + "".join(f" {fmt_number(r.get(f'faults_{t}'), 'd'):>8}" for t in tiers)
             + f" {fmt_number(sum(moved) / MiB if moved else None):>9}"
             f" {fmt_number(r['local_memory_bytes'] / MiB if r['local_memory_bytes'] is not None else None):>9}"
-            f" {fmt_pct(r['faults_vs_lazy_cxl_pct']):>18} {fmt_pct(r['first_response_vs_criu_eager_pct']):>22}")
+            f" {fmt_pct(r['faults_vs_lazy_cxl_pct']):>18} {fmt_number(r['limit_ms']):>8}"
+            f" {fmt_ratio(r['first_response_vs_limit']):>8} {fmt_ratio(r['speedup_vs_criu_eager']):>7}"
+            f" {fmt_ratio(r['speedup_vs_criu_lazy']):>7}")
     failed = [r for r in rows if not r["ok"]]
     skipped = [r for r in rows if r["skipped"]]
     if failed:
@@ -263,9 +329,36 @@ def render_table(results: dict, rows: list[dict]) -> str:
         out += ["", "  skipped (not failed):"]
         out += [f"    {r['function']} {r['policy']}: {r['skipped']}"
                 for r in {(r["policy"], r["skipped"]): r for r in skipped}.values()]
+    out += render_summary(summary(rows))
     out.append(f"matrix: {len(rows) - len(failed) - len(skipped)} passed, {len(failed)} failed"
                + (f", {len(skipped)} skipped" if skipped else ""))
     return "\n".join(out)
+
+
+def fmt_ratio(value) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def render_summary(doc: dict) -> list[str]:
+    """First response against the limit (bare restore + warm invocation) and the baselines,
+    geo-means over the functions, per policy and for each function's closest policy."""
+    if not any(p["vs_limit_geo_mean"] or p["speedup_vs_criu_eager_geo_mean"] for p in doc["policies"].values()):
+        return []
+    pw = max([6] + [len(p) for p in doc["policies"]])
+    out = ["", f"  first response against the limit (bare restore + warm invocation) and the baselines, "
+               f"geo-means over the functions:",
+           f"  {'policy':{pw}} {'functions':>9} {'vs limit':>8} {'worst':>7} {'x ' + FIRST_RESPONSE_BASELINE:>12}"
+           f" {'x ' + LAZY_BASELINE:>11}"]
+    rows = list(doc["policies"].items()) + [("best", doc["best"])]
+    for name, p in rows:
+        out.append(f"  {name:{pw}} {p['functions']:>9} {fmt_ratio(p['vs_limit_geo_mean']):>8}"
+                   f" {fmt_ratio(p['vs_limit_max']):>7} {fmt_ratio(p['speedup_vs_criu_eager_geo_mean']):>12}"
+                   f" {fmt_ratio(p['speedup_vs_criu_lazy_geo_mean']):>11}")
+    closest = [f"{fn} {lim['best_policy']} {lim['best_vs_limit']:.2f}x of {lim['limit_ms']:.1f} ms"
+               for fn, lim in doc["functions"].items() if lim.get("best_policy")]
+    if closest:
+        out.append("  best: each function's policy closest to its limit: " + "; ".join(closest))
+    return out
 
 
 def exit_status(rows: list[dict]) -> int:
@@ -289,7 +382,7 @@ def write_outputs(out_dir: Path, results: dict) -> list[dict]:
     """results.json (atomically) and matrix.csv; returns the rows."""
     rows = rows_of(results)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "results.json", {**results, "rows": rows})
+    write_json_atomic(out_dir / "results.json", {**results, "rows": rows, "limit": summary(rows)})
     write_csv(out_dir / "matrix.csv", rows)
     return rows
 
@@ -449,7 +542,7 @@ def _progress(row: dict) -> str:
 
 
 def run_matrix(topo: Topology, functions: list[str], policies: list[str] | None, snap_host: str, restore_host: str,
-               out_dir: Path, keep: bool = False, run=None, ensure_agents=None) -> int:
+               out_dir: Path, keep: bool = False, run=None, ensure_agents=None, measure_limit: bool = True) -> int:
     """Runs every cell; `run` is launcher.run_in (tests pass a fake), `ensure_agents` agents.start.
     `policies` None: every policy the snapshot host's agent lists, in its order."""
     run = run or launcher.run_in
@@ -487,7 +580,7 @@ def run_matrix(topo: Topology, functions: list[str], policies: list[str] | None,
                            if topo.link_of(h.name) else None} for h in topo.hosts]},
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "git": git_commit(), "functions": functions, "policies": policies,
-        "timeouts_s": {"snapshot": SNAPSHOT_TIMEOUT_S, "restore": RESTORE_TIMEOUT_S},
+        "timeouts_s": {"snapshot": SNAPSHOT_TIMEOUT_S, "restore": RESTORE_TIMEOUT_S}, "measure_limit": measure_limit,
         "snapshots": {}, "cells": [], "cleanup": [], "seconds": 0.0,
     }
     say(f"restore matrix: {len(functions)} functions x {len(policies)} policies, snapshots on {snap_host}, "
@@ -512,11 +605,12 @@ def run_matrix(topo: Topology, functions: list[str], policies: list[str] | None,
         say(f"{fn}: snapshot {sid}: {snap.get('pages')} pages, {prof.get('hot')} hot / {prof.get('cold')} cold, "
             f"{len(snap.get('variants') or [])} variants ({time.monotonic() - ts:.0f} s)")
         forward = f" --host {shlex.quote(restore_host)}" if restore_host != snap_host else ""
+        limit = " --limit" if measure_limit else ""
         for policy in policies:
             tc = time.monotonic()
             target = restore_host
             rc, doc, err = tierctl(run, topo, snap_host,
-                                   f"restore {shlex.quote(sid)} --policy {shlex.quote(policy)}{forward}",
+                                   f"restore {shlex.quote(sid)} --policy {shlex.quote(policy)}{forward}{limit}",
                                    RESTORE_TIMEOUT_S)
             peer = peer_for(topo, snap_host) if restore_host == snap_host and needs_peer(doc) else None
             if peer:
@@ -524,7 +618,7 @@ def run_matrix(topo: Topology, functions: list[str], policies: list[str] | None,
                 target = peer
                 rc, doc, err = tierctl(run, topo, snap_host,
                                        f"restore {shlex.quote(sid)} --policy {shlex.quote(policy)} "
-                                       f"--host {shlex.quote(peer)}", RESTORE_TIMEOUT_S)
+                                       f"--host {shlex.quote(peer)}{limit}", RESTORE_TIMEOUT_S)
             if doc is not None and rc != 0 and doc.get("ok") is True:
                 err = err or f"tierctl exited {rc}"
             elif doc is not None:
@@ -562,6 +656,8 @@ def add_arguments(m: argparse.ArgumentParser) -> None:
                                           "host itself where the topology has no RDMA pool)")
     m.add_argument("--out", help="results directory (default: run/<topology>/results/matrix-<UTC time>/)")
     m.add_argument("--keep", action="store_true", help="keep the snapshots in the store afterwards")
+    m.add_argument("--no-limit", action="store_true",
+                   help="no bare restore after each cell (no bare_restore_ms, so no ratio to the limit)")
     m.add_argument("--plot", metavar="RESULTS_DIR",
                    help="only draw RESULTS_DIR/matrix.png (and print the table) from an earlier run")
 
@@ -584,7 +680,7 @@ def run_from_args(args, topo: Topology, run=None, ensure_agents=None) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out {out_dir} exists and is not a directory")
     return run_matrix(topo, functions, policies, snap_host, restore_host, out_dir, keep=args.keep,
-                      run=run, ensure_agents=ensure_agents)
+                      run=run, ensure_agents=ensure_agents, measure_limit=not args.no_limit)
 
 
 def main(argv: list[str], run=None, ensure_agents=None) -> int:

@@ -165,6 +165,9 @@ TEST(ControlCodecTest, EveryCommandSurvivesEncodeAndParse) {
   EXPECT_FALSE(std::get<FunctionRestore>(parse_request(encode_request(Request{1, "", FunctionRestore{"m", "reap"}}))->command)
                    .instances)
       << "no instances: a single restore, not a burst of one";
+  EXPECT_FALSE(restore.measure_limit) << "a restore measures its limit only when asked";
+  auto limited = parse_request(encode_request(Request{1, "", FunctionRestore{"m", "reap", {}, false, {}, true}}));
+  EXPECT_TRUE(std::get<FunctionRestore>(limited->command).measure_limit);
   auto parsed_kill = parse_request(encode_request(Request{1, "", FunctionKill{"mm-1.tiered.3"}}));
   EXPECT_EQ(std::get<FunctionKill>(parsed_kill->command).instance, "mm-1.tiered.3");
   EXPECT_TRUE(is_long_running(parsed_restore->command));

@@ -535,12 +535,15 @@ mechanism::RestoreResult every_field() {
   r.restore_ms = 10;
   r.first_response_ms = 20;
   r.invoke_ms = 5;
+  r.warm_invoke_ms = 4;
+  r.bare_restore_ms = 9;
+  r.limit_error = "bare restore: the kept instance holds the dumped socket path";
   r.local_memory_bytes = 1 << 20;
   r.local_anonymous_bytes = 1 << 19;
   r.cxl_mapped_bytes = 1 << 18;
   r.mapped_cow_bytes = 4096;
   r.pages_mapped_in_place = 64;
-  r.faults = mechanism::FaultCounts{10, 7, 3, 1, {{TierKind::rdma, 9}}};
+  r.faults = mechanism::FaultCounts{10, 7, 3, 1, 0.25, {{TierKind::rdma, 9}}};
   r.bytes_moved_per_tier = std::map<TierKind, std::uint64_t>{{TierKind::rdma, 36864}};
   r.pages_prefetched = 5;
   r.pages_copied_before_resume = 5;

@@ -58,7 +58,7 @@ def test_rows_carry_the_numbers_and_the_ratios():
     assert (t["faults_total"], t["faults_read"], t["faults_write"], t["faults_cxl"], t["faults_rdma"]) == (850, 700, 150, 425, 425)
     assert t["bytes_cxl"] == 425 * 4096 and t["local_memory_bytes"] == 25 * 2**20
     assert t["faults_vs_lazy_cxl_pct"] == 85.0
-    assert t["first_response_vs_criu_eager_pct"] == 25.0
+    assert t["speedup_vs_criu_eager"] == 4.0
     assert rows["lazy-cxl"]["faults_vs_lazy_cxl_pct"] == 100.0
     # A zero baseline has no meaningful percentage.
     assert rows["criu-eager"]["faults_vs_lazy_cxl_pct"] == 0.0
@@ -68,12 +68,49 @@ def test_rows_carry_the_numbers_and_the_ratios():
 def test_missing_or_failed_baseline_gives_no_ratio():
     rows = by_policy(matrix.rows_of(results([cell("tiered", faults=850)])))
     assert rows["tiered"]["ok"]
-    assert rows["tiered"]["faults_vs_lazy_cxl_pct"] is None and rows["tiered"]["first_response_vs_criu_eager_pct"] is None
+    assert rows["tiered"]["faults_vs_lazy_cxl_pct"] is None and rows["tiered"]["speedup_vs_criu_eager"] is None
     failed_base = [cell("lazy-cxl", error="cannot reach the agent"), cell("tiered", faults=850)]
     rows = by_policy(matrix.rows_of(results(failed_base)))
     assert rows["tiered"]["faults_vs_lazy_cxl_pct"] is None
     zero_base = [cell("criu-eager", first=0.0), cell("tiered")]
-    assert by_policy(matrix.rows_of(results(zero_base)))["tiered"]["first_response_vs_criu_eager_pct"] is None
+    assert by_policy(matrix.rows_of(results(zero_base)))["tiered"]["speedup_vs_criu_eager"] is None
+
+
+def limited(policy, first, bare, warm, function="helloworld", **kw):
+    return cell(policy, function=function, first=first, bare_restore_ms=bare, warm_invoke_ms=warm, **kw)
+
+
+def test_the_limit_is_the_fastest_bare_restore_plus_the_fastest_warm_invocation_of_the_function():
+    cells = [limited("criu-eager", 400.0, 52.0, 9.0), limited("criu-lazy", 300.0, 50.0, 11.0),
+             limited("reap", 75.0, 55.0, 10.0), limited("tiered", 66.0, 51.0, 12.0),
+             # a failed cell's numbers do not make the limit
+             limited("lazy-cxl", 1.0, 1.0, 1.0, ok=False, answer_ok=None, digest_ok=None),
+             limited("reap", 30.0, 20.0, 4.0, function="matmul"), limited("criu-eager", 90.0, 22.0, 5.0, function="matmul")]
+    rows = matrix.rows_of(results(cells))
+    assert matrix.limits(rows) == {"helloworld": {"bare_restore_ms": 50.0, "warm_invoke_ms": 9.0, "limit_ms": 59.0},
+                                   "matmul": {"bare_restore_ms": 20.0, "warm_invoke_ms": 4.0, "limit_ms": 24.0}}
+    hw = by_policy(rows)
+    assert hw["tiered"]["first_response_vs_limit"] == round(66 / 59, 3)
+    assert hw["tiered"]["speedup_vs_criu_eager"] == round(400 / 66, 3)
+    assert hw["tiered"]["speedup_vs_criu_lazy"] == round(300 / 66, 3)
+    assert hw["lazy-cxl"]["first_response_vs_limit"] is None
+    doc = matrix.summary(rows)
+    # geo-mean of reap's two ratios to the limit; its worst one
+    assert doc["policies"]["reap"]["vs_limit_geo_mean"] == round((round(75 / 59, 3) * round(30 / 24, 3)) ** 0.5, 3)
+    assert doc["policies"]["reap"]["vs_limit_max"] == round(75 / 59, 3)
+    assert doc["functions"]["helloworld"]["best_policy"] == "tiered"
+    assert doc["functions"]["matmul"]["best_policy"] == "reap"
+    assert doc["best"]["functions"] == 2
+    assert doc["best"]["vs_limit_geo_mean"] == round((round(66 / 59, 3) * round(30 / 24, 3)) ** 0.5, 3)
+    text = matrix.render_table(results(cells), rows)
+    assert "first response against the limit" in text and "helloworld tiered 1.12x of 59.0 ms" in text
+
+
+def test_no_limit_without_a_bare_restore_or_a_warm_invocation():
+    cells = [limited("reap", 75.0, None, 10.0), limited("tiered", 66.0, None, 12.0)]
+    rows = matrix.rows_of(results(cells))
+    assert matrix.limits(rows) == {} and all(r["first_response_vs_limit"] is None for r in rows)
+    assert "against the limit" not in matrix.render_table(results(cells), rows)
 
 
 @pytest.mark.parametrize("kw,message", [
@@ -125,9 +162,9 @@ def test_table_is_readable_and_names_the_failures():
     text = matrix.render_table(res, matrix.rows_of(res))
     lines = text.splitlines()
     assert "snapshots on host0, restored on host1" in lines[0]
-    assert "faults vs lazy-cxl" in lines[1] and "1st resp vs criu-eager" in lines[1]
+    assert "faults vs lazy-cxl" in lines[1] and "vs limit" in lines[1] and "x eager" in lines[1]
     tiered = next(l for l in lines if "helloworld" in l and " tiered " in l)
-    assert tiered.split()[2] == "ok" and "85%" in tiered and "25%" in tiered
+    assert tiered.split()[2] == "ok" and "85%" in tiered and "4.00x" in tiered
     pyaes = [l for l in lines if l.startswith("  pyaes ")]
     assert len(pyaes) == 2 and all(l.split()[2] == "FAIL" for l in pyaes)
     assert "" in lines  # a blank line between functions

@@ -117,6 +117,9 @@ int main(int argc, char** argv) {
                           "a name from `tierctl policies`")->required();
   restore_cmd->add_option("--host", restore_host, "the agent that restores (default: the one tierctl talks to)");
   restore_cmd->add_flag("--keep", function_restore.keep, "leave the restored instance running");
+  restore_cmd->add_flag("--limit", function_restore.measure_limit,
+                        "also measure the restore's limit: bare_restore_ms (a bare restore of the same copy, after "
+                        "this one) beside warm_invoke_ms");
   std::uint32_t restore_instances = 0;
   restore_cmd->add_option("--instances", restore_instances,
                           "a burst: restore this many instances at once (each checked; bounded by the agent's max_operations)")

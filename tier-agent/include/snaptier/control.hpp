@@ -100,6 +100,9 @@ struct FunctionRestore {
   // Given (1..256): a burst of that many at once, answered with a BurstResult (its times count
   // from the burst's start, materializing included); absent: one restore, a FunctionRestoreResult.
   std::optional<std::uint32_t> instances;
+  // Also measure the restore's limit: a bare restore of the same copy (bare_restore_ms), after
+  // the measured one. Ignored for bursts.
+  bool measure_limit = false;
 };
 
 // Instances left running (keep), operations in flight and their bound.

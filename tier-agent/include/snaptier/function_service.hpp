@@ -103,6 +103,8 @@ class FunctionService {
     mechanism::RestoreResult result;
   };
   [[nodiscard]] Result<PickedRestore> pick_restore(const control::FunctionRestore& request);
+  // bare_restore_ms of `request`'s copy (policy::make_bare_policy), or why it has none.
+  [[nodiscard]] Result<double> bare_restore(const control::FunctionRestore& request);
 
 };
 

@@ -39,6 +39,7 @@ namespace snaptier::mechanism {
 
 struct FaultCounts {
   std::uint64_t total = 0, read = 0, write = 0, zero = 0;
+  double service_ms = 0;  // the server's time serving them (message read to page installed)
   std::map<TierKind, std::uint64_t> per_tier;  // demand faults served from each tier
 };
 struct MaterializeStep {
@@ -78,6 +79,11 @@ struct RestoreResult {
   std::optional<RemoteStep> remote;
   std::optional<nlohmann::json> in_place;  // inplace::describe_choice + inplace::report
   std::optional<double> restore_ms, first_response_ms, invoke_ms;
+  // The limit of first_response_ms (docs/restore-policies.md, "The limit"): the same input
+  // answered again once the first invocation and the digest have run (every page it touches
+  // installed), and a bare restore of the same copy (FunctionRestore::measure_limit).
+  std::optional<double> warm_invoke_ms, bare_restore_ms;
+  std::optional<std::string> limit_error;  // why one of the two is missing (the restore itself is fine)
   std::optional<std::uint64_t> local_memory_bytes, local_anonymous_bytes, cxl_mapped_bytes, mapped_cow_bytes;
   std::optional<std::uint64_t> pages_mapped_in_place;
   // Outer: the restore got that far; inner nullopt: the mechanism does not count faults (CRIU's daemon).
@@ -206,5 +212,9 @@ struct Invocation {
 // prepare, restore, move the socket, invoke once, check the answer and the digest, measure,
 // kill (or keep) and finish; fills `out`. Never throws; every failure ends up in `out`.
 void run_restore(RestoreMechanism& mechanism, const Invocation& invocation, RestoreResult& out);
+
+// The timed part of a restore alone (prepare, restore, kill, finish): its milliseconds, for a
+// mechanism made with policy::make_bare_policy (bare_restore_ms).
+[[nodiscard]] Result<double> run_bare_restore(RestoreMechanism& mechanism);
 
 }  // namespace snaptier::mechanism

@@ -113,4 +113,10 @@ struct PolicyInfo {
 [[nodiscard]] std::vector<PolicyInfo> describe_policies();
 [[nodiscard]] Result<std::unique_ptr<RestorePolicy>> make_policy(std::string_view name);
 
+// Not a policy a user picks: the reference restore of a result's limit (bare_restore_ms). The
+// agent's lazy-pages server over `placement`'s copy, nothing installed before resume, nothing
+// mapped in place: CRIU's rebuild of the process with no page data to move but what CRIU
+// restores itself.
+[[nodiscard]] std::unique_ptr<RestorePolicy> make_bare_policy(std::string_view placement);
+
 }  // namespace snaptier::policy

@@ -251,6 +251,8 @@ Result<Command> parse_function_restore(JsonReader& reader, const json&) {
   c.host = host;
   SNAPTIER_TRY(keep, reader.boolean("keep"));
   c.keep = keep.value_or(false);
+  SNAPTIER_TRY(measure_limit, reader.boolean("measure_limit"));
+  c.measure_limit = measure_limit.value_or(false);
   SNAPTIER_TRY(instances, reader.unsigned_integer("instances", 256));
   if (instances) {
     if (*instances < 1) return reader.error("instances", "must be 1..256");
@@ -347,6 +349,7 @@ json encode_args(const Command& command) {
           json args{{"id", c.snapshot}, {"policy", c.policy}};
           if (c.host) args["host"] = *c.host;
           if (c.keep) args["keep"] = true;
+          if (c.measure_limit) args["measure_limit"] = true;
           if (c.instances) args["instances"] = *c.instances;
           return args;
         } else if constexpr (std::is_same_v<T, FunctionKill>) {

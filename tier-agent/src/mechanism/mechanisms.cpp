@@ -254,7 +254,8 @@ class AgentLazy final : public Base {
   void finish(bool kept, RestoreResult& out) override {
     const auto& report = server_->finish(kept ? milliseconds(0) : milliseconds(30'000));
     const FaultMetrics& m = at_first_response_ ? *at_first_response_ : report.metrics;
-    out.faults = FaultCounts{m.faults, m.read_faults, m.write_faults, m.zero_filled_faults, m.demand_pages_per_tier};
+    out.faults = FaultCounts{m.faults, m.read_faults, m.write_faults, m.zero_filled_faults,
+                             static_cast<double>(m.fault_service_ns) / 1e6, m.demand_pages_per_tier};
     std::map<TierKind, std::uint64_t> moved;
     for (const auto& [tier, pages] : m.pages_copied_per_tier) moved[tier] = pages * kPageSize;
     out.bytes_moved_per_tier = moved;

@@ -48,6 +48,9 @@ json to_json(const RestoreResult& r) {
   put(j, "restore_ms", r.restore_ms);
   put(j, "first_response_ms", r.first_response_ms);
   put(j, "invoke_ms", r.invoke_ms);
+  put(j, "warm_invoke_ms", r.warm_invoke_ms);
+  put(j, "bare_restore_ms", r.bare_restore_ms);
+  put(j, "limit_error", r.limit_error);
   put(j, "local_memory_bytes", r.local_memory_bytes);
   put(j, "local_anonymous_bytes", r.local_anonymous_bytes);
   put(j, "cxl_mapped_bytes", r.cxl_mapped_bytes);
@@ -55,7 +58,8 @@ json to_json(const RestoreResult& r) {
   put(j, "pages_mapped_in_place", r.pages_mapped_in_place);
   if (r.faults) {
     j["faults"] = *r.faults ? json{{"total", (*r.faults)->total}, {"read", (*r.faults)->read}, {"write", (*r.faults)->write},
-                                   {"zero", (*r.faults)->zero}, {"per_tier", tier_map((*r.faults)->per_tier)}}
+                                   {"zero", (*r.faults)->zero}, {"service_ms", (*r.faults)->service_ms},
+                                   {"per_tier", tier_map((*r.faults)->per_tier)}}
                             : json(nullptr);
   }
   if (r.bytes_moved_per_tier) j["bytes_moved_per_tier"] = tier_map(*r.bytes_moved_per_tier);

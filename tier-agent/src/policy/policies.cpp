@@ -225,4 +225,8 @@ Result<std::unique_ptr<RestorePolicy>> make_policy(std::string_view name) {
   return fail(Errc::invalid_argument, "unknown restore policy '" + std::string(name) + "' (known: " + known + ")");
 }
 
+std::unique_ptr<RestorePolicy> make_bare_policy(std::string_view placement) {
+  return std::make_unique<Policy>("bare", Mechanism::snaptier_lazy, std::string(placement), Policy::Prefetch::none);
+}
+
 }  // namespace snaptier::policy
