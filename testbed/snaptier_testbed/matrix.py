@@ -17,6 +17,7 @@ import csv
 import json
 import math
 import secrets
+import statistics
 import shlex
 import subprocess
 import time
@@ -152,6 +153,7 @@ def row_of(cell: dict) -> dict:
         "faults_total": number_or_none(faults.get("total")), "faults_read": number_or_none(faults.get("read")),
         "faults_write": number_or_none(faults.get("write")), "faults_zero": number_or_none(faults.get("zero")),
     }
+    row.update(repeated_times(cell, row))
     for tier, n in per_tier.items():
         row[f"faults_{tier}"] = number_or_none(n)
     for tier, n in moved.items():
@@ -164,6 +166,22 @@ def row_of(cell: dict) -> dict:
         "error": " | ".join(dict.fromkeys(str(e) for e in errors)) or None,
     })
     return row
+
+
+def repeated_times(cell: dict, row: dict) -> dict:
+    """A repeated cell's times are the medians of its repetitions; its first response's range beside."""
+    repeats = cell.get("repeats") if isinstance(cell.get("repeats"), list) else []
+    out = {"repeats": len(repeats) or 1, "first_response_ms_min": row["first_response_ms"],
+           "first_response_ms_max": row["first_response_ms"]}
+    if not repeats:
+        return out
+    for key in REPEATED:
+        values = [number_or_none(r.get(key)) for r in repeats if isinstance(r, dict)]
+        values = [v for v in values if v is not None]
+        out[key] = statistics.median(values) if values else None
+        if key == "first_response_ms" and values:
+            out["first_response_ms_min"], out["first_response_ms_max"] = min(values), max(values)
+    return out
 
 
 def add_ratios(rows: list[dict]) -> list[dict]:
@@ -195,16 +213,21 @@ def add_ratios(rows: list[dict]) -> list[dict]:
 
 def limits(rows: list[dict]) -> dict[str, dict]:
     """Per function, the limit of its first response (docs/restore-policies.md, "The limit"):
-    the fastest bare restore plus the fastest warm invocation among its successful cells, a
-    lower bound however noisy the run. A function missing either has no limit."""
+    the median bare restore over its successful cells (the same measurement in every cell) plus
+    the warm invocation of criu-eager, whose instance has every page in local memory and no
+    userfaultfd (the median over the cells where criu-eager did not run). A function missing
+    either has no limit."""
     out: dict[str, dict] = {}
     for fn in dict.fromkeys(r["function"] for r in rows):
         good = [r for r in rows if r["function"] == fn and r["ok"] and not r["skipped"]]
         bare = [r["bare_restore_ms"] for r in good if r.get("bare_restore_ms") is not None]
-        warm = [r["warm_invoke_ms"] for r in good if r.get("warm_invoke_ms") is not None]
+        eager = [r["warm_invoke_ms"] for r in good
+                 if r["policy"] == FIRST_RESPONSE_BASELINE and r.get("warm_invoke_ms") is not None]
+        warm = eager or [r["warm_invoke_ms"] for r in good if r.get("warm_invoke_ms") is not None]
         if bare and warm:
-            out[fn] = {"bare_restore_ms": min(bare), "warm_invoke_ms": min(warm),
-                       "limit_ms": round(min(bare) + min(warm), 3)}
+            b, w = statistics.median(bare), statistics.median(warm)
+            out[fn] = {"bare_restore_ms": round(b, 3), "warm_invoke_ms": round(w, 3), "limit_ms": round(b + w, 3),
+                       "warm_from": FIRST_RESPONSE_BASELINE if eager else "median of the cells"}
     return out
 
 
@@ -255,7 +278,8 @@ def tier_columns(rows: list[dict]) -> list[str]:
 def csv_columns(rows: list[dict]) -> list[str]:
     tiers = tier_columns(rows)
     return (["function", "policy", "snapshot_id", "snapshot_host", "restore_host", "ok", "skipped",
-             "restore_ms", "first_response_ms", "warm_invoke_ms", "bare_restore_ms", "limit_ms",
+             "restore_ms", "first_response_ms", "first_response_ms_min", "first_response_ms_max", "repeats",
+             "warm_invoke_ms", "bare_restore_ms", "limit_ms",
              "first_response_vs_limit", "speedup_vs_criu_eager", "speedup_vs_criu_lazy", "faults_total", "faults_read", "faults_write", "faults_zero"]
             + [f"faults_{t}" for t in tiers] + [f"bytes_{t}" for t in tiers]
             + ["pages_prefetched", "pages_background", "zero_pages", "local_memory_bytes",
@@ -541,8 +565,50 @@ def _progress(row: dict) -> str:
     return f"FAIL {row['function']} {row['policy']}: {row['error']}"
 
 
+def restore_cell(run, topo: Topology, fn: str, policy: str, sid: str, snap_host: str, restore_host: str,
+                 measure_limit: bool, lacks) -> dict:
+    """One restore of `sid` with `policy`, asked of the snapshot host's agent, as a recorded cell."""
+    tc = time.monotonic()
+    forward = f" --host {shlex.quote(restore_host)}" if restore_host != snap_host else ""
+    limit = " --limit" if measure_limit else ""
+    target = restore_host
+    rc, doc, err = tierctl(run, topo, snap_host,
+                           f"restore {shlex.quote(sid)} --policy {shlex.quote(policy)}{forward}{limit}", RESTORE_TIMEOUT_S)
+    peer = peer_for(topo, snap_host) if restore_host == snap_host and needs_peer(doc) else None
+    if peer:
+        # The mechanism restores from another host's agent (criu-remote): run it on a peer.
+        target = peer
+        rc, doc, err = tierctl(run, topo, snap_host,
+                               f"restore {shlex.quote(sid)} --policy {shlex.quote(policy)} "
+                               f"--host {shlex.quote(peer)}{limit}", RESTORE_TIMEOUT_S)
+    if doc is not None and rc != 0 and doc.get("ok") is True:
+        err = err or f"tierctl exited {rc}"
+    elif doc is not None:
+        err = ""  # the object says what happened (ok false + error)
+    return _cell(fn, policy, sid, snap_host, target, restore=doc, error=err or None, rc=rc,
+                 seconds=time.monotonic() - tc, skipped=skip_reason(topo, doc, lacks(target, policy, doc)))
+
+
+REPEATED = ("first_response_ms", "restore_ms", "warm_invoke_ms", "bare_restore_ms")
+
+
+def combine_repeats(cells: list[dict]) -> dict:
+    """The repetitions of one cell as one: the first that failed or was skipped, else the one
+    with the median first response; `repeats` keeps every repetition's times."""
+    if len(cells) == 1:
+        return cells[0]
+    bad = next((c for c in cells if c.get("skipped") or not row_of(c)["ok"]), None)
+    if bad is not None:
+        chosen = bad
+    else:
+        chosen = sorted(cells, key=lambda c: c["restore"]["first_response_ms"])[(len(cells) - 1) // 2]
+    times = [{k: (c.get("restore") or {}).get(k) for k in REPEATED} for c in cells]
+    return {**chosen, "repeats": times, "seconds": round(sum(c.get("seconds", 0.0) for c in cells), 1)}
+
+
 def run_matrix(topo: Topology, functions: list[str], policies: list[str] | None, snap_host: str, restore_host: str,
-               out_dir: Path, keep: bool = False, run=None, ensure_agents=None, measure_limit: bool = True) -> int:
+               out_dir: Path, keep: bool = False, run=None, ensure_agents=None, measure_limit: bool = True,
+               repeat: int = 1) -> int:
     """Runs every cell; `run` is launcher.run_in (tests pass a fake), `ensure_agents` agents.start.
     `policies` None: every policy the snapshot host's agent lists, in its order."""
     run = run or launcher.run_in
@@ -580,7 +646,7 @@ def run_matrix(topo: Topology, functions: list[str], policies: list[str] | None,
                            if topo.link_of(h.name) else None} for h in topo.hosts]},
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "git": git_commit(), "functions": functions, "policies": policies,
-        "timeouts_s": {"snapshot": SNAPSHOT_TIMEOUT_S, "restore": RESTORE_TIMEOUT_S}, "measure_limit": measure_limit,
+        "timeouts_s": {"snapshot": SNAPSHOT_TIMEOUT_S, "restore": RESTORE_TIMEOUT_S}, "measure_limit": measure_limit, "repeat": repeat,
         "snapshots": {}, "cells": [], "cleanup": [], "seconds": 0.0,
     }
     say(f"restore matrix: {len(functions)} functions x {len(policies)} policies, snapshots on {snap_host}, "
@@ -604,31 +670,20 @@ def run_matrix(topo: Topology, functions: list[str], policies: list[str] | None,
         prof = snap.get("profile") or {}
         say(f"{fn}: snapshot {sid}: {snap.get('pages')} pages, {prof.get('hot')} hot / {prof.get('cold')} cold, "
             f"{len(snap.get('variants') or [])} variants ({time.monotonic() - ts:.0f} s)")
-        forward = f" --host {shlex.quote(restore_host)}" if restore_host != snap_host else ""
-        limit = " --limit" if measure_limit else ""
-        for policy in policies:
-            tc = time.monotonic()
-            target = restore_host
-            rc, doc, err = tierctl(run, topo, snap_host,
-                                   f"restore {shlex.quote(sid)} --policy {shlex.quote(policy)}{forward}{limit}",
-                                   RESTORE_TIMEOUT_S)
-            peer = peer_for(topo, snap_host) if restore_host == snap_host and needs_peer(doc) else None
-            if peer:
-                # The mechanism restores from another host's agent (criu-remote): run it on a peer.
-                target = peer
-                rc, doc, err = tierctl(run, topo, snap_host,
-                                       f"restore {shlex.quote(sid)} --policy {shlex.quote(policy)} "
-                                       f"--host {shlex.quote(peer)}{limit}", RESTORE_TIMEOUT_S)
-            if doc is not None and rc != 0 and doc.get("ok") is True:
-                err = err or f"tierctl exited {rc}"
-            elif doc is not None:
-                err = ""  # the object says what happened (ok false + error)
-            cell = _cell(fn, policy, sid, snap_host, target, restore=doc, error=err or None, rc=rc,
-                         seconds=time.monotonic() - tc, skipped=skip_reason(topo, doc, lacks(target, policy, doc)))
-            results["cells"].append(cell)
-            say(_progress(row_of(cell)))
-            results["seconds"] = round(time.monotonic() - t0, 1)
-            write_outputs(out_dir, results)
+        # Repetitions interleave the policies, so a load that drifts during the run touches all alike.
+        reps: dict[str, list[dict]] = {p: [] for p in policies}
+        done = list(results["cells"])
+        for rep in range(repeat):
+            for policy in policies:
+                last = reps[policy][-1] if reps[policy] else None
+                if last is not None and (last.get("skipped") or not row_of(last)["ok"]):
+                    continue  # a failed or skipped cell is not repeated
+                cell = restore_cell(run, topo, fn, policy, sid, snap_host, restore_host, measure_limit, lacks)
+                reps[policy].append(cell)
+                say((f"[{rep + 1}/{repeat}] " if repeat > 1 else "") + _progress(row_of(cell)))
+                results["cells"] = done + [combine_repeats(c) for c in reps.values() if c]
+                results["seconds"] = round(time.monotonic() - t0, 1)
+                write_outputs(out_dir, results)
         if not keep:
             results["cleanup"] += delete_snapshot(run, topo, snap_host, snap, sid)
     results["seconds"] = round(time.monotonic() - t0, 1)
@@ -656,6 +711,9 @@ def add_arguments(m: argparse.ArgumentParser) -> None:
                                           "host itself where the topology has no RDMA pool)")
     m.add_argument("--out", help="results directory (default: run/<topology>/results/matrix-<UTC time>/)")
     m.add_argument("--keep", action="store_true", help="keep the snapshots in the store afterwards")
+    m.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="restore every cell N times, the policies interleaved; a cell's numbers are the medians "
+                        "(default 1)")
     m.add_argument("--no-limit", action="store_true",
                    help="no bare restore after each cell (no bare_restore_ms, so no ratio to the limit)")
     m.add_argument("--plot", metavar="RESULTS_DIR",
@@ -676,11 +734,13 @@ def run_from_args(args, topo: Topology, run=None, ensure_agents=None) -> int:
     functions = parse_list(args.functions, available_functions(), "function", "--functions")
     policies = parse_list(args.policies, known_policies(), "policy", "--policies") if args.policies else None
     snap_host, restore_host = pick_hosts(topo, args.snapshot_host, args.restore_host)
+    if not 1 <= args.repeat <= 50:
+        raise UsageError(f"--repeat {args.repeat}: must be 1..50")
     out_dir = Path(args.out) if args.out else default_out_dir(topo)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out {out_dir} exists and is not a directory")
     return run_matrix(topo, functions, policies, snap_host, restore_host, out_dir, keep=args.keep,
-                      run=run, ensure_agents=ensure_agents, measure_limit=not args.no_limit)
+                      run=run, ensure_agents=ensure_agents, measure_limit=not args.no_limit, repeat=args.repeat)
 
 
 def main(argv: list[str], run=None, ensure_agents=None) -> int:

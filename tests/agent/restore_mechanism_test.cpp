@@ -268,6 +268,33 @@ TEST_F(RestoreMechanismTest, AgentLazyServerThreadEndsWhenCriuRestoreFails) {
   expect_nothing_left();
 }
 
+TEST_F(RestoreMechanismTest, BareRestoreIsTheAgentsLazyServerWithNothingBeforeResumeAndNothingInPlace) {
+  for (const char* placement : {"cxl", "tiered", "rdma"}) {
+    const auto bare = policy::make_bare_policy(placement);
+    EXPECT_EQ(bare->mechanism(), policy::Mechanism::snaptier_lazy);
+    EXPECT_EQ(bare->placement(), placement) << "it reads the copy the measured restore read";
+    EXPECT_EQ(bare->in_place().pages, policy::InPlacePages::none);
+    const std::vector<policy::LazyPage> hot{{0x1000, page_hot | page_written, 1, TierKind::cxl},
+                                            {0x2000, page_hot, 2, TierKind::cxl}};
+    EXPECT_TRUE(bare->plan(hot).before_resume.empty()) << "a bare restore installs nothing before resume";
+  }
+}
+
+TEST_F(RestoreMechanismTest, FailedBareRestoreSaysWhyAndLeavesNothing) {
+  auto c = context("reap");
+  c.policy = policy::make_bare_policy("cxl");
+  auto made = mechanism::make_mechanism(std::move(c));
+  ASSERT_TRUE(made) << made.error().what();
+  dir_ = (*made)->dir();
+  const auto t0 = std::chrono::steady_clock::now();
+  auto ms = mechanism::run_bare_restore(**made);
+  made->reset();
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 15s) << "the server was not told to stop";
+  ASSERT_FALSE(ms);
+  EXPECT_NE(ms.error().message.find("criu restore failed"), std::string::npos) << ms.error().what();
+  expect_nothing_left();
+}
+
 // ---- what criu is handed, and what is left when it hangs ----------------------------------------
 
 bool ran_criu_restore(const fs::path& calls) {

@@ -322,7 +322,7 @@ Result<mechanism::RestoreResult> FunctionService::restore_one(const control::Fun
   mechanism::run_restore(**restorer, invocation, result);
   restorer->reset();  // its daemons, threads and (unless kept) work directory end here
   if (result.instance) track_kept(result, dir);
-  if (request.measure_limit && result.ok) {
+  if (request.measure_limit && !request.instances && result.ok) {
     // After the measured restore, so that one runs first on every cache the two share.
     if (result.instance && !private_socket_dir) {
       result.limit_error = "bare restore: the kept instance holds the dumped socket path";
