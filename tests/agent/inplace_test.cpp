@@ -535,6 +535,19 @@ TEST_F(MappedRunsTest, ReadOnlyHotRunsAreContiguousInTheRegionAndOneRunPerVmaStr
   EXPECT_TRUE(inplace::verify_runs(*store, s, *p));
 }
 
+TEST_F(MappedRunsTest, ASmallColdGapInCxlIsMappedWithTheReadOnlyHotPagesAroundIt) {
+  touch(kMapping, 1, page_read_only);
+  touch(kMapping + 2 * P, 1, page_read_only);  // page 1 is cold: a gap of one
+  discarded("{}");
+  const Snapshot s = stored("fn");
+  auto p = plan(s);
+  ASSERT_TRUE(p) << p.error().what();
+  ASSERT_EQ(p->runs.size(), 1u) << "one mapping, not two with an anonymous piece between";
+  EXPECT_EQ(p->runs[0].run, (criu::MappedRun{kMapping, 3, page_at(s, kMapping).location}));
+  EXPECT_EQ(p->pages, 3u);
+  EXPECT_TRUE(inplace::verify_runs(*store, s, *p)) << "the gap page is checked like the others";
+}
+
 TEST_F(MappedRunsTest, WrittenDiscardedAndScatteredPagesBreakRuns) {
   touch(kMapping, 1, page_read_only);
   touch(kMapping + P, 1, page_written);    // copied before resume, never mapped

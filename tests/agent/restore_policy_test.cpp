@@ -163,6 +163,51 @@ void expect_tiered_split(const std::map<TierKind, TierCaps>& up, TierKind cold) 
   EXPECT_EQ(tier_of(5), TierKind::cxl);  // zero pages are not stored anyway
 }
 
+TEST(RestorePolicyTest, SmallColdGapsBetweenReadOnlyHotPagesGoToCxlWithThem) {
+  constexpr std::uint32_t ro = page_hot | page_read_only;
+  std::vector<std::uint32_t> flags{ro, 0, 0, ro};                 // 0-3: a gap of 2: filled
+  for (int k = 0; k < 9; ++k) flags.push_back(0);                // 4-12: a gap of 9 > kInPlaceGapPages
+  flags.insert(flags.end(), {ro, 0, page_hot | page_written,     // 13-15: a written page is no bound
+                             0, ro, page_zero, ro, 0});          // 16-20: zero pages are not stored; no right bound
+  static_assert(kInPlaceGapPages == 8, "the pattern above assumes gaps of 8 are filled and 9 are not");
+  std::vector<PageEntry> pages;
+  std::uint64_t a = 0x400000;
+  for (auto f : flags) {
+    PageEntry e;
+    e.vaddr = a;
+    e.flags = f;
+    pages.push_back(e);
+    a += P;
+  }
+  const std::vector<bool> gaps = small_in_place_gaps(pages);
+  std::vector<std::size_t> filled;
+  for (std::size_t i = 0; i < gaps.size(); ++i)
+    if (gaps[i]) filled.push_back(i);
+  EXPECT_EQ(filled, (std::vector<std::size_t>{1, 2}));
+
+  // The same gap of 8 fills; pages that are not adjacent in address do not make a gap.
+  std::vector<PageEntry> eight(10);
+  for (std::size_t i = 0; i < eight.size(); ++i) eight[i].vaddr = 0x400000 + i * P;
+  eight.front().flags = eight.back().flags = ro;
+  const auto whole = small_in_place_gaps(eight);
+  EXPECT_EQ(std::count(whole.begin(), whole.end(), true), 8);
+  eight[5].vaddr += 100 * P;
+  for (std::size_t i = 6; i < eight.size(); ++i) eight[i].vaddr += 100 * P;
+  const auto split = small_in_place_gaps(eight);
+  EXPECT_EQ(std::count(split.begin(), split.end(), true), 0);
+
+  // The tiered placement stores them in CXL; the large gap stays on the cold tier.
+  const std::map<TierKind, TierCaps> up{{TierKind::cxl, {}}, {TierKind::rdma, {}}};
+  auto request = (*make_placement("tiered"))->place(pages, up);
+  ASSERT_TRUE(request) << request.error().what();
+  auto tier_of = [&](std::size_t i) { return request->per_page[i].value_or(request->default_tier); };
+  EXPECT_EQ(tier_of(1), TierKind::cxl);
+  EXPECT_EQ(tier_of(2), TierKind::cxl);
+  for (std::size_t i = 4; i <= 12; ++i) EXPECT_EQ(tier_of(i), TierKind::rdma) << i;
+  EXPECT_EQ(tier_of(14), TierKind::rdma);
+  EXPECT_EQ(tier_of(20), TierKind::rdma);
+}
+
 TEST(RestorePolicyTest, TieredPlacementPutsHotPagesOnCxlAndColdOnesInRdma) {
   const std::map<TierKind, TierCaps> up{{TierKind::local, {}}, {TierKind::cxl, {}}, {TierKind::rdma, {}}};
   expect_tiered_split(up, TierKind::rdma);

@@ -133,6 +133,9 @@ Result<Plan> plan_runs(const Snapshot& snapshot, const criu::Checkpoint& materia
 
   Plan plan;
   plan.rewrite.backing_file = backing.file;
+  const std::vector<bool> gaps = selection == policy::InPlacePages::read_only_hot
+                                     ? policy::small_in_place_gaps(snapshot.pages)
+                                     : std::vector<bool>{};
   static const std::vector<std::pair<std::uint64_t, std::uint64_t>> kNone;
   for (const auto& task : materialized.tasks) {
     if (!task.mm || !task.pagemap) continue;
@@ -164,7 +167,10 @@ Result<Plan> plan_runs(const Snapshot& snapshot, const criu::Checkpoint& materia
         if (page.vaddr != vaddr)
           return fail(Errc::corrupt, "snapshot '" + snapshot.info.id + "': page " + std::to_string(index) +
                                          " does not match the pagemap");
-        if (!selected(page, selection)) {
+        // read_only_hot: and the cold pages of a small gap between two, where the copy holds
+        // them in CXL (the tiered placement puts them there: policy::small_in_place_gaps).
+        const bool gap = !gaps.empty() && gaps[index] && page.tier == TierKind::cxl;
+        if (!gap && !selected(page, selection)) {
           close();
           continue;
         }

@@ -55,6 +55,10 @@ class TieredPlacement final : public Placement {
     for (std::size_t i = 0; i < pages.size(); ++i) {
       if ((pages[i].flags & page_hot) != 0) request.per_page[i] = TierKind::cxl;
     }
+    const std::vector<bool> gaps = small_in_place_gaps(pages);
+    for (std::size_t i = 0; i < pages.size(); ++i) {
+      if (gaps[i]) request.per_page[i] = TierKind::cxl;
+    }
     return request;
   }
 };
@@ -94,6 +98,30 @@ class Policy final : public RestorePolicy {
 };
 
 }  // namespace
+
+// Read-only hot pages are mapped in place, one file mapping per run contiguous in the process
+// and in CXL, and CRIU creates each mapping (and the anonymous piece between two) one by one:
+// scattered hot pages (lookup_table: 8,846 in 6,512 runs, 13,163 VMAs, ~130 ms of restore
+// natively) cost more in mappings than the cold pages between them cost in CXL.
+std::vector<bool> small_in_place_gaps(std::span<const PageEntry> pages) {
+  auto read_only_hot = [&](std::size_t i) {
+    const std::uint32_t f = pages[i].flags;
+    return (f & page_hot) != 0 && (f & page_read_only) != 0 && (f & (page_written | page_zero)) == 0;
+  };
+  auto fillable = [&](std::size_t i) { return (pages[i].flags & (page_hot | page_written | page_zero)) == 0; };
+  auto next_to = [&](std::size_t a) { return pages[a + 1].vaddr == pages[a].vaddr + kPageSize; };
+  std::vector<bool> out(pages.size(), false);
+  for (std::size_t i = 0; i + 1 < pages.size(); ++i) {
+    if (!read_only_hot(i) || !next_to(i) || !fillable(i + 1)) continue;
+    std::size_t end = i + 1;  // the gap is [i + 1, end)
+    while (end < pages.size() && fillable(end) && end - (i + 1) <= kInPlaceGapPages && next_to(end - 1)) ++end;
+    const std::size_t length = end - (i + 1);
+    if (length > kInPlaceGapPages || end >= pages.size() || !next_to(end - 1) || !read_only_hot(end)) continue;
+    for (std::size_t k = i + 1; k < end; ++k) out[k] = true;
+    i = end - 1;
+  }
+  return out;
+}
 
 std::vector<std::unique_ptr<Placement>> all_placements() {
   std::vector<std::unique_ptr<Placement>> out;
