@@ -19,8 +19,11 @@ DEFAULT_TOPOLOGY = REPO / "testbed" / "topologies" / "default.toml"
 
 
 def cmd_validate(args, topo) -> int:
-    if topo.backend == "native":
-        from .native import preflight
+    if topo.backend in ("native", "libvirt"):
+        if topo.backend == "native":
+            from .native import preflight
+        else:
+            from .libvirt_backend import preflight
         problems = preflight(topo)
         if problems:
             raise TestbedError(f"{topo.source}: cannot run on this machine: " + "; ".join(problems))
@@ -34,11 +37,17 @@ def cmd_argv(args, topo) -> int:
         raise TestbedError("argv prints QEMU command lines; this topology's hosts are native (see 'tb status')")
     sys.path.insert(0, str(REPO / "qemu"))
     from snaptier_qemu.argv import qemu_argv
-    runtime = Runtime(repo=REPO, state_dir=state_dir_for(topo.name), image_dir=Path(args.image or "IMAGE"),
+    from snaptier_qemu.domain_xml import domain_xml
+    state_dir = state_dir_for(topo.name)
+    runtime = Runtime(repo=REPO, state_dir=state_dir, image_dir=Path(args.image or "IMAGE"),
                       accel={"auto": "kvm-then-tcg"}.get(topo.accel, topo.accel),
                       ssh_ports={h.name: 2200 + i for i, h in enumerate(topo.hosts)})
     for spec in describe(topo, runtime):
-        print(shlex.join(qemu_argv(spec)))
+        if topo.backend == "libvirt":   # the domain XML `up` defines (its root overlay is made at up)
+            from .libvirt_backend import root_overlay
+            print(domain_xml(spec, root_overlay(spec, state_dir), topo.name, state_dir), end="")
+        else:
+            print(shlex.join(qemu_argv(spec)))
     return 0
 
 
@@ -177,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="topology file (default: %(default)s)")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("validate", help="check the topology file").set_defaults(fn=cmd_validate)
-    a = sub.add_parser("argv", help="print the QEMU command line of every host")
+    a = sub.add_parser("argv", help="print the QEMU command line of every host (libvirt: its domain XML)")
     a.add_argument("--image", help="image directory to put in the command lines")
     a.set_defaults(fn=cmd_argv)
     u = sub.add_parser("up", help="build/reuse the guest image and boot the topology")
