@@ -39,10 +39,11 @@ ET.register_namespace("snaptier", SNAPTIER_NS)
 
 # PCI slots on pcie.0 for the devices libvirt places. Explicit addresses keep every device on
 # the root bus as in the direct backend (no pcie-root-ports, whose bus numbers would have to
-# stay below the CXL bridge's bus_nr=12); the NICs and the CXL bridge that <qemu:commandline>
-# adds take free slots after these.
-SLOT_ROOT_DISK = 0x02
-SLOT_FIRST_SHARE = 0x03
+# stay below the CXL bridge's bus_nr=12). They start high because QEMU creates the
+# <qemu:commandline> devices (NICs, CXL bridge: no address, as in argv.py) before libvirt's
+# JSON-syntax ones, so those take the first free slots from 1 up.
+SLOT_ROOT_DISK = 0x10
+SLOT_FIRST_SHARE = 0x11
 
 
 def domain_name(spec: MachineSpec) -> str:

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -247,11 +248,14 @@ def down(topology: Topology, quiet: bool = False) -> int:
         for name in domain_names(topology).values():
             if name in existing and is_ours(marker_of(topology.uri, name), topology, state_dir):
                 ours.append(name)
-        for name in ours:
+        def remove(name: str) -> None:
             if not quiet:
                 say(f"stopping domain {name}")
             _destroy(topology.uri, name)
             _undefine(topology.uri, name)
+        # Concurrently: each virsh call is bounded, so `down` takes as long as the slowest guest.
+        with ThreadPoolExecutor(max_workers=max(1, len(ours))) as pool:
+            list(pool.map(remove, ours))
     elif not quiet:
         say(f"libvirt at {topology.uri} does not answer: no domain can be undefined; ending this topology's "
             "QEMU processes and files only")
