@@ -244,9 +244,10 @@ def down(topology: Topology, quiet: bool = False) -> int:
     ours = []
     reachable = not preflight(topology)
     if reachable:
-        existing = set(list_domains(topology.uri))
-        for name in domain_names(topology).values():
-            if name in existing and is_ours(marker_of(topology.uri, name), topology, state_dir):
+        # Also a host the topology file no longer lists: the marker, not the file, says whose it is.
+        prefix = host_tag(topology.name, "")
+        for name in list_domains(topology.uri):
+            if name.startswith(prefix) and is_ours(marker_of(topology.uri, name), topology, state_dir):
                 ours.append(name)
         def remove(name: str) -> None:
             if not quiet:

@@ -300,12 +300,16 @@ def test_up_refuses_a_running_domain_of_this_topology(fake):
 def test_down_removes_only_this_topologys_domains_and_is_idempotent(fake):
     fake.domain("snaptier-lvfake-a", marker=("lvfake", str(fake.state_dir)), state="running")
     fake.domain("snaptier-lvfake-b", marker=("lvfake", "/elsewhere/run/lvfake"), state="running")
-    fake.domain("snaptier-lvfake-c", marker=("lvfake", str(fake.state_dir)))   # no host c in the topology
+    # A host the topology file no longer lists, still marked as this topology's: removed too.
+    fake.domain("snaptier-lvfake-c", marker=("lvfake", str(fake.state_dir)))
     fake.domain("snaptier-other-a", marker=("other", str(fake.state_dir)), state="running")
+    fake.domain("snaptier-lvfake-x-a", marker=("lvfake-x", str(fake.state_dir)), state="running")  # a longer name
+    fake.domain("snaptier-lvfake-d")                                                           # no marker
     r = fake.tb("down")
     assert r.returncode == 0, r.stderr
-    assert "1 domain removed" in r.stderr
-    assert fake.domains() == ["snaptier-lvfake-b", "snaptier-lvfake-c", "snaptier-other-a"]
+    assert "2 domains removed" in r.stderr
+    assert fake.domains() == ["snaptier-lvfake-b", "snaptier-lvfake-d", "snaptier-lvfake-x-a", "snaptier-other-a"]
+    assert fake.calls().count("destroy") == 1   # only the running one of ours
     r = fake.tb("down")
     assert r.returncode == 0 and "0 domains removed" in r.stderr
 
