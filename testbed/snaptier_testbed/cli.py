@@ -19,14 +19,15 @@ DEFAULT_TOPOLOGY = REPO / "testbed" / "topologies" / "default.toml"
 
 
 def cmd_validate(args, topo) -> int:
-    if topo.backend in ("native", "libvirt"):
-        if topo.backend == "native":
-            from .native import preflight
-        else:
-            from .libvirt_backend import preflight
+    problems = []
+    if topo.backend == "native":
+        from .native import preflight
         problems = preflight(topo)
-        if problems:
-            raise TestbedError(f"{topo.source}: cannot run on this machine: " + "; ".join(problems))
+    elif topo.backend == "libvirt":
+        from .libvirt_backend import preflight
+        problems = preflight(topo)
+    if problems:
+        raise TestbedError(f"{topo.source}: cannot run on this machine: " + "; ".join(problems))
     print(f"{topo.source}: ok — {topo.backend} backend, {len(topo.hosts)} hosts, {len(topo.cxl)} CXL devices, "
           f"{len(topo.links)} links")
     return 0
