@@ -326,3 +326,14 @@ def test_up_refuses_a_remote_uri_before_contacting_it(fake, tmp_path):
     r = subprocess.run([*TB, "-t", str(topo), "up"], capture_output=True, text=True, timeout=60,
                        env={**os.environ, "SNAPTIER_STATE": str(tmp_path / "state")})
     assert r.returncode == 2 and "names another machine (example.invalid)" in r.stderr
+
+
+def test_a_shut_off_domain_of_this_topology_is_left_for_up_to_replace(fake, monkeypatch):
+    from snaptier_testbed import libvirt_backend
+    from snaptier_testbed.topology import load_topology as load
+    monkeypatch.setenv("PATH", f"{fake.state_dir.parent.parent / 'bin'}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_VIRSH", str(fake.state_dir.parent.parent / "domains"))
+    fake.domain("snaptier-lvfake-a", marker=("lvfake", str(fake.state_dir)))
+    topo = load(fake.state_dir.parent.parent / "lvfake.toml")
+    assert libvirt_backend.refuse_clashes(topo, fake.state_dir) == ["snaptier-lvfake-a"]
+    assert "undefine" not in fake.calls()   # replaced only once the image is ready
