@@ -318,8 +318,12 @@ def remove_volatile(topology: Topology, state_dir: Path) -> None:
         pidfile = state_dir / f"switch-{link.name}.pid"
         pid = process.read_pid(pidfile)
         mgmt = str(state_dir / f"switch-{link.name}.mgmt")
-        if pid and mgmt in process.cmdline_of(pid):
-            process.stop(pid, mgmt)
+        # The pidfile, and any other vde_switch with our management socket (a lost pidfile).
+        pids = {pid} if pid and mgmt in process.cmdline_of(pid) else set()
+        pids |= {int(e.name) for e in Path("/proc").iterdir()
+                 if e.name.isdigit() and f"--mgmt {mgmt} " in process.cmdline_of(int(e.name)) + " "}
+        for p in pids:
+            process.stop(p, mgmt)
         pidfile.unlink(missing_ok=True)
         shutil.rmtree(state_dir / f"switch-{link.name}", ignore_errors=True)
         Path(mgmt).unlink(missing_ok=True)
