@@ -5,8 +5,9 @@ BUILD := build/host
 JOBS ?= 2
 
 NATIVE := $(TB) -t testbed/topologies/native.toml
+LIBVIRT := $(TB) -t testbed/topologies/libvirt.toml
 
-.PHONY: all deps build-deps build test test-unit test-python image guest-agent testbed up down status health scenario matrix chaos burst native native-matrix native-chaos native-down zdtm clean
+.PHONY: all deps build-deps build test test-unit test-python image guest-agent testbed up down status health scenario matrix chaos burst native native-matrix native-chaos native-down libvirt libvirt-down zdtm clean
 
 all: build
 
@@ -64,6 +65,15 @@ native-chaos:    ## tb chaos on the native topology (rows needing the memory nod
 	$(NATIVE) chaos
 native-down:
 	$(NATIVE) down
+
+libvirt: deps image guest-agent  ## the default hosts as libvirt domains: daemon (if none runs), up (or reuse), health, scenario
+	bash testbed/libvirt/daemon.sh start
+	@if $(LIBVIRT) status > /dev/null 2>&1; then echo "libvirt: topology already up and ready, reusing it"; \
+	 else $(LIBVIRT) down && $(LIBVIRT) up; fi
+	$(LIBVIRT) health
+	$(LIBVIRT) scenario agent-smoke
+libvirt-down:
+	$(LIBVIRT) down
 
 zdtm: deps image guest-agent  ## CRIU's zdtm suite, lazy pages: CRIU's daemon vs the agent's (docs/zdtm.md)
 	bash tests/zdtm/zdtm.sh

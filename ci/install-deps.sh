@@ -20,10 +20,10 @@ build_pkgs=(
   libdaxctl-dev libcxl-dev
   python3 python3-pytest python3-matplotlib python3-numpy python3-pil python3-pyaes
 )
-# ... and run the testbed.
+# ... and run the testbed (libxml2-utils: xmllint, which virt-xml-validate runs).
 testbed_pkgs=(
   e2fsprogs busybox-static cpio xz-utils zstd gzip
-  vde2 socat openssh-client coreutils procps util-linux
+  vde2 socat openssh-client coreutils procps util-linux libxml2-utils
 )
 
 missing_of() {
@@ -45,8 +45,11 @@ fi
 
 [ "$(id -u)" = 0 ] || die "install-deps must run as root (apt-get, mmdebstrap --mode=root)"
 host_pkgs=("${build_pkgs[@]}" "${testbed_pkgs[@]}")
-# From bookworm-backports: QEMU >= 10 (volatile CXL type-3 memory) and mmdebstrap >= 1.4.
-backport_pkgs=(qemu-system-x86 qemu-utils mmdebstrap)
+# From bookworm-backports: QEMU >= 10 (volatile CXL type-3 memory), mmdebstrap >= 1.4, and
+# libvirt 11 for backend = "libvirt" (bookworm's 9.0 predates QEMU 10). libvirt-daemon-common
+# pulls systemd 254 from backports too; nothing here needs systemd to run (testbed/libvirt/daemon.sh).
+libvirt_pkgs=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients)
+backport_pkgs=(qemu-system-x86 qemu-utils mmdebstrap "${libvirt_pkgs[@]}")
 
 mirror=$(debian_mirror)
 [ -n "$mirror" ] || die "could not derive a Debian mirror from /etc/apt/sources.list.d/*.sources or /etc/apt/sources.list"
@@ -65,6 +68,9 @@ need_bp=0
 qemu_major=$(qemu-system-x86_64 --version 2>/dev/null | sed -n 's/^QEMU emulator version \([0-9]*\).*/\1/p' || true)
 [ "${qemu_major:-0}" -ge 10 ] || need_bp=1
 command -v mmdebstrap >/dev/null || need_bp=1
+libvirt_major=$(libvirtd --version 2>/dev/null | sed -n 's/.* \([0-9]*\)\.[0-9.]*$/\1/p' || true)
+[ "${libvirt_major:-0}" -ge 11 ] || need_bp=1
+[ -z "$(missing_of "${libvirt_pkgs[@]}")" ] || need_bp=1
 
 if [ ${#missing[@]} -gt 0 ] || [ $need_bp = 1 ]; then
   if [ ! -f "$stamp" ] || [ -n "$(find "$stamp" -mmin +360 2>/dev/null)" ]; then
@@ -89,4 +95,6 @@ qemu_version=$(qemu-system-x86_64 --version | sed -n 's/^QEMU emulator version \
 [ "${qemu_version%%.*}" -ge 10 ] || die "QEMU $qemu_version is too old: the testbed needs >= 10 for volatile CXL memory (bookworm-backports)"
 qemu-system-x86_64 -device help 2>/dev/null | grep -q cxl-type3 || die "this QEMU has no cxl-type3 device"
 mmdebstrap --version >/dev/null || die "mmdebstrap is not usable"
-log "host ready: QEMU $qemu_version, $(mmdebstrap --version), cmake $(cmake --version | head -1 | awk '{print $3}')"
+libvirt_version=$(libvirtd --version | awk '{print $NF}')
+[ "${libvirt_version%%.*}" -ge 11 ] || die "libvirt $libvirt_version is too old for QEMU $qemu_version (bookworm-backports has 11)"
+log "host ready: QEMU $qemu_version, libvirt $libvirt_version, $(mmdebstrap --version), cmake $(cmake --version | head -1 | awk '{print $3}')"

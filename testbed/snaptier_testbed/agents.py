@@ -99,7 +99,7 @@ def start(topo: Topology, timeout: float = 120, hosts: list[str] | None = None) 
         # is half its RAM by default, less than a large pool. Only a QEMU guest's /dev/shm is its
         # own: a native host's may be the machine's.
         shm = (f"mount -o remount,size={h.pool // MiB + 64}M /dev/shm; "
-               if h.role == "memory" and topo.backend == "qemu" else "")
+               if h.role == "memory" and topo.guests else "")
         r = launcher.run_in(topo, h.name, (
             f"mkdir -p /shared/logs /var/lib/snaptier; {shm}"
             f"if [ -f /run/snaptier/agent.pid ] && kill -0 $(cat /run/snaptier/agent.pid) 2>/dev/null; then exit 0; fi; "

@@ -19,11 +19,15 @@ DEFAULT_TOPOLOGY = REPO / "testbed" / "topologies" / "default.toml"
 
 
 def cmd_validate(args, topo) -> int:
+    problems = []
     if topo.backend == "native":
         from .native import preflight
         problems = preflight(topo)
-        if problems:
-            raise TestbedError(f"{topo.source}: cannot run on this machine: " + "; ".join(problems))
+    elif topo.backend == "libvirt":
+        from .libvirt_backend import preflight
+        problems = preflight(topo)
+    if problems:
+        raise TestbedError(f"{topo.source}: cannot run on this machine: " + "; ".join(problems))
     print(f"{topo.source}: ok — {topo.backend} backend, {len(topo.hosts)} hosts, {len(topo.cxl)} CXL devices, "
           f"{len(topo.links)} links")
     return 0
@@ -34,11 +38,17 @@ def cmd_argv(args, topo) -> int:
         raise TestbedError("argv prints QEMU command lines; this topology's hosts are native (see 'tb status')")
     sys.path.insert(0, str(REPO / "qemu"))
     from snaptier_qemu.argv import qemu_argv
-    runtime = Runtime(repo=REPO, state_dir=state_dir_for(topo.name), image_dir=Path(args.image or "IMAGE"),
+    from snaptier_qemu.domain_xml import domain_xml
+    state_dir = state_dir_for(topo.name)
+    runtime = Runtime(repo=REPO, state_dir=state_dir, image_dir=Path(args.image or "IMAGE"),
                       accel={"auto": "kvm-then-tcg"}.get(topo.accel, topo.accel),
                       ssh_ports={h.name: 2200 + i for i, h in enumerate(topo.hosts)})
     for spec in describe(topo, runtime):
-        print(shlex.join(qemu_argv(spec)))
+        if topo.backend == "libvirt":   # the domain XML `up` defines (its root overlay is made at up)
+            from .libvirt_backend import root_overlay
+            print(domain_xml(spec, root_overlay(spec, state_dir), topo.name, state_dir), end="")
+        else:
+            print(shlex.join(qemu_argv(spec)))
     return 0
 
 
@@ -177,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="topology file (default: %(default)s)")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("validate", help="check the topology file").set_defaults(fn=cmd_validate)
-    a = sub.add_parser("argv", help="print the QEMU command line of every host")
+    a = sub.add_parser("argv", help="print the QEMU command line of every host (libvirt: its domain XML)")
     a.add_argument("--image", help="image directory to put in the command lines")
     a.set_defaults(fn=cmd_argv)
     u = sub.add_parser("up", help="build/reuse the guest image and boot the topology")

@@ -1,6 +1,7 @@
 """Bringing a topology up and down, and running commands in its hosts. The QEMU backend lives
-here; a topology with backend = "native" is handed to native.py, which keeps the same contract:
-idempotent `down`; `up` refuses to start over a running topology; every wait has a deadline."""
+here; a topology with backend = "native" is handed to native.py, one with backend = "libvirt" to
+libvirt_backend.py, which keep the same contract: idempotent `down`; `up` refuses to start over
+a running topology; every wait has a deadline."""
 from __future__ import annotations
 
 import json
@@ -166,11 +167,36 @@ def up(topology: Topology, image_dir: str | None = None, boot_timeout: float = 3
         return
     if rootfs:
         raise TestbedError("--rootfs is for native topologies (backend = \"native\"); QEMU guests boot --image")
+    if topology.backend == "libvirt":
+        from . import libvirt_backend
+        libvirt_backend.up(topology, image_dir, boot_timeout=boot_timeout)
+        return
     state_dir = state_dir_for(topology.name)
     refuse_running(topology, state_dir)
     # Refuse impossible topologies before spending minutes on an image build.
     check_resources(topology, Runtime(repo=REPO, state_dir=state_dir, image_dir=Path("."), accel="tcg"))
     image = ensure_image(image_dir)
+    runtime, state = prepare_guests(topology, state_dir, image)
+    specs = describe(topology, runtime)
+    try:
+        start_cxl_and_switches(topology, runtime, state)
+        for spec in specs:
+            for p in (spec.console_log, spec.console_socket, spec.qmp_socket, spec.pidfile):
+                p.unlink(missing_ok=True)
+            say(f"starting {spec.name} ({spec.role}, {spec.cpus} cpu, {spec.memory // MiB} MiB"
+                f"{', cxl ' + spec.cxl.emulation if spec.cxl else ''}, {runtime.accel})")
+            process.start(qemu_argv(spec))
+        wait_ready(topology, specs, runtime, boot_timeout)
+    except BaseException:
+        say("start-up failed: stopping what was started")
+        down(topology, quiet=True)
+        raise
+
+
+def prepare_guests(topology: Topology, state_dir: Path, image: Path,
+                   backend: str = "qemu") -> tuple[Runtime, TestbedState]:
+    """What QEMU guests need before the first starts, whoever starts them: the accelerator, the
+    shared directory, the ssh key, ports, a boot id and the state file."""
     accel = resolve_accel(topology.accel, image)
     state_dir.mkdir(parents=True, exist_ok=True)
     share = state_dir / "share"
@@ -183,34 +209,26 @@ def up(topology: Topology, image_dir: str | None = None, boot_timeout: float = 3
     key = state_dir / "id_ed25519"
     if not key.exists():
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"snaptier-{topology.name}", "-f", str(key)],
-                       check=True, stdin=subprocess.DEVNULL)
+                       check=True, stdin=subprocess.DEVNULL, timeout=30)
     (share / "ssh").mkdir(exist_ok=True)
     shutil.copy(f"{key}.pub", share / "ssh" / "authorized_keys")
 
     state = TestbedState(topology=str(topology.source or ""), name=topology.name, boot_id=runtime.boot_id,
-                         accel=accel, image_dir=str(image), ssh_ports=runtime.ssh_ports, started_unix=time.time())
+                         accel=accel, image_dir=str(image), ssh_ports=runtime.ssh_ports, started_unix=time.time(),
+                         backend=backend)
     state.save(state_dir)
-    specs = describe(topology, runtime)
-    try:
-        for dev in topology.cxl:
-            path = cxl_backing(topology, dev.name, runtime)
-            # A fresh, zeroed device on every up: CXL memory is volatile.
-            with open(path, "wb") as f:
-                f.truncate(dev.size)
-        for link in topology.links:
-            state.switches[link.name] = start_switch(runtime, link.name, topology.name)
-            state.save(state_dir)
-        for spec in specs:
-            for p in (spec.console_log, spec.console_socket, spec.qmp_socket, spec.pidfile):
-                p.unlink(missing_ok=True)
-            say(f"starting {spec.name} ({spec.role}, {spec.cpus} cpu, {spec.memory // MiB} MiB"
-                f"{', cxl ' + spec.cxl.emulation if spec.cxl else ''}, {accel})")
-            process.start(qemu_argv(spec))
-        wait_ready(topology, specs, runtime, boot_timeout)
-    except BaseException:
-        say("start-up failed: stopping what was started")
-        down(topology, quiet=True)
-        raise
+    return runtime, state
+
+
+def start_cxl_and_switches(topology: Topology, runtime: Runtime, state: TestbedState) -> None:
+    for dev in topology.cxl:
+        path = cxl_backing(topology, dev.name, runtime)
+        # A fresh, zeroed device on every up: CXL memory is volatile.
+        with open(path, "wb") as f:
+            f.truncate(dev.size)
+    for link in topology.links:
+        state.switches[link.name] = start_switch(runtime, link.name, topology.name)
+        state.save(runtime.state_dir)
 
 
 def wait_ready(topology: Topology, specs: list[MachineSpec], runtime: Runtime, timeout: float) -> None:
@@ -264,6 +282,9 @@ def down(topology: Topology, quiet: bool = False) -> int:
     if topology.backend == "native":
         from . import native
         return native.down(topology, quiet=quiet)
+    if topology.backend == "libvirt":
+        from . import libvirt_backend
+        return libvirt_backend.down(topology, quiet=quiet)
     state_dir = state_dir_for(topology.name)
     tag_prefix = f"snaptier-{topology.name}-"
     pids = {}
@@ -285,12 +306,24 @@ def down(topology: Topology, quiet: bool = False) -> int:
     with ThreadPoolExecutor(max_workers=max(1, len(pids))) as pool:
         list(pool.map(stop_one, pids.items()))
     stopped = len(pids)
+    remove_volatile(topology, state_dir)
+    if not quiet:
+        say(f"topology {topology.name!r} is down ({stopped} QEMU process{'es' if stopped != 1 else ''} stopped)")
+    return stopped
+
+
+def remove_volatile(topology: Topology, state_dir: Path) -> None:
+    """After the guests are gone: the switches, CXL backing files, sockets, pidfiles, state file."""
     for link in topology.links:
         pidfile = state_dir / f"switch-{link.name}.pid"
         pid = process.read_pid(pidfile)
         mgmt = str(state_dir / f"switch-{link.name}.mgmt")
-        if pid and mgmt in process.cmdline_of(pid):
-            process.stop(pid, mgmt)
+        # The pidfile, and any other vde_switch with our management socket (a lost pidfile).
+        pids = {pid} if pid and mgmt in process.cmdline_of(pid) else set()
+        pids |= {int(e.name) for e in Path("/proc").iterdir()
+                 if e.name.isdigit() and f"--mgmt {mgmt} " in process.cmdline_of(int(e.name)) + " "}
+        for p in pids:
+            process.stop(p, mgmt)
         pidfile.unlink(missing_ok=True)
         shutil.rmtree(state_dir / f"switch-{link.name}", ignore_errors=True)
         Path(mgmt).unlink(missing_ok=True)
@@ -301,9 +334,6 @@ def down(topology: Topology, quiet: bool = False) -> int:
         for suffix in (".pid", ".qmp", ".console"):
             (state_dir / f"{h.name}{suffix}").unlink(missing_ok=True)
     TestbedState.path(state_dir).unlink(missing_ok=True)
-    if not quiet:
-        say(f"topology {topology.name!r} is down ({stopped} QEMU process{'es' if stopped != 1 else ''} stopped)")
-    return stopped
 
 
 # ---------------------------------------------------------------- exec

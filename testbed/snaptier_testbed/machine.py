@@ -2,7 +2,8 @@
 
 A MachineSpec says "2 GiB, one CXL device backed by this file, a NIC on switch data0 with this
 MAC, these shares, this kernel command line". The QEMU backend (qemu/snaptier_qemu) turns it
-into a command line; a libvirt backend would turn the same spec into domain XML.
+into a command line; the libvirt backend (qemu/snaptier_qemu/domain_xml.py) turns the same spec
+into domain XML.
 """
 from __future__ import annotations
 
@@ -85,6 +86,11 @@ def cxl_backing(topology: Topology, device_name: str, runtime: Runtime) -> Path:
     return runtime.shm_dir / f"snaptier-{topology.name}-{dev.name}.raw"
 
 
+def host_tag(topology_name: str, host: str) -> str:
+    """snaptier-<topology>-<host>: the process tag of a host, and its libvirt domain name."""
+    return f"snaptier-{topology_name}-{host}"
+
+
 def switch_socket(runtime: Runtime, link_name: str) -> Path:
     return runtime.state_dir / f"switch-{link_name}"
 
@@ -134,7 +140,7 @@ def describe(topology: Topology, runtime: Runtime) -> list[MachineSpec]:
             nics=tuple(nics), cxl=cxl,
             console_socket=st / f"{host.name}.console", console_log=st / f"{host.name}.serial.log",
             qmp_socket=st / f"{host.name}.qmp", pidfile=st / f"{host.name}.pid",
-            tag=f"snaptier-{topology.name}-{host.name}",
+            tag=host_tag(topology.name, host.name),
         ))
     return specs
 

@@ -15,10 +15,15 @@ MiB = 1 << 20
 GiB = 1 << 30
 
 ROLES = ("compute", "memory")
-BACKENDS = ("qemu", "native")
+BACKENDS = ("qemu", "native", "libvirt")
+# Backends whose hosts are QEMU guests booting the guest image (started directly, or by libvirt).
+GUEST_BACKENDS = ("qemu", "libvirt")
 # How each backend can present a CXL device: QEMU emulates a device (a type-3 device or the
 # nvdimm stand-in); native hosts map one shared-memory file ("shm").
-EMULATIONS = {"qemu": ("type3", "nvdimm"), "native": ("shm",)}
+EMULATIONS = {"qemu": ("type3", "nvdimm"), "libvirt": ("type3", "nvdimm"), "native": ("shm",)}
+DEFAULT_LIBVIRT_URI = "qemu:///system"
+# A libvirt QEMU driver URI: qemu[+transport]://[host]/system|session[?params].
+LIBVIRT_URI_RE = re.compile(r"^qemu(\+[a-z0-9]+)?://[^/\s]*/(system|session)(\?\S*)?$")
 ACCELS = ("auto", "kvm", "tcg")
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 CXL_DIRECTORY_HEADER = Path(__file__).resolve().parents[2] / "tier-agent/include/snaptier/cxl_directory.hpp"
@@ -75,7 +80,13 @@ class Topology:
     cxl: tuple[CxlDevice, ...] = ()
     links: tuple[Link, ...] = ()
     backend: str = "qemu"
+    uri: str | None = None     # backend = "libvirt": the libvirt connection
     source: Path | None = field(default=None, compare=False)
+
+    @property
+    def guests(self) -> bool:
+        """Its hosts are QEMU guests (their own kernel, /dev/shm, devices), however started."""
+        return self.backend in GUEST_BACKENDS
 
     def host(self, name: str) -> Host:
         for h in self.hosts:
@@ -215,7 +226,7 @@ def _parse_link(t: dict, where: str, known: set[str], backend: str) -> Link:
         raise TopologyError(f"{where}.subnet: {subnet_text!r} is not an IPv4 network ({e})") from None
     if not 8 <= subnet.prefixlen <= 29:
         raise TopologyError(f"{where}.subnet: prefix /{subnet.prefixlen} is out of range (/8 to /29)")
-    if backend == "qemu" and subnet.overlaps(ipaddress.IPv4Network("10.0.2.0/24")):
+    if backend in GUEST_BACKENDS and subnet.overlaps(ipaddress.IPv4Network("10.0.2.0/24")):
         raise TopologyError(f"{where}.subnet: {subnet} overlaps 10.0.2.0/24, which the management NIC uses")
     hosts = _host_list(_require(t, "hosts", where), f"{where}.hosts", known)
     if len(hosts) > subnet.num_addresses - 2:
@@ -242,12 +253,20 @@ def _parse_attachments(doc: dict, key: str, parse, known: set[str], backend: str
 
 
 def parse_topology(doc: dict, default_name: str = "testbed", source: Path | None = None) -> Topology:
-    _check_keys(doc, {"name", "backend", "accel", "host", "cxl", "link"}, "topology")
+    _check_keys(doc, {"name", "backend", "accel", "uri", "host", "cxl", "link"}, "topology")
     name = _name(doc.get("name", default_name), "name")
     backend = _str(doc.get("backend", "qemu"), "backend", BACKENDS)
     accel = _str(doc.get("accel", "auto"), "accel", ACCELS)
     if backend == "native" and "accel" in doc:
-        raise TopologyError("accel: native hosts run on this machine's CPU; 'accel' is for the qemu backend only")
+        raise TopologyError("accel: native hosts run on this machine's CPU; 'accel' is for QEMU guests (backend qemu or libvirt) only")
+    uri = None
+    if backend == "libvirt":
+        uri = _str(doc.get("uri", DEFAULT_LIBVIRT_URI), "uri")
+        if not LIBVIRT_URI_RE.match(uri):
+            raise TopologyError(f"uri: {uri!r} is not a libvirt QEMU URI such as {DEFAULT_LIBVIRT_URI!r} "
+                                "(qemu[+transport]://[host]/system or /session)")
+    elif "uri" in doc:
+        raise TopologyError(f"uri: only backend = \"libvirt\" connects to libvirt (this topology's backend is {backend!r})")
 
     hosts: list[Host] = []
     for i, t in enumerate(_array_of_tables(doc, "host")):
@@ -270,7 +289,7 @@ def parse_topology(doc: dict, default_name: str = "testbed", source: Path | None
             if link is None or not link.rdma:
                 raise TopologyError(f"host {h.name!r}: a memory node needs a link with rdma = true to lend its pool")
     return Topology(name=name, accel=accel, hosts=tuple(hosts), cxl=tuple(devices), links=tuple(links),
-                    backend=backend, source=source)
+                    backend=backend, uri=uri, source=source)
 
 
 def load_topology(path: str | Path) -> Topology:
