@@ -283,7 +283,7 @@ class Chaos:
             rc, _, err = self.tierctl(h, "ping", 30)
             if rc != 0:
                 problems.append(f"{h}: agent does not answer: {err}")
-        if self.memnode and self.topo.backend == "qemu":
+        if self.memnode and self.topo.guests:
             pid = self.memnode_pid()
             if pid and _state(pid) in ("T", "t"):
                 os.kill(pid, signal.SIGCONT)
@@ -662,7 +662,7 @@ def row_concurrent_publish(c: Chaos, row: Row, rounds: int = 3) -> None:
 
 
 def _needs_memnode(c: Chaos, row: Row, what: str) -> bool:
-    if c.topo.backend != "qemu":
+    if not c.topo.guests:
         row.skip(what, c.memnode or "-", "emulated topologies only: it needs the RDMA memory node, which native "
                  "topologies cannot have on this machine (no rdma_rxe in its kernel)")
         return False
@@ -794,7 +794,7 @@ RUNNERS = {
 def static_skip(topo: Topology, name: str) -> str | None:
     """Why a row cannot run on this topology at all (known without contacting a host), or None."""
     if name in ("memnode-stall", "memnode-agent-restart", "memnode-late"):
-        if topo.backend != "qemu":
+        if not topo.guests:
             return ("emulated topologies only: it needs the RDMA memory node, which native topologies cannot "
                     "have on this machine (no rdma_rxe in its kernel)")
         if not any(h.role == "memory" for h in topo.hosts):
