@@ -438,10 +438,15 @@ def plot(results: dict, png: Path) -> Path:
     functions = list(dict.fromkeys(r["function"] for r in rows))
     policies = list(dict.fromkeys(r["policy"] for r in rows))
     by = {(r["function"], r["policy"]): r for r in rows}
-    fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.6 * len(functions) + 3), 7.5), sharex=True)
+    with_limit = any(r.get("first_response_vs_limit") is not None for r in rows)
+    panels = [("first_response_ms", "first response [ms] (log)", True)]
+    if with_limit:
+        panels.append(("first_response_vs_limit", "first response / limit (log)\n(bare restore + warm invoke)", False))
+    panels.append(("faults_total", "page faults (log)", True))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(8, 1.6 * len(functions) + 3), 3.75 * len(panels)),
+                             sharex=True)
     width = 0.8 / max(1, len(policies))
-    for ax, metric, label in ((axes[0], "first_response_ms", "first response [ms] (log)"),
-                              (axes[1], "faults_total", "page faults (log)")):
+    for ax, (metric, label, log) in zip(axes, panels):
         for i, policy in enumerate(policies):
             xs, ys = [], []
             for j, fn in enumerate(functions):
@@ -456,10 +461,12 @@ def plot(results: dict, png: Path) -> Path:
                             color="gray" if r["skipped"] else "red")
             ax.bar(xs, ys, width, label=policy, color=f"C{i}")
         ax.set_yscale("log")
+        if not log:  # a ratio: 1 is the limit
+            ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_ylabel(label)
         ax.grid(axis="y", which="major", alpha=0.3)
-    axes[1].set_xticks([j + width * (len(policies) - 1) / 2 for j in range(len(functions))])
-    axes[1].set_xticklabels(functions)
+    axes[-1].set_xticks([j + width * (len(policies) - 1) / 2 for j in range(len(functions))])
+    axes[-1].set_xticklabels(functions)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center right", fontsize=8, title="policy", title_fontsize=8)
     hosts = results.get("hosts", {})
