@@ -330,6 +330,36 @@ TEST_F(FaultEngineTest, ReadWriteAndZeroFaultsServedFromSource) {
   EXPECT_EQ(m.tasks_gone, 1u);
 }
 
+// spin_after_fault: the engine polls without sleeping for a moment after each fault, and only
+// then. A task that pauses (here 300 ms after its faults) costs the engine no CPU meanwhile.
+TEST_F(FaultEngineTest, TheSpinAfterAFaultIsBoundedAndOffWithZero) {
+  for (auto spin : {FaultEngineOptions{}.spin_after_fault, std::chrono::microseconds(0)}) {
+    SCOPED_TRACE(spin.count());
+    auto source = std::make_shared<MemorySource>(8);
+    FaultEngineOptions options;
+    options.spin_after_fault = spin;
+    auto engine = make(source, options);
+    auto c = start(*engine, *source, 8, [](std::byte* base, int sock) {
+      std::vector<std::uint64_t> sums;
+      for (std::size_t i = 0; i < 8; ++i) sums.push_back(read_sum(base + i * P));
+      ::usleep(300'000);
+      send_frame(sock, sums);
+    });
+    ASSERT_TRUE(c && c->uffd >= 0);
+    timespec t0{}, t1{};
+    ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t0);
+    go(*c);
+    auto frames = serve_to_exit(*engine, *c);
+    ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t1);
+    expect_exit_ok(*c);
+    ASSERT_EQ(frames.size(), 1u);
+    for (std::size_t i = 0; i < 8; ++i) EXPECT_EQ(frames[0][i], fnv(page_bytes(i).data(), P)) << "page " << i;
+    EXPECT_EQ(engine->metrics().faults, 8u);
+    const double cpu_ms = (t1.tv_sec - t0.tv_sec) * 1e3 + (t1.tv_nsec - t0.tv_nsec) / 1e6;
+    EXPECT_LT(cpu_ms, 100.0) << "the engine kept a core busy while its task slept for 300 ms";
+  }
+}
+
 TEST_F(FaultEngineTest, ByteAddressableSourceCopiesFromItsPointer) {
   auto source = std::make_shared<MemorySource>(8);
   source->in_place = true;

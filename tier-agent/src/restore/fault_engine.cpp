@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <linux/userfaultfd.h>
 #include <signal.h>
+#include <sched.h>
 #include <sys/epoll.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
@@ -248,7 +249,15 @@ class Engine final : public FaultEngine {
     const bool busy = background_pending() > 0 || any_retry();
     int timeout = busy ? 0 : static_cast<int>(std::clamp<std::int64_t>(max_wait.count(), 0, 60'000));
     epoll_event events[64];
-    int n = ::epoll_wait(epoll_.get(), events, 64, timeout);
+    int n = 0;
+    const auto spin_ns = static_cast<std::uint64_t>(options_.spin_after_fault.count()) * 1000;
+    if (timeout > 0 && spin_ns > 0 && last_fault_served_ns_ != 0) {
+      const std::uint64_t until = last_fault_served_ns_ + spin_ns;
+      // Yielding between checks leaves the core to any other runnable thread (the faulting
+      // task's siblings, CRIU) rather than holding it for the whole spin.
+      while ((n = ::epoll_wait(epoll_.get(), events, 64, 0)) == 0 && now_ns() < until) ::sched_yield();
+    }
+    if (n == 0) n = ::epoll_wait(epoll_.get(), events, 64, timeout);
     if (n < 0) {
       if (errno != EINTR) return fail_errno(Errc::io, "epoll_wait", errno);
       n = 0;
@@ -758,7 +767,8 @@ class Engine final : public FaultEngine {
         }
         serve_fault(t, msg.arg.pagefault.address & kPageMask,
                     static_cast<pid_t>(msg.arg.pagefault.feat.ptid), start);
-        metrics_.fault_service_ns += now_ns() - start;
+        last_fault_served_ns_ = now_ns();
+        metrics_.fault_service_ns += last_fault_served_ns_ - start;
         break;
       }
       case UFFD_EVENT_FORK: {
@@ -887,6 +897,7 @@ class Engine final : public FaultEngine {
   UniqueMapping buffer_;
   std::vector<UniqueMapping> worker_buffers_;  // prefetch workers 1..k-1 (0 uses buffer_)
   std::uint64_t created_ns_;
+  std::uint64_t last_fault_served_ns_ = 0;  // when the last PAGEFAULT was served (spin_after_fault)
   std::map<std::uint64_t, std::unique_ptr<Task>> tasks_;  // key -> task
   std::map<TaskId, std::uint64_t> ids_;
   std::uint64_t next_key_ = 1;
