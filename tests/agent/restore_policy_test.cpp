@@ -130,7 +130,7 @@ TEST(RestorePolicyTest, DemandOnlyPoliciesPlanNothing) {
   }
 }
 
-std::vector<PageEntry> entries(std::initializer_list<std::uint32_t> flags) {
+std::vector<PageEntry> entries(const std::vector<std::uint32_t>& flags) {
   std::vector<PageEntry> out;
   std::uint64_t a = 0x400000;
   for (auto f : flags) {
@@ -170,15 +170,7 @@ TEST(RestorePolicyTest, SmallColdGapsBetweenReadOnlyHotPagesGoToCxlWithThem) {
   flags.insert(flags.end(), {ro, 0, page_hot | page_written,     // 13-15: a written page is no bound
                              0, ro, page_zero, ro, 0});          // 16-20: zero pages are not stored; no right bound
   static_assert(kInPlaceGapPages == 8, "the pattern above assumes gaps of 8 are filled and 9 are not");
-  std::vector<PageEntry> pages;
-  std::uint64_t a = 0x400000;
-  for (auto f : flags) {
-    PageEntry e;
-    e.vaddr = a;
-    e.flags = f;
-    pages.push_back(e);
-    a += P;
-  }
+  const std::vector<PageEntry> pages = entries(flags);
   const std::vector<bool> gaps = small_in_place_gaps(pages);
   std::vector<std::size_t> filled;
   for (std::size_t i = 0; i < gaps.size(); ++i)
