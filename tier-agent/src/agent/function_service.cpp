@@ -631,7 +631,7 @@ Result<FunctionService::PickedRestore> FunctionService::pick_restore(const contr
     }
   }
   context.snapshot = std::move(*snapshot);
-  mechanism::Invocation invocation{std::move(*spec), meta->socket, meta->digest, request.keep, timeout};
+  mechanism::Invocation invocation{std::move(*spec), meta->socket, meta->digest, request.keep, timeout, {}};
   return PickedRestore{std::move(context), std::move(invocation), std::move(result)};
 }
 
