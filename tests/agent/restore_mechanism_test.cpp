@@ -161,7 +161,7 @@ class RestoreMechanismTest : public ::testing::Test {
   mechanism::Invocation invocation() {
     auto spec = function::load_spec(kRepo / "workloads" / "helloworld");
     EXPECT_TRUE(spec) << spec.error().what();
-    return mechanism::Invocation{*spec, tmp_.path() / "sock" / "fn.sock", "d", false, 20s};
+    return mechanism::Invocation{*spec, tmp_.path() / "sock" / "fn.sock", "d", false, 20s, {}};
   }
 
   // Runs one restore with `policy` to its end; returns the result; the mechanism is gone after.
@@ -293,6 +293,74 @@ TEST_F(RestoreMechanismTest, FailedBareRestoreSaysWhyAndLeavesNothing) {
   ASSERT_FALSE(ms);
   EXPECT_NE(ms.error().message.find("criu restore failed"), std::string::npos) << ms.error().what();
   expect_nothing_left();
+}
+
+std::map<std::string, std::string> files_in(const fs::path& dir) {
+  std::map<std::string, std::string> out;
+  for (const auto& e : fs::directory_iterator(dir)) {
+    std::ifstream in(e.path(), std::ios::binary);
+    out[e.path().filename().string()] = std::string(std::istreambuf_iterator<char>(in), {});
+  }
+  return out;
+}
+
+TEST_F(RestoreMechanismTest, TheInstancesOfABurstRestoreFromImagesMadeOnce) {
+  const fs::path shared_dir = tmp_.path() / "work" / "restores" / "fn.reap.burst-1";
+  auto shared = mechanism::make_shared_images(shared_dir);
+  ASSERT_TRUE(shared);
+  std::vector<std::unique_ptr<mechanism::RestoreMechanism>> instances;
+  std::vector<mechanism::RestoreResult> results(3);
+  for (int i = 0; i < 3; ++i) {
+    auto c = context("reap");
+    c.dir += "." + std::to_string(i);
+    c.shared_images = shared;
+    auto made = mechanism::make_mechanism(std::move(c));
+    ASSERT_TRUE(made) << made.error().what();
+    instances.push_back(std::move(*made));
+  }
+  std::vector<std::thread> threads;
+  std::vector<bool> prepared(3, false);
+  for (int i = 0; i < 3; ++i) threads.emplace_back([&, i] { prepared[i] = instances[i]->prepare(results[i]).has_value(); });
+  for (auto& t : threads) t.join();
+  const auto made_once = files_in(shared_dir);
+  ASSERT_FALSE(made_once.empty());
+  ASSERT_TRUE(made_once.contains("inventory.img"));
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_TRUE(prepared[i]) << i;
+    EXPECT_EQ(files_in(instances[i]->dir() / "images"), made_once) << "instance " << i << " reads its own copy";
+    ASSERT_TRUE(results[i].in_place);
+    EXPECT_EQ((*results[i].in_place)["prepared"], "once for the burst");
+    ASSERT_TRUE(results[i].materialize);
+    EXPECT_EQ(results[i].materialize->pages, results[0].materialize->pages);
+  }
+  // Each never-connected server waits out its stop grace: end them side by side.
+  std::vector<std::thread> enders;
+  for (auto& m : instances) enders.emplace_back([&m] { m.reset(); });
+  for (auto& t : enders) t.join();
+  instances.clear();
+  EXPECT_TRUE(fs::exists(shared_dir)) << "the burst still holds its images";
+  shared.reset();
+  EXPECT_FALSE(fs::exists(shared_dir)) << "the last owner removes them";
+  EXPECT_TRUE(fs::is_empty(tmp_.path() / "work" / "restores"));
+  EXPECT_EQ(snaptier::testing::thread_count_settled(threads_before_), threads_before_);
+}
+
+TEST_F(RestoreMechanismTest, ImagesThatCannotBeMadeFailEveryInstanceOfTheBurst) {
+  auto shared = mechanism::make_shared_images(tmp_.path() / "work" / "restores" / "fn.reap.burst-2");
+  ASSERT_TRUE(shared);
+  ASSERT_TRUE(store_->remove("fn:cxl"));  // the copy is gone: materializing fails
+  for (int i = 0; i < 2; ++i) {
+    auto c = context("reap");
+    c.dir += "." + std::to_string(i);
+    c.shared_images = shared;
+    auto made = mechanism::make_mechanism(std::move(c));
+    ASSERT_TRUE(made) << made.error().what();
+    mechanism::RestoreResult r;
+    auto ok = (*made)->prepare(r);
+    EXPECT_FALSE(ok) << "instance " << i;
+  }
+  shared.reset();
+  EXPECT_TRUE(fs::is_empty(tmp_.path() / "work" / "restores"));
 }
 
 // ---- what criu is handed, and what is left when it hangs ----------------------------------------

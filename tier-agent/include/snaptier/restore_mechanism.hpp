@@ -143,6 +143,13 @@ class RestoredTree {
 
 // ---- Mechanisms -------------------------------------------------------------------------------
 
+// A burst's images, made once for all its instances (mechanism/mechanisms.cpp): the first
+// instance of the agent's lazy-pages server materializes the copy and does the in-place step
+// (plan, CRC32C check, rewrite) in `dir`; the others wait for it and copy the result. `dir` is
+// removed with the last owner.
+class SharedImages;
+[[nodiscard]] std::shared_ptr<SharedImages> make_shared_images(std::filesystem::path dir);
+
 // The snapshot host's page server, for criu-remote: `call` sends it function.serve_lazy.
 struct RemotePeer {
   std::string host;     // the agent that took the snapshot
@@ -165,6 +172,8 @@ struct RestoreContext {
   // own dir/kInstanceDir there, in a mount namespace of its own: the socket lands in
   // dir/kInstanceDir. Empty: CRIU binds the dumped path itself (one instance at a time).
   std::filesystem::path socket_dir;
+  // Set for the instances of one burst: the agent's lazy-pages server reads images made once.
+  std::shared_ptr<SharedImages> shared_images;
 };
 
 // The restored instance's socket directory inside a restore's work directory.

@@ -306,11 +306,13 @@ Result<json> FunctionService::restore(const control::FunctionRestore& request) {
 }
 
 Result<mechanism::RestoreResult> FunctionService::restore_one(const control::FunctionRestore& request,
-                                                              std::function<void(bool)> at_first_answer) {
+                                                              std::function<void(bool)> at_first_answer,
+                                                              std::shared_ptr<mechanism::SharedImages> shared_images) {
   auto picked = pick_restore(request);
   if (!picked) return tl::unexpected(picked.error());
   auto& [context, invocation, result] = *picked;
   if (at_first_answer) invocation.at_first_answer = std::move(at_first_answer);
+  context.shared_images = std::move(shared_images);
   if (result.error) return result;  // refused by what the host lacks, nothing started
   const fs::path dir = context.dir;
   auto restorer = mechanism::make_mechanism(std::move(context));
@@ -429,6 +431,14 @@ Result<json> FunctionService::burst(const control::FunctionRestore& request) {
   control::FunctionRestore one = request;
   one.instances.reset();
   if (auto check = pick_restore(one); !check) return tl::unexpected(check.error());
+  // The agent's server restores every instance from one set of images (the in-place step's
+  // check and rewrite once, not per instance); the CRIU mechanisms materialize their own.
+  std::shared_ptr<mechanism::SharedImages> shared;
+  if (auto chosen = policy::make_policy(request.policy); chosen && (*chosen)->mechanism() == policy::Mechanism::snaptier_lazy) {
+    shared = mechanism::make_shared_images(config_.work_dir / "restores" /
+                                           (request.snapshot + "." + request.policy + ".burst-" +
+                                            std::to_string(++restore_counter_)));
+  }
 
   struct Slot {
     std::optional<Result<mechanism::RestoreResult>> result;
@@ -450,11 +460,14 @@ Result<json> FunctionService::burst(const control::FunctionRestore& request) {
     threads.emplace_back([&, i] {
       Slot& slot = slots[i];
       slot.started_at_ms = ms_between(t0, Clock::now());
-      slot.result = restore_one(one, [&](bool answered) {
-        if (answered) slot.answered_at_ms = ms_between(t0, Clock::now());
-        slot.met = true;
-        hold.arrive();
-      });
+      slot.result = restore_one(
+          one,
+          [&](bool answered) {
+            if (answered) slot.answered_at_ms = ms_between(t0, Clock::now());
+            slot.met = true;
+            hold.arrive();
+          },
+          shared);
       if (!slot.met) hold.leave();  // failed before its first invocation
       tickets[i]->release();
     });

@@ -5,6 +5,7 @@
 // Members are declared in the order things are started, so they are torn down in reverse: the
 // server thread (or CRIU's daemon) ends before the images it reads and the work directory go.
 #include <fstream>
+#include <mutex>
 #include <optional>
 
 #include <spdlog/spdlog.h>
@@ -178,6 +179,45 @@ class CriuLazy final : public Base {
   proc::Child daemon_;  // killed and reaped on destruction if still running
 };
 
+// What the agent's lazy-pages server restores from, once made (AgentLazy::make_images).
+struct PreparedImages {
+  snap::Materialized materialized;
+  std::optional<inplace::Prepared> mapped;  // the in-place step's result, if it mapped pages
+  json in_place;                            // the result's "in_place" object
+  MaterializeStep step;
+};
+
+}  // namespace
+
+class SharedImages {
+ public:
+  explicit SharedImages(WorkDir dir) : dir_(std::move(dir)) {}
+  // The first caller runs `make` in dir(); the others wait for it and get the same result
+  // (a failure too: every instance of the burst fails with it).
+  const Result<PreparedImages>& get(const std::function<Result<PreparedImages>(const fs::path&)>& make) {
+    std::lock_guard lock(mutex_);
+    if (!made_) made_ = make(dir_.path());
+    return *made_;
+  }
+  [[nodiscard]] const fs::path& dir() const noexcept { return dir_.path(); }
+
+ private:
+  std::mutex mutex_;
+  WorkDir dir_;
+  std::optional<Result<PreparedImages>> made_;
+};
+
+std::shared_ptr<SharedImages> make_shared_images(fs::path dir) {
+  auto made = WorkDir::create(dir);
+  if (!made) {
+    spdlog::warn("burst images: {}; every instance prepares its own", made.error().what());
+    return nullptr;
+  }
+  return std::make_shared<SharedImages>(std::move(*made));
+}
+
+namespace {
+
 // `criu restore --lazy-pages --leave-stopped`, the agent's lazy-pages server serving the uffds
 // from the store with the policy's plan. The in-place step comes first: the pages the policy
 // uses in place (none for most) are checked and written into the images as file mappings of
@@ -187,24 +227,22 @@ class AgentLazy final : public Base {
   using Base::Base;
 
   Result<void> prepare(RestoreResult& out) override {
-    if (auto ok = materialize(false, out); !ok) return ok;
-    const criu::Checkpoint* checkpoint = &materialized_->checkpoint;
-    const policy::RestorePolicy& chosen = *ctx_.policy;
-    const auto selection = inplace::selection(chosen, ctx_.in_place);
-    out.in_place = inplace::describe_choice(chosen, ctx_.in_place);
-    if (selection != policy::InPlacePages::none) {
-      auto prepared = inplace::prepare(*ctx_.store, ctx_.snapshot, images(), materialized_->checkpoint, selection,
-                                       *ctx_.in_place);
-      if (prepared) {
-        mapped_ = std::move(*prepared);
-        inplace::report(*mapped_, *out.in_place);
-        checkpoint = &mapped_->checkpoint;
-      } else if (prepared.error().code == Errc::unsupported && !chosen.in_place().required) {
-        (*out.in_place)["mode"] = "copied (" + prepared.error().message + ")";  // an older snapshot
-      } else {
-        return tl::unexpected(prepared.error());
-      }
+    if (ctx_.shared_images) {
+      const auto& made = ctx_.shared_images->get([this](const fs::path& dir) { return make_images(dir); });
+      if (!made) return tl::unexpected(made.error());
+      const auto t = Clock::now();
+      std::error_code ec;
+      fs::copy(ctx_.shared_images->dir(), images(), fs::copy_options::recursive, ec);
+      if (ec) return fail(Errc::io, "copy the burst's images into " + images().string() + ": " + ec.message());
+      take(*made, out);
+      out.materialize->ms = ms_since(t);  // this instance's share: the copy
+      (*out.in_place)["prepared"] = "once for the burst";
+    } else {
+      auto made = make_images(images());
+      if (!made) return tl::unexpected(made.error());
+      take(*made, out);
     }
+    const criu::Checkpoint* checkpoint = mapped_ ? &mapped_->checkpoint : &materialized_->checkpoint;
     auto source = snap::StorePageSource::open(ctx_.store, ctx_.snapshot, *checkpoint);
     if (!source) return tl::unexpected(source.error());
     lazy::LazyPagesOptions lo;
@@ -276,6 +314,40 @@ class AgentLazy final : public Base {
   }
 
   fs::path mapped_backing() const override { return mapped_ ? mapped_->plan.rewrite.backing_file : fs::path(); }
+
+  // The images the server and CRIU read, in `dir`: materialized without the lazy pages, then
+  // the in-place step for a policy that maps pages (the pages it maps checked and cut).
+  Result<PreparedImages> make_images(const fs::path& dir) const {
+    PreparedImages made;
+    const auto t = Clock::now();
+    auto m = snap::materialize(ctx_.snapshot, *ctx_.store, dir, false);
+    if (!m) return tl::unexpected(m.error());
+    made.step = MaterializeStep{ms_since(t), m->pages_written, m->bytes_written};
+    made.materialized = std::move(*m);
+    const policy::RestorePolicy& chosen = *ctx_.policy;
+    const auto selection = inplace::selection(chosen, ctx_.in_place);
+    made.in_place = inplace::describe_choice(chosen, ctx_.in_place);
+    if (selection == policy::InPlacePages::none) return made;
+    auto prepared = inplace::prepare(*ctx_.store, ctx_.snapshot, dir, made.materialized.checkpoint, selection,
+                                     *ctx_.in_place);
+    if (prepared) {
+      made.mapped = std::move(*prepared);
+      inplace::report(*made.mapped, made.in_place);
+    } else if (prepared.error().code == Errc::unsupported && !chosen.in_place().required) {
+      made.in_place["mode"] = "copied (" + prepared.error().message + ")";  // an older snapshot
+    } else {
+      return tl::unexpected(prepared.error());
+    }
+    return made;
+  }
+  void take(const PreparedImages& made, RestoreResult& out) {
+    materialized_ = made.materialized;
+    mapped_ = made.mapped;
+    materialized_->checkpoint.dir = images();  // this instance's copy, whoever made it
+    if (mapped_) mapped_->checkpoint.dir = images();
+    out.materialize = made.step;
+    out.in_place = made.in_place;
+  }
   std::uint64_t pages_mapped_in_place() const override { return mapped_ ? mapped_->plan.pages : 0; }
 
  private:
