@@ -113,6 +113,12 @@ struct PolicyInfo {
 [[nodiscard]] std::vector<PolicyInfo> describe_policies();
 [[nodiscard]] Result<std::unique_ptr<RestorePolicy>> make_policy(std::string_view name);
 
+// A page the profiled invocation read and never wrote: what `tiered` maps in place.
+[[nodiscard]] inline bool read_only_hot(const PageEntry& page) noexcept {
+  return (page.flags & page_hot) != 0 && (page.flags & page_read_only) != 0 &&
+         (page.flags & (page_written | page_zero)) == 0;
+}
+
 // The tiered placement also stores in CXL the cold pages of a gap of at most this many between
 // two read-only hot pages adjacent in address, and the in-place step maps them with the two
 // (one mapping instead of three). A gap page costs 4 KiB of CXL; a mapping ~10 us of restore.

@@ -430,11 +430,12 @@ Result<json> FunctionService::burst(const control::FunctionRestore& request) {
   // A request that cannot start fails as a whole, before anything runs (as a single restore).
   control::FunctionRestore one = request;
   one.instances.reset();
-  if (auto check = pick_restore(one); !check) return tl::unexpected(check.error());
+  auto check = pick_restore(one);
+  if (!check) return tl::unexpected(check.error());
   // The agent's server restores every instance from one set of images (the in-place step's
   // check and rewrite once, not per instance); the CRIU mechanisms materialize their own.
   std::shared_ptr<mechanism::SharedImages> shared;
-  if (auto chosen = policy::make_policy(request.policy); chosen && (*chosen)->mechanism() == policy::Mechanism::snaptier_lazy) {
+  if (check->context.policy->mechanism() == policy::Mechanism::snaptier_lazy) {
     shared = mechanism::make_shared_images(config_.work_dir / "restores" /
                                            (request.snapshot + "." + request.policy + ".burst-" +
                                             std::to_string(++restore_counter_)));

@@ -113,7 +113,7 @@ bool selected(const PageEntry& page, policy::InPlacePages selection) {
   if ((page.flags & page_zero) != 0 || selection == policy::InPlacePages::none) return false;
   if (selection == policy::InPlacePages::all_stored) return true;
   if (selection == policy::InPlacePages::all_unwritten) return (page.flags & page_written) == 0;
-  return (page.flags & page_hot) != 0 && (page.flags & page_read_only) != 0 && (page.flags & page_written) == 0;
+  return policy::read_only_hot(page);
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include <fstream>
 #include <mutex>
 #include <optional>
+#include <utility>
 
 #include <spdlog/spdlog.h>
 
@@ -28,6 +29,17 @@ using std::chrono::milliseconds;
 namespace {
 
 double ms_since(Clock::time_point t) { return std::chrono::duration<double, std::milli>(Clock::now() - t).count(); }
+
+// The context's copy written from the store into `dir` (all pages, or only what CRIU restores
+// itself), and the step's figures for the result.
+Result<std::pair<snap::Materialized, MaterializeStep>> materialize_into(const RestoreContext& ctx, const fs::path& dir,
+                                                                        bool all_pages) {
+  const auto t = Clock::now();
+  auto m = snap::materialize(ctx.snapshot, *ctx.store, dir, all_pages);
+  if (!m) return tl::unexpected(m.error());
+  const MaterializeStep step{ms_since(t), m->pages_written, m->bytes_written};
+  return std::make_pair(std::move(*m), step);
+}
 
 class Base : public RestoreMechanism {
  public:
@@ -53,11 +65,10 @@ class Base : public RestoreMechanism {
   }
   // Images (and pages) written from the store; all of them, or only what CRIU restores itself.
   Result<void> materialize(bool all_pages, RestoreResult& out) {
-    const auto t = Clock::now();
-    auto m = snap::materialize(ctx_.snapshot, *ctx_.store, images(), all_pages);
+    auto m = materialize_into(ctx_, images(), all_pages);
     if (!m) return tl::unexpected(m.error());
-    materialized_ = std::move(*m);
-    out.materialize = MaterializeStep{ms_since(t), materialized_->pages_written, materialized_->bytes_written};
+    materialized_ = std::move(m->first);
+    out.materialize = m->second;
     return {};
   }
   // The images are not needed once the tree runs (or is gone); a kept instance keeps only its
@@ -319,11 +330,10 @@ class AgentLazy final : public Base {
   // the in-place step for a policy that maps pages (the pages it maps checked and cut).
   Result<PreparedImages> make_images(const fs::path& dir) const {
     PreparedImages made;
-    const auto t = Clock::now();
-    auto m = snap::materialize(ctx_.snapshot, *ctx_.store, dir, false);
+    auto m = materialize_into(ctx_, dir, false);
     if (!m) return tl::unexpected(m.error());
-    made.step = MaterializeStep{ms_since(t), m->pages_written, m->bytes_written};
-    made.materialized = std::move(*m);
+    made.materialized = std::move(m->first);
+    made.step = m->second;
     const policy::RestorePolicy& chosen = *ctx_.policy;
     const auto selection = inplace::selection(chosen, ctx_.in_place);
     made.in_place = inplace::describe_choice(chosen, ctx_.in_place);

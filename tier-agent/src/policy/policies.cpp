@@ -52,12 +52,9 @@ class TieredPlacement final : public Placement {
     PlacementRequest request;
     request.default_tier = *cold;
     request.per_page.resize(pages.size());
-    for (std::size_t i = 0; i < pages.size(); ++i) {
-      if ((pages[i].flags & page_hot) != 0) request.per_page[i] = TierKind::cxl;
-    }
     const std::vector<bool> gaps = small_in_place_gaps(pages);
     for (std::size_t i = 0; i < pages.size(); ++i) {
-      if (gaps[i]) request.per_page[i] = TierKind::cxl;
+      if ((pages[i].flags & page_hot) != 0 || gaps[i]) request.per_page[i] = TierKind::cxl;
     }
     return request;
   }
@@ -104,19 +101,15 @@ class Policy final : public RestorePolicy {
 // scattered hot pages (lookup_table: 8,846 in 6,512 runs, 13,163 VMAs, ~130 ms of restore
 // natively) cost more in mappings than the cold pages between them cost in CXL.
 std::vector<bool> small_in_place_gaps(std::span<const PageEntry> pages) {
-  auto read_only_hot = [&](std::size_t i) {
-    const std::uint32_t f = pages[i].flags;
-    return (f & page_hot) != 0 && (f & page_read_only) != 0 && (f & (page_written | page_zero)) == 0;
-  };
   auto fillable = [&](std::size_t i) { return (pages[i].flags & (page_hot | page_written | page_zero)) == 0; };
   auto next_to = [&](std::size_t a) { return pages[a + 1].vaddr == pages[a].vaddr + kPageSize; };
   std::vector<bool> out(pages.size(), false);
   for (std::size_t i = 0; i + 1 < pages.size(); ++i) {
-    if (!read_only_hot(i) || !next_to(i) || !fillable(i + 1)) continue;
+    if (!read_only_hot(pages[i]) || !next_to(i) || !fillable(i + 1)) continue;
     std::size_t end = i + 1;  // the gap is [i + 1, end)
     while (end < pages.size() && fillable(end) && end - (i + 1) <= kInPlaceGapPages && next_to(end - 1)) ++end;
     const std::size_t length = end - (i + 1);
-    if (length > kInPlaceGapPages || end >= pages.size() || !next_to(end - 1) || !read_only_hot(end)) continue;
+    if (length > kInPlaceGapPages || end >= pages.size() || !next_to(end - 1) || !read_only_hot(pages[end])) continue;
     for (std::size_t k = i + 1; k < end; ++k) out[k] = true;
     i = end - 1;
   }
