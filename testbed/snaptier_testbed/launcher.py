@@ -177,18 +177,28 @@ def up(topology: Topology, image_dir: str | None = None, boot_timeout: float = 3
     check_resources(topology, Runtime(repo=REPO, state_dir=state_dir, image_dir=Path("."), accel="tcg"))
     image = ensure_image(image_dir)
     runtime, state = prepare_guests(topology, state_dir, image)
+
+    def start_one(spec: MachineSpec) -> None:
+        say(f"starting {spec.name} ({spec.role}, {spec.cpus} cpu, {spec.memory // MiB} MiB"
+            f"{', cxl ' + spec.cxl.emulation if spec.cxl else ''}, {runtime.accel})")
+        process.start(qemu_argv(spec))
+    start_guests(topology, runtime, state, start_one, boot_timeout)
+
+
+def start_guests(topology: Topology, runtime: Runtime, state: TestbedState, start_one, boot_timeout: float) -> None:
+    """The QEMU guests of a prepared topology, however each is started (`start_one(spec)`: the
+    direct launcher, libvirt): CXL backings and switches first, each host's old files cleared,
+    then the boot wait; on any failure everything made is removed (`down`)."""
     specs = describe(topology, runtime)
     try:
         start_cxl_and_switches(topology, runtime, state)
         for spec in specs:
             for p in (spec.console_log, spec.console_socket, spec.qmp_socket, spec.pidfile):
                 p.unlink(missing_ok=True)
-            say(f"starting {spec.name} ({spec.role}, {spec.cpus} cpu, {spec.memory // MiB} MiB"
-                f"{', cxl ' + spec.cxl.emulation if spec.cxl else ''}, {runtime.accel})")
-            process.start(qemu_argv(spec))
+            start_one(spec)
         wait_ready(topology, specs, runtime, boot_timeout)
     except BaseException:
-        say("start-up failed: stopping what was started")
+        say("start-up failed: removing what was made")
         down(topology, quiet=True)
         raise
 

@@ -22,9 +22,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .launcher import (TestbedError, check_resources, ensure_image, prepare_guests, refuse_running,
-                       remove_volatile, say, start_cxl_and_switches, wait_ready)
-from .machine import MachineSpec, Runtime, describe, host_tag
-from .state import REPO, TestbedState, state_dir_for
+                       remove_volatile, say, start_guests)
+from .machine import MachineSpec, Runtime, host_tag
+from .state import REPO, state_dir_for
 from .topology import MiB, Topology
 
 sys.path.insert(0, str(REPO / "qemu"))
@@ -195,33 +195,25 @@ def up(topology: Topology, image_dir: str | None = None, boot_timeout: float = 3
         say(f"removing domain {name}, left defined by an earlier run of this topology")
         _undefine(topology.uri, name)
     runtime, state = prepare_guests(topology, state_dir, image, backend="libvirt")
-    specs = describe(topology, runtime)
-    try:
-        start_cxl_and_switches(topology, runtime, state)
-        for spec in specs:
-            for p in (spec.console_log, spec.console_socket, spec.qmp_socket, spec.pidfile):
-                p.unlink(missing_ok=True)
-            overlay = root_overlay(spec, state_dir)
-            make_overlay(spec, overlay)
-            xml = domain_file(spec, state_dir)
-            xml.write_text(domain_xml(spec, overlay, topology.name, state_dir, emulator=emulator))
-            name = domain_name(spec)
-            proc = virsh(topology.uri, "define", str(xml))
-            if proc.returncode != 0:
-                raise TestbedError(f"{spec.name}: libvirt refused domain {name} ({xml}): {_error(proc)}")
-            say(f"starting {spec.name} as libvirt domain {name} ({spec.role}, {spec.cpus} cpu, "
-                f"{spec.memory // MiB} MiB{', cxl ' + spec.cxl.emulation if spec.cxl else ''}, {runtime.accel})")
-            proc = virsh(topology.uri, "start", name)
-            if proc.returncode != 0:
-                raise TestbedError(f"{spec.name}: libvirt could not start domain {name}: {_error(proc)}")
-            # The pidfile (and the tag in QEMU's command line) is how status, exec and the
-            # boot wait see a host, whichever backend started it.
-            spec.pidfile.write_text(f"{_wait_qemu_pid(spec, topology.uri)}\n")
-        wait_ready(topology, specs, runtime, boot_timeout)
-    except BaseException:
-        say("start-up failed: removing what was made")
-        down(topology, quiet=True)
-        raise
+
+    def start_one(spec: MachineSpec) -> None:
+        overlay = root_overlay(spec, state_dir)
+        make_overlay(spec, overlay)
+        xml = domain_file(spec, state_dir)
+        xml.write_text(domain_xml(spec, overlay, topology.name, state_dir, emulator=emulator))
+        name = domain_name(spec)
+        proc = virsh(topology.uri, "define", str(xml))
+        if proc.returncode != 0:
+            raise TestbedError(f"{spec.name}: libvirt refused domain {name} ({xml}): {_error(proc)}")
+        say(f"starting {spec.name} as libvirt domain {name} ({spec.role}, {spec.cpus} cpu, "
+            f"{spec.memory // MiB} MiB{', cxl ' + spec.cxl.emulation if spec.cxl else ''}, {runtime.accel})")
+        proc = virsh(topology.uri, "start", name)
+        if proc.returncode != 0:
+            raise TestbedError(f"{spec.name}: libvirt could not start domain {name}: {_error(proc)}")
+        # The pidfile (and the tag in QEMU's command line) is how status, exec and the
+        # boot wait see a host, whichever backend started it.
+        spec.pidfile.write_text(f"{_wait_qemu_pid(spec, topology.uri)}\n")
+    start_guests(topology, runtime, state, start_one, boot_timeout)
 
 
 def _undefine(uri: str, name: str) -> None:
