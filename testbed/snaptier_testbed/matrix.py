@@ -161,6 +161,9 @@ def row_of(cell: dict) -> dict:
     row.update({
         "pages_prefetched": number_or_none(r.get("pages_prefetched")), "pages_background": number_or_none(r.get("pages_background")),
         "zero_pages": number_or_none(r.get("zero_pages")), "local_memory_bytes": number_or_none(r.get("local_memory_bytes")),
+        "local_anonymous_bytes": number_or_none(r.get("local_anonymous_bytes")),
+        "pages_mapped_in_place": number_or_none(r.get("pages_mapped_in_place")),
+        "cow_copies_after_first_response": number_or_none(r.get("cow_copies_after_first_response")),
         "answer_ok": r.get("answer_ok") if isinstance(r.get("answer_ok"), bool) else None,
         "digest_ok": r.get("digest_ok") if isinstance(r.get("digest_ok"), bool) else None,
         "error": " | ".join(dict.fromkeys(str(e) for e in errors)) or None,
@@ -283,6 +286,7 @@ def csv_columns(rows: list[dict]) -> list[str]:
              "first_response_vs_limit", "speedup_vs_criu_eager", "speedup_vs_criu_lazy", "faults_total", "faults_read", "faults_write", "faults_zero"]
             + [f"faults_{t}" for t in tiers] + [f"bytes_{t}" for t in tiers]
             + ["pages_prefetched", "pages_background", "zero_pages", "local_memory_bytes",
+               "local_anonymous_bytes", "pages_mapped_in_place", "cow_copies_after_first_response",
                "faults_vs_lazy_cxl_pct", "answer_ok", "digest_ok", "error"])
 
 

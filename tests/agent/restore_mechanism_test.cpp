@@ -638,6 +638,7 @@ mechanism::RestoreResult every_field() {
   r.cxl_mapped_bytes = 1 << 18;
   r.mapped_cow_bytes = 4096;
   r.pages_mapped_in_place = 64;
+  r.cow_copies_after_first_response = 2;
   r.faults = mechanism::FaultCounts{10, 7, 3, 1, 0.25, {{TierKind::rdma, 9}}};
   r.bytes_moved_per_tier = std::map<TierKind, std::uint64_t>{{TierKind::rdma, 36864}};
   r.pages_prefetched = 5;

@@ -58,11 +58,19 @@ def test_rows_carry_the_numbers_and_the_ratios():
     assert (t["faults_total"], t["faults_read"], t["faults_write"], t["faults_cxl"], t["faults_rdma"]) == (850, 700, 150, 425, 425)
     assert t["bytes_cxl"] == 425 * 4096 and t["local_memory_bytes"] == 25 * 2**20
     assert t["faults_vs_lazy_cxl_pct"] == 85.0
+    assert t["local_anonymous_bytes"] is None and t["cow_copies_after_first_response"] is None
     assert t["speedup_vs_criu_eager"] == 4.0
     assert rows["lazy-cxl"]["faults_vs_lazy_cxl_pct"] == 100.0
     # A zero baseline has no meaningful percentage.
     assert rows["criu-eager"]["faults_vs_lazy_cxl_pct"] == 0.0
     assert matrix.exit_status(list(rows.values())) == 0
+
+
+def test_rows_carry_the_in_place_memory_of_a_restore():
+    mapped = cell("tiered", tiers=("cxl", "rdma"), local_anonymous_bytes=3 * 2**20,
+                  pages_mapped_in_place=9000, cow_copies_after_first_response=7)
+    t = by_policy(matrix.rows_of(results([mapped])))["tiered"]
+    assert (t["local_anonymous_bytes"], t["pages_mapped_in_place"], t["cow_copies_after_first_response"]) == (3 * 2**20, 9000, 7)
 
 
 def test_missing_or_failed_baseline_gives_no_ratio():
@@ -164,7 +172,8 @@ def test_csv_has_one_row_per_cell_with_units_in_the_header(tmp_path):
     header = list(table[0])
     for column in ("restore_ms", "first_response_ms", "faults_total", "faults_read", "faults_write", "faults_cxl",
                    "faults_rdma", "bytes_cxl", "bytes_rdma", "bytes_local", "pages_prefetched", "zero_pages",
-                   "local_memory_bytes", "answer_ok", "digest_ok", "error", "faults_vs_lazy_cxl_pct"):
+                   "local_memory_bytes", "local_anonymous_bytes", "pages_mapped_in_place",
+                   "cow_copies_after_first_response", "answer_ok", "digest_ok", "error", "faults_vs_lazy_cxl_pct"):
         assert column in header
     assert header.index("faults_cxl") < header.index("faults_rdma") < header.index("faults_local")
     assert len(table) == len(MIXED) == len(rows)

@@ -86,6 +86,10 @@ struct RestoreResult {
   std::optional<std::string> limit_error;  // why one of the two is missing (the restore itself is fine)
   std::optional<std::uint64_t> local_memory_bytes, local_anonymous_bytes, cxl_mapped_bytes, mapped_cow_bytes;
   std::optional<std::uint64_t> pages_mapped_in_place;
+  // Copy-on-write copies the later requests (the digest and the warm invocation) took in the
+  // ranges mapped in place, in pages: mapped_cow_bytes measured after them minus at the first
+  // response. Only for restores that mapped pages and ran the warm invocation.
+  std::optional<std::uint64_t> cow_copies_after_first_response;
   // Outer: the restore got that far; inner nullopt: the mechanism does not count faults (CRIU's daemon).
   std::optional<std::optional<FaultCounts>> faults;
   std::optional<std::map<TierKind, std::uint64_t>> bytes_moved_per_tier;

@@ -80,6 +80,11 @@ void run_restore(RestoreMechanism& mechanism, const Invocation& invocation, Rest
       } else {
         out.warm_invoke_ms = warm->round_trip_ms;
       }
+      if (warm && out.pages_mapped_in_place.value_or(0) > 0 && !mechanism.mapped_backing().empty()) {
+        const inplace::MemoryUse later = inplace::measure(tree.root(), mechanism.mapped_backing());
+        const std::uint64_t grown = later.mapped_cow_bytes > memory.mapped_cow_bytes ? later.mapped_cow_bytes - memory.mapped_cow_bytes : 0;
+        out.cow_copies_after_first_response = grown / kPageSize;
+      }
     }
   } else {
     out.problems.push_back("invoke: " + invoked.error().message);

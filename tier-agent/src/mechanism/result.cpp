@@ -56,6 +56,7 @@ json to_json(const RestoreResult& r) {
   put(j, "cxl_mapped_bytes", r.cxl_mapped_bytes);
   put(j, "mapped_cow_bytes", r.mapped_cow_bytes);
   put(j, "pages_mapped_in_place", r.pages_mapped_in_place);
+  put(j, "cow_copies_after_first_response", r.cow_copies_after_first_response);
   if (r.faults) {
     j["faults"] = *r.faults ? json{{"total", (*r.faults)->total}, {"read", (*r.faults)->read}, {"write", (*r.faults)->write},
                                    {"zero", (*r.faults)->zero}, {"service_ms", (*r.faults)->service_ms},
