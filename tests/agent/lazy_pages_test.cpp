@@ -18,7 +18,11 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <condition_variable>
 #include <map>
+#include <mutex>
+#include <optional>
+#include <set>
 #include <thread>
 #include <vector>
 
@@ -323,6 +327,144 @@ TEST_F(LazyRestoreTest, ConcurrentRestoresFromOneSharedSourceEachGetTheirPages) 
     ::close(one.go[0]);
     ::close(one.go[1]);
   }
+}
+
+// The fixture's pages, except that the tier holding the registered mapping's pages has damaged
+// them: every fetch there fails its check.
+class CorruptMapping final : public lazy::LazySource {
+ public:
+  explicit CorruptMapping(std::shared_ptr<lazy::CheckpointPageSource> inner) : inner_(std::move(inner)) {}
+  Result<PageFill> fetch(TaskId task, std::uint64_t vaddr, std::size_t max_pages, std::span<std::byte> buffer) override {
+    if (vaddr >= kBase && vaddr < kBase + kPages * kPage) return fail(Errc::corrupt, "page fails its CRC32C");
+    return inner_->fetch(task, vaddr, max_pages, buffer);
+  }
+  bool has_task(TaskId task) const noexcept override { return inner_->has_task(task); }
+  std::vector<std::uint64_t> lazy_pages(TaskId task) const override { return inner_->lazy_pages(task); }
+
+ private:
+  std::shared_ptr<lazy::CheckpointPageSource> inner_;
+};
+
+// One thread for many trees: each restore does its protocol half on a thread of its own, then
+// hands its server to one ServingLoop, which serves every tree's faults from then on. All of
+// them are served at once (the restorers wait until the loop holds every server), every fault
+// is served on the loop's thread, and a tree whose pages fail their check is
+// killed alone while the others get their pages.
+TEST_F(LazyRestoreTest, OneServingLoopServesManyTreesAndAFailureEndsOnlyItsOwn) {
+  constexpr int kRestores = 5;
+  constexpr int kBroken = 2;
+  auto loop = lazy::ServingLoop::start();
+  ASSERT_TRUE(loop) << loop.error().what();
+  auto cp = criu::load_checkpoint(fixture_dir());
+  ASSERT_TRUE(cp) << cp.error().what();
+  auto checkpoint_source = lazy::CheckpointPageSource::open(*cp);
+  ASSERT_TRUE(checkpoint_source) << checkpoint_source.error().what();
+  std::mutex fault_threads_mutex;
+  std::map<int, std::set<std::thread::id>> fault_threads;  // restore -> threads that saw its faults
+  struct One {
+    std::shared_ptr<lazy::LazyPagesServer> server;
+    int go[2] = {-1, -1};
+    pid_t child = 0;
+    std::optional<lazy::LazyPagesReport> report;
+    std::mutex mutex;
+    std::condition_variable ended;
+    int status = -1;
+  };
+  std::vector<One> restores(kRestores);
+  for (int i = 0; i < kRestores; ++i) {
+    One& one = restores[i];
+    ASSERT_EQ(::pipe2(one.go, O_CLOEXEC), 0);
+    auto o = quick();
+    o.images_dir = fixture_dir();
+    if (i == kBroken) o.source = std::make_shared<CorruptMapping>(*checkpoint_source);
+    o.work_dir = work_ / std::to_string(i);
+    fs::create_directories(o.work_dir);
+    o.on_fault = [&, i](const FaultObservation&) {
+      std::lock_guard lock(fault_threads_mutex);
+      fault_threads[i].insert(std::this_thread::get_id());
+    };
+    auto server = lazy::LazyPagesServer::bind(o);
+    ASSERT_TRUE(server) << server.error().what();
+    one.server = std::move(*server);
+  }
+  for (auto& one : restores) {
+    one.child = ::fork();
+    if (one.child == 0) restorer(one.server->socket_path(), Mode::good, one.go[0], expected_);
+  }
+  std::vector<std::thread> protocol;
+  for (auto& one : restores) {
+    protocol.emplace_back([&one, &loop] {
+      auto over = one.server->run_until_resumed();
+      ASSERT_FALSE(over) << (over->error ? over->error->what() : "ended before serving");
+      auto handed = (*loop)->serve(one.server, [&one](lazy::LazyPagesReport r) {
+        std::lock_guard lock(one.mutex);
+        one.report = std::move(r);
+        one.ended.notify_all();
+      });
+      ASSERT_TRUE(handed) << handed.error().what();
+    });
+  }
+  for (auto& t : protocol) t.join();
+  for (int i = 0; i < 500 && (*loop)->stats().most_at_once < kRestores; ++i) std::this_thread::sleep_for(10ms);
+  EXPECT_EQ((*loop)->stats().most_at_once, static_cast<std::uint64_t>(kRestores));
+  for (auto& one : restores) (void)!::write(one.go[1], "g", 1);
+  for (int i = 0; i < kRestores; ++i) {
+    One& one = restores[i];
+    {
+      std::unique_lock lock(one.mutex);
+      ASSERT_TRUE(one.ended.wait_for(lock, 10s, [&] { return one.report.has_value(); })) << "restore " << i << " never ended";
+    }
+    for (int k = 0; k < 500 && ::waitpid(one.child, &one.status, WNOHANG) != one.child; ++k) ::usleep(10'000);
+    if (i == kBroken) {
+      ASSERT_TRUE(one.report->error) << "restore " << i;
+      EXPECT_EQ(one.report->error->code, Errc::corrupt) << one.report->error->what();
+      EXPECT_TRUE(WIFSIGNALED(one.status) && WTERMSIG(one.status) == SIGKILL) << one.status;
+    } else {
+      EXPECT_FALSE(one.report->error) << "restore " << i << ": " << one.report->error->what();
+      ASSERT_TRUE(WIFEXITED(one.status)) << "restore " << i << ": " << one.status;
+      EXPECT_EQ(WEXITSTATUS(one.status), 0) << "restore " << i << ": 10+p: page p had the wrong bytes";
+      EXPECT_GE(one.report->metrics.pages_copied_per_tier.at(TierKind::file), 4u) << "restore " << i;
+    }
+    std::lock_guard lock(fault_threads_mutex);
+    EXPECT_EQ(fault_threads[i], std::set<std::thread::id>{(*loop)->thread_id()})
+        << "restore " << i << ": its faults were served off the loop's thread";
+    ::close(one.go[0]);
+    ::close(one.go[1]);
+  }
+  EXPECT_EQ((*loop)->stats().servers_served, static_cast<std::uint64_t>(kRestores));
+}
+
+// A loop that ends while it serves a tree installs that tree's remaining pages first (as a
+// stopped server does), so the tree runs on without it, and reports it.
+TEST_F(LazyRestoreTest, AServingLoopThatEndsDrainsWhatItServes) {
+  auto loop = lazy::ServingLoop::start();
+  ASSERT_TRUE(loop) << loop.error().what();
+  auto o = quick();
+  o.images_dir = fixture_dir();
+  o.work_dir = work_;
+  int go[2];
+  ASSERT_EQ(::pipe2(go, O_CLOEXEC), 0);
+  auto bound = lazy::LazyPagesServer::bind(o);
+  ASSERT_TRUE(bound) << bound.error().what();
+  std::shared_ptr<lazy::LazyPagesServer> server = std::move(*bound);
+  pid_t child = ::fork();
+  if (child == 0) restorer(server->socket_path(), Mode::good, go[0], expected_);
+  ASSERT_FALSE(server->run_until_resumed());
+  std::optional<lazy::LazyPagesReport> report;
+  ASSERT_TRUE((*loop)->serve(server, [&](lazy::LazyPagesReport r) { report = std::move(r); }));
+  loop->reset();  // ends the loop: the tree is drained and reported before the join returns
+  ASSERT_TRUE(report);
+  EXPECT_FALSE(report->error) << report->error->what();
+  // The 4 lazy pages of the registered mapping (the others' ranges are not registered here).
+  EXPECT_EQ(report->drained_pages, 4u);
+  EXPECT_EQ(report->metrics.faults, 0u);
+  (void)!::write(go[1], "g", 1);  // the tree now runs with no server at all
+  int status = -1;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status)) << status;
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "10+p: page p had the wrong bytes";
+  ::close(go[0]);
+  ::close(go[1]);
 }
 
 TEST_F(LazyRestoreTest, PrefetchAllInstallsEveryLazyPageBeforeResume) {

@@ -306,14 +306,14 @@ std::map<std::string, std::string> files_in(const fs::path& dir) {
 
 TEST_F(RestoreMechanismTest, TheInstancesOfABurstRestoreFromImagesMadeOnce) {
   const fs::path shared_dir = tmp_.path() / "work" / "restores" / "fn.reap.burst-1";
-  auto shared = mechanism::make_shared_images(shared_dir);
+  auto shared = mechanism::make_shared_burst(shared_dir);
   ASSERT_TRUE(shared);
   std::vector<std::unique_ptr<mechanism::RestoreMechanism>> instances;
   std::vector<mechanism::RestoreResult> results(3);
   for (int i = 0; i < 3; ++i) {
     auto c = context("reap");
     c.dir += "." + std::to_string(i);
-    c.shared_images = shared;
+    c.shared_burst = shared;
     auto made = mechanism::make_mechanism(std::move(c));
     ASSERT_TRUE(made) << made.error().what();
     instances.push_back(std::move(*made));
@@ -346,13 +346,13 @@ TEST_F(RestoreMechanismTest, TheInstancesOfABurstRestoreFromImagesMadeOnce) {
 }
 
 TEST_F(RestoreMechanismTest, ImagesThatCannotBeMadeFailEveryInstanceOfTheBurst) {
-  auto shared = mechanism::make_shared_images(tmp_.path() / "work" / "restores" / "fn.reap.burst-2");
+  auto shared = mechanism::make_shared_burst(tmp_.path() / "work" / "restores" / "fn.reap.burst-2");
   ASSERT_TRUE(shared);
   ASSERT_TRUE(store_->remove("fn:cxl"));  // the copy is gone: materializing fails
   for (int i = 0; i < 2; ++i) {
     auto c = context("reap");
     c.dir += "." + std::to_string(i);
-    c.shared_images = shared;
+    c.shared_burst = shared;
     auto made = mechanism::make_mechanism(std::move(c));
     ASSERT_TRUE(made) << made.error().what();
     mechanism::RestoreResult r;

@@ -235,6 +235,13 @@ class FaultEngine {
   [[nodiscard]] virtual Result<void> run_until(const std::function<bool()>& done,
                                                std::chrono::steady_clock::time_point deadline) = 0;
 
+  // For one thread serving several engines (lazy::ServingLoop): an fd that is readable while
+  // poll() has events or faults to serve (the engine's epoll fd: add it to an epoll set of your
+  // own), and whether it has work no fd signals (background pages, EAGAIN retries): then call
+  // poll(0) without waiting for the fd.
+  [[nodiscard]] virtual int wait_fd() const noexcept = 0;
+  [[nodiscard]] virtual bool work_pending() const noexcept = 0;
+
   [[nodiscard]] virtual std::optional<Error> failure() const = 0;  // first failure, if any
   [[nodiscard]] virtual std::size_t task_count() const noexcept = 0;
   [[nodiscard]] virtual std::vector<TaskId> tasks() const = 0;

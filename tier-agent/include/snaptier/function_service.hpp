@@ -91,10 +91,10 @@ class FunctionService {
   std::map<std::string, KeptRecord> kept_;  // by the restore's work directory name
   void track_kept(const mechanism::RestoreResult& result, const std::filesystem::path& dir);
   // One restore that was admitted; `at_first_answer` as in mechanism::Invocation.
-  // `shared_images`: a burst's images, made once for its instances.
+  // `shared_burst`: a burst's images, made once for its instances.
   [[nodiscard]] Result<mechanism::RestoreResult> restore_one(const control::FunctionRestore& request,
                                                              std::function<void(bool)> at_first_answer = {},
-                                                             std::shared_ptr<mechanism::SharedImages> shared_images = {});
+                                                             std::shared_ptr<mechanism::SharedBurst> shared_burst = {});
   [[nodiscard]] Result<nlohmann::json> burst(const control::FunctionRestore& request);
   [[nodiscard]] Result<nlohmann::json> call_peer(const std::string& host, const control::Command& command);
   // A restore request checked and resolved: what the mechanism needs, what the flow checks,

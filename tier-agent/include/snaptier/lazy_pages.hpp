@@ -20,6 +20,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 #include <nlohmann/json_fwd.hpp>
@@ -195,10 +196,65 @@ class LazyPagesServer {
   // killed and report.error says why. Call once.
   [[nodiscard]] LazyPagesReport run();
 
+  // run() in two halves, so that one thread can serve many servers' tasks (ServingLoop):
+  // run_until_resumed() accepts, receives the tasks, prefetches and resumes on the caller's
+  // thread; it returns the report if the restore is already over (failed, no restorer), or
+  // nullopt if the tasks now need serving: hand the server to ServingLoop::serve, or call
+  // serve_rest() to serve them on this thread. Call one of run() / run_until_resumed() once.
+  [[nodiscard]] std::optional<LazyPagesReport> run_until_resumed();
+  [[nodiscard]] LazyPagesReport serve_rest();
+
   struct Impl;
 
  private:
+  friend class ServingLoop;
   explicit LazyPagesServer(std::unique_ptr<Impl> impl);
+  bool claim_run(LazyPagesReport& out);
+  // The serving half, one round at a time, for ServingLoop (its thread only).
+  [[nodiscard]] int serve_fd() const noexcept;
+  [[nodiscard]] bool serve_work_pending() const noexcept;
+  [[nodiscard]] bool serve_round();  // without waiting; true: serving is over, call end_serving
+  [[nodiscard]] std::uint64_t faults_served() const noexcept;
+  [[nodiscard]] LazyPagesReport end_serving();
+  std::unique_ptr<Impl> impl_;
+};
+
+// One thread serving the userfaultfds of many restored trees: the instances of a burst hand
+// their servers over once their tasks run (LazyPagesServer::run_until_resumed), and from then
+// on one epoll set over every server's fault engine serves them all, each server ending on its
+// own terms (its tasks gone, its stop flag, its serve_timeout, a failure that kills its tree
+// only). A fault is read as soon as its uffd is ready; the housekeeping every server needs
+// (metrics_now, stop flags, deadlines) runs at least every 10 ms.
+struct ServingLoopStats {
+  std::uint64_t servers_served = 0;  // handed over so far
+  std::uint64_t most_at_once = 0;    // servers served at the same time, at most
+  std::uint64_t rounds = 0;          // epoll rounds of the loop
+};
+
+class ServingLoop {
+ public:
+  using Done = std::function<void(LazyPagesReport)>;
+  // spin_after_fault: as FaultEngineOptions::spin_after_fault, for the loop's own epoll set
+  // (the engines' poll(0) never sleeps, so never spins).
+  [[nodiscard]] static Result<std::shared_ptr<ServingLoop>> start(
+      std::chrono::microseconds spin_after_fault = std::chrono::microseconds(50));
+  // Ends every server still served as if stopped (their remaining lazy pages installed, so
+  // their tasks run on), calls their Done, joins the thread.
+  ~ServingLoop();
+  ServingLoop(const ServingLoop&) = delete;
+  ServingLoop& operator=(const ServingLoop&) = delete;
+
+  // Serves `server` (run_until_resumed() returned nullopt) on the loop's thread until it ends,
+  // then calls `done` with its report there. Errc::unavailable once the loop is ending (the
+  // caller then serves it itself: serve_rest()).
+  [[nodiscard]] Result<void> serve(std::shared_ptr<LazyPagesServer> server, Done done);
+  [[nodiscard]] ServingLoopStats stats() const;
+  [[nodiscard]] std::thread::id thread_id() const noexcept;
+
+  struct Impl;
+
+ private:
+  explicit ServingLoop(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
 

@@ -147,12 +147,13 @@ class RestoredTree {
 
 // ---- Mechanisms -------------------------------------------------------------------------------
 
-// A burst's images, made once for all its instances (mechanism/mechanisms.cpp): the first
-// instance of the agent's lazy-pages server materializes the copy and does the in-place step
-// (plan, CRC32C check, rewrite) in `dir`; the others wait for it and copy the result. `dir` is
-// removed with the last owner.
-class SharedImages;
-[[nodiscard]] std::shared_ptr<SharedImages> make_shared_images(std::filesystem::path dir);
+// What the instances of one burst of the agent's lazy-pages server share
+// (mechanism/mechanisms.cpp): the images, made once (the first instance materializes the copy
+// and does the in-place step — plan, CRC32C check, rewrite — in `dir`; the others wait for it
+// and copy the result), the page source over them, and one lazy::ServingLoop that serves every
+// instance's faults on one thread once its tasks run. `dir` is removed with the last owner.
+class SharedBurst;
+[[nodiscard]] std::shared_ptr<SharedBurst> make_shared_burst(std::filesystem::path dir);
 
 // The snapshot host's page server, for criu-remote: `call` sends it function.serve_lazy.
 struct RemotePeer {
@@ -177,7 +178,7 @@ struct RestoreContext {
   // dir/kInstanceDir. Empty: CRIU binds the dumped path itself (one instance at a time).
   std::filesystem::path socket_dir;
   // Set for the instances of one burst: the agent's lazy-pages server reads images made once.
-  std::shared_ptr<SharedImages> shared_images;
+  std::shared_ptr<SharedBurst> shared_burst;
 };
 
 // The restored instance's socket directory inside a restore's work directory.

@@ -307,12 +307,12 @@ Result<json> FunctionService::restore(const control::FunctionRestore& request) {
 
 Result<mechanism::RestoreResult> FunctionService::restore_one(const control::FunctionRestore& request,
                                                               std::function<void(bool)> at_first_answer,
-                                                              std::shared_ptr<mechanism::SharedImages> shared_images) {
+                                                              std::shared_ptr<mechanism::SharedBurst> shared_burst) {
   auto picked = pick_restore(request);
   if (!picked) return tl::unexpected(picked.error());
   auto& [context, invocation, result] = *picked;
   if (at_first_answer) invocation.at_first_answer = std::move(at_first_answer);
-  context.shared_images = std::move(shared_images);
+  context.shared_burst = std::move(shared_burst);
   if (result.error) return result;  // refused by what the host lacks, nothing started
   const fs::path dir = context.dir;
   auto restorer = mechanism::make_mechanism(std::move(context));
@@ -434,9 +434,9 @@ Result<json> FunctionService::burst(const control::FunctionRestore& request) {
   if (!check) return tl::unexpected(check.error());
   // The agent's server restores every instance from one set of images (the in-place step's
   // check and rewrite once, not per instance); the CRIU mechanisms materialize their own.
-  std::shared_ptr<mechanism::SharedImages> shared;
+  std::shared_ptr<mechanism::SharedBurst> shared;
   if (check->context.policy->mechanism() == policy::Mechanism::snaptier_lazy) {
-    shared = mechanism::make_shared_images(config_.work_dir / "restores" /
+    shared = mechanism::make_shared_burst(config_.work_dir / "restores" /
                                            (request.snapshot + "." + request.policy + ".burst-" +
                                             std::to_string(++restore_counter_)));
   }

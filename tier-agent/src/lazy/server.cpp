@@ -10,8 +10,8 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
-#include <map>
 #include <condition_variable>
+#include <map>
 #include <mutex>
 #include <set>
 
@@ -308,10 +308,19 @@ struct LazyPagesServer::Impl {
     return {};
   }
 
-  void run(LazyPagesReport& out) {
+  // Set by begin(), read by the serving half.
+  Clock::time_point t_rstf;
+  Clock::time_point serve_deadline;
+  std::optional<Error> serve_error;  // the engine's own (epoll broken)
+  bool serve_timed_out = false;
+
+  // Steps 1-4: accept, the tasks until RSTF, the prefetch, the resume. true: the tasks now need
+  // serving (serve_round until it says so, then end); false: the restore is over (end).
+  bool begin() {
     const auto t0 = Clock::now();
     report.images_dir = options.images_dir.string();
     report.policy = options.prefetch;
+    t_rstf = t0;
     // 1. accept (bounded)
     UniqueFd client;
     {
@@ -351,20 +360,14 @@ struct LazyPagesServer::Impl {
     // The socket file is not needed once connected (or given up on).
     ::unlink(socket_path.c_str());
     listen_fd.reset();
-    if (!client) {
-      report.metrics = engine->metrics();
-      out = std::move(report);
-      return;
-    }
+    if (!client) return false;
     // 2. tasks until RSTF
     if (auto r = receive_tasks(client.get(), t0); !r) {
       kill_tree(r.error());
-      report.metrics = engine->metrics();
-      out = std::move(report);
-      return;
+      return false;
     }
     client.reset();
-    const auto t_rstf = Clock::now();
+    t_rstf = Clock::now();
     // 3. prefetch (the tasks are still stopped if the restorer left them so)
     {
       const auto tp = Clock::now();
@@ -390,41 +393,68 @@ struct LazyPagesServer::Impl {
       }
       report.prefetch_ms = ms_since(tp);
     }
+    if (report.error) return false;
     // 4. resume
-    if (!report.error) {
-      if (options.resume_after_prefetch) {
-        // CRIU sends RSTF before it detaches and leaves the tasks stopped; a SIGCONT sent in
-        // between is lost. So wait (serving faults) until each task is in group stop ('T').
-        for (const auto& t : report.tasks) {
-          if (t.host_pid <= 0 || t.zombie) continue;
-          if (auto r = wait_stopped(t.host_pid, Clock::now() + options.step_timeout); !r) {
-            kill_tree(r.error());
-            break;
-          }
-          (void)::kill(t.host_pid, SIGCONT);
+    if (options.resume_after_prefetch) {
+      // CRIU sends RSTF before it detaches and leaves the tasks stopped; a SIGCONT sent in
+      // between is lost. So wait (serving faults) until each task is in group stop ('T').
+      for (const auto& t : report.tasks) {
+        if (t.host_pid <= 0 || t.zombie) continue;
+        if (auto r = wait_stopped(t.host_pid, Clock::now() + options.step_timeout); !r) {
+          kill_tree(r.error());
+          return false;
         }
+        (void)::kill(t.host_pid, SIGCONT);
       }
-      if (options.on_resumed) options.on_resumed();
-      // 5. serve
-      const auto deadline = t_rstf + options.serve_timeout;
-      auto r = engine->run_until([&] {
-        answer_metrics_request();
-        return stopping() || adopted_gone();
-      }, deadline);
-      if (!r && r.error().code != Errc::timeout) {
-        kill_tree(r.error());
+    }
+    if (options.on_resumed) options.on_resumed();
+    serve_deadline = t_rstf + options.serve_timeout;
+    return true;
+  }
+
+  // One round of step 5: serves what is ready, waiting at most `wait`. true: serving is over
+  // (every adopted task gone, stopped, failed, or past serve_timeout).
+  bool serve_round(std::chrono::milliseconds wait) {
+    answer_metrics_request();
+    if (engine->failure() || stopping() || adopted_gone()) return true;
+    const auto now = Clock::now();
+    if (now >= serve_deadline) {
+      serve_timed_out = true;
+      return true;
+    }
+    wait = std::min(wait, std::chrono::duration_cast<std::chrono::milliseconds>(serve_deadline - now));
+    if (auto r = engine->poll(wait); !r) {
+      serve_error = r.error();
+      return true;
+    }
+    return false;
+  }
+
+  // After serving (or after begin() said there is nothing to serve): the failure handling, the
+  // drain, the report.
+  void end(bool served, LazyPagesReport& out) {
+    if (served) {
+      if (serve_error) {
+        kill_tree(*serve_error);
       } else if (auto f = engine->failure()) {
         kill_tree(*f);
       } else if (engine->task_count() > 0) {
         // Stopped, timed out, or forked children outlive the adopted tasks: install what is
         // left so nothing faults on an unserved lazy page once our uffds close.
-        if (!r) log("serve timeout: draining the remaining lazy pages");
-        if (auto d = drain(); !d) kill_tree(d.error());
+        if (serve_timed_out) log("serve timeout: draining the remaining lazy pages");
+        if (auto d = drain(); !d) {
+          kill_tree(d.error());
+        } else {
+          // Every lazy page is in: close the uffds now, so a fault elsewhere in a registered
+          // range (fresh memory) is the kernel's again rather than waiting for this object to go.
+          for (TaskId t : engine->tasks()) (void)engine->forget(t);
+        }
       }
     }
-    report.served_ms = ms_since(t_rstf);
+    if (report.rstf) report.served_ms = ms_since(t_rstf);
     report.metrics = engine->metrics();
     out = std::move(report);
+    end_metrics_service();
   }
 };
 
@@ -503,15 +533,50 @@ Result<std::unique_ptr<LazyPagesServer>> LazyPagesServer::bind(LazyPagesOptions 
   return std::unique_ptr<LazyPagesServer>(new LazyPagesServer(std::move(impl)));
 }
 
-LazyPagesReport LazyPagesServer::run() {
-  LazyPagesReport out;
+bool LazyPagesServer::claim_run(LazyPagesReport& out) {
   if (impl_->ran) {
     out.error = Error{Errc::invalid_argument, "LazyPagesServer::run called twice"};
-    return out;
+    return false;
   }
   impl_->ran = true;
-  impl_->run(out);
-  impl_->end_metrics_service();
+  return true;
+}
+
+LazyPagesReport LazyPagesServer::run() {
+  LazyPagesReport out;
+  if (!claim_run(out)) return out;
+  const bool serve = impl_->begin();
+  if (serve) {
+    while (!impl_->serve_round(std::chrono::milliseconds(10))) {
+    }
+  }
+  impl_->end(serve, out);
+  return out;
+}
+
+std::optional<LazyPagesReport> LazyPagesServer::run_until_resumed() {
+  LazyPagesReport out;
+  if (!claim_run(out)) return out;
+  if (impl_->begin()) return std::nullopt;
+  impl_->end(false, out);
+  return out;
+}
+
+LazyPagesReport LazyPagesServer::serve_rest() {
+  LazyPagesReport out;
+  while (!impl_->serve_round(std::chrono::milliseconds(10))) {
+  }
+  impl_->end(true, out);
+  return out;
+}
+
+int LazyPagesServer::serve_fd() const noexcept { return impl_->engine->wait_fd(); }
+bool LazyPagesServer::serve_work_pending() const noexcept { return impl_->engine->work_pending(); }
+bool LazyPagesServer::serve_round() { return impl_->serve_round(std::chrono::milliseconds(0)); }
+std::uint64_t LazyPagesServer::faults_served() const noexcept { return impl_->engine->metrics().faults; }
+LazyPagesReport LazyPagesServer::end_serving() {
+  LazyPagesReport out;
+  impl_->end(true, out);
   return out;
 }
 

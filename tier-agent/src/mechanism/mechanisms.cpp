@@ -196,13 +196,14 @@ struct PreparedImages {
   std::optional<inplace::Prepared> mapped;  // the in-place step's result, if it mapped pages
   json in_place;                            // the result's "in_place" object
   MaterializeStep step;
+  std::shared_ptr<snap::StorePageSource> source;  // what the server serves from (read-only: shareable)
 };
 
 }  // namespace
 
-class SharedImages {
+class SharedBurst {
  public:
-  explicit SharedImages(WorkDir dir) : dir_(std::move(dir)) {}
+  explicit SharedBurst(WorkDir dir) : dir_(std::move(dir)) {}
   // The first caller runs `make` in dir(); the others wait for it and get the same result
   // (a failure too: every instance of the burst fails with it).
   const Result<PreparedImages>& get(const std::function<Result<PreparedImages>(const fs::path&)>& make) {
@@ -211,20 +212,36 @@ class SharedImages {
     return *made_;
   }
   [[nodiscard]] const fs::path& dir() const noexcept { return dir_.path(); }
+  // The burst's one serving thread, started by the first instance that asks; null if it could
+  // not start (each instance then serves on its own thread).
+  std::shared_ptr<lazy::ServingLoop> loop() {
+    std::lock_guard lock(mutex_);
+    if (!loop_tried_) {
+      loop_tried_ = true;
+      if (auto started = lazy::ServingLoop::start()) {
+        loop_ = std::move(*started);
+      } else {
+        spdlog::warn("burst serving loop: {}; every instance serves on its own thread", started.error().what());
+      }
+    }
+    return loop_;
+  }
 
  private:
   std::mutex mutex_;
   WorkDir dir_;
   std::optional<Result<PreparedImages>> made_;
+  bool loop_tried_ = false;
+  std::shared_ptr<lazy::ServingLoop> loop_;  // before dir_ goes: its servers read the images
 };
 
-std::shared_ptr<SharedImages> make_shared_images(fs::path dir) {
+std::shared_ptr<SharedBurst> make_shared_burst(fs::path dir) {
   auto made = WorkDir::create(dir);
   if (!made) {
     spdlog::warn("burst images: {}; every instance prepares its own", made.error().what());
     return nullptr;
   }
-  return std::make_shared<SharedImages>(std::move(*made));
+  return std::make_shared<SharedBurst>(std::move(*made));
 }
 
 namespace {
@@ -238,12 +255,12 @@ class AgentLazy final : public Base {
   using Base::Base;
 
   Result<void> prepare(RestoreResult& out) override {
-    if (ctx_.shared_images) {
-      const auto& made = ctx_.shared_images->get([this](const fs::path& dir) { return make_images(dir); });
+    if (ctx_.shared_burst) {
+      const auto& made = ctx_.shared_burst->get([this](const fs::path& dir) { return make_images(dir); });
       if (!made) return tl::unexpected(made.error());
       const auto t = Clock::now();
       std::error_code ec;
-      fs::copy(ctx_.shared_images->dir(), images(), fs::copy_options::recursive, ec);
+      fs::copy(ctx_.shared_burst->dir(), images(), fs::copy_options::recursive, ec);
       if (ec) return fail(Errc::io, "copy the burst's images into " + images().string() + ": " + ec.message());
       take(*made, out);
       out.materialize->ms = ms_since(t);  // this instance's share: the copy
@@ -253,21 +270,18 @@ class AgentLazy final : public Base {
       if (!made) return tl::unexpected(made.error());
       take(*made, out);
     }
-    const criu::Checkpoint* checkpoint = mapped_ ? &mapped_->checkpoint : &materialized_->checkpoint;
-    auto source = snap::StorePageSource::open(ctx_.store, ctx_.snapshot, *checkpoint);
-    if (!source) return tl::unexpected(source.error());
     lazy::LazyPagesOptions lo;
     lo.images_dir = images();
     lo.work_dir = dir();
-    lo.source = *source;
+    lo.source = source_;
     // The planner runs on the server's thread: it holds what it reads (the policy and the source).
-    lo.planner = [policy = ctx_.policy, src = *source](TaskId task, const lazy::LazySource&) {
+    lo.planner = [policy = ctx_.policy, src = source_](TaskId task, const lazy::LazySource&) {
       return policy->plan(src->policy_view(task));
     };
     lo.resume_after_prefetch = true;
     lo.accept_timeout = milliseconds(60'000);
     lo.serve_timeout = ctx_.timeout;
-    auto server = ServerThread::start(std::move(lo));
+    auto server = ServerThread::start(std::move(lo), ctx_.shared_burst ? ctx_.shared_burst->loop() : nullptr);
     if (!server) return tl::unexpected(server.error());
     server_ = std::move(*server);
     return {};
@@ -337,17 +351,22 @@ class AgentLazy final : public Base {
     const policy::RestorePolicy& chosen = *ctx_.policy;
     const auto selection = inplace::selection(chosen, ctx_.in_place);
     made.in_place = inplace::describe_choice(chosen, ctx_.in_place);
-    if (selection == policy::InPlacePages::none) return made;
-    auto prepared = inplace::prepare(*ctx_.store, ctx_.snapshot, dir, made.materialized.checkpoint, selection,
-                                     *ctx_.in_place);
-    if (prepared) {
-      made.mapped = std::move(*prepared);
-      inplace::report(*made.mapped, made.in_place);
-    } else if (prepared.error().code == Errc::unsupported && !chosen.in_place().required) {
-      made.in_place["mode"] = "copied (" + prepared.error().message + ")";  // an older snapshot
-    } else {
-      return tl::unexpected(prepared.error());
+    if (selection != policy::InPlacePages::none) {
+      auto prepared = inplace::prepare(*ctx_.store, ctx_.snapshot, dir, made.materialized.checkpoint, selection,
+                                       *ctx_.in_place);
+      if (prepared) {
+        made.mapped = std::move(*prepared);
+        inplace::report(*made.mapped, made.in_place);
+      } else if (prepared.error().code == Errc::unsupported && !chosen.in_place().required) {
+        made.in_place["mode"] = "copied (" + prepared.error().message + ")";  // an older snapshot
+      } else {
+        return tl::unexpected(prepared.error());
+      }
     }
+    auto source = snap::StorePageSource::open(ctx_.store, ctx_.snapshot,
+                                              made.mapped ? made.mapped->checkpoint : made.materialized.checkpoint);
+    if (!source) return tl::unexpected(source.error());
+    made.source = std::move(*source);
     return made;
   }
   void take(const PreparedImages& made, RestoreResult& out) {
@@ -357,12 +376,14 @@ class AgentLazy final : public Base {
     if (mapped_) mapped_->checkpoint.dir = images();
     out.materialize = made.step;
     out.in_place = made.in_place;
+    source_ = made.source;
   }
   std::uint64_t pages_mapped_in_place() const override { return mapped_ ? mapped_->plan.pages : 0; }
 
  private:
   std::optional<inplace::Prepared> mapped_;  // the in-place step's plan, if it mapped pages
   std::optional<FaultMetrics> at_first_response_;
+  std::shared_ptr<snap::StorePageSource> source_;  // the burst's, or this restore's own
   std::unique_ptr<ServerThread> server_;  // last: its thread reads the images and the source
 };
 

@@ -294,6 +294,8 @@ class Engine final : public FaultEngine {
     }
   }
 
+  int wait_fd() const noexcept override { return epoll_.get(); }
+  bool work_pending() const noexcept override { return background_pending() > 0 || any_retry(); }
   std::optional<Error> failure() const override { return failure_; }
   std::size_t task_count() const noexcept override { return tasks_.size(); }
   std::vector<TaskId> tasks() const override {
