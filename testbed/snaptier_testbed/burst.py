@@ -321,10 +321,15 @@ def host_row(cell: dict, host_part: dict, function: str, allow_busy: bool) -> tu
         row[f"stored_{tier}_bytes"] = number_or_none(stored.get(tier)) if stored else None
     agent = (burst or {}).get("burst") if isinstance((burst or {}).get("burst"), dict) else None
     before, peak = (number_or_none((agent or {}).get(k)) for k in ("agent_rss_bytes_before", "agent_rss_bytes_peak"))
+    threads_before, threads_at_hold = (number_or_none((agent or {}).get(k))
+                                       for k in ("agent_threads_before", "agent_threads_at_hold"))
     row.update({
         "wall_ms": number_or_none((agent or {}).get("wall_ms")),
         "host_memory_used_bytes": number_or_none((agent or {}).get("host_memory_used_bytes")),
         "agent_rss_growth_bytes": peak - before if peak is not None and before is not None else None,
+        "agent_threads_added": (threads_at_hold - threads_before
+                                 if threads_at_hold is not None and threads_before is not None else None),
+        "serving": (agent or {}).get("serving"),
         "sent_at_ms": host_part.get("sent_at_ms"), "replied_at_ms": host_part.get("replied_at_ms"),
     })
     row["notes"] = "; ".join(summary_notes(agent, row)) or None
@@ -337,7 +342,8 @@ def host_row(cell: dict, host_part: dict, function: str, allow_busy: bool) -> tu
 
 
 SUMMED = ("requested", "answered", "ok_instances", "failed", "busy", "missing", "faults_total",
-          "local_anonymous_bytes", "local_memory_bytes", "cxl_mapped_bytes", "agent_rss_growth_bytes")
+          "local_anonymous_bytes", "local_memory_bytes", "cxl_mapped_bytes", "agent_rss_growth_bytes",
+          "agent_threads_added")
 
 
 def all_row(cell: dict, rows: list[dict]) -> dict:
@@ -436,7 +442,7 @@ FRONT = ["policy", "instances", "host", "hosts", "ok", "skipped", "requested", "
          "faults_total", "local_anonymous_bytes", "local_anonymous_MiB", "local_anonymous_per_instance_MiB",
          "local_memory_bytes", "cxl_mapped_bytes"]
 STORED_TIERS = ("cxl", "rdma", "file")
-BACK = ["stored_cxl_bytes", "stored_rdma_bytes", "stored_file_bytes", "host_memory_used_bytes", "agent_rss_growth_bytes", "leftover_operations", "leftover_instances",
+BACK = ["stored_cxl_bytes", "stored_rdma_bytes", "stored_file_bytes", "host_memory_used_bytes", "agent_rss_growth_bytes", "agent_threads_added", "serving", "leftover_operations", "leftover_instances",
         "baseline", "last_answer_vs_baseline_pct", "local_anonymous_vs_baseline_pct", "last_answer_growth_x",
         "local_anonymous_growth_x", "error", "notes"]
 INSTANCE_COLUMNS = ["policy", "instances", "host", "index", "busy", "ok", "started_at_ms", "answered_at_ms",

@@ -48,7 +48,8 @@ def burst_result(instances, host="host1", policy="tiered"):
                       "local_memory_bytes_sum": 0, "cxl_mapped_bytes_sum": 0, "bytes_moved_per_tier": {},
                       "faults_total": sum((i.get("faults") or {}).get("total", 0) for i in instances),
                       "host_memory_used_bytes": 10 * MiB, "agent_rss_bytes_before": 20 * MiB,
-                      "agent_rss_bytes_peak": 23 * MiB}}
+                      "agent_rss_bytes_peak": 23 * MiB, "serving": "one-thread",
+                      "agent_threads_before": 9, "agent_threads_at_hold": 10 + len(instances)}}
 
 
 def single_result(host="host1", policy="tiered", **kw):
@@ -174,6 +175,8 @@ def test_sums_over_instances_and_hosts_and_first_and_last_answer():
     assert every["bytes_rdma"] == 8 * 4096 and every["faults_total"] == 8 * 50
     assert every["instances_per_s"] == round(8 / 0.203, 2)
     assert every["host_memory_used_bytes"] == 20 * MiB and every["agent_rss_growth_bytes"] == 6 * MiB
+    assert h0["agent_threads_added"] == 1 + 4 and every["agent_threads_added"] == 2 * (1 + 4)
+    assert h0["serving"] == "one-thread"
     assert every["launch_skew_ms"] == 3.0 and every["ok"] and every["error"] is None
     assert every["notes"] is None  # the synthetic agent summaries agree with their instances
     # One copy serves every instance on every host: what it stores does not grow with them.
@@ -301,7 +304,7 @@ def test_csv_has_a_row_per_policy_instances_host_and_one_all_row_per_cell(tmp_pa
     # Every number column says its unit (or is a count, a rate, a ratio).
     units = ("_ms", "_bytes", "_MiB", "_per_s", "_pct", "_x")
     counts = {"instances", "hosts", "requested", "answered", "ok_instances", "failed", "busy", "missing",
-              "faults_total", "leftover_operations", "leftover_instances"}
+              "faults_total", "leftover_operations", "leftover_instances", "agent_threads_added"}
     assert all(c.endswith(units) or c.startswith("bytes_") or c in counts for c in header
                if table[0][c] and table[0][c].replace(".", "").isdigit())
     bad = next(r for r in table if (r["policy"], r["instances"], r["host"]) == ("tiered", "2", "host0"))

@@ -72,6 +72,10 @@ struct FunctionsConfig {
   // Function operations in flight at once (each instance of a burst counts one); beyond it
   // requests get Errc::busy. Bounds the agent's own memory and threads per served instance.
   std::size_t max_operations = 16;
+  // How the agent's lazy-pages server serves the instances of one burst once their tasks run:
+  // one thread multiplexing every instance's userfaultfds (lazy::ServingLoop), or a thread per
+  // instance (as a single restore), to compare the two.
+  bool burst_one_serving_thread = true;
 };
 
 // [store] page_cache: DRAM for verified pages of rdma and file tiers shared by concurrent

@@ -153,7 +153,8 @@ class RestoredTree {
 // and copy the result), the page source over them, and one lazy::ServingLoop that serves every
 // instance's faults on one thread once its tasks run. `dir` is removed with the last owner.
 class SharedBurst;
-[[nodiscard]] std::shared_ptr<SharedBurst> make_shared_burst(std::filesystem::path dir);
+// one_serving_thread false: each instance serves its faults on a thread of its own.
+[[nodiscard]] std::shared_ptr<SharedBurst> make_shared_burst(std::filesystem::path dir, bool one_serving_thread = true);
 
 // The snapshot host's page server, for criu-remote: `call` sends it function.serve_lazy.
 struct RemotePeer {

@@ -411,6 +411,7 @@ Result<json> FunctionService::burst(const control::FunctionRestore& request) {
   const auto t0 = Clock::now();
   const std::uint64_t started_unix_ms = unix_ms_now();
   const std::uint64_t rss_before = mechanism::rss_bytes(::getpid());
+  const std::uint64_t threads_before = mechanism::thread_count(::getpid());
   const auto available_before = mem_available_bytes();
 
   // Admission first, for all: the instances beyond the bound are busy from the start.
@@ -437,8 +438,9 @@ Result<json> FunctionService::burst(const control::FunctionRestore& request) {
   std::shared_ptr<mechanism::SharedBurst> shared;
   if (check->context.policy->mechanism() == policy::Mechanism::snaptier_lazy) {
     shared = mechanism::make_shared_burst(config_.work_dir / "restores" /
-                                           (request.snapshot + "." + request.policy + ".burst-" +
-                                            std::to_string(++restore_counter_)));
+                                              (request.snapshot + "." + request.policy + ".burst-" +
+                                               std::to_string(++restore_counter_)),
+                                          config_.burst_one_serving_thread);
   }
 
   struct Slot {
@@ -449,9 +451,11 @@ Result<json> FunctionService::burst(const control::FunctionRestore& request) {
   };
   std::vector<Slot> slots(n);
   std::uint64_t rss_peak = rss_before;
+  std::uint64_t threads_at_hold = threads_before;
   std::optional<std::uint64_t> available_at_hold;
   BurstHold hold(admitted, t0 + std::chrono::duration_cast<milliseconds>(config_.operation_timeout), [&] {
     rss_peak = mechanism::rss_bytes(::getpid());
+    threads_at_hold = mechanism::thread_count(::getpid());
     available_at_hold = mem_available_bytes();
   });
   std::vector<std::thread> threads;
@@ -527,7 +531,10 @@ Result<json> FunctionService::burst(const control::FunctionRestore& request) {
                {"local_anonymous_bytes_sum", anon_sum}, {"local_memory_bytes_sum", rss_sum},
                {"cxl_mapped_bytes_sum", cxl_sum}, {"bytes_moved_per_tier", tier_bytes(moved)},
                {"faults_total", faults_total}, {"host_memory_used_bytes", host_memory},
-               {"agent_rss_bytes_before", rss_before}, {"agent_rss_bytes_peak", rss_peak}};
+               {"agent_rss_bytes_before", rss_before}, {"agent_rss_bytes_peak", rss_peak},
+               {"serving", !shared ? "own-mechanism"
+                           : config_.burst_one_serving_thread ? "one-thread" : "thread-per-instance"},
+               {"agent_threads_before", threads_before}, {"agent_threads_at_hold", threads_at_hold}};
   spdlog::info("burst {} ({}) x{}: {} ok, {} failed, {} busy, last answer {} ms", request.snapshot, request.policy, n, ok,
                failed, busy, last_answer.value_or(-1));
   return json{{"snapshot", request.snapshot}, {"policy", request.policy}, {"host", host_},

@@ -437,6 +437,14 @@ Result<AgentConfig> parse_root(const toml::table& root, std::string_view source,
     if (timeout_s) fc.operation_timeout = std::chrono::seconds(*timeout_s);
     SNAPTIER_TRY(max_operations, functions.integer("max_operations", 1, 256));
     if (max_operations) fc.max_operations = static_cast<std::size_t>(*max_operations);
+    SNAPTIER_TRY(burst_serving, functions.string("burst_serving"));
+    if (burst_serving) {
+      if (*burst_serving != "one-thread" && *burst_serving != "thread-per-instance") {
+        return functions.error("burst_serving", functions_table->get("burst_serving"),
+                               "must be \"one-thread\" or \"thread-per-instance\", got \"" + *burst_serving + "\"");
+      }
+      fc.burst_one_serving_thread = *burst_serving == "one-thread";
+    }
     config.functions = fc;
     if (auto ok = functions.reject_unknown_keys(); !ok) return tl::unexpected(ok.error());
   }

@@ -25,19 +25,25 @@ Result<pid_t> read_pid_file(const fs::path& path) {
   return static_cast<pid_t>(pid);
 }
 
-std::uint64_t rss_bytes(pid_t pid) {
+namespace {
+// The first number of a "Name:" line of /proc/PID/status; 0 if there is none.
+std::uint64_t status_number(pid_t pid, std::string_view name) {
   std::ifstream in("/proc/" + std::to_string(pid) + "/status");
   std::string line;
   while (std::getline(in, line)) {
-    if (line.rfind("VmRSS:", 0) == 0) {
-      std::istringstream fields(line.substr(6));
-      std::uint64_t kib = 0;
-      fields >> kib;
-      return kib * 1024;
+    if (line.rfind(name, 0) == 0) {
+      std::istringstream fields(line.substr(name.size()));
+      std::uint64_t value = 0;
+      fields >> value;
+      return value;
     }
   }
   return 0;
 }
+}  // namespace
+
+std::uint64_t rss_bytes(pid_t pid) { return status_number(pid, "VmRSS:") * 1024; }
+std::uint64_t thread_count(pid_t pid) { return status_number(pid, "Threads:"); }
 
 void kill_tree(pid_t root) noexcept {
   if (root <= 0) return;

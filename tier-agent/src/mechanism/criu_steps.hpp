@@ -21,6 +21,7 @@ namespace snaptier::mechanism {
 [[nodiscard]] Result<pid_t> read_pid_file(const std::filesystem::path& path);
 // VmRSS of `pid`, 0 if it is gone.
 [[nodiscard]] std::uint64_t rss_bytes(pid_t pid);
+[[nodiscard]] std::uint64_t thread_count(pid_t pid);  // its Threads:, 0 if gone
 // SIGKILL to a restored tree: its root (the init of its pid namespace, which takes the rest
 // of the namespace with it) and every process below it wherever it is (proc::kill_tree), then
 // a bounded wait for each to exit.

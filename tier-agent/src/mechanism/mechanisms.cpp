@@ -203,7 +203,7 @@ struct PreparedImages {
 
 class SharedBurst {
  public:
-  explicit SharedBurst(WorkDir dir) : dir_(std::move(dir)) {}
+  SharedBurst(WorkDir dir, bool one_serving_thread) : dir_(std::move(dir)), loop_tried_(!one_serving_thread) {}
   // The first caller runs `make` in dir(); the others wait for it and get the same result
   // (a failure too: every instance of the burst fails with it).
   const Result<PreparedImages>& get(const std::function<Result<PreparedImages>(const fs::path&)>& make) {
@@ -235,13 +235,13 @@ class SharedBurst {
   std::shared_ptr<lazy::ServingLoop> loop_;  // before dir_ goes: its servers read the images
 };
 
-std::shared_ptr<SharedBurst> make_shared_burst(fs::path dir) {
+std::shared_ptr<SharedBurst> make_shared_burst(fs::path dir, bool one_serving_thread) {
   auto made = WorkDir::create(dir);
   if (!made) {
     spdlog::warn("burst images: {}; every instance prepares its own", made.error().what());
     return nullptr;
   }
-  return std::make_shared<SharedBurst>(std::move(*made));
+  return std::make_shared<SharedBurst>(std::move(*made), one_serving_thread);
 }
 
 namespace {
