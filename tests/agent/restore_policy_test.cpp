@@ -31,6 +31,7 @@ TEST(RestorePolicyTest, EveryNamedPolicyHasItsMechanismAndPlacement) {
       {"trenv", {Mechanism::snaptier_lazy, "cxl"}},
       {"cxlfork", {Mechanism::snaptier_lazy, "cxl"}},
       {"tiered", {Mechanism::snaptier_lazy, "tiered"}},
+      {"faasnap", {Mechanism::snaptier_lazy, "cxl"}},
   };
   const auto names = policy_names();
   EXPECT_EQ(std::set<std::string>(names.begin(), names.end()).size(), names.size()) << "duplicate name";
@@ -103,6 +104,38 @@ TEST(RestorePolicyTest, ReapAndTieredInstallTheHotPagesInTouchOrder) {
   std::vector<LazyPage> cold(4, LazyPage{0x1000, 0, 0, TierKind::cxl});
   EXPECT_TRUE((*make_policy("tiered"))->plan(cold).before_resume.empty());
   EXPECT_TRUE((*make_policy("reap"))->plan({}).before_resume.empty());
+}
+
+// Aquifer: the working set before resume, then every cold non-zero page in the background
+// (address order), so the instance stops depending on the pool; zero pages never leave it.
+TEST(RestorePolicyTest, AquiferFetchesTheColdRestInTheBackground) {
+  auto pages = profiled_pages();
+  pages[4].flags = page_zero;  // cold and zero: nothing to fetch
+  const auto plan = (*make_policy("aquifer"))->plan(pages);
+  EXPECT_EQ(plan.before_resume, (std::vector<std::uint64_t>{0x10005000, 0x10001000, 0x10007000}));
+  EXPECT_EQ(plan.background, (std::vector<std::uint64_t>{0x10000000, 0x10002000, 0x10003000, 0x10006000}));
+  auto reversed = pages;
+  std::reverse(reversed.begin(), reversed.end());
+  EXPECT_EQ((*make_policy("aquifer"))->plan(reversed).background, plan.background);
+  for (std::uint64_t a : plan.before_resume) {
+    EXPECT_EQ(std::count(plan.background.begin(), plan.background.end(), a), 0) << "installed twice: " << a;
+  }
+}
+
+// FaaSnap: every zero page (hot or cold) to the kernel before resume; the non-zero working set
+// in the background in first-touch order; cold non-zero pages on demand only.
+TEST(RestorePolicyTest, FaasnapZeroesBeforeResumeAndLoadsTheWorkingSetWhileTheFunctionRuns) {
+  auto pages = profiled_pages();
+  pages[4].flags = page_zero;                         // cold zero
+  pages[6].flags = page_hot | page_written;           // hot, touched fourth
+  pages[6].touch_order = 4;
+  const auto plan = (*make_policy("faasnap"))->plan(pages);
+  EXPECT_EQ(plan.before_resume, (std::vector<std::uint64_t>{0x10004000, 0x10007000}));
+  EXPECT_EQ(plan.background, (std::vector<std::uint64_t>{0x10005000, 0x10001000, 0x10006000}));
+  std::vector<LazyPage> cold(4, LazyPage{0x1000, page_read_only, 0, TierKind::cxl});
+  const auto none = (*make_policy("faasnap"))->plan(cold);
+  EXPECT_TRUE(none.before_resume.empty());
+  EXPECT_TRUE(none.background.empty()) << "no profile, nothing loaded ahead";
 }
 
 TEST(RestorePolicyTest, CxlforkInstallsOnlyTheWrittenPagesBeforeResume) {

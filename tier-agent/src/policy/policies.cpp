@@ -60,10 +60,28 @@ class TieredPlacement final : public Placement {
   }
 };
 
+// The addresses of the pages `wanted` picks, in first-touch order (REAP's order; the engine
+// coalesces runs).
+template <typename Pick>
+std::vector<std::uint64_t> in_touch_order(std::span<const LazyPage> pages, Pick wanted) {
+  std::vector<const LazyPage*> picked;
+  for (const auto& p : pages) {
+    if (wanted(p)) picked.push_back(&p);
+  }
+  std::stable_sort(picked.begin(), picked.end(),
+                   [](const LazyPage* a, const LazyPage* b) { return a->touch_order < b->touch_order; });
+  std::vector<std::uint64_t> out;
+  out.reserve(picked.size());
+  for (const LazyPage* p : picked) out.push_back(p->vaddr);
+  return out;
+}
+
 class Policy final : public RestorePolicy {
  public:
-  // hot: the recorded working set; written: only the pages the profile saw written.
-  enum class Prefetch { none, hot, written };
+  // hot: the recorded working set; written: only the pages the profile saw written;
+  // hot_then_cold: the working set, then the cold rest in the background after resume;
+  // zero_then_hot: every zero page before resume, the non-zero working set in the background.
+  enum class Prefetch { none, hot, written, hot_then_cold, zero_then_hot };
   Policy(std::string name, Mechanism mechanism, std::string placement, Prefetch prefetch, InPlace in_place = {})
       : name_(std::move(name)), mechanism_(mechanism), placement_(std::move(placement)), prefetch_(prefetch),
         in_place_(in_place) {}
@@ -73,16 +91,34 @@ class Policy final : public RestorePolicy {
   std::string_view placement() const noexcept override { return placement_; }
   lazy::TaskPrefetch plan(std::span<const LazyPage> pages) const override {
     lazy::TaskPrefetch out;
-    if (prefetch_ == Prefetch::none) return out;
-    // The recorded working set, in first-touch order (REAP's order; the engine coalesces runs).
-    const std::uint32_t wanted = prefetch_ == Prefetch::hot ? page_hot : page_written;
-    std::vector<const LazyPage*> hot;
-    for (const auto& p : pages) {
-      if ((p.flags & wanted) != 0) hot.push_back(&p);
+    switch (prefetch_) {
+      case Prefetch::none:
+        break;
+      case Prefetch::hot:
+        out.before_resume = in_touch_order(pages, [](const LazyPage& p) { return (p.flags & page_hot) != 0; });
+        break;
+      case Prefetch::written:
+        out.before_resume = in_touch_order(pages, [](const LazyPage& p) { return (p.flags & page_written) != 0; });
+        break;
+      case Prefetch::hot_then_cold:
+        out.before_resume = in_touch_order(pages, [](const LazyPage& p) { return (p.flags & page_hot) != 0; });
+        for (const auto& p : pages) {
+          if ((p.flags & (page_hot | page_zero)) == 0) out.background.push_back(p.vaddr);
+        }
+        std::sort(out.background.begin(), out.background.end());  // long runs: one read, one UFFDIO_COPY each
+        break;
+      case Prefetch::zero_then_hot:
+        // Zero pages become the kernel's zero page (UFFDIO_ZEROPAGE, one call per run): a read
+        // or a write of one never reaches the server. Fresh pages the profile saw are among them.
+        for (const auto& p : pages) {
+          if ((p.flags & page_zero) != 0) out.before_resume.push_back(p.vaddr);
+        }
+        std::sort(out.before_resume.begin(), out.before_resume.end());
+        out.background = in_touch_order(pages, [](const LazyPage& p) {
+          return (p.flags & page_hot) != 0 && (p.flags & page_zero) == 0;
+        });
+        break;
     }
-    std::sort(hot.begin(), hot.end(), [](const LazyPage* a, const LazyPage* b) { return a->touch_order < b->touch_order; });
-    out.before_resume.reserve(hot.size());
-    for (const LazyPage* p : hot) out.before_resume.push_back(p->vaddr);
     return out;
   }
 
@@ -194,8 +230,13 @@ const std::vector<PolicyEntry>& policy_table() {
       // REAP: the recorded working set installed in one go before resume, from one tier.
       {"reap", Mechanism::snaptier_lazy, "cxl", P::hot, {},
        "REAP: the profiled working set copied in before resume, the rest on demand (CXL copy)"},
-      {"aquifer", Mechanism::snaptier_lazy, "tiered", P::hot, {},
-       "hot pages copied from CXL before resume, cold ones from RDMA (or file) on demand"},
+      {"aquifer", Mechanism::snaptier_lazy, "tiered", P::hot_then_cold, {},
+       "Aquifer: hot pages copied from CXL before resume, cold ones from RDMA (or file) in the background after "
+       "resume and on demand"},
+      // FaaSnap: zero regions to the kernel, the loading set concurrently with the invocation.
+      {"faasnap", Mechanism::snaptier_lazy, "cxl", P::zero_then_hot, {},
+       "FaaSnap: zero pages handed to the kernel before resume (no server round trip), the profiled non-zero "
+       "working set fetched from CXL in the background while the function runs, the rest on demand"},
       {"trenv", Mechanism::snaptier_lazy, "cxl", P::none, InPlace{InPlacePages::all_stored, true},
        "TrEnv: every stored page mapped in place from CXL, a write copies"},
       // CXLfork's migrate-on-write with its dirty-page prefetch: the written pages are left
