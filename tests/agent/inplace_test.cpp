@@ -852,7 +852,7 @@ TEST(InPlacePolicies, AHostThatCannotMapRefusesTrenvAndLetsTieredCopy) {
     }
     EXPECT_TRUE(inplace::admit(*tiered, backing));
     EXPECT_EQ(inplace::selection(*tiered, backing), policy::InPlacePages::none);
-    EXPECT_EQ(inplace::describe_choice(*tiered, backing)["mode"].get<std::string>(), "copied (this host cannot map)");
+    EXPECT_EQ(inplace::describe_choice(*tiered, backing).mode, "copied (this host cannot map)");
   }
   auto refused = inplace::admit(*trenv, dax);
   ASSERT_FALSE(refused);

@@ -264,7 +264,7 @@ TEST_F(RestoreMechanismTest, AgentLazyServerThreadEndsWhenCriuRestoreFails) {
   ASSERT_TRUE(r.error);
   EXPECT_EQ(r.error->rfind("i/o error: criu restore failed", 0), 0u) << "criu's failure, not the stopped server's: " << *r.error;
   ASSERT_TRUE(r.in_place);
-  EXPECT_EQ((*r.in_place)["mode"], "off");
+  EXPECT_EQ(r.in_place->mode, "off");
   expect_nothing_left();
 }
 
@@ -329,7 +329,7 @@ TEST_F(RestoreMechanismTest, TheInstancesOfABurstRestoreFromImagesMadeOnce) {
     EXPECT_TRUE(prepared[i]) << i;
     EXPECT_EQ(files_in(instances[i]->dir() / "images"), made_once) << "instance " << i << " reads its own copy";
     ASSERT_TRUE(results[i].in_place);
-    EXPECT_EQ((*results[i].in_place)["prepared"], "once for the burst");
+    EXPECT_EQ(results[i].in_place->prepared, "once for the burst");
     ASSERT_TRUE(results[i].materialize);
     EXPECT_EQ(results[i].materialize->pages, results[0].materialize->pages);
   }
@@ -626,7 +626,15 @@ mechanism::RestoreResult every_field() {
   r.cold_tier = "rdma";
   r.materialize = mechanism::MaterializeStep{1.5, 10, 40960};
   r.remote = mechanism::RemoteStep{"host0", "10.0.0.1", 27001, 512, 3.0, json{{"host", "host0"}}};
-  r.in_place = json{{"pages", "read-only hot pages"}, {"mode", "mapped"}, {"tier", "in-place: yes"}};
+  r.in_place = inplace::StepReport{.pages = "read-only hot pages", .mode = "mapped", .tier = "in-place: yes",
+                                   .prepared = "once for the burst",
+                                   .mapped = inplace::StepReport::Mapped{.prepare_ms = 1.5, .pages_mapped = 60,
+                                                                         .pages_wanted = 64, .skipped_discarded = 1,
+                                                                         .skipped_remapped = 1, .skipped_layout = 2,
+                                                                         .skipped_tier = 1, .skipped_vma = 1, .runs = 3,
+                                                                         .vmas_before = 10, .vmas_after = 16,
+                                                                         .bytes_cut_from_images = 245760,
+                                                                         .backing_file = "/dev/shm/cxl"}};
   r.restore_ms = 10;
   r.first_response_ms = 20;
   r.invoke_ms = 5;

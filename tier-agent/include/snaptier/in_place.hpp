@@ -44,4 +44,31 @@ struct Backing {
 // align_bytes, phys_start, ranges}} (docs/schema/control.schema.json, InPlaceBacking).
 [[nodiscard]] nlohmann::json to_json(const Backing& backing);
 
+// What a restore's in-place step chose and did: a restore result's "in_place" object
+// (docs/schema/control.schema.json, InPlaceStep).
+struct StepReport {
+  std::string pages;  // the pages the policy maps (policy::to_string(InPlacePages))
+  std::string mode;   // "off", "mapped", or "copied (<why>)"
+  std::string tier;   // describe(backing), or "no CXL tier"
+  std::optional<std::string> prepared;  // "once for the burst": this instance copied another's images
+  // When mode is "mapped": the plan's and the rewrite's counts.
+  struct Mapped {
+    double prepare_ms = 0;  // runs, check, rewrite (outside restore_ms, like materialize)
+    std::uint64_t pages_mapped = 0;
+    std::uint64_t pages_wanted = 0;
+    std::uint64_t skipped_discarded = 0;
+    std::uint64_t skipped_remapped = 0;
+    std::uint64_t skipped_layout = 0;  // skipped_tier + skipped_vma
+    std::uint64_t skipped_tier = 0;
+    std::uint64_t skipped_vma = 0;
+    std::uint64_t runs = 0;
+    std::uint64_t vmas_before = 0;
+    std::uint64_t vmas_after = 0;
+    std::uint64_t bytes_cut_from_images = 0;
+    std::string backing_file;
+  };
+  std::optional<Mapped> mapped;
+};
+[[nodiscard]] nlohmann::json to_json(const StepReport& report);
+
 }  // namespace snaptier::inplace

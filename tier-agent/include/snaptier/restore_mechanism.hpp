@@ -77,7 +77,7 @@ struct RestoreResult {
 
   std::optional<MaterializeStep> materialize;
   std::optional<RemoteStep> remote;
-  std::optional<nlohmann::json> in_place;  // inplace::describe_choice + inplace::report
+  std::optional<inplace::StepReport> in_place;  // inplace::describe_choice + inplace::report
   std::optional<double> restore_ms, first_response_ms, invoke_ms;
   // The limit of first_response_ms (docs/restore-policies.md, "The limit"): the same input
   // answered again once the first invocation and the digest have run (every page it touches

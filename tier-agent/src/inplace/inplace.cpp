@@ -258,30 +258,53 @@ policy::InPlacePages selection(const policy::RestorePolicy& policy, const std::o
   return backing && backing->can_map ? policy.in_place().pages : policy::InPlacePages::none;
 }
 
-json describe_choice(const policy::RestorePolicy& policy, const std::optional<Backing>& backing) {
+StepReport describe_choice(const policy::RestorePolicy& policy, const std::optional<Backing>& backing) {
   const policy::InPlacePages wanted = policy.in_place().pages;
   const bool maps = selection(policy, backing) != policy::InPlacePages::none;
-  return json{{"pages", to_string(wanted)},
-              {"mode", wanted == policy::InPlacePages::none ? "off" : maps ? "mapped" : "copied (this host cannot map)"},
-              {"tier", backing ? describe(*backing) : std::string("no CXL tier")}};
+  StepReport out;
+  out.pages = std::string(to_string(wanted));
+  out.mode = wanted == policy::InPlacePages::none ? "off" : maps ? "mapped" : "copied (this host cannot map)";
+  out.tier = backing ? describe(*backing) : std::string("no CXL tier");
+  return out;
 }
 
-void report(const Prepared& prepared, json& out) {
+void report(const Prepared& prepared, StepReport& out) {
   const Plan& plan = prepared.plan;
   const criu::RewriteResult& rewrite = prepared.rewrite;
-  out["prepare_ms"] = prepared.ms;
-  out["pages_mapped"] = plan.pages;
-  out["pages_wanted"] = plan.wanted;
-  out["skipped_discarded"] = plan.skipped_discarded;
-  out["skipped_remapped"] = plan.skipped_remapped;
-  out["skipped_layout"] = plan.skipped_layout;
-  out["skipped_tier"] = plan.skipped_tier;
-  out["skipped_vma"] = plan.skipped_vma;
-  out["runs"] = plan.runs.size();
-  out["vmas_before"] = rewrite.vmas_before;
-  out["vmas_after"] = rewrite.vmas_after;
-  out["bytes_cut_from_images"] = rewrite.bytes_cut;
-  out["backing_file"] = plan.rewrite.backing_file.string();
+  out.mapped = StepReport::Mapped{.prepare_ms = prepared.ms,
+                                  .pages_mapped = plan.pages,
+                                  .pages_wanted = plan.wanted,
+                                  .skipped_discarded = plan.skipped_discarded,
+                                  .skipped_remapped = plan.skipped_remapped,
+                                  .skipped_layout = plan.skipped_layout,
+                                  .skipped_tier = plan.skipped_tier,
+                                  .skipped_vma = plan.skipped_vma,
+                                  .runs = plan.runs.size(),
+                                  .vmas_before = rewrite.vmas_before,
+                                  .vmas_after = rewrite.vmas_after,
+                                  .bytes_cut_from_images = rewrite.bytes_cut,
+                                  .backing_file = plan.rewrite.backing_file.string()};
+}
+
+json to_json(const StepReport& r) {
+  json out{{"pages", r.pages}, {"mode", r.mode}, {"tier", r.tier}};
+  if (r.prepared) out["prepared"] = *r.prepared;
+  if (const auto& m = r.mapped) {
+    out.update(json{{"prepare_ms", m->prepare_ms},
+                    {"pages_mapped", m->pages_mapped},
+                    {"pages_wanted", m->pages_wanted},
+                    {"skipped_discarded", m->skipped_discarded},
+                    {"skipped_remapped", m->skipped_remapped},
+                    {"skipped_layout", m->skipped_layout},
+                    {"skipped_tier", m->skipped_tier},
+                    {"skipped_vma", m->skipped_vma},
+                    {"runs", m->runs},
+                    {"vmas_before", m->vmas_before},
+                    {"vmas_after", m->vmas_after},
+                    {"bytes_cut_from_images", m->bytes_cut_from_images},
+                    {"backing_file", m->backing_file}});
+  }
+  return out;
 }
 
 namespace {

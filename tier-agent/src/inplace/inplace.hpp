@@ -74,10 +74,10 @@ struct Prepared {
 [[nodiscard]] Result<void> admit(const policy::RestorePolicy& policy, const std::optional<Backing>& backing);
 // What a restore maps: the policy's pages if the host can map them, else none (tiered copies).
 [[nodiscard]] policy::InPlacePages selection(const policy::RestorePolicy& policy, const std::optional<Backing>& backing);
-// The result's "in_place" object before the restore: {"pages", "mode", "tier"}.
-[[nodiscard]] nlohmann::json describe_choice(const policy::RestorePolicy& policy, const std::optional<Backing>& backing);
+// The result's "in_place" report before the restore: pages, mode, tier.
+[[nodiscard]] StepReport describe_choice(const policy::RestorePolicy& policy, const std::optional<Backing>& backing);
 // Adds the plan's and the rewrite's counts to it.
-void report(const Prepared& prepared, nlohmann::json& out);
+void report(const Prepared& prepared, StepReport& out);
 
 // What a restored tree holds, from /proc/PID/smaps of each task (root and descendants).
 struct MemoryUse {

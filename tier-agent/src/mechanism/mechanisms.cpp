@@ -194,7 +194,7 @@ class CriuLazy final : public Base {
 struct PreparedImages {
   snap::Materialized materialized;
   std::optional<inplace::Prepared> mapped;  // the in-place step's result, if it mapped pages
-  json in_place;                            // the result's "in_place" object
+  inplace::StepReport in_place;             // the result's "in_place" report
   MaterializeStep step;
   std::shared_ptr<snap::StorePageSource> source;  // what the server serves from (read-only: shareable)
 };
@@ -264,7 +264,7 @@ class AgentLazy final : public Base {
       if (ec) return fail(Errc::io, "copy the burst's images into " + images().string() + ": " + ec.message());
       take(*made, out);
       out.materialize->ms = ms_since(t);  // this instance's share: the copy
-      (*out.in_place)["prepared"] = "once for the burst";
+      out.in_place->prepared = "once for the burst";
     } else {
       auto made = make_images(images());
       if (!made) return tl::unexpected(made.error());
@@ -358,7 +358,7 @@ class AgentLazy final : public Base {
         made.mapped = std::move(*prepared);
         inplace::report(*made.mapped, made.in_place);
       } else if (prepared.error().code == Errc::unsupported && !chosen.in_place().required) {
-        made.in_place["mode"] = "copied (" + prepared.error().message + ")";  // an older snapshot
+        made.in_place.mode = "copied (" + prepared.error().message + ")";  // an older snapshot
       } else {
         return tl::unexpected(prepared.error());
       }

@@ -44,7 +44,7 @@ json to_json(const RestoreResult& r) {
     j["remote"] = {{"host", r.remote->host}, {"address", r.remote->address}, {"port", r.remote->port},
                    {"images_bytes", r.remote->images_bytes}, {"prepare_ms", r.remote->prepare_ms}, {"peer", r.remote->peer}};
   }
-  put(j, "in_place", r.in_place);
+  if (r.in_place) j["in_place"] = inplace::to_json(*r.in_place);
   put(j, "restore_ms", r.restore_ms);
   put(j, "first_response_ms", r.first_response_ms);
   put(j, "invoke_ms", r.invoke_ms);
