@@ -211,6 +211,43 @@ class LazyPagesTest : public ::testing::Test {
     return o;
   }
 
+  // One of several restores run at once: its server, its restorer child, what it reported.
+  struct Concurrent {
+    std::shared_ptr<lazy::LazyPagesServer> server;
+    int go[2] = {-1, -1};  // the restorer touches its pages once a byte arrives here
+    pid_t child = 0;
+    std::optional<lazy::LazyPagesReport> report;
+    std::mutex mutex;
+    std::condition_variable ended;
+    int status = -1;
+    ~Concurrent() {
+      for (int fd : go) {
+        if (fd >= 0) ::close(fd);
+      }
+    }
+  };
+  // A server per element over the fixture's images, each in a work dir of its own with
+  // `adjust` applied to its options, and a restorer child connected to each.
+  void start_restores(std::vector<Concurrent>& restores,
+                      const std::function<void(int, Concurrent&, lazy::LazyPagesOptions&)>& adjust) {
+    for (std::size_t i = 0; i < restores.size(); ++i) {
+      Concurrent& one = restores[i];
+      ASSERT_EQ(::pipe2(one.go, O_CLOEXEC), 0);
+      auto o = quick();
+      o.images_dir = fixture_dir();
+      o.work_dir = work_ / std::to_string(i);
+      fs::create_directories(o.work_dir);
+      adjust(static_cast<int>(i), one, o);
+      auto server = lazy::LazyPagesServer::bind(o);
+      ASSERT_TRUE(server) << server.error().what();
+      one.server = std::move(*server);
+    }
+    for (auto& one : restores) {
+      one.child = ::fork();
+      if (one.child == 0) restorer(one.server->socket_path(), Mode::good, one.go[0], expected_);
+    }
+  }
+
   fs::path work_;
   std::vector<std::byte> expected_;
   pid_t child_ = 0;                  // the restorer of the current run()
@@ -286,46 +323,26 @@ TEST_F(LazyRestoreTest, ConcurrentRestoresFromOneSharedSourceEachGetTheirPages) 
   auto made = lazy::CheckpointPageSource::open(*cp);
   ASSERT_TRUE(made) << made.error().what();
   std::shared_ptr<lazy::LazySource> shared = *made;
-  struct One {
-    std::unique_ptr<lazy::LazyPagesServer> server;
-    int go[2] = {-1, -1};
-    pid_t child = 0;
-    lazy::LazyPagesReport report;
-    int status = -1;
-  };
-  std::vector<One> restores(kRestores);
-  for (int i = 0; i < kRestores; ++i) {
-    One& one = restores[i];
-    ASSERT_EQ(::pipe2(one.go, O_CLOEXEC), 0);
-    auto o = quick();
-    o.images_dir = fixture_dir();
-    o.work_dir = work_ / std::to_string(i);
-    fs::create_directories(o.work_dir);
+  std::vector<Concurrent> restores(kRestores);
+  start_restores(restores, [&](int i, Concurrent& one, lazy::LazyPagesOptions& o) {
     o.source = shared;
     o.prefetch = i % 2 == 0 ? lazy::PrefetchPolicy::none : lazy::PrefetchPolicy::all;
     const int go_write = one.go[1];
     o.on_resumed = [go_write] { (void)!::write(go_write, "g", 1); };
-    auto server = lazy::LazyPagesServer::bind(o);
-    ASSERT_TRUE(server) << server.error().what();
-    one.server = std::move(*server);
-  }
-  for (auto& one : restores) {
-    one.child = ::fork();
-    if (one.child == 0) restorer(one.server->socket_path(), Mode::good, one.go[0], expected_);
-  }
+  });
+  if (HasFatalFailure()) return;
   std::vector<std::thread> threads;
   for (auto& one : restores) threads.emplace_back([&one] { one.report = one.server->run(); });
   for (auto& t : threads) t.join();
   for (int i = 0; i < kRestores; ++i) {
-    One& one = restores[i];
+    Concurrent& one = restores[i];
     ASSERT_EQ(::waitpid(one.child, &one.status, 0), one.child);
-    EXPECT_FALSE(one.report.error) << "restore " << i << ": " << one.report.error->what();
+    ASSERT_TRUE(one.report);
+    EXPECT_FALSE(one.report->error) << "restore " << i << ": " << one.report->error->what();
     ASSERT_TRUE(WIFEXITED(one.status)) << "restore " << i;
     EXPECT_EQ(WEXITSTATUS(one.status), 0) << "restore " << i << ": 10+p: page p had the wrong bytes";
-    EXPECT_EQ(one.report.tasks.size(), 1u);
-    EXPECT_GE(one.report.metrics.pages_copied_per_tier.at(TierKind::file), 4u) << "restore " << i;
-    ::close(one.go[0]);
-    ::close(one.go[1]);
+    EXPECT_EQ(one.report->tasks.size(), 1u);
+    EXPECT_GE(one.report->metrics.pages_copied_per_tier.at(TierKind::file), 4u) << "restore " << i;
   }
 }
 
@@ -361,36 +378,15 @@ TEST_F(LazyRestoreTest, OneServingLoopServesManyTreesAndAFailureEndsOnlyItsOwn) 
   ASSERT_TRUE(checkpoint_source) << checkpoint_source.error().what();
   std::mutex fault_threads_mutex;
   std::map<int, std::set<std::thread::id>> fault_threads;  // restore -> threads that saw its faults
-  struct One {
-    std::shared_ptr<lazy::LazyPagesServer> server;
-    int go[2] = {-1, -1};
-    pid_t child = 0;
-    std::optional<lazy::LazyPagesReport> report;
-    std::mutex mutex;
-    std::condition_variable ended;
-    int status = -1;
-  };
-  std::vector<One> restores(kRestores);
-  for (int i = 0; i < kRestores; ++i) {
-    One& one = restores[i];
-    ASSERT_EQ(::pipe2(one.go, O_CLOEXEC), 0);
-    auto o = quick();
-    o.images_dir = fixture_dir();
+  std::vector<Concurrent> restores(kRestores);
+  start_restores(restores, [&](int i, Concurrent&, lazy::LazyPagesOptions& o) {
     if (i == kBroken) o.source = std::make_shared<CorruptMapping>(*checkpoint_source);
-    o.work_dir = work_ / std::to_string(i);
-    fs::create_directories(o.work_dir);
     o.on_fault = [&, i](const FaultObservation&) {
       std::lock_guard lock(fault_threads_mutex);
       fault_threads[i].insert(std::this_thread::get_id());
     };
-    auto server = lazy::LazyPagesServer::bind(o);
-    ASSERT_TRUE(server) << server.error().what();
-    one.server = std::move(*server);
-  }
-  for (auto& one : restores) {
-    one.child = ::fork();
-    if (one.child == 0) restorer(one.server->socket_path(), Mode::good, one.go[0], expected_);
-  }
+  });
+  if (HasFatalFailure()) return;
   std::vector<std::thread> protocol;
   for (auto& one : restores) {
     protocol.emplace_back([&one, &loop] {
@@ -409,7 +405,7 @@ TEST_F(LazyRestoreTest, OneServingLoopServesManyTreesAndAFailureEndsOnlyItsOwn) 
   EXPECT_EQ((*loop)->stats().most_at_once, static_cast<std::uint64_t>(kRestores));
   for (auto& one : restores) (void)!::write(one.go[1], "g", 1);
   for (int i = 0; i < kRestores; ++i) {
-    One& one = restores[i];
+    Concurrent& one = restores[i];
     {
       std::unique_lock lock(one.mutex);
       ASSERT_TRUE(one.ended.wait_for(lock, 10s, [&] { return one.report.has_value(); })) << "restore " << i << " never ended";
@@ -428,8 +424,6 @@ TEST_F(LazyRestoreTest, OneServingLoopServesManyTreesAndAFailureEndsOnlyItsOwn) 
     std::lock_guard lock(fault_threads_mutex);
     EXPECT_EQ(fault_threads[i], std::set<std::thread::id>{(*loop)->thread_id()})
         << "restore " << i << ": its faults were served off the loop's thread";
-    ::close(one.go[0]);
-    ::close(one.go[1]);
   }
   EXPECT_EQ((*loop)->stats().servers_served, static_cast<std::uint64_t>(kRestores));
 }
