@@ -50,8 +50,8 @@ ROWS = ("corrupt-cxl", "kill-agent-mid-restore", "kill-burst-instance", "fill-cx
         "concurrent-publish", "memnode-stall", "memnode-agent-restart", "memnode-late")
 BURST_INSTANCES = 4
 BURST_POLICY = "lazy-cxl"  # demand faults: the restored tasks live long enough to be found and killed
-# Policies whose restore reads a snapshot's CXL pages (the `cxl` or `tiered` copy, hot part).
-CXL_READERS = ("criu-eager", "criu-lazy", "criu-remote", "lazy-cxl", "reap", "aquifer", "trenv", "tiered")
+# Placements with pages in CXL: a policy reading one of them reads damaged CXL pages.
+CXL_PLACEMENTS = ("cxl", "tiered")
 PROBE = "python3 /opt/snaptier/testbed/guest/chaosprobe.py"
 SUPERBLOCK_MAGIC = b"SNAPCXL1"
 FLIP_AT = 777            # byte of each page that corrupt-cxl flips
@@ -189,6 +189,10 @@ class Chaos:
     # -- tierctl
     def tierctl(self, host: str, args: str, timeout_s: int = 120):
         return tierctl.tierctl(self.run, self.topo, host, args, timeout_s)
+
+    def cxl_readers(self, host: str) -> list[dict]:
+        """The policies `host`'s agent lists whose restore reads a copy with pages in CXL, in its order."""
+        return [p for p in matrix.agent_policies(self.run, self.topo, host) if p.get("placement") in CXL_PLACEMENTS]
 
     def lacks(self, host: str, policy: str, doc) -> str | None:
         """What `host`'s agent says it lacks for `policy` (its status' policies[].missing), asked
@@ -345,13 +349,21 @@ def row_corrupt_cxl(c: Chaos, row: Row) -> None:
     rc, doc, err = c.tierctl(host, f"read {shlex.quote(copy)} /tmp/chaos-corrupt.out", 300)
     ok, detail = judge_corrupt(rc, doc, err, ids)
     row.add(f"tierctl read {copy} answers corrupt", host, ok, detail)
-    for policy in CXL_READERS:
+    try:
+        readers = c.cxl_readers(host)
+    except TestbedError as e:
+        row.add("list the policies that read CXL", host, False, str(e))
+        return
+    for reader in readers:
+        policy = reader["name"]
         on = c.peer if policy == "criu-remote" else host
         if on is None:
             row.skip(f"{policy} answers corrupt", host, "criu-remote needs a second host sharing the CXL device")
             continue
         rc, doc, err = c.restore(host, sid, policy, on)
-        skip = matrix.skip_reason(c.topo, doc, c.lacks(on, policy, doc)) if policy == "trenv" else None
+        # A policy that must map in place is refused, not failed, by a host that cannot map.
+        needs_mapping = bool(reader.get("in_place_required"))
+        skip = matrix.skip_reason(c.topo, doc, c.lacks(on, policy, doc)) if needs_mapping else None
         if skip:
             row.skip(f"{policy} answers corrupt", on, skip)
             continue
@@ -368,12 +380,13 @@ def row_corrupt_cxl(c: Chaos, row: Row) -> None:
                    "; ".join(problems) or (f"{sid}: {snap.get('pages')} pages" if snap else err)):
         return
     failed = []
-    for policy in CXL_READERS:
+    for reader in readers:
+        policy = reader["name"]
         on = c.peer if policy == "criu-remote" else host
         if on is None:
             continue
         rc, doc, err = c.restore(host, sid, policy, on)
-        if policy == "trenv" and matrix.skip_reason(c.topo, doc, c.lacks(on, policy, doc)):
+        if reader.get("in_place_required") and matrix.skip_reason(c.topo, doc, c.lacks(on, policy, doc)):
             continue
         code, message = error_of(rc, doc, err)
         if code is not None or not (doc or {}).get("digest_ok"):

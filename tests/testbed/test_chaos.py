@@ -214,6 +214,12 @@ class FakeCxlStore:
     bytes (as the agent's CRC32C does) and answer corrupt naming the first damaged page."""
 
     POLICIES_ON_TIERED = ("aquifer", "tiered")
+    # As an agent lists them (tierctl status): one that reads only the RDMA pool, one mapping in place.
+    POLICIES = [{"name": "criu-eager", "placement": "cxl"}, {"name": "criu-remote", "placement": "cxl"},
+                {"name": "lazy-rdma", "placement": "rdma"}, {"name": "reap", "placement": "cxl"},
+                {"name": "aquifer", "placement": "tiered"}, {"name": "faasnap", "placement": "cxl"},
+                {"name": "cxlfork", "placement": "cxl", "in_place_required": True},
+                {"name": "tiered", "placement": "tiered"}]
 
     def __init__(self, backing):
         self.backing = backing
@@ -244,7 +250,7 @@ class FakeCxlStore:
         m = re.search(r"--json (\w+)(?: (\S+))?", command)
         op, arg = m.group(1), m.group(2)
         if op in ("ping", "status", "list"):
-            return Proc(stdout='{"pong": true, "tiers": [], "snapshots": []}')
+            return Proc(stdout=json.dumps({"pong": True, "tiers": [], "snapshots": [], "policies": self.POLICIES}))
         if op == "snapshot":
             sid = re.search(r"--id (\S+)", command).group(1)
             self._store(sid, 3)
@@ -287,8 +293,10 @@ def test_corrupt_cxl_damages_exactly_the_cxl_pages_and_every_reader_must_refuse(
     checks = {c["check"].split(": ", 1)[1]: c for c in report["rows"][0]["checks"]}
     assert rc == 0, [c["detail"] for c in checks.values() if not c["ok"]]
     assert "8 pages of" in checks["flip one byte per CXL page"]["detail"]
-    for policy in chaos.CXL_READERS:
+    readers = [p["name"] for p in FakeCxlStore.POLICIES if p["placement"] != "rdma"]
+    for policy in readers:
         assert checks[f"{policy} answers corrupt"]["ok"], policy
+    assert "lazy-rdma answers corrupt" not in checks, "a policy reading only the RDMA pool reads no CXL page"
     assert checks["criu-remote answers corrupt"]["host"] == "host1"
     assert checks["restores again after re-snapshot"]["ok"]
 
