@@ -543,15 +543,8 @@ bool LazyPagesServer::claim_run(LazyPagesReport& out) {
 }
 
 LazyPagesReport LazyPagesServer::run() {
-  LazyPagesReport out;
-  if (!claim_run(out)) return out;
-  const bool serve = impl_->begin();
-  if (serve) {
-    while (!impl_->serve_round(std::chrono::milliseconds(10))) {
-    }
-  }
-  impl_->end(serve, out);
-  return out;
+  if (auto over = run_until_resumed()) return std::move(*over);
+  return serve_rest();
 }
 
 std::optional<LazyPagesReport> LazyPagesServer::run_until_resumed() {
