@@ -17,6 +17,8 @@ def main() -> int:
     rows = {}
     for path in sys.argv[2:]:
         for r in csv.DictReader(open(path)):
+            if r.get("pattern", "random") != "random" or r.get("threads", "1") != "1":
+                continue  # the latency plot is one reader's random reads
             rows[(r["tier"], int(r["block_bytes"]))] = float(r["p50_us"])
     tiers = list(dict.fromkeys(t for t, _ in rows))
     blocks = sorted({b for _, b in rows})

@@ -1,6 +1,9 @@
 """Tier benchmark in a running topology: tier_bench (the agent's own tiers, built for trixie)
 per tier inside the guests: local DRAM, file, CXL (whatever emulation the topology uses) and the
-RDMA pool of a memory node. Results: run/<topology>/bench-tiers.json and .csv, and a table.
+RDMA pool of a memory node: random reads by one thread and by several at once, and sequential
+1 MiB reads. The RDMA tier is measured beside perftest's ib_read_bw on the same pair of guests,
+run just before it (the link's limit with many READs in flight). Results:
+run/<topology>/bench-tiers.json and .csv, and a table.
 
 The CXL run formats the shared region as scratch, so agents are stopped first and the region's
 head is wiped afterwards; agents are started again on a fresh directory (published snapshots
@@ -9,9 +12,10 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import time
 
-from . import agents, launcher
+from . import agents, health, launcher
 from .launcher import TestbedError, say
 from .state import state_dir_for
 from .topology import Topology
@@ -29,15 +33,23 @@ def _bench(topo, host, args, label, timeout=900):
     return doc
 
 
-def run_bench(topo: Topology, size_mib: int = 16, iterations: int = 2000) -> int:
+def _ib_read_bw(topo, host, memnode, mem_ip):
+    """ib_read_bw's 64 KiB READ bandwidth host -> memnode in MiB/s, or None if perftest failed."""
+    r = health._perftest(topo, memnode, mem_ip, host, "ib_read_bw", "-s 65536 -D 3", 18690)
+    m = re.search(r"^\s*65536\s+\d+\s+([\d.]+)\s+([\d.]+)", r.stdout, re.M)
+    return float(m.group(2)) if r.returncode == 0 and m else None
+
+
+def run_bench(topo: Topology, size_mib: int = 16, iterations: int = 2000, threads: int = 4) -> int:
     launcher.load_running(topo)
     state_dir = state_dir_for(topo.name)
     dev = next((c for c in topo.cxl), None)
     host = dev.hosts[0] if dev else next(h.name for h in topo.hosts if h.role == "compute")
-    common = f"--size {size_mib << 20} --iterations {iterations}"
+    common = f"--size {size_mib << 20} --iterations {iterations} --threads {threads}"
     results = []
     t0 = time.monotonic()
-    say(f"tier_bench on {host}: {size_mib} MiB working set, {iterations} random reads per block size")
+    say(f"tier_bench on {host}: {size_mib} MiB working set, {iterations} random reads per block size "
+        f"(1 and {threads} threads), sequential 1 MiB reads")
     results.append(_bench(topo, host, common + " --tier local", "local DRAM"))
     results.append(_bench(topo, host, common + " --tier file --path /var/tmp/tier-bench", "file (ext4 on virtio-blk)"))
     link = topo.link_of(host)
@@ -45,9 +57,15 @@ def run_bench(topo: Topology, size_mib: int = 16, iterations: int = 2000) -> int
     if memnode:
         agents.start(topo)
         token = (state_dir / "agent-token").read_text().strip()
-        addr = f"{link.address_of(memnode.name).ip}:{agents.CONTROL_PORT}"
-        results.append(_bench(topo, host, f"{common} --tier rdma --memnode {addr} --token {token} "
-                                          f"--device rxe0 --gid-index 1", f"rdma (rxe, pool on {memnode.name})"))
+        mem_ip = str(link.address_of(memnode.name).ip)
+        limit = _ib_read_bw(topo, host, memnode.name, mem_ip)
+        # One work request at a time (as before the tier had depth) beside the default, same run.
+        for depth in (1, 16):
+            run = _bench(topo, host, f"{common} --tier rdma --memnode {mem_ip}:{agents.CONTROL_PORT} --token {token} "
+                                     f"--device rxe0 --gid-index 1 --rdma-depth {depth}",
+                         f"rdma (rxe, pool on {memnode.name}, {depth} in flight)")
+            run["ib_read_bw_mib_s"] = limit
+            results.append(run)
     if dev:
         agents.stop(topo)
         try:
@@ -61,18 +79,26 @@ def run_bench(topo: Topology, size_mib: int = 16, iterations: int = 2000) -> int
     (state_dir / "bench-tiers.json").write_text(json.dumps(out, indent=1) + "\n")
     with open(state_dir / "bench-tiers.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["topology", "tier", "host", "block_bytes", "p50_us", "p99_us", "mean_us", "throughput_mib_s"])
+        w.writerow(["topology", "tier", "host", "pattern", "threads", "block_bytes", "p50_us", "p99_us", "mean_us",
+                    "throughput_mib_s", "ib_read_bw_mib_s"])
         for run in results:
             for r in run["results"]:
-                w.writerow([topo.name, run["label"], run["host"], r["block_bytes"], round(r["p50_ns"] / 1e3, 2),
-                            round(r["p99_ns"] / 1e3, 2), round(r["mean_ns"] / 1e3, 2), round(r["throughput_mib_s"], 1)])
-    local = {r["block_bytes"]: r for r in results[0]["results"]}
+                w.writerow([topo.name, run["label"], run["host"], r["pattern"], r["threads"], r["block_bytes"],
+                            round(r["p50_ns"] / 1e3, 2), round(r["p99_ns"] / 1e3, 2), round(r["mean_ns"] / 1e3, 2),
+                            round(r["throughput_mib_s"], 1), run.get("ib_read_bw_mib_s") or ""])
+    local = {(r["pattern"], r["threads"], r["block_bytes"]): r for r in results[0]["results"]}
     print(f"\ntier benchmark on topology {topo.name}, host {host} (emulated: compare ratios, not absolutes)")
-    print(f"  {'tier':32} {'block':>6} {'p50 us':>9} {'p99 us':>9} {'MiB/s':>8} {'p50 vs local':>13}")
+    print(f"  {'tier':32} {'pattern':>10} {'thr':>3} {'block':>6} {'p50 us':>9} {'p99 us':>9} {'MiB/s':>8} "
+          f"{'p50 vs local':>13}")
     for run in results:
         for r in run["results"]:
-            ratio = r["p50_ns"] / local[r["block_bytes"]]["p50_ns"] if r["block_bytes"] in local else 0
-            print(f"  {run['label']:32} {r['block_bytes'] // 1024:>5}K {r['p50_ns'] / 1e3:>9.1f} {r['p99_ns'] / 1e3:>9.1f} "
-                  f"{r['throughput_mib_s']:>8.1f} {ratio:>12.0f}x")
+            base = local.get((r["pattern"], r["threads"], r["block_bytes"]))
+            ratio = r["p50_ns"] / base["p50_ns"] if base else 0
+            print(f"  {run['label']:32} {r['pattern']:>10} {r['threads']:>3} {r['block_bytes'] // 1024:>5}K "
+                  f"{r['p50_ns'] / 1e3:>9.1f} {r['p99_ns'] / 1e3:>9.1f} {r['throughput_mib_s']:>8.1f} {ratio:>12.0f}x")
+        if run.get("ib_read_bw_mib_s"):
+            best = max(r["throughput_mib_s"] for r in run["results"])
+            print(f"  {'':32} ib_read_bw (64 KiB, many in flight) {run['ib_read_bw_mib_s']:.1f} MiB/s: "
+                  f"the tier's best {best:.1f} MiB/s is {best / run['ib_read_bw_mib_s']:.0%} of it")
     print(f"results: {state_dir / 'bench-tiers.json'} and .csv")
     return 0

@@ -145,7 +145,7 @@ def cmd_agents(args, topo) -> int:
 
 def cmd_bench(args, topo) -> int:
     from .bench import run_bench
-    return run_bench(topo, size_mib=args.size_mib, iterations=args.iterations)
+    return run_bench(topo, size_mib=args.size_mib, iterations=args.iterations, threads=args.threads)
 
 
 def cmd_scenario(args, topo) -> int:
@@ -217,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="tier_bench per tier in the guests (JSON + CSV in the state dir)")
     b.add_argument("--size-mib", type=int, default=16)
     b.add_argument("--iterations", type=int, default=2000)
+    b.add_argument("--threads", type=int, default=4, help="the random reads again with this many readers at once")
     b.set_defaults(fn=cmd_bench)
     sc = sub.add_parser("scenario", help="run an end-to-end scenario on the running topology")
     from .scenarios import SCENARIOS

@@ -133,6 +133,18 @@ class NullPool final : public RdmaPoolClient {
   Result<void> release(Extent) override { return fail(Errc::unavailable, "null"); }
 };
 
+TEST(RdmaArgsTest, WorkRequestsInFlightAreBetweenOneAndTheSendQueueDepth) {
+  for (std::uint32_t depth : {0u, 17u, 1000u}) {
+    RdmaDeviceOptions options = test_options();
+    options.max_in_flight = depth;
+    auto tier = make_rdma_tier(options, std::make_shared<NullPool>());
+    ASSERT_FALSE(tier) << depth;
+    EXPECT_EQ(tier.error().code, Errc::invalid_argument);
+    EXPECT_NE(tier.error().message.find("max_in_flight " + std::to_string(depth)), std::string::npos)
+        << tier.error().message;
+  }
+}
+
 TEST(RdmaArgsTest, ABuildWithoutVerbsHasNoDeviceAndSaysWhy) {
   if (rdma_support_built()) GTEST_SKIP() << "this build has libibverbs";
   EXPECT_FALSE(rdma_devices_present());
@@ -348,6 +360,57 @@ TEST_F(RdmaTierTest, ConcurrentReadersEachGetTheirOwnBytes) {
   EXPECT_EQ(tier_->stats().reads - reads_before, static_cast<std::uint64_t>(kThreads * 40));
   for (const Extent& e : own) ASSERT_TRUE(tier_->release(e));
   ASSERT_TRUE(tier_->release(*shared));
+}
+
+// One work request at a time (the whole bounce buffer per chunk) moves the same bytes as many.
+TEST_F(RdmaTierTest, OneWorkRequestInFlightRoundTripsLikeMany) {
+  RdmaDeviceOptions serial = options_;
+  serial.max_in_flight = 1;
+  auto tier = make_rdma_tier(serial, make_local_rdma_pool_client(server_));
+  ASSERT_TRUE(tier) << tier.error().what();
+  auto extent = (*tier)->allocate(MiB);
+  ASSERT_TRUE(extent);
+  const auto data = random_bytes(MiB - 5, 77);
+  ASSERT_TRUE((*tier)->write(*extent, 3, data));
+  std::vector<std::byte> back(data.size());
+  ASSERT_TRUE(tier_->read(*extent, 3, back));  // written one chunk at a time, read back 16 at a time
+  EXPECT_TRUE(back == data);
+  std::vector<std::byte> again(data.size());
+  ASSERT_TRUE((*tier)->read(*extent, 3, again));
+  EXPECT_TRUE(again == data);
+  ASSERT_TRUE((*tier)->release(*extent));
+}
+
+// A demand read that arrives while a long read is on the wire gets a slot as the long read's
+// chunks complete: it is answered before the long read ends, not queued behind all of it.
+TEST_F(RdmaTierTest, AShortReadIsNotQueuedBehindALongOne) {
+  auto extent = tier_->allocate(kPool);
+  ASSERT_TRUE(extent);
+  const auto data = random_bytes(kPool, 5);
+  ASSERT_TRUE(tier_->write(*extent, 0, data));
+  std::vector<std::byte> long_read(kPool);
+  std::atomic<bool> long_started{false}, long_done{false}, short_before_long{false}, short_ok{false};
+  std::thread short_reader([&] {
+    while (!long_started.load()) std::this_thread::yield();
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    std::vector<std::byte> page(4096);
+    const bool ok = static_cast<bool>(tier_->read(*extent, kPool - 8192, page)) &&
+                    std::memcmp(page.data(), data.data() + kPool - 8192, 4096) == 0;
+    short_before_long = !long_done.load();
+    short_ok = ok;
+  });
+  long_started = true;
+  const auto t0 = Clock::now();
+  auto read = tier_->read(*extent, 0, long_read);
+  long_done = true;
+  const auto long_ms = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - t0).count();
+  short_reader.join();
+  ASSERT_TRUE(read) << read.error().what();
+  EXPECT_TRUE(long_read == data);
+  EXPECT_TRUE(short_ok.load());
+  if (long_ms < 50) GTEST_SKIP() << "the 16 MiB read took " << long_ms << " ms: too fast to tell the order";
+  EXPECT_TRUE(short_before_long.load()) << "the 4 KiB read waited for the whole 16 MiB read (" << long_ms << " ms)";
+  ASSERT_TRUE(tier_->release(*extent));
 }
 
 // N restores of one snapshot copy whose pages are in the pool: the store's page cache has each

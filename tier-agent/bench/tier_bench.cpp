@@ -1,6 +1,7 @@
-// tier_bench: page read latency (p50/p99) and throughput of one tier, for 4 KiB and 64 KiB reads
-// at random aligned offsets of a filled extent. Any Tier works: open_tier() is the only place
-// that knows the backends, so a new one (rdma) is one more branch there.
+// tier_bench: page read latency (p50/p99) and throughput of one tier: 4 KiB and 64 KiB reads at
+// random aligned offsets of a filled extent (by one thread, and by several at once), and long
+// sequential reads over the whole extent, the way a prefetch reads a run. Any Tier works:
+// open_tier() is the only place that knows the backends, so a new one is one more branch there.
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
@@ -11,6 +12,7 @@
 #include <fstream>
 #include <iostream>
 #include <random>
+#include <thread>
 #include <unistd.h>
 #include <vector>
 
@@ -28,9 +30,14 @@ struct BenchConfig {
   std::uint64_t working_set_bytes = 64ull << 20;
   std::uint64_t iterations = 20000;
   std::vector<std::uint64_t> block_sizes{4096, 65536};
+  std::uint32_t threads = 1;                 // > 1: the random reads again, by this many threads at once
+  std::uint64_t stream_block_bytes = 1 << 20;  // 0: no sequential pass
+  std::uint32_t stream_passes = 2;
 };
 
 struct BlockResult {
+  std::string pattern;  // random | sequential
+  std::uint32_t threads = 1;
   std::uint64_t block_bytes = 0;
   std::uint64_t reads = 0;
   double p50_ns = 0, p99_ns = 0, mean_ns = 0, max_ns = 0;
@@ -50,6 +57,7 @@ struct RdmaTarget {
   std::string token;
   std::string device;
   int gid_index = 1;
+  std::uint32_t max_in_flight = 16;
 };
 
 Result<OpenedTier> open_tier(TierKind kind, fs::path path, std::uint64_t capacity, bool format_region,
@@ -91,10 +99,13 @@ Result<OpenedTier> open_tier(TierKind kind, fs::path path, std::uint64_t capacit
       RdmaDeviceOptions device;
       device.device = rdma.device;
       device.gid_index = rdma.gid_index;
+      device.max_in_flight = rdma.max_in_flight;
       auto tier = make_rdma_tier(device, control::make_control_rdma_pool_client(std::move(memnode)));
       if (!tier) return tl::unexpected(tier.error());
       return OpenedTier{std::move(*tier), nullptr,
-                        "one-sided RDMA READ from memory node " + rdma.memnode + " via a 1 MiB bounce buffer"};
+                        "one-sided RDMA READ from memory node " + rdma.memnode +
+                            " via a 1 MiB bounce buffer, up to " + std::to_string(rdma.max_in_flight) +
+                            " READs in flight"};
     }
   }
   return fail(Errc::unsupported, "unknown tier");
@@ -117,34 +128,72 @@ Result<std::vector<BlockResult>> run_benchmark(Tier& tier, const BenchConfig& co
   }
 
   std::vector<BlockResult> results;
-  std::mt19937_64 rng(42);
-  for (std::uint64_t block : config.block_sizes) {
-    if (block > extent->length) continue;
-    std::vector<std::byte> buffer(block);
-    std::uniform_int_distribution<std::uint64_t> pick(0, extent->length / block - 1);
-    std::vector<double> latencies;
-    latencies.reserve(config.iterations);
+  // `threads` readers at once, each `reads` reads of `block` bytes at offsets `next_offset` picks.
+  const auto measure = [&](std::string pattern, std::uint32_t threads, std::uint64_t block, std::uint64_t reads,
+                           auto next_offset) -> Result<BlockResult> {
+    std::vector<std::vector<double>> per_thread(threads);
+    std::vector<Result<void>> outcome(threads);
     const auto start = std::chrono::steady_clock::now();
-    for (std::uint64_t i = 0; i < config.iterations; ++i) {
-      const std::uint64_t offset = pick(rng) * block;
-      const auto t0 = std::chrono::steady_clock::now();
-      if (auto ok = tier.read(*extent, offset, buffer); !ok) return tl::unexpected(ok.error());
-      const auto t1 = std::chrono::steady_clock::now();
-      latencies.push_back(std::chrono::duration<double, std::nano>(t1 - t0).count());
+    {
+      std::vector<std::jthread> readers;
+      for (std::uint32_t t = 0; t < threads; ++t) {
+        readers.emplace_back([&, t] {
+          std::vector<std::byte> buffer(block);
+          std::mt19937_64 rng(42 + t);
+          per_thread[t].reserve(reads);
+          for (std::uint64_t i = 0; i < reads; ++i) {
+            const std::uint64_t offset = next_offset(rng, i);
+            const auto t0 = std::chrono::steady_clock::now();
+            if (auto ok = tier.read(*extent, offset, buffer); !ok) {
+              outcome[t] = ok;
+              return;
+            }
+            per_thread[t].push_back(
+                std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0).count());
+          }
+        });
+      }
     }
     const double total_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    for (auto& ok : outcome) {
+      if (!ok) return tl::unexpected(ok.error());
+    }
+    std::vector<double> latencies;
+    for (auto& l : per_thread) latencies.insert(latencies.end(), l.begin(), l.end());
     std::sort(latencies.begin(), latencies.end());
     BlockResult r;
+    r.pattern = std::move(pattern);
+    r.threads = threads;
     r.block_bytes = block;
-    r.reads = config.iterations;
+    r.reads = latencies.size();
     r.p50_ns = percentile(latencies, 0.50);
     r.p99_ns = percentile(latencies, 0.99);
     r.max_ns = latencies.back();
     double sum = 0;
     for (double l : latencies) sum += l;
     r.mean_ns = sum / static_cast<double>(latencies.size());
-    r.throughput_mib_s = static_cast<double>(block * config.iterations) / total_s / (1 << 20);
-    results.push_back(r);
+    r.throughput_mib_s = static_cast<double>(block * r.reads) / total_s / (1 << 20);
+    return r;
+  };
+
+  std::vector<std::uint32_t> thread_counts{1};
+  if (config.threads > 1) thread_counts.push_back(config.threads);
+  for (std::uint32_t threads : thread_counts) {
+    for (std::uint64_t block : config.block_sizes) {
+      if (block > extent->length) continue;
+      std::uniform_int_distribution<std::uint64_t> pick(0, extent->length / block - 1);
+      auto r = measure("random", threads, block, config.iterations,
+                       [&](std::mt19937_64& rng, std::uint64_t) { return pick(rng) * block; });
+      if (!r) return tl::unexpected(r.error());
+      results.push_back(*r);
+    }
+  }
+  if (const std::uint64_t block = config.stream_block_bytes; block > 0 && block <= extent->length) {
+    const std::uint64_t per_pass = extent->length / block;
+    auto r = measure("sequential", 1, block, per_pass * config.stream_passes,
+                     [&](std::mt19937_64&, std::uint64_t i) { return (i % per_pass) * block; });
+    if (!r) return tl::unexpected(r.error());
+    results.push_back(*r);
   }
   (void)tier.release(*extent);
   return results;
@@ -161,6 +210,9 @@ int main(int argc, char** argv) {
   std::uint64_t size = 64ull << 20;
   std::uint64_t iterations = 20000;
   std::uint32_t host_index = 0;
+  std::uint32_t threads = 1;
+  std::uint64_t stream_block = 1 << 20;
+  std::uint32_t stream_passes = 2;
   bool json = false;
   bool format_region = false;
   RdmaTarget rdma;
@@ -168,10 +220,17 @@ int main(int argc, char** argv) {
   app.add_option("--token", rdma.token, "rdma: the memory node's control token");
   app.add_option("--device", rdma.device, "rdma: device name (default: the first)");
   app.add_option("--gid-index", rdma.gid_index, "rdma: GID index (RoCEv2 over IPv4: 1)");
+  app.add_option("--rdma-depth", rdma.max_in_flight, "rdma: work requests in flight (1..16)")
+      ->check(CLI::Range(1, 16));
   app.add_option("--tier", tier_name, "local | file | cxl | rdma")->check(CLI::IsMember({"local", "file", "cxl", "rdma"}));
   app.add_option("--path", path, "file: directory; cxl: devdax device or region file (default: a temp file)");
   app.add_option("--size", size, "working set in bytes")->check(CLI::Range(std::uint64_t{65536}, std::uint64_t{1} << 40));
   app.add_option("--iterations", iterations, "reads per block size")->check(CLI::PositiveNumber);
+  app.add_option("--threads", threads, "also run the random reads with this many threads at once")
+      ->check(CLI::Range(1, 64));
+  app.add_option("--stream-block", stream_block, "sequential pass: bytes per read (0: no sequential pass)");
+  app.add_option("--stream-passes", stream_passes, "sequential pass: times over the whole working set")
+      ->check(CLI::Range(1, 1000));
   app.add_option("--host-index", host_index, "cxl: this host's slot in the region");
   app.add_flag("--format", format_region, "cxl: format the region first (destroys its directory)");
   app.add_flag("--json", json, "print JSON");
@@ -210,6 +269,9 @@ int main(int argc, char** argv) {
   BenchConfig config;
   config.working_set_bytes = size;
   config.iterations = iterations;
+  config.threads = threads;
+  config.stream_block_bytes = stream_block;
+  config.stream_passes = stream_passes;
   auto results = run_benchmark(*opened->tier, config);
   if (!scratch.empty()) fs::remove_all(scratch);
   if (!results) {
@@ -226,18 +288,19 @@ int main(int argc, char** argv) {
     out["units"] = {{"latency", "ns"}, {"throughput", "MiB/s"}, {"block", "bytes"}};
     out["results"] = nlohmann::json::array();
     for (const auto& r : *results) {
-      out["results"].push_back({{"block_bytes", r.block_bytes}, {"reads", r.reads}, {"p50_ns", r.p50_ns},
+      out["results"].push_back({{"pattern", r.pattern}, {"threads", r.threads}, {"block_bytes", r.block_bytes}, {"reads", r.reads}, {"p50_ns", r.p50_ns},
                                 {"p99_ns", r.p99_ns}, {"mean_ns", r.mean_ns}, {"max_ns", r.max_ns},
                                 {"throughput_mib_s", r.throughput_mib_s}});
     }
     std::cout << out.dump(2) << "\n";
   } else {
-    std::printf("tier %s (%s), working set %llu bytes, %llu reads per size\n", tier_name.c_str(),
+    std::printf("tier %s (%s), working set %llu bytes, %llu reads per size and thread\n", tier_name.c_str(),
                 opened->note.c_str(), static_cast<unsigned long long>(size), static_cast<unsigned long long>(iterations));
-    std::printf("%10s %12s %12s %12s %14s\n", "block", "p50 [ns]", "p99 [ns]", "mean [ns]", "MiB/s");
+    std::printf("%-11s %7s %10s %12s %12s %12s %14s\n", "pattern", "threads", "block", "p50 [ns]", "p99 [ns]",
+                "mean [ns]", "MiB/s");
     for (const auto& r : *results) {
-      std::printf("%10llu %12.0f %12.0f %12.0f %14.1f\n", static_cast<unsigned long long>(r.block_bytes), r.p50_ns,
-                  r.p99_ns, r.mean_ns, r.throughput_mib_s);
+      std::printf("%-11s %7u %10llu %12.0f %12.0f %12.0f %14.1f\n", r.pattern.c_str(), r.threads,
+                  static_cast<unsigned long long>(r.block_bytes), r.p50_ns, r.p99_ns, r.mean_ns, r.throughput_mib_s);
     }
   }
   return 0;

@@ -45,8 +45,11 @@ struct RdmaDeviceOptions {
   int port = 1;
   int gid_index = 1;        // RoCEv2 GID of rxe on IPv4 is index 1
   int timeout_ms = 5000;    // every completion wait and connection step is bounded
-  // The rdma tier's registered staging buffer: one-sided ops larger than this are chunked.
+  // The rdma tier's registered staging buffer, cut into one slot per work request in flight:
+  // a request is sent as chunks of a slot each, up to max_in_flight of them on the wire at once.
   std::uint64_t bounce_bytes = 1ull << 20;
+  std::uint32_t max_in_flight = 16;  // 1..16; 1 is one work request at a time, the whole buffer
+
 };
 
 // How the rdma tier gets its queue pair back after an error completion or a completion timeout

@@ -27,6 +27,10 @@ Result<void> check_tier_arguments(const RdmaDeviceOptions& options, const RdmaPo
     return fail(Errc::invalid_argument,
                 "rdma tier: bounce_bytes " + std::to_string(options.bounce_bytes) + " is outside 4 KiB..1 GiB");
   }
+  if (options.max_in_flight < 1 || options.max_in_flight > kMaxInFlight) {
+    return fail(Errc::invalid_argument, "rdma tier: max_in_flight " + std::to_string(options.max_in_flight) +
+                                            " is outside 1.." + std::to_string(kMaxInFlight));
+  }
   return {};
 }
 

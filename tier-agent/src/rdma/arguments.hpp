@@ -12,6 +12,8 @@ namespace snaptier::rdma_detail {
 
 inline constexpr std::uint64_t kMinBounce = 4096;
 inline constexpr std::uint64_t kMaxBounce = 1ull << 30;
+// Work requests in flight per rdma tier: the send queue's depth.
+inline constexpr std::uint32_t kMaxInFlight = 16;
 
 // Port 1..255, a non-negative GID index.
 [[nodiscard]] Result<void> check_device_arguments(const RdmaDeviceOptions& options);

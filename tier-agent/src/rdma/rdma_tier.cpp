@@ -1,27 +1,40 @@
 // Compute side of the RDMA pool: a Tier whose bytes live in a memory node's registered pool and
 // move with one-sided RDMA READ/WRITE over one RC queue pair. Caller buffers are not registered,
-// so data is staged through one registered bounce buffer; requests larger than it are chunked.
+// so data is staged through one registered bounce buffer, cut into slots: each work request in
+// flight owns one slot.
+//
+// Depth: a request takes the free slots it can use (at least one, at most every slot), posts one
+// chunk per slot as one chained list (one doorbell) and reposts a slot as soon as its chunk
+// completed and was copied out, so a large request keeps up to kMaxSlots READs or WRITEs in
+// flight. A request that holds several slots hands one back at each completion while another
+// caller waits for a slot, so a demand fault behind a long prefetch waits for one completion,
+// not for the prefetch. Completions come in order on an RC queue pair; whichever waiter finds
+// nobody polling the CQ polls it for everyone (leader/follower), files what it finds by wr_id
+// and wakes the others: a lone caller polls its own completions with no hand-off. A completion
+// nobody waits for (a request abandoned after a failure) is dropped.
 //
 // Failure model: every completion is awaited with a deadline. A timeout or an error completion
 // moves the QP to the error state (flushing anything still in flight, so no late DMA can land in
-// the bounce buffer) and hands the tier to its Reconnector (reconnect.hpp): a background thread
-// connects a new QP with backoff while every other read/write/allocate fails at once with
-// Errc::unavailable naming the state; the request that failed, and those already admitted and
-// queued behind it, wait for the first attempt and are retried once if the pool is the same.
-// Device, PD, CQ and bounce buffer are kept.
-//
-// Concurrency: any number of threads may call every member at once. One WR is in flight at a
-// time (io_mutex_ guards the QP, the bounce buffer and the CQ), so a completion is only ever
-// polled by the caller that posted it, and one of another id (a request abandoned after a
-// timeout) is dropped, never handed to a later caller.
+// a slot) and hands the tier to its Reconnector (reconnect.hpp): a background thread connects a
+// new QP with backoff while every other read/write/allocate fails at once with Errc::unavailable
+// naming the state; the requests that were in flight on the failed QP, and those already admitted
+// and queued, wait for the first attempt and are retried once if the pool is the same. Device,
+// PD, CQ and bounce buffer are kept.
 #include <sys/mman.h>
 
+#include <algorithm>
+#include <array>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <condition_variable>
 #include <cstring>
+#include <deque>
 #include <map>
 #include <mutex>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
 
 #include <spdlog/spdlog.h>
 
@@ -36,7 +49,14 @@ namespace {
 
 using namespace rdma_detail;
 
-constexpr std::uint32_t kSendQueueDepth = 16;
+using Clock = std::chrono::steady_clock;
+
+constexpr std::uint32_t kSendQueueDepth = kMaxInFlight;
+// Work requests in flight per tier: one per slot of the bounce buffer, never more than the send
+// queue holds.
+constexpr std::uint32_t kMaxSlots = kMaxInFlight;
+// A waiter polling the CQ comes back this often, so it sees a failure another waiter reported.
+constexpr std::chrono::milliseconds kPollSlice{10};
 // One reconnect attempt is a few control-plane round trips and RTR's neighbour resolution
 // (about 1 s on rxe); a memory node slower than this is not waited for.
 constexpr std::chrono::milliseconds kAttemptBound{5000};
@@ -47,7 +67,7 @@ class RdmaTier final : public Tier {
  public:
   RdmaTier(Device device, CompletionQueue cq, detail::UniqueMapping bounce, MrPtr bounce_mr,
            QpPtr qp, std::shared_ptr<RdmaPoolClient> pool, RdmaPoolGrant grant, int timeout_ms,
-           RdmaReconnectOptions reconnect_options)
+           std::uint32_t max_in_flight, RdmaReconnectOptions reconnect_options)
       : pool_(std::move(pool)),
         device_(std::move(device)),
         cq_(std::move(cq)),
@@ -58,8 +78,13 @@ class RdmaTier final : public Tier {
         timeout_(std::chrono::milliseconds(timeout_ms)),
         capacity_(grant_.pool_size),
         epoch_(grant_.epoch) {
+    grant_endpoint_qpn_.store(grant_.endpoint.qpn);
+    const std::uint64_t pages = bounce_.size() / detail::kTierPage;
+    slot_count_ = static_cast<std::uint32_t>(std::clamp<std::uint64_t>(pages, 1, std::min(max_in_flight, kMaxSlots)));
+    slot_bytes_ = pages / slot_count_ * detail::kTierPage;
     const std::uint64_t max_msg = device_.port_attr.max_msg_sz;
-    chunk_bytes_ = max_msg > 0 ? std::min<std::uint64_t>(bounce_.size(), max_msg) : bounce_.size();
+    chunk_bytes_ = max_msg > 0 ? std::min<std::uint64_t>(slot_bytes_, max_msg) : slot_bytes_;
+    for (std::uint32_t slot = slot_count_; slot > 0; --slot) free_slots_.push_back(slot - 1);
     // A first attempt that comes late is not worth holding the request for.
     if (reconnect_options.initial_backoff <= kAttemptBound) {
       reconnect_wait_ = reconnect_options.initial_backoff + kAttemptBound;
@@ -72,7 +97,7 @@ class RdmaTier final : public Tier {
   // up after this host is used without a restart.
   void start_disconnected(std::string why) {
     {
-      std::lock_guard lock(io_mutex_);
+      std::lock_guard lock(qp_mutex_);
       qp_ok_ = false;
     }
     reconnector_->report_failure(std::move(why));
@@ -216,16 +241,138 @@ class RdmaTier final : public Tier {
                                        std::to_string(epoch_.load()) + "): its contents are lost");
   }
 
+  // A chunk of a request on the wire: its slot and where its bytes go in the caller's buffer.
+  struct Chunk {
+    std::uint64_t wr_id = 0;
+    std::uint32_t slot = 0;
+    std::uint64_t done = 0;  // offset in the request
+    std::uint32_t length = 0;
+    Clock::time_point posted;
+  };
+
+  // What one request holds while it runs: its slots and the wr_ids it awaits. Destroyed on every
+  // way out; it returns early with chunks on the wire only once their QP is in the error state
+  // (or gone), so its slots can be reused at once.
+  class Flight {
+   public:
+    explicit Flight(RdmaTier& tier) : tier_(tier) {}
+    Flight(const Flight&) = delete;
+    Flight& operator=(const Flight&) = delete;
+    ~Flight() {
+      {
+        std::lock_guard lock(tier_.cq_mutex_);
+        for (const Chunk& chunk : in_flight) {
+          tier_.awaited_.erase(chunk.wr_id);
+          tier_.completed_.erase(chunk.wr_id);
+        }
+      }
+      for (const Chunk& chunk : in_flight) idle.push_back(chunk.slot);
+      tier_.give_back_slots(idle);
+    }
+    std::vector<std::uint32_t> idle;  // slots held, not on the wire
+    std::deque<Chunk> in_flight;      // in posting order, which is completion order
+
+   private:
+    RdmaTier& tier_;
+  };
+
+  std::byte* slot_data(std::uint32_t slot) noexcept { return bounce_.data() + std::uint64_t{slot} * slot_bytes_; }
+
+  // Between 1 and `wanted` slots: waits (bounded) for the first, then takes what is free.
+  Result<std::vector<std::uint32_t>> take_slots(std::uint64_t wanted, Clock::time_point deadline) {
+    std::unique_lock lock(slot_mutex_);
+    ++slot_waiters_;
+    const bool got = slot_cv_.wait_until(lock, deadline, [&] { return !free_slots_.empty(); });
+    --slot_waiters_;
+    if (!got) {
+      return fail(Errc::timeout, "no bounce-buffer slot came free within " +
+                                     std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                                        2 * timeout_).count()) + " ms");
+    }
+    std::vector<std::uint32_t> slots;
+    while (!free_slots_.empty() && slots.size() < wanted) {
+      slots.push_back(free_slots_.back());
+      free_slots_.pop_back();
+    }
+    return slots;
+  }
+
+  void give_back_slots(std::vector<std::uint32_t>& slots) {
+    if (slots.empty()) return;
+    {
+      std::lock_guard lock(slot_mutex_);
+      free_slots_.insert(free_slots_.end(), slots.begin(), slots.end());
+    }
+    slots.clear();
+    slot_cv_.notify_all();
+  }
+
+  bool someone_waits_for_a_slot() {
+    std::lock_guard lock(slot_mutex_);
+    return slot_waiters_ > 0;
+  }
+
   // One pass over the chunks; `broke` says whether this call found the QP failing. `epoch` is the
   // pool the request was admitted for: one that changed while it queued is not written or read.
   Result<void> transfer_once(const char* op, ibv_wr_opcode opcode, Extent extent, std::uint64_t offset,
                              std::uint64_t size, std::byte* read_into, const std::byte* write_from,
                              std::uint64_t epoch, bool& broke) {
-    std::lock_guard lock(io_mutex_);
+    const std::uint64_t chunks = (size + chunk_bytes_ - 1) / chunk_bytes_;
+    auto slots = take_slots(std::max<std::uint64_t>(chunks, 1), Clock::now() + 2 * timeout_);
+    if (!slots) return fail(slots.error().code, std::string(op) + ": " + slots.error().message);
+    Flight flight(*this);
+    flight.idle = std::move(*slots);
+    std::uint64_t generation = 0;  // the QP this request's chunks go to; 0 until the first post
+    std::uint64_t posted = 0;
+    for (;;) {
+      std::array<Chunk, kMaxSlots> batch;
+      std::size_t count = 0;
+      while (posted < size && !flight.idle.empty()) {
+        Chunk& chunk = batch[count++];
+        chunk.slot = flight.idle.back();
+        flight.idle.pop_back();
+        chunk.done = posted;
+        chunk.length = static_cast<std::uint32_t>(std::min(size - posted, chunk_bytes_));
+        if (write_from != nullptr) std::memcpy(slot_data(chunk.slot), write_from + posted, chunk.length);
+        posted += chunk.length;
+      }
+      if (count > 0) {
+        auto sent = post(op, opcode, extent.offset + offset, std::span(batch.data(), count), epoch, generation, broke);
+        // Posted or not, the chunks are the flight's: a failed post broke the QP (nothing lands later).
+        flight.in_flight.insert(flight.in_flight.end(), batch.begin(), batch.begin() + static_cast<long>(count));
+        if (!sent) return sent;
+      }
+      if (flight.in_flight.empty()) return {};
+      const Chunk front = flight.in_flight.front();
+      if (auto done = await_chunk(op, opcode, extent.offset + offset, front, generation, broke); !done) return done;
+      if (read_into != nullptr) std::memcpy(read_into + front.done, slot_data(front.slot), front.length);
+      flight.in_flight.pop_front();
+      flight.idle.push_back(front.slot);
+      // Share the slots with a caller that waits for one, keeping one to go on with.
+      if (flight.idle.size() + flight.in_flight.size() > 1 && someone_waits_for_a_slot()) {
+        std::vector<std::uint32_t> spare{flight.idle.back()};
+        flight.idle.pop_back();
+        give_back_slots(spare);
+      }
+    }
+  }
+
+  std::string describe(ibv_wr_opcode opcode, std::uint64_t pool_offset, std::uint64_t length) const {
+    return std::string("rdma: RDMA ") + (opcode == IBV_WR_RDMA_READ ? "READ" : "WRITE") + " of " +
+           std::to_string(length) + " bytes at pool offset " + std::to_string(pool_offset) +
+           " (memory node qpn " + std::to_string(grant_endpoint_qpn_.load()) + ")";
+  }
+
+  // Posts `batch` as one chained list of signalled WRs on the QP of `generation` (the current one
+  // on a request's first post). Every chunk is awaited before it is posted, so a poller files its
+  // completion however fast it comes.
+  Result<void> post(const char* op, ibv_wr_opcode opcode, std::uint64_t request_offset, std::span<Chunk> batch,
+                    std::uint64_t epoch, std::uint64_t& generation, bool& broke) {
+    std::lock_guard lock(qp_mutex_);
     // A caller queued behind the request that failed finds the QP gone. It was admitted while
     // the tier was up, so it is treated like that request: it waits for the first attempt and
     // runs once more, instead of failing every request of a burst for one broken completion.
-    if (!qp_ok_) {
+    if (!qp_ok_ || (generation != 0 && generation != generation_)) {
       broke = true;
       if (auto refused = reconnector_->admit(op); !refused) return refused;
       return fail(Errc::unavailable, std::string(op) + ": the queue pair to the memory node failed; reconnecting");
@@ -235,68 +382,104 @@ class RdmaTier final : public Tier {
                                          std::to_string(epoch) + " -> " + std::to_string(epoch_.load()) +
                                          ") while the request waited");
     }
-    std::uint64_t done = 0;
-    while (done < size) {
-      const std::uint64_t chunk = std::min(size - done, chunk_bytes_);
-      const std::uint64_t pool_offset = extent.offset + offset + done;
-      if (write_from != nullptr) std::memcpy(bounce_.data(), write_from + done, chunk);
-      if (auto ok = post_and_wait(opcode, pool_offset, static_cast<std::uint32_t>(chunk)); !ok) {
-        broke = !qp_ok_;
-        return ok;
-      }
-      if (read_into != nullptr) std::memcpy(read_into + done, bounce_.data(), chunk);
-      done += chunk;
+    generation = generation_;
+    std::array<ibv_sge, kMaxSlots> sges{};
+    std::array<ibv_send_wr, kMaxSlots> wrs{};
+    for (std::size_t i = 0; i < batch.size(); ++i) {
+      Chunk& chunk = batch[i];
+      chunk.wr_id = ++next_wr_id_;
+      sges[i] = ibv_sge{.addr = reinterpret_cast<std::uintptr_t>(slot_data(chunk.slot)), .length = chunk.length,
+                        .lkey = bounce_mr_->lkey};
+      ibv_send_wr& wr = wrs[i];
+      wr.wr_id = chunk.wr_id;
+      wr.sg_list = &sges[i];
+      wr.num_sge = 1;
+      wr.opcode = opcode;
+      wr.send_flags = IBV_SEND_SIGNALED;
+      wr.wr.rdma.remote_addr = grant_.remote_addr + request_offset + chunk.done;
+      wr.wr.rdma.rkey = grant_.rkey;
+      wr.next = i + 1 < batch.size() ? &wrs[i + 1] : nullptr;
+    }
+    {
+      std::lock_guard cq_lock(cq_mutex_);
+      for (const Chunk& chunk : batch) awaited_.insert(chunk.wr_id);
+    }
+    const auto now = Clock::now();
+    for (Chunk& chunk : batch) chunk.posted = now;
+    ibv_send_wr* bad = nullptr;
+    if (int rc = ibv_post_send(qp_.get(), wrs.data(), &bad); rc != 0) {
+      const int err = rc > 0 ? rc : (errno != 0 ? errno : EIO);
+      auto error = fail_errno(Errc::unavailable,
+                              describe(opcode, request_offset + batch.front().done, batch.front().length) +
+                                  " (one of " + std::to_string(batch.size()) + " posted together): ibv_post_send",
+                              err);
+      // Some WRs of the list may be on the wire: the error state flushes them.
+      mark_broken_locked(error.value().message);
+      broke = true;
+      return error;
     }
     return {};
   }
 
-  // One signalled WR on the bounce buffer, then its completion. Called with io_mutex_ held, so
-  // at most one WR is in flight and the bounce buffer has one user.
-  Result<void> post_and_wait(ibv_wr_opcode opcode, std::uint64_t pool_offset, std::uint32_t length) {
-    const std::uint64_t wr_id = ++next_wr_id_;
-    ibv_sge sge{.addr = reinterpret_cast<std::uintptr_t>(bounce_.data()), .length = length,
-                .lkey = bounce_mr_->lkey};
-    ibv_send_wr wr{};
-    wr.wr_id = wr_id;
-    wr.sg_list = &sge;
-    wr.num_sge = 1;
-    wr.opcode = opcode;
-    wr.send_flags = IBV_SEND_SIGNALED;
-    wr.wr.rdma.remote_addr = grant_.remote_addr + pool_offset;
-    wr.wr.rdma.rkey = grant_.rkey;
-    ibv_send_wr* bad = nullptr;
-
-    const auto what = [&] {
-      return std::string("rdma: RDMA ") + (opcode == IBV_WR_RDMA_READ ? "READ" : "WRITE") +
-             " of " + std::to_string(length) + " bytes at pool offset " +
-             std::to_string(pool_offset) + " (memory node qpn " +
-             std::to_string(grant_.endpoint.qpn) + ")";
-    };
-    if (int rc = ibv_post_send(qp_.get(), &wr, &bad); rc != 0) {
-      const int err = rc > 0 ? rc : (errno != 0 ? errno : EIO);
-      auto error = fail_errno(Errc::unavailable, what() + ": ibv_post_send", err);
-      mark_broken(error.value().message);
-      return error;
-    }
-    auto wc = wait_completion(cq_, wr_id, std::chrono::steady_clock::now() + timeout_);
-    if (!wc) {
-      const Errc code = wc.error().code == Errc::timeout ? Errc::timeout : Errc::unavailable;
-      std::string message = what() + ": " + wc.error().message;
-      if (code == Errc::timeout) {
-        message = what() + ": no completion within " + std::to_string(timeout_.count()) +
-                  " ms (memory node unreachable?)";
+  // Waits for `chunk`'s completion, polling the CQ for every waiter while nobody else does.
+  Result<void> await_chunk(const char* op, ibv_wr_opcode opcode, std::uint64_t request_offset, const Chunk& chunk,
+                           std::uint64_t generation, bool& broke) {
+    const auto deadline = chunk.posted + timeout_;
+    const auto what = [&] { return describe(opcode, request_offset + chunk.done, chunk.length); };
+    std::unique_lock lock(cq_mutex_);
+    for (;;) {
+      if (auto it = completed_.find(chunk.wr_id); it != completed_.end()) {
+        const ibv_wc wc = it->second;
+        completed_.erase(it);
+        awaited_.erase(chunk.wr_id);
+        lock.unlock();
+        if (wc.status == IBV_WC_SUCCESS) return {};
+        std::string message = what() + ": " + ibv_wc_status_str(wc.status) + " (status " +
+                              std::to_string(static_cast<int>(wc.status)) + ", vendor_err " +
+                              std::to_string(wc.vendor_err) + ")";
+        mark_broken(generation, message);
+        broke = true;
+        return fail(Errc::unavailable, std::move(message));
       }
-      mark_broken(message);
-      return fail(code, message);
+      if (failed_generation_ >= generation) {
+        broke = true;
+        return fail(Errc::unavailable, std::string(op) + ": the queue pair failed while " +
+                                           std::to_string(chunk.length) + " bytes were in flight (" +
+                                           failure_reason_ + ")");
+      }
+      const auto now = Clock::now();
+      if (now >= deadline) {
+        lock.unlock();
+        std::string message = what() + ": no completion within " + std::to_string(timeout_.count()) +
+                              " ms (memory node unreachable?)";
+        mark_broken(generation, message);
+        broke = true;
+        return fail(Errc::timeout, std::move(message));
+      }
+      if (polling_) {
+        cq_cv_.wait_until(lock, deadline);
+        continue;
+      }
+      polling_ = true;
+      lock.unlock();
+      std::array<ibv_wc, kMaxSlots> wcs{};
+      auto got = poll_completions(cq_, wcs, std::min(deadline, now + kPollSlice));
+      lock.lock();
+      polling_ = false;
+      if (got) {
+        for (std::size_t i = 0; i < *got; ++i) {
+          if (awaited_.contains(wcs[i].wr_id)) completed_.emplace(wcs[i].wr_id, wcs[i]);
+        }
+      }
+      cq_cv_.notify_all();
+      if (!got) {
+        lock.unlock();
+        std::string message = what() + ": " + got.error().message;
+        mark_broken(generation, message);
+        broke = true;
+        return fail(Errc::unavailable, std::move(message));
+      }
     }
-    if (wc->status != IBV_WC_SUCCESS) {
-      std::string message = what() + ": " + ibv_wc_status_str(wc->status) + " (status " +
-                            std::to_string(static_cast<int>(wc->status)) + ", vendor_err " +
-                            std::to_string(wc->vendor_err) + ")";
-      mark_broken(message);
-      return fail(Errc::unavailable, std::move(message));
-    }
-    return {};
   }
 
   // Saturating: releases of extents counted before a pool change must not wrap the count.
@@ -306,17 +489,30 @@ class RdmaTier final : public Tier {
     }
   }
 
-  // Called with io_mutex_ held.
-  void mark_broken(const std::string& reason) {
+  // Breaks the QP of `generation` unless it is already broken or replaced.
+  void mark_broken(std::uint64_t generation, const std::string& reason) {
+    std::lock_guard lock(qp_mutex_);
+    if (generation != generation_ || !qp_ok_) return;
+    mark_broken_locked(reason);
+  }
+
+  // Called with qp_mutex_ held.
+  void mark_broken_locked(const std::string& reason) {
     qp_to_error(qp_.get());  // flush in-flight work; nothing may DMA into the bounce buffer later
     qp_ok_ = false;
+    {
+      std::lock_guard cq_lock(cq_mutex_);
+      failed_generation_ = generation_;
+      failure_reason_ = reason;
+    }
+    cq_cv_.notify_all();
     spdlog::warn("{}; reconnecting", reason);
     reconnector_->report_failure(reason);
   }
 
   // One reconnection attempt, on the Reconnector's thread: a new QP on the same device, CQ and
   // bounce buffer, and a new grant. Every step is bounded (control-plane timeouts, RTR's
-  // neighbour resolution); io_mutex_ is taken only to swap the QP in.
+  // neighbour resolution); qp_mutex_ is taken only to swap the QP in.
   Result<void> reconnect() {
     auto qp = create_rc_qp(device_, cq_.cq.get(), kSendQueueDepth);
     if (!qp) return tl::unexpected(qp.error());
@@ -327,7 +523,7 @@ class RdmaTier final : public Tier {
     if (auto ok = check_grant(*grant); !ok) return ok;
     if (auto ok = qp_to_rtr(qp->get(), device_, grant->endpoint); !ok) return ok;
     if (auto ok = qp_to_rts(qp->get(), device_, psn); !ok) return ok;
-    std::lock_guard lock(io_mutex_);
+    std::lock_guard lock(qp_mutex_);
     const std::uint64_t old_epoch = epoch_.load();
     // Epoch 0: the tier never reached a pool (it started disconnected): nothing to lose.
     if (old_epoch != 0 && grant->epoch != old_epoch) {
@@ -342,8 +538,10 @@ class RdmaTier final : public Tier {
     }
     qp_ = std::move(*qp);  // the old QP (in the error state) is destroyed here
     grant_ = *grant;
+    grant_endpoint_qpn_.store(grant_.endpoint.qpn);
     capacity_.store(grant_.pool_size);
     epoch_.store(grant_.epoch);
+    ++generation_;
     qp_ok_ = true;
     spdlog::info("rdma: reconnected to the memory node (qpn {}, pool epoch {})", grant_.endpoint.qpn, grant_.epoch);
     return {};
@@ -362,18 +560,36 @@ class RdmaTier final : public Tier {
   // How long the failing request waits for the first reconnect attempt: the attempt's start
   // (initial backoff) plus a bound on its connection setup (control plane, RTR).
   std::chrono::milliseconds reconnect_wait_{0};
-  std::uint64_t chunk_bytes_ = 0;
+  std::uint32_t slot_count_ = 1;
+  std::uint64_t slot_bytes_ = 0;
+  std::uint64_t chunk_bytes_ = 0;  // one WR: a slot, or less where the port's messages are smaller
 
-  mutable std::mutex io_mutex_;  // guards qp_, grant_, qp_ok_, the bounce buffer, next_wr_id_
+  // Lock order: qp_mutex_, then cq_mutex_; slot_mutex_ is never held with another.
+  std::mutex qp_mutex_;  // guards qp_, grant_, qp_ok_, generation_, next_wr_id_
   std::uint64_t next_wr_id_ = 0;
+  std::uint64_t generation_ = 1;  // the QP's number: one more at each reconnect
   bool qp_ok_ = true;
+  std::atomic<std::uint32_t> grant_endpoint_qpn_{0};  // for messages, read without qp_mutex_
+
+  std::mutex slot_mutex_;
+  std::condition_variable slot_cv_;
+  std::vector<std::uint32_t> free_slots_;
+  int slot_waiters_ = 0;
+
+  std::mutex cq_mutex_;  // guards everything below up to the counters, and cq_'s polling
+  std::condition_variable cq_cv_;
+  bool polling_ = false;                            // a waiter polls the CQ for everyone
+  std::unordered_set<std::uint64_t> awaited_;       // wr_ids some request waits for
+  std::unordered_map<std::uint64_t, ibv_wc> completed_;
+  std::uint64_t failed_generation_ = 0;             // QPs up to this one are in the error state
+  std::string failure_reason_;
   std::atomic<std::uint64_t> capacity_;
   std::atomic<std::uint64_t> epoch_;
   std::atomic<std::uint64_t> used_{0};
   std::atomic<std::uint64_t> reads_{0}, writes_{0}, bytes_read_{0}, bytes_written_{0};
   // Set once the tier reconnected to a pool of another epoch: from then on only the extents
   // allocated since (offset -> length) may be read, written or released.
-  std::mutex replaced_mutex_;  // taken after io_mutex_ when both are held
+  std::mutex replaced_mutex_;  // taken after qp_mutex_ when both are held
   bool pool_replaced_ = false;
   std::map<std::uint64_t, std::uint64_t> since_replaced_;
   // Last: destroyed first, so that its thread never runs reconnect() on a dying tier.
@@ -433,7 +649,8 @@ Result<std::unique_ptr<Tier>> make_rdma_tier(const RdmaDeviceOptions& options,
                  grant.error().what());
     auto tier = std::unique_ptr<RdmaTier>(new RdmaTier(std::move(*device), std::move(*cq), std::move(bounce),
                                                        std::move(bounce_mr), std::move(*qp), std::move(pool),
-                                                       RdmaPoolGrant{}, options.timeout_ms, reconnect));
+                                                       RdmaPoolGrant{}, options.timeout_ms, options.max_in_flight,
+                                                       reconnect));
     tier->start_disconnected("the memory node did not answer when the tier was built: " + grant.error().what());
     return std::unique_ptr<Tier>(std::move(tier));
   }
@@ -443,7 +660,7 @@ Result<std::unique_ptr<Tier>> make_rdma_tier(const RdmaDeviceOptions& options,
 
   return std::unique_ptr<Tier>(new RdmaTier(std::move(*device), std::move(*cq), std::move(bounce),
                                             std::move(bounce_mr), std::move(*qp), std::move(pool),
-                                            *grant, options.timeout_ms, reconnect));
+                                            *grant, options.timeout_ms, options.max_in_flight, reconnect));
 }
 
 bool rdma_support_built() noexcept { return true; }

@@ -234,22 +234,19 @@ Result<CompletionQueue> create_completion_queue(const Device& device, int depth,
   return queue;
 }
 
-Result<ibv_wc> wait_completion(CompletionQueue& queue, std::uint64_t wr_id,
-                               std::chrono::steady_clock::time_point deadline) {
+Result<std::size_t> poll_completions(CompletionQueue& queue, std::span<ibv_wc> out,
+                                     std::chrono::steady_clock::time_point deadline) {
   using Clock = std::chrono::steady_clock;
+  if (out.empty()) return std::size_t{0};
   // Long enough to catch a hardware completion without a syscall, short enough not to matter
   // when the peer is emulated (hundreds of microseconds per round trip).
   const auto spin_until = std::min(deadline, Clock::now() + std::chrono::microseconds(50));
   for (;;) {
-    ibv_wc wc{};
-    const int polled = ibv_poll_cq(queue.cq.get(), 1, &wc);
+    const int polled = ibv_poll_cq(queue.cq.get(), static_cast<int>(out.size()), out.data());
     if (polled < 0) return fail(Errc::io, "rdma: ibv_poll_cq failed (" + std::to_string(polled) + ")");
-    if (polled == 1) {
-      if (wc.wr_id == wr_id) return wc;
-      continue;  // a completion of an abandoned request; never ours to report
-    }
+    if (polled > 0) return static_cast<std::size_t>(polled);
     const auto now = Clock::now();
-    if (now >= deadline) return fail(Errc::timeout, "no completion before the deadline");
+    if (now >= deadline) return std::size_t{0};
     if (now < spin_until || !queue.channel) continue;
     if (!queue.armed) {
       // Arm, then poll once more: a completion that arrived before arming raises no event.
@@ -267,7 +264,7 @@ Result<ibv_wc> wait_completion(CompletionQueue& queue, std::uint64_t wr_id,
       if (errno == EINTR) continue;
       return fail_errno(Errc::io, "rdma: poll(completion channel)", errno);
     }
-    if (ready == 0) continue;  // the loop head reports the timeout
+    if (ready == 0) continue;  // the loop head sees the deadline
     ibv_cq* event_cq = nullptr;
     void* event_context = nullptr;
     if (ibv_get_cq_event(queue.channel.get(), &event_cq, &event_context) == 0) {

@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <string>
 #include <string_view>
 
@@ -66,11 +67,12 @@ struct CompletionQueue {
 [[nodiscard]] Result<CompletionQueue> create_completion_queue(const Device& device, int depth,
                                                               bool with_channel);
 
-// Waits for the completion of `wr_id` until `deadline`: spins briefly (real NICs answer in a few
-// microseconds), then sleeps on the channel. Returns the work completion whatever its status;
-// Errc::timeout if the deadline passes. Completions of other ids are dropped.
-[[nodiscard]] Result<ibv_wc> wait_completion(CompletionQueue& queue, std::uint64_t wr_id,
-                                             std::chrono::steady_clock::time_point deadline);
+// Polls `queue` until at least one completion is there or `deadline` passes: spins briefly (real
+// NICs answer in a few microseconds), then sleeps on the channel. Fills `out` with up to
+// out.size() completions of any work requests, whatever their status, and returns how many
+// (0: the deadline passed). Which request a completion belongs to is the caller's business.
+[[nodiscard]] Result<std::size_t> poll_completions(CompletionQueue& queue, std::span<ibv_wc> out,
+                                                   std::chrono::steady_clock::time_point deadline);
 
 // An RC QP in RESET state whose send and receive work complete on `cq`.
 [[nodiscard]] Result<QpPtr> create_rc_qp(const Device& device, ibv_cq* cq,
