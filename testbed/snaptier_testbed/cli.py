@@ -144,7 +144,9 @@ def cmd_agents(args, topo) -> int:
 
 
 def cmd_bench(args, topo) -> int:
-    from .bench import run_bench
+    from .bench import run_bench, run_restore_bench
+    if args.what == "restore":
+        return run_restore_bench(topo, size_mib=args.size_mib, rounds=args.rounds)
     return run_bench(topo, size_mib=args.size_mib, iterations=args.iterations, threads=args.threads)
 
 
@@ -214,8 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("action", choices=["config", "start", "stop", "restart"])
     g.add_argument("hosts", nargs="*")
     g.set_defaults(fn=cmd_agents)
-    b = sub.add_parser("bench", help="tier_bench per tier in the guests (JSON + CSV in the state dir)")
+    b = sub.add_parser("bench", help="tiers: tier_bench per tier in the guests; restore: page installation "
+                                     "from each tier beside its read bandwidth (JSON + CSV in the state dir)")
+    b.add_argument("what", nargs="?", choices=["tiers", "restore"], default="tiers")
     b.add_argument("--size-mib", type=int, default=16)
+    b.add_argument("--rounds", type=int, default=3, help="restore: rounds (medians reported)")
     b.add_argument("--iterations", type=int, default=2000)
     b.add_argument("--threads", type=int, default=4, help="the random reads again with this many readers at once")
     b.set_defaults(fn=cmd_bench)

@@ -288,7 +288,7 @@ TEST_F(RdmaTierTest, TwoTiersShareThePool) {
   ASSERT_TRUE(tier_->release(*extent));
 }
 
-TEST_F(RdmaTierTest, ConcurrentCallersAreSerialised) {
+TEST_F(RdmaTierTest, ConcurrentWritersAndReadersRoundTripTheirOwnBytes) {
   constexpr int kThreads = 4;
   std::vector<Extent> extents;
   for (int i = 0; i < kThreads; ++i) {

@@ -9,6 +9,12 @@
 //   - zero-page installation (the source answers zero: UFFDIO_ZEROPAGE ranges);
 //   - memcpy of the same bytes into prefaulted memory (the limit), on 1 and on N threads, and
 //     into fresh anonymous memory (first-touch faults included).
+// With --tier (local, file, cxl, rdma: the agent's own tiers, as the policies read them) the
+// working set is written into that tier and the source `tier` serves it: in place where the tier
+// maps its bytes (CXL), read into the engine's buffer otherwise; its limit is the tier's own
+// read bandwidth (`tier-read`: the same runs read into a buffer on as many threads), measured in
+// the same round. Demand faults are then served from the tier too. `tb bench restore` runs this
+// in the guests, once per tier.
 // JSON and CSV to files, progress to stderr.
 #include <CLI/CLI.hpp>
 #include <fcntl.h>
@@ -25,6 +31,7 @@
 #include <ctime>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iostream>
 #include <map>
 #include <numeric>
@@ -32,6 +39,7 @@
 #include <thread>
 #include <vector>
 
+#include "bench_tier.hpp"
 #include "snaptier/fault_engine.hpp"
 
 namespace snaptier {
@@ -114,6 +122,36 @@ class BufferSource final : public PageSource {
   bool copy_;
 };
 
+// The working set in a tier: target page k (from `base`) is the extent's page k. A tier that maps
+// its bytes answers in place (UFFDIO_COPY reads the device); any other is read into the engine's
+// buffer, one run per call, as the agent's store does.
+class TierSource final : public PageSource {
+ public:
+  TierSource(Tier& tier, Extent extent, std::size_t pages, std::uint64_t base)
+      : tier_(tier), extent_(extent), pages_(pages), base_(base), mapped_(tier.map(extent)) {}
+  Result<PageFill> fetch(TaskId, std::uint64_t vaddr, std::size_t max_pages, std::span<std::byte> buffer) override {
+    const std::size_t idx = (vaddr - base_) / kPageSize;
+    if (idx >= pages_) return fail(Errc::invalid_argument, "install_bench: page past the source");
+    const std::size_t n = std::min({max_pages, pages_ - idx, buffer.size() / kPageSize});
+    if (mapped_ != nullptr) return PageFill{PageAnswer::copy, tier_.kind(), n, mapped_ + idx * kPageSize};
+    if (auto ok = tier_.read(extent_, idx * kPageSize, buffer.first(n * kPageSize)); !ok) {
+      return tl::unexpected(ok.error());
+    }
+    return PageFill{PageAnswer::copy, tier_.kind(), n, nullptr};
+  }
+  bool concurrent_fetch() const noexcept override { return true; }
+
+ private:
+  Tier& tier_;
+  Extent extent_;
+  std::size_t pages_;
+  std::uint64_t base_;
+  const std::byte* mapped_;
+};
+
+// The source a measurement installs from, built once its target region's base is known.
+using SourceFactory = std::function<std::shared_ptr<PageSource>(std::uint64_t base)>;
+
 struct Config {
   std::size_t pages = 0;         // working set
   std::size_t fault_pages = 0;   // demand faults per round
@@ -133,8 +171,10 @@ struct Sample {
 };
 
 // One prefetch of the working set into a fresh registered region.
-Result<Sample> prefetch_once(const std::byte* data, std::size_t pages, std::size_t stride, bool zero, bool copy,
-                             std::size_t threads, std::size_t batch, bool verify) {
+// `expected`: the bytes the source holds (null: zero pages).
+Result<Sample> prefetch_once(const SourceFactory& make_source, const std::byte* expected, std::size_t pages,
+                             std::size_t stride, std::size_t threads, std::size_t batch, bool verify) {
+  const bool zero = expected == nullptr;
   const std::size_t region_pages = pages * stride;
   Mapping region;
   if (auto ok = map_anon(region, region_pages * kPageSize); !ok) return tl::unexpected(ok.error());
@@ -149,7 +189,7 @@ Result<Sample> prefetch_once(const std::byte* data, std::size_t pages, std::size
   options.prefetch_batch_pages = batch == 0 ? pages : batch;
   options.prefetch_threads = threads;
   options.prefetch_parallel_min_pages = 2;
-  auto engine = FaultEngine::create(std::make_shared<BufferSource>(data, pages, base, stride, zero, copy), options);
+  auto engine = FaultEngine::create(make_source(base), options);
   if (!engine) {
     ::close(*uffd);
     return tl::unexpected(engine.error());
@@ -171,7 +211,7 @@ Result<Sample> prefetch_once(const std::byte* data, std::size_t pages, std::size
   if (verify) {  // installed pages are present now: reading them cannot fault
     for (std::size_t i = 0; i < pages; i += 61) {
       const std::byte* got = region.p + i * stride * kPageSize;
-      const bool ok = zero ? got[kPageSize / 2] == std::byte{0} : std::memcmp(got, data + i * kPageSize, kPageSize) == 0;
+      const bool ok = zero ? got[kPageSize / 2] == std::byte{0} : std::memcmp(got, expected + i * kPageSize, kPageSize) == 0;
       if (!ok) return fail(Errc::corrupt, "page " + std::to_string(i) + " has the wrong bytes");
     }
   }
@@ -196,7 +236,7 @@ double parallel_memcpy(std::byte* dst, const std::byte* src, std::size_t bytes, 
 // Demand faults: a toucher thread reads `pages` pages one by one; the engine's poll loop on this
 // thread serves them. Returns per-touch latencies in ns, and the engine's mean service time.
 // `spin`: FaultEngineOptions::spin_after_fault (0 = the engine sleeps in epoll_wait between faults).
-Result<std::pair<std::vector<double>, double>> demand_once(const std::byte* data, std::size_t pages,
+Result<std::pair<std::vector<double>, double>> demand_once(const SourceFactory& make_source, std::size_t pages,
                                                            std::chrono::microseconds spin) {
   Mapping region;
   if (auto ok = map_anon(region, pages * kPageSize); !ok) return tl::unexpected(ok.error());
@@ -209,7 +249,7 @@ Result<std::pair<std::vector<double>, double>> demand_once(const std::byte* data
   }
   FaultEngineOptions options;
   options.spin_after_fault = spin;
-  auto engine = FaultEngine::create(std::make_shared<BufferSource>(data, pages, base, 1, false, false), options);
+  auto engine = FaultEngine::create(make_source(base), options);
   if (!engine) {
     ::close(*uffd);
     return tl::unexpected(engine.error());
@@ -238,9 +278,38 @@ Result<std::pair<std::vector<double>, double>> demand_once(const std::byte* data
   return std::make_pair(std::move(lat), static_cast<double>(m.fault_service_ns) / static_cast<double>(m.faults));
 }
 
+// The tier's own read bandwidth over the working set: runs of `batch` pages (0: 256) read into a
+// buffer, the range split over `threads` threads; seconds.
+Result<double> tier_read_once(Tier& tier, Extent extent, std::size_t pages, std::size_t batch, std::size_t threads) {
+  const std::size_t run = batch == 0 ? 256 : batch;
+  const std::size_t per = (pages + threads - 1) / threads;
+  std::vector<Result<void>> outcome(threads);
+  const double w0 = wall_now();
+  {
+    std::vector<std::jthread> readers;
+    for (std::size_t t = 0; t < threads; ++t) {
+      readers.emplace_back([&, t] {
+        std::vector<std::byte> buffer(run * kPageSize);
+        for (std::size_t p = t * per; p < std::min(pages, (t + 1) * per); p += run) {
+          const std::size_t n = std::min({run, pages - p, (t + 1) * per - p});
+          if (auto ok = tier.read(extent, p * kPageSize, std::span(buffer).first(n * kPageSize)); !ok) {
+            outcome[t] = ok;
+            return;
+          }
+        }
+      });
+    }
+  }
+  const double seconds = wall_now() - w0;
+  for (auto& ok : outcome) {
+    if (!ok) return tl::unexpected(ok.error());
+  }
+  return seconds;
+}
+
 struct Key {
-  std::string kind;     // prefetch, zero
-  std::string source;   // dram, dram-copy, file, zero
+  std::string kind;     // prefetch, zero, tier-read
+  std::string source;   // dram, dram-copy, file, zero, tier
   std::string pattern;  // contiguous, scattered
   std::size_t batch = 0;
   std::size_t threads = 0;
@@ -273,7 +342,11 @@ int main(int argc, char** argv) {
   app.add_option("--csv", csv_path, "CSV output path");
   app.add_option("--file-dir", file_dir, "directory for the file source");
   app.add_flag("--no-verify", no_verify, "do not check installed bytes");
+  bench::TierTarget target;
+  bench::add_tier_options(app, target);
   CLI11_PARSE(app, argc, argv);
+  const bool from_tier = app.get_option("--tier")->count() > 0;
+  if (from_tier) cfg.sources = {"tier"};
   cfg.pages = static_cast<std::size_t>(mib) * (1 << 20) / kPageSize;
   cfg.verify = !no_verify;
   const std::size_t bytes = cfg.pages * kPageSize;
@@ -288,6 +361,47 @@ int main(int argc, char** argv) {
     const std::uint64_t v = (i * 0x9E3779B97F4A7C15ull) | 1;
     std::memcpy(src.p + i, &v, 8);
   }
+  // The working set written into the tier under test, read back by the `tier` source.
+  std::unique_ptr<bench::OpenedTier> tier;
+  Extent extent{};
+  // Given back on every way out: a memory node's pool outlives this process.
+  struct ExtentLease {
+    std::unique_ptr<bench::OpenedTier>& tier;
+    Extent& extent;
+    ~ExtentLease() {
+      if (tier && extent.length > 0) (void)tier->tier->release(extent);
+    }
+  } lease{tier, extent};
+  if (from_tier) {
+    auto opened = bench::open_tier(target, bytes, "install_bench");
+    if (!opened) {
+      std::cerr << "install_bench: " << opened.error().what() << "\n";
+      return opened.error().code == Errc::invalid_argument ? 2 : 1;
+    }
+    tier = std::move(*opened);
+    auto got = tier->tier->allocate(bytes);
+    if (!got) {
+      std::cerr << "install_bench: allocate " << bytes << " bytes in the tier: " << got.error().what() << "\n";
+      return 1;
+    }
+    extent = *got;
+    for (std::size_t off = 0; off < bytes; off += 1 << 20) {
+      const std::size_t n = std::min<std::size_t>(1 << 20, bytes - off);
+      if (auto ok = tier->tier->write(extent, off, std::span<const std::byte>(src.p + off, n)); !ok) {
+        std::cerr << "install_bench: fill the tier: " << ok.error().what() << "\n";
+        return 1;
+      }
+    }
+    std::fprintf(stderr, "working set in tier %s (%s)%s\n", target.tier.c_str(), tier->note.c_str(),
+                 tier->tier->map(extent) != nullptr ? ", installed in place from its mapping" : ", read per run");
+  }
+  const SourceFactory dram_source = [&](std::uint64_t base) -> std::shared_ptr<PageSource> {
+    return std::make_shared<BufferSource>(src.p, cfg.pages, base, 1, false, false);
+  };
+  const SourceFactory tier_source = [&](std::uint64_t base) -> std::shared_ptr<PageSource> {
+    return std::make_shared<TierSource>(*tier->tier, extent, cfg.pages, base);
+  };
+  const SourceFactory& demand_source = from_tier ? tier_source : dram_source;
   Mapping file_map;
   fs::path file_path;
   if (std::find(cfg.sources.begin(), cfg.sources.end(), "file") != cfg.sources.end()) {
@@ -331,8 +445,8 @@ int main(int argc, char** argv) {
       memcpy_fresh_s.push_back(s);
       std::fprintf(stderr, "  memcpy into fresh memory: %.2f GB/s\n", gb / s);
     }
-    auto d = demand_once(src.p, std::min(cfg.fault_pages, cfg.pages), FaultEngineOptions{}.spin_after_fault);
-    auto d_sleep = demand_once(src.p, std::min(cfg.fault_pages, cfg.pages), std::chrono::microseconds(0));
+    auto d = demand_once(demand_source, std::min(cfg.fault_pages, cfg.pages), FaultEngineOptions{}.spin_after_fault);
+    auto d_sleep = demand_once(demand_source, std::min(cfg.fault_pages, cfg.pages), std::chrono::microseconds(0));
     if (!d || !d_sleep) {
       std::cerr << "install_bench: demand: " << (d ? d_sleep : d).error().what() << "\n";
       return 1;
@@ -348,16 +462,34 @@ int main(int argc, char** argv) {
     std::vector<Key> keys;
     for (const auto& source : cfg.sources) {
       for (std::size_t b : cfg.batches) {
-        for (std::size_t t : cfg.threads) keys.push_back(Key{"prefetch", source, "contiguous", b, t});
+        for (std::size_t t : cfg.threads) {
+          keys.push_back(Key{"prefetch", source, "contiguous", b, t});
+          if (source == "tier") keys.push_back(Key{"tier-read", source, "contiguous", b, t});
+        }
       }
+      if (source == "tier") continue;  // the tier holds one contiguous working set
       for (std::size_t t : cfg.threads) keys.push_back(Key{"prefetch", source, "scattered", 1, t});
     }
     for (std::size_t t : cfg.threads) keys.push_back(Key{"zero", "zero", "contiguous", 0, t});
     if (round % 2 == 1) std::reverse(keys.begin(), keys.end());  // neither end always runs first
     for (const Key& k : keys) {
+      if (k.kind == "tier-read") {
+        auto seconds = tier_read_once(*tier->tier, extent, cfg.pages, k.batch, k.threads);
+        if (!seconds) {
+          std::cerr << "install_bench: tier-read: " << seconds.error().what() << "\n";
+          return 1;
+        }
+        samples[k].push_back(Sample{.wall_s = *seconds});
+        std::fprintf(stderr, "  tier-read batch %zu threads %zu: %.3f GB/s\n", k.batch, k.threads, gb / *seconds);
+        continue;
+      }
+      const std::size_t stride = k.pattern == "scattered" ? 2 : 1;
       const std::byte* data = k.source == "file" ? file_map.p : src.p;
-      auto s = prefetch_once(data, cfg.pages, k.pattern == "scattered" ? 2 : 1, k.kind == "zero",
-                             k.source == "dram-copy", k.threads, k.batch, cfg.verify);
+      const SourceFactory source = k.source == "tier" ? tier_source : [&](std::uint64_t base) -> std::shared_ptr<PageSource> {
+        return std::make_shared<BufferSource>(data, cfg.pages, base, stride, k.kind == "zero", k.source == "dram-copy");
+      };
+      auto s = prefetch_once(source, k.kind == "zero" ? nullptr : src.p, cfg.pages, stride, k.threads, k.batch,
+                             cfg.verify);
       if (!s) {
         std::cerr << "install_bench: " << k.kind << " " << k.source << " " << k.pattern << ": " << s.error().what() << "\n";
         return 1;
@@ -382,6 +514,9 @@ int main(int argc, char** argv) {
   out["host"] = {{"kernel", u.release}, {"cpus_online", std::thread::hardware_concurrency()}};
   out["config"] = {{"size_bytes", bytes}, {"pages", cfg.pages}, {"rounds", cfg.rounds}, {"fault_pages", cfg.fault_pages},
                    {"units", "GB = 1e9 bytes; wall-clock unless cpu_; ratio_* are medians of per-round ratios"}};
+  if (from_tier) {
+    out["tier"] = {{"name", target.tier}, {"backing", tier->note}, {"in_place", tier->tier->map(extent) != nullptr}};
+  }
   out["memcpy"] = nlohmann::json::array();
   for (const auto& [t, secs] : memcpy_s) {
     out["memcpy"].push_back({{"threads", t}, {"gb_per_s", median(gbs(secs))}, {"gb_per_s_all", gbs(secs)}});
@@ -399,10 +534,15 @@ int main(int argc, char** argv) {
   out["results"] = nlohmann::json::array();
   std::ofstream csv(csv_path);
   csv << "kind,source,pattern,batch_pages,threads,gb_per_s,gb_per_s_min,gb_per_s_max,cpu_gb_per_cpu_s,"
-         "ratio_memcpy_1_thread,ratio_memcpy_same_threads,ratio_single_thread,copy_ioctls,zeropage_ioctls,pages\n";
+         "ratio_memcpy_1_thread,ratio_memcpy_same_threads,ratio_single_thread,ratio_tier_read,copy_ioctls,"
+         "zeropage_ioctls,pages\n";
   for (const auto& [k, v] : samples) {
-    std::vector<double> rate, cpu_rate, r_mem1, r_memt, r_single;
+    std::vector<double> rate, cpu_rate, r_mem1, r_memt, r_single, r_tier;
     const Key single{k.kind, k.source, k.pattern, k.batch, cfg.threads.front()};
+    // A prefetch from a tier against that tier's own reads of the same runs on as many threads.
+    const auto limit = k.kind == "prefetch" && k.source == "tier"
+                           ? samples.find(Key{"tier-read", k.source, k.pattern, k.batch, k.threads})
+                           : samples.end();
     for (std::size_t i = 0; i < v.size(); ++i) {
       const double g = gb / v[i].wall_s;
       rate.push_back(g);
@@ -410,6 +550,7 @@ int main(int argc, char** argv) {
       r_mem1.push_back(g / (gb / memcpy_s[cfg.threads.front()][i]));
       r_memt.push_back(g / (gb / memcpy_s[k.threads][i]));
       r_single.push_back(g / (gb / samples[single][i].wall_s));
+      if (limit != samples.end()) r_tier.push_back(g / (gb / limit->second[i].wall_s));
     }
     const auto& last = v.back();
     nlohmann::json j{{"kind", k.kind}, {"source", k.source}, {"pattern", k.pattern},
@@ -419,13 +560,15 @@ int main(int argc, char** argv) {
                      {"gb_per_s_max", *std::max_element(rate.begin(), rate.end())},
                      {"cpu_gb_per_cpu_s", median(cpu_rate)}, {"ratio_memcpy_1_thread", median(r_mem1)},
                      {"ratio_memcpy_same_threads", median(r_memt)}, {"ratio_single_thread", median(r_single)},
+                     {"ratio_tier_read", r_tier.empty() ? nlohmann::json() : nlohmann::json(median(r_tier))},
                      {"copy_ioctls", last.copy_ioctls}, {"zeropage_ioctls", last.zeropage_ioctls},
                      {"pages", last.pages_prefetched}, {"gb_per_s_per_round", rate},
                      {"ratio_memcpy_1_thread_per_round", r_mem1}, {"ratio_single_thread_per_round", r_single}};
     out["results"].push_back(j);
     csv << k.kind << "," << k.source << "," << k.pattern << "," << j["batch_pages"] << "," << k.threads << ","
         << median(rate) << "," << j["gb_per_s_min"] << "," << j["gb_per_s_max"] << "," << median(cpu_rate) << ","
-        << median(r_mem1) << "," << median(r_memt) << "," << median(r_single) << "," << last.copy_ioctls << ","
+        << median(r_mem1) << "," << median(r_memt) << "," << median(r_single) << ","
+        << (r_tier.empty() ? std::string() : std::to_string(median(r_tier))) << "," << last.copy_ioctls << ","
         << last.zeropage_ioctls << "," << last.pages_prefetched << "\n";
   }
   std::ofstream(json_path) << out.dump(2) << "\n";

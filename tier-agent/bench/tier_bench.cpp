@@ -16,10 +16,7 @@
 #include <unistd.h>
 #include <vector>
 
-#include "snaptier/control.hpp"
-#include "snaptier/cxl_directory.hpp"
-#include "snaptier/rdma.hpp"
-#include "snaptier/tiers.hpp"
+#include "bench_tier.hpp"
 
 namespace snaptier {
 namespace {
@@ -43,73 +40,6 @@ struct BlockResult {
   double p50_ns = 0, p99_ns = 0, mean_ns = 0, max_ns = 0;
   double throughput_mib_s = 0;
 };
-
-// Everything a tier needs to stay alive while it is benchmarked (a CXL tier holds its directory).
-struct OpenedTier {
-  std::unique_ptr<Tier> tier;
-  std::shared_ptr<CxlDirectory> directory;
-  std::string note;
-};
-
-// Where an rdma tier finds its memory node: the same settings as the agent's [tiers.rdma].
-struct RdmaTarget {
-  std::string memnode;  // ADDR:PORT of the memory node's control plane
-  std::string token;
-  std::string device;
-  int gid_index = 1;
-  std::uint32_t max_in_flight = 16;
-};
-
-Result<OpenedTier> open_tier(TierKind kind, fs::path path, std::uint64_t capacity, bool format_region,
-                             std::uint32_t host_index, const RdmaTarget& rdma) {
-  switch (kind) {
-    case TierKind::local: {
-      auto tier = make_local_tier(capacity);
-      if (!tier) return tl::unexpected(tier.error());
-      return OpenedTier{std::move(*tier), nullptr, "anonymous DRAM"};
-    }
-    case TierKind::file: {
-      auto tier = make_file_tier(path, capacity);
-      if (!tier) return tl::unexpected(tier.error());
-      return OpenedTier{std::move(*tier), nullptr, "pread from the page cache (warm after fill)"};
-    }
-    case TierKind::cxl: {
-      auto region = MappedRegion::open(path);
-      if (!region) return tl::unexpected(region.error());
-      auto access = make_direct_region_access(*region);
-      if (format_region) {
-        auto layout = format_cxl_region(*access, CxlFormatOptions{.host_count = 1, .log_entries_per_host = 64,
-                                                                  .overwrite_existing = true});
-        if (!layout) return tl::unexpected(layout.error());
-      }
-      auto directory = CxlDirectory::attach(access, CxlAttachOptions{.host_index = host_index, .host_name = "bench"});
-      if (!directory) return tl::unexpected(directory.error());
-      auto tier = make_cxl_tier(*directory);
-      if (!tier) return tl::unexpected(tier.error());
-      const std::string what = (*region)->is_device_dax() ? "devdax" : "regular file standing in for devdax";
-      return OpenedTier{std::move(*tier), *directory,
-                        what + ", invalidate (" + std::string(cache_writeback_method()) + " family) + load per read"};
-    }
-    case TierKind::rdma: {
-      auto address = parse_net_address(rdma.memnode);
-      if (!address) return tl::unexpected(address.error());
-      control::ClientOptions memnode;
-      memnode.endpoint = *address;
-      memnode.token = rdma.token;
-      RdmaDeviceOptions device;
-      device.device = rdma.device;
-      device.gid_index = rdma.gid_index;
-      device.max_in_flight = rdma.max_in_flight;
-      auto tier = make_rdma_tier(device, control::make_control_rdma_pool_client(std::move(memnode)));
-      if (!tier) return tl::unexpected(tier.error());
-      return OpenedTier{std::move(*tier), nullptr,
-                        "one-sided RDMA READ from memory node " + rdma.memnode +
-                            " via a 1 MiB bounce buffer, up to " + std::to_string(rdma.max_in_flight) +
-                            " READs in flight"};
-    }
-  }
-  return fail(Errc::unsupported, "unknown tier");
-}
 
 double percentile(std::vector<double>& sorted, double p) {
   const auto index = static_cast<std::size_t>(p * static_cast<double>(sorted.size() - 1) + 0.5);
@@ -205,25 +135,14 @@ Result<std::vector<BlockResult>> run_benchmark(Tier& tier, const BenchConfig& co
 int main(int argc, char** argv) {
   using namespace snaptier;
   CLI::App app{"Page read latency and throughput of one snaptier tier"};
-  std::string tier_name = "local";
-  std::string path;
+  bench::TierTarget target;
   std::uint64_t size = 64ull << 20;
   std::uint64_t iterations = 20000;
-  std::uint32_t host_index = 0;
   std::uint32_t threads = 1;
   std::uint64_t stream_block = 1 << 20;
   std::uint32_t stream_passes = 2;
   bool json = false;
-  bool format_region = false;
-  RdmaTarget rdma;
-  app.add_option("--memnode", rdma.memnode, "rdma: ADDR:PORT of a memory node's control plane");
-  app.add_option("--token", rdma.token, "rdma: the memory node's control token");
-  app.add_option("--device", rdma.device, "rdma: device name (default: the first)");
-  app.add_option("--gid-index", rdma.gid_index, "rdma: GID index (RoCEv2 over IPv4: 1)");
-  app.add_option("--rdma-depth", rdma.max_in_flight, "rdma: work requests in flight (1..16)")
-      ->check(CLI::Range(1, 16));
-  app.add_option("--tier", tier_name, "local | file | cxl | rdma")->check(CLI::IsMember({"local", "file", "cxl", "rdma"}));
-  app.add_option("--path", path, "file: directory; cxl: devdax device or region file (default: a temp file)");
+  bench::add_tier_options(app, target);
   app.add_option("--size", size, "working set in bytes")->check(CLI::Range(std::uint64_t{65536}, std::uint64_t{1} << 40));
   app.add_option("--iterations", iterations, "reads per block size")->check(CLI::PositiveNumber);
   app.add_option("--threads", threads, "also run the random reads with this many threads at once")
@@ -231,40 +150,13 @@ int main(int argc, char** argv) {
   app.add_option("--stream-block", stream_block, "sequential pass: bytes per read (0: no sequential pass)");
   app.add_option("--stream-passes", stream_passes, "sequential pass: times over the whole working set")
       ->check(CLI::Range(1, 1000));
-  app.add_option("--host-index", host_index, "cxl: this host's slot in the region");
-  app.add_flag("--format", format_region, "cxl: format the region first (destroys its directory)");
   app.add_flag("--json", json, "print JSON");
   CLI11_PARSE(app, argc, argv);
 
-  auto kind = tier_kind_from_string(tier_name);
-  if (!kind) {
-    std::cerr << kind.error().what() << "\n";
-    return 2;
-  }
-  // Scratch storage when no path is given; removed at exit.
-  fs::path scratch;
-  if (path.empty() && (*kind == TierKind::file || *kind == TierKind::cxl)) {
-    scratch = fs::temp_directory_path() / ("tier_bench-" + std::to_string(::getpid()));
-    fs::create_directories(scratch);
-    if (*kind == TierKind::file) {
-      path = scratch.string();
-    } else {
-      path = (scratch / "region.cxl").string();
-      std::ofstream(path).close();
-      fs::resize_file(path, size + (8ull << 20));  // data + superblock, slots and a small log
-      format_region = true;
-    }
-  }
-  const std::uint64_t capacity = size + (1ull << 20);
-  if (*kind == TierKind::rdma && rdma.memnode.empty()) {
-    std::cerr << "tier_bench: --tier rdma needs --memnode ADDR:PORT (and --token)\n";
-    return 2;
-  }
-  auto opened = open_tier(*kind, path, capacity, format_region, host_index, rdma);
+  auto opened = bench::open_tier(target, size, "tier_bench");
   if (!opened) {
     std::cerr << "tier_bench: " << opened.error().what() << "\n";
-    if (!scratch.empty()) fs::remove_all(scratch);
-    return 1;
+    return opened.error().code == Errc::invalid_argument ? 2 : 1;
   }
   BenchConfig config;
   config.working_set_bytes = size;
@@ -272,8 +164,7 @@ int main(int argc, char** argv) {
   config.threads = threads;
   config.stream_block_bytes = stream_block;
   config.stream_passes = stream_passes;
-  auto results = run_benchmark(*opened->tier, config);
-  if (!scratch.empty()) fs::remove_all(scratch);
+  auto results = run_benchmark(*(*opened)->tier, config);
   if (!results) {
     std::cerr << "tier_bench: " << results.error().what() << "\n";
     return 1;
@@ -281,8 +172,8 @@ int main(int argc, char** argv) {
 
   if (json) {
     nlohmann::json out;
-    out["tier"] = tier_name;
-    out["backing"] = opened->note;
+    out["tier"] = target.tier;
+    out["backing"] = (*opened)->note;
     out["working_set_bytes"] = size;
     out["iterations"] = iterations;
     out["units"] = {{"latency", "ns"}, {"throughput", "MiB/s"}, {"block", "bytes"}};
@@ -294,8 +185,8 @@ int main(int argc, char** argv) {
     }
     std::cout << out.dump(2) << "\n";
   } else {
-    std::printf("tier %s (%s), working set %llu bytes, %llu reads per size and thread\n", tier_name.c_str(),
-                opened->note.c_str(), static_cast<unsigned long long>(size), static_cast<unsigned long long>(iterations));
+    std::printf("tier %s (%s), working set %llu bytes, %llu reads per size and thread\n", target.tier.c_str(),
+                (*opened)->note.c_str(), static_cast<unsigned long long>(size), static_cast<unsigned long long>(iterations));
     std::printf("%-11s %7s %10s %12s %12s %12s %14s\n", "pattern", "threads", "block", "p50 [ns]", "p99 [ns]",
                 "mean [ns]", "MiB/s");
     for (const auto& r : *results) {
