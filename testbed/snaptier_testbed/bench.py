@@ -123,6 +123,30 @@ def _install_bench(topo, host, args, label, timeout=1200):
     return doc
 
 
+def restore_rows(topology: str, runs: list[dict]) -> list[dict]:
+    """One row per prefetch from a tier, beside that tier's own reads of the same runs on as many
+    threads in the same run (install_bench's tier-read: the source's limit) and a memcpy into fresh
+    anonymous memory (first-touch faults included: the destination's limit, which every page
+    installation pays too)."""
+    rows = []
+    for run in runs:
+        for r in run["results"]:
+            if r["kind"] != "prefetch" or r["source"] != "tier":
+                continue
+            limit = next((x for x in run["results"] if x["kind"] == "tier-read" and x["threads"] == r["threads"]
+                          and x["batch_pages"] == r["batch_pages"]), None)
+            rows.append({"topology": topology, "tier": run["label"], "in_place": run["tier"]["in_place"],
+                         "batch_pages": r["batch_pages"], "whole_runs": r["whole_runs"], "threads": r["threads"],
+                         "prefetch_mb_s": round(r["gb_per_s"] * 1e3, 1),
+                         "tier_read_mb_s": round(limit["gb_per_s"] * 1e3, 1) if limit else "",
+                         "ratio_tier_read": round(r["ratio_tier_read"], 3) if r.get("ratio_tier_read") else "",
+                         "fresh_memcpy_mb_s": round(run["memcpy_fresh_1_thread_gb_per_s"] * 1e3, 1),
+                         "ratio_fresh_memcpy": round(r["gb_per_s"] / run["memcpy_fresh_1_thread_gb_per_s"], 3),
+                         "demand_fault_p50_us": round(run["demand_faults"]["p50_us"], 1),
+                         "demand_fault_p99_us": round(run["demand_faults"]["p99_us"], 1)})
+    return rows
+
+
 def run_restore_bench(topo: Topology, size_mib: int = 16, rounds: int = 3) -> int:
     """The fault engine's page installation inside a compute host, from each of its tiers, beside
     that tier's own read bandwidth in the same run (install_bench --tier)."""
@@ -154,20 +178,7 @@ def run_restore_bench(topo: Topology, size_mib: int = 16, rounds: int = 3) -> in
     out = {"topology": topo.name, "host": host, "seconds": round(time.monotonic() - t0, 1),
            "units": {"throughput": "MB/s (1e6 bytes)", "latency": "us"}, "runs": runs}
     (state_dir / "bench-restore.json").write_text(json.dumps(out, indent=1) + "\n")
-    rows = []
-    for run in runs:
-        for r in run["results"]:
-            if r["kind"] != "prefetch" or r["source"] != "tier":
-                continue
-            limit = next((x for x in run["results"] if x["kind"] == "tier-read" and x["threads"] == r["threads"]
-                          and x["batch_pages"] == r["batch_pages"]), None)
-            rows.append({"topology": topo.name, "tier": run["label"], "in_place": run["tier"]["in_place"],
-                         "batch_pages": r["batch_pages"], "whole_runs": r["whole_runs"], "threads": r["threads"],
-                         "prefetch_mb_s": round(r["gb_per_s"] * 1e3, 1),
-                         "tier_read_mb_s": round(limit["gb_per_s"] * 1e3, 1) if limit else "",
-                         "ratio_tier_read": round(r["ratio_tier_read"], 3) if r.get("ratio_tier_read") else "",
-                         "demand_fault_p50_us": round(run["demand_faults"]["p50_us"], 1),
-                         "demand_fault_p99_us": round(run["demand_faults"]["p99_us"], 1)})
+    rows = restore_rows(topo.name, runs)
     with open(state_dir / "bench-restore.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["topology"])
         w.writeheader()
@@ -175,11 +186,12 @@ def run_restore_bench(topo: Topology, size_mib: int = 16, rounds: int = 3) -> in
     print(f"\npage installation on topology {topo.name}, host {host}, {size_mib} MiB working set, {rounds} rounds "
           f"(medians; emulated: compare ratios)")
     print(f"  {'tier':30} {'batch':>8} {'thr':>3} {'prefetch MB/s':>14} {'tier read MB/s':>15} {'ratio':>6} "
-          f"{'fault p50 us':>13}")
+          f"{'fresh memcpy':>13} {'ratio':>6} {'fault p50 us':>13}")
     for r in rows:
         batch = "runs" if r["whole_runs"] else str(r["batch_pages"])
         ratio = f"{r['ratio_tier_read']:.2f}" if r["ratio_tier_read"] != "" else "-"
         print(f"  {r['tier']:30} {batch:>8} {r['threads']:>3} {r['prefetch_mb_s']:>14.1f} {r['tier_read_mb_s']:>15} "
-              f"{ratio:>6} {r['demand_fault_p50_us']:>13.1f}")
+              f"{ratio:>6} {r['fresh_memcpy_mb_s']:>13.1f} {r['ratio_fresh_memcpy']:>6.2f} "
+              f"{r['demand_fault_p50_us']:>13.1f}")
     print(f"results: {state_dir / 'bench-restore.json'} and .csv")
     return 0
