@@ -33,6 +33,13 @@ $tb burst --function matmul --policies criu-eager,reap,tiered --instances 1,4,8 
 $tb chaos --only kill-burst-instance
 log "native bursts: $((SECONDS - t1)) s; results in $artifacts/native-burst"
 
+# Page installation from each tier inside a host, beside the tier's own reads (a smoke run: the
+# numbers are kept, not judged).
+t1=$SECONDS
+$tb bench restore --size-mib 8 --rounds 1
+cp run/native/bench-restore.json run/native/bench-restore.csv "$artifacts/" 2>/dev/null || true
+log "native restore bench: $((SECONDS - t1)) s"
+
 $tb down
 left=$(pgrep -f "process=snaptier-native-" || true)
 [ -z "$left" ] || die "native host processes left after down: $left"

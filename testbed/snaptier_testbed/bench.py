@@ -21,6 +21,9 @@ from .state import state_dir_for
 from .topology import Topology
 
 BENCH = f"{agents.GUEST_BUILD}/tier_bench"
+# The host's CXL device as its set-up unit recorded it (/dev/daxX.Y in a guest, the shared file
+# in a native host), expanded by the host's shell.
+CXL_DEVICE = """$(python3 -c 'import json; print(json.load(open("/run/snaptier/cxl.json"))["device"])')"""
 
 
 def _bench(topo, host, args, label, timeout=900):
@@ -69,7 +72,7 @@ def run_bench(topo: Topology, size_mib: int = 16, iterations: int = 2000, thread
     if dev:
         agents.stop(topo)
         try:
-            results.append(_bench(topo, host, f"{common} --tier cxl --path /dev/dax0.0 --format --host-index 0",
+            results.append(_bench(topo, host, f"{common} --tier cxl --path {CXL_DEVICE} --format --host-index 0",
                                   f"cxl ({dev.emulation})"))
         finally:
             launcher.run_in(topo, host, "python3 /opt/snaptier/testbed/guest/daxprobe.py wipe-head", timeout=120)
@@ -170,7 +173,7 @@ def run_restore_bench(topo: Topology, size_mib: int = 16, rounds: int = 3) -> in
     if dev:
         agents.stop(topo)
         try:
-            runs.append(_install_bench(topo, host, f"{common} --tier cxl --path /dev/dax0.0 --format --host-index 0",
+            runs.append(_install_bench(topo, host, f"{common} --tier cxl --path {CXL_DEVICE} --format --host-index 0",
                                        f"cxl ({dev.emulation})"))
         finally:
             launcher.run_in(topo, host, "python3 /opt/snaptier/testbed/guest/daxprobe.py wipe-head", timeout=120)
