@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stage 5 of CI: the emulated pipeline. `make testbed` on a clean machine, then the promises a
+# Stage 6 of CI: the emulated pipeline. `make testbed` on a clean machine, then the promises a
 # user relies on: a second `up` is refused without side effects, a second `make testbed`
 # reuses the image and the running topology, and `make down` leaves no QEMU behind.
 set -euo pipefail
