@@ -26,14 +26,20 @@ BENCH = f"{agents.GUEST_BUILD}/tier_bench"
 CXL_DEVICE = """$(python3 -c 'import json; print(json.load(open("/run/snaptier/cxl.json"))["device"])')"""
 
 
-def _bench(topo, host, args, label, timeout=900):
-    r = launcher.run_in(topo, host, f"cd /tmp && timeout {timeout - 30} {BENCH} --json {args}", timeout=timeout)
+def _json_run(topo, host, script, what, label, timeout):
+    """A benchmark in `host` that prints its JSON document on stdout, labelled."""
+    r = launcher.run_in(topo, host, script, timeout=timeout)
     if r.returncode != 0:
-        raise TestbedError(f"tier_bench {label} on {host} failed: {r.stderr.strip()[-300:]}")
+        raise TestbedError(f"{what} {label} on {host} failed: {r.stderr.strip()[-400:]}")
     doc = json.loads(r.stdout)
     doc["label"] = label
     doc["host"] = host
     return doc
+
+
+def _bench(topo, host, args, label, timeout=900):
+    return _json_run(topo, host, f"cd /tmp && timeout {timeout - 30} {BENCH} --json {args}", "tier_bench", label,
+                     timeout)
 
 
 def _ib_read_bw(topo, host, memnode, mem_ip):
@@ -43,40 +49,57 @@ def _ib_read_bw(topo, host, memnode, mem_ip):
     return float(m.group(2)) if r.returncode == 0 and m else None
 
 
-def run_bench(topo: Topology, size_mib: int = 16, iterations: int = 2000, threads: int = 4) -> int:
-    launcher.load_running(topo)
-    state_dir = state_dir_for(topo.name)
+def _bench_host(topo: Topology):
+    """The compute host a bench runs in (the first of the CXL device's hosts), its device and the
+    memory node on its link (either may be None)."""
     dev = next((c for c in topo.cxl), None)
     host = dev.hosts[0] if dev else next(h.name for h in topo.hosts if h.role == "compute")
-    common = f"--size {size_mib << 20} --iterations {iterations} --threads {threads}"
-    results = []
-    t0 = time.monotonic()
-    say(f"tier_bench on {host}: {size_mib} MiB working set, {iterations} random reads per block size "
-        f"(1 and {threads} threads), sequential 1 MiB reads")
-    results.append(_bench(topo, host, common + " --tier local", "local DRAM"))
-    results.append(_bench(topo, host, common + " --tier file --path /var/tmp/tier-bench", "file (ext4 on virtio-blk)"))
     link = topo.link_of(host)
     memnode = next((m for m in topo.hosts if m.role == "memory" and link and m.name in link.hosts), None)
+    mem_ip = str(link.address_of(memnode.name).ip) if memnode else None
+    return host, dev, memnode, mem_ip
+
+
+def _each_tier(topo: Topology, run, file_path: str, rdma_variants=(("", ""),)) -> list[dict]:
+    """`run(tier_args, label)` once per tier of the bench host: local, file, the memory node's
+    RDMA pool (once per (extra args, label suffix) of `rdma_variants`) and the CXL device, which
+    is formatted as scratch: the agents are stopped for it, its head wiped afterwards and the
+    agents started again on a fresh directory."""
+    state_dir = state_dir_for(topo.name)
+    host, dev, memnode, mem_ip = _bench_host(topo)
+    out = [run("--tier local", "local DRAM"), run(f"--tier file --path {file_path}", "file (ext4 on virtio-blk)")]
     if memnode:
         agents.start(topo)
         token = (state_dir / "agent-token").read_text().strip()
-        mem_ip = str(link.address_of(memnode.name).ip)
-        limit = _ib_read_bw(topo, host, memnode.name, mem_ip)
-        # One work request at a time (as before the tier had depth) beside the default, same run.
-        for depth in (1, 16):
-            run = _bench(topo, host, f"{common} --tier rdma --memnode {mem_ip}:{agents.CONTROL_PORT} --token {token} "
-                                     f"--device rxe0 --gid-index 1 --rdma-depth {depth}",
-                         f"rdma (rxe, pool on {memnode.name}, {depth} in flight)")
-            run["ib_read_bw_mib_s"] = limit
-            results.append(run)
+        base = f"--tier rdma --memnode {mem_ip}:{agents.CONTROL_PORT} --token {token} --device rxe0 --gid-index 1"
+        for extra, suffix in rdma_variants:
+            out.append(run(base + extra, f"rdma (rxe, pool on {memnode.name}{suffix})"))
     if dev:
         agents.stop(topo)
         try:
-            results.append(_bench(topo, host, f"{common} --tier cxl --path {CXL_DEVICE} --format --host-index 0",
-                                  f"cxl ({dev.emulation})"))
+            out.append(run(f"--tier cxl --path {CXL_DEVICE} --format --host-index 0", f"cxl ({dev.emulation})"))
         finally:
             launcher.run_in(topo, host, "python3 /opt/snaptier/testbed/guest/daxprobe.py wipe-head", timeout=120)
             agents.start(topo)
+    return out
+
+
+def run_bench(topo: Topology, size_mib: int = 16, iterations: int = 2000, threads: int = 4) -> int:
+    launcher.load_running(topo)
+    state_dir = state_dir_for(topo.name)
+    host, _, memnode, mem_ip = _bench_host(topo)
+    common = f"--size {size_mib << 20} --iterations {iterations} --threads {threads}"
+    t0 = time.monotonic()
+    say(f"tier_bench on {host}: {size_mib} MiB working set, {iterations} random reads per block size "
+        f"(1 and {threads} threads), sequential 1 MiB reads")
+    # The link's limit, just before the tier reads it.
+    limit = _ib_read_bw(topo, host, memnode.name, mem_ip) if memnode else None
+    # One work request at a time (as before the tier had depth) beside the default, same run.
+    results = _each_tier(topo, lambda args, label: _bench(topo, host, f"{common} {args}", label),
+                         "/var/tmp/tier-bench", rdma_variants=[(f" --rdma-depth {d}", f", {d} in flight") for d in (1, 16)])
+    for run in results:
+        if run["tier"] == "rdma":
+            run["ib_read_bw_mib_s"] = limit
     out = {"topology": topo.name, "seconds": round(time.monotonic() - t0, 1),
            "units": {"latency": "us", "throughput": "MiB/s"}, "runs": results}
     (state_dir / "bench-tiers.json").write_text(json.dumps(out, indent=1) + "\n")
@@ -114,16 +137,10 @@ INSTALL_BENCH = f"{agents.GUEST_BUILD}/install_bench"
 def _install_bench(topo, host, args, label, timeout=1200):
     out = f"/tmp/install-bench-{int(time.time() * 1000)}"
     say(f"install_bench {label} on {host}")
-    r = launcher.run_in(topo, host, f"cd /tmp && timeout {timeout - 30} {INSTALL_BENCH} {args} "
-                                    f"--json {out}.json --csv {out}.csv > {out}.log 2>&1; rc=$?; "
-                                    f"cat {out}.json 2>/dev/null; tail -5 {out}.log >&2; rm -f {out}.*; exit $rc",
-                        timeout=timeout)
-    if r.returncode != 0:
-        raise TestbedError(f"install_bench {label} on {host} failed: {r.stderr.strip()[-400:]}")
-    doc = json.loads(r.stdout)
-    doc["label"] = label
-    doc["host"] = host
-    return doc
+    return _json_run(topo, host, f"cd /tmp && timeout {timeout - 30} {INSTALL_BENCH} {args} "
+                                 f"--json {out}.json --csv {out}.csv > {out}.log 2>&1; rc=$?; "
+                                 f"cat {out}.json 2>/dev/null; tail -5 {out}.log >&2; rm -f {out}.*; exit $rc",
+                     "install_bench", label, timeout)
 
 
 def restore_rows(topology: str, runs: list[dict]) -> list[dict]:
@@ -155,29 +172,10 @@ def run_restore_bench(topo: Topology, size_mib: int = 16, rounds: int = 3) -> in
     that tier's own read bandwidth in the same run (install_bench --tier)."""
     launcher.load_running(topo)
     state_dir = state_dir_for(topo.name)
-    dev = next((c for c in topo.cxl), None)
-    host = dev.hosts[0] if dev else next(h.name for h in topo.hosts if h.role == "compute")
+    host = _bench_host(topo)[0]
     common = f"--size {size_mib} --rounds {rounds} --threads 1 2 --batch 64 0 --fault-pages 256"
     t0 = time.monotonic()
-    runs = [_install_bench(topo, host, f"{common} --tier local", "local DRAM"),
-            _install_bench(topo, host, f"{common} --tier file --path /var/tmp", "file (ext4 on virtio-blk)")]
-    link = topo.link_of(host)
-    memnode = next((m for m in topo.hosts if m.role == "memory" and link and m.name in link.hosts), None)
-    if memnode:
-        agents.start(topo)
-        token = (state_dir / "agent-token").read_text().strip()
-        mem_ip = str(link.address_of(memnode.name).ip)
-        runs.append(_install_bench(topo, host, f"{common} --tier rdma --memnode {mem_ip}:{agents.CONTROL_PORT} "
-                                               f"--token {token} --device rxe0 --gid-index 1",
-                                   f"rdma (rxe, pool on {memnode.name})"))
-    if dev:
-        agents.stop(topo)
-        try:
-            runs.append(_install_bench(topo, host, f"{common} --tier cxl --path {CXL_DEVICE} --format --host-index 0",
-                                       f"cxl ({dev.emulation})"))
-        finally:
-            launcher.run_in(topo, host, "python3 /opt/snaptier/testbed/guest/daxprobe.py wipe-head", timeout=120)
-            agents.start(topo)
+    runs = _each_tier(topo, lambda args, label: _install_bench(topo, host, f"{common} {args}", label), "/var/tmp")
     out = {"topology": topo.name, "host": host, "seconds": round(time.monotonic() - t0, 1),
            "units": {"throughput": "MB/s (1e6 bytes)", "latency": "us"}, "runs": runs}
     (state_dir / "bench-restore.json").write_text(json.dumps(out, indent=1) + "\n")
