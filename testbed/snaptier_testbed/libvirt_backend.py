@@ -8,8 +8,9 @@ topology and undoes a half-made one, `down` is idempotent and removes exactly wh
 the overlays and the CXL files), every virsh call and every wait has a deadline.
 
 Only a libvirt on this machine is supported: the 9p shares, the CXL backing file in /dev/shm,
-the VDE switches and ssh on 127.0.0.1 are this machine's (several machines over qemu+ssh is
-issue 15 item 2).
+the VDE switches and ssh on 127.0.0.1 are this machine's. A topology file may already place its
+hosts on several [[machine]]s (the format and its rules are parsed and checked); bringing such a
+topology up is refused until the launcher reaches other machines (issue 15 item 2).
 """
 from __future__ import annotations
 
@@ -56,6 +57,11 @@ def _error(proc: subprocess.CompletedProcess) -> str:
 
 def preflight(topology: Topology) -> list[str]:
     """What stops this topology from running here, as sentences (empty: nothing)."""
+    if len(topology.machines) > 1:
+        where = "; ".join(f"{m.name} ({m.uri}): " + ", ".join(h.name for h in topology.hosts if h.machine == m.name)
+                          for m in topology.machines)
+        return [f"its hosts are on {len(topology.machines)} machines ({where}); the libvirt backend brings up "
+                "the hosts of one machine only so far (several machines: not built yet)"]
     uri = topology.uri
     host = urlsplit(uri).hostname
     if host not in (None, "", "localhost"):

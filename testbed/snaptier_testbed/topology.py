@@ -48,6 +48,14 @@ class Host:
     cpus: int = 1
     memory: int = 2 * GiB
     pool: int = 0  # memory nodes: bytes lent to the RDMA pool
+    machine: str | None = None  # backend = "libvirt": the machine it runs on
+
+
+@dataclass(frozen=True)
+class Machine:
+    """A machine a libvirt topology places hosts on: the libvirt connection that reaches it."""
+    name: str
+    uri: str
 
 
 @dataclass(frozen=True)
@@ -80,8 +88,19 @@ class Topology:
     cxl: tuple[CxlDevice, ...] = ()
     links: tuple[Link, ...] = ()
     backend: str = "qemu"
-    uri: str | None = None     # backend = "libvirt": the libvirt connection
+    # backend = "libvirt": the machines, each host on one (a topology without [[machine]] tables
+    # has one, named "local", at its `uri`).
+    machines: tuple[Machine, ...] = ()
     source: Path | None = field(default=None, compare=False)
+
+    @property
+    def uri(self) -> str | None:
+        """The libvirt connection of a topology on one machine (None: not libvirt)."""
+        return self.machines[0].uri if self.machines else None
+
+    def machine_of(self, host: str) -> Machine | None:
+        name = self.host(host).machine
+        return next((m for m in self.machines if m.name == name), None)
 
     @property
     def guests(self) -> bool:
@@ -176,7 +195,7 @@ def _array_of_tables(doc: dict, key: str) -> list[dict]:
 
 
 def _parse_host(t: dict, where: str) -> Host:
-    _check_keys(t, {"name", "role", "cpus", "memory", "pool"}, where)
+    _check_keys(t, {"name", "role", "cpus", "memory", "pool", "machine"}, where)
     name = _name(_require(t, "name", where), f"{where}.name")
     role = _str(_require(t, "role", where), f"{where}.role", ROLES)
     cpus = _int(t.get("cpus", 1), f"{where}.cpus", 1, 64)
@@ -193,7 +212,63 @@ def _parse_host(t: dict, where: str) -> Host:
                                 "(leave at least 384 MiB for the guest)")
     elif "pool" in t:
         raise TopologyError(f"{where}.pool: only hosts with role 'memory' lend a pool")
-    return Host(name=name, role=role, cpus=cpus, memory=memory, pool=pool)
+    machine = _name(t["machine"], f"{where}.machine") if "machine" in t else None
+    return Host(name=name, role=role, cpus=cpus, memory=memory, pool=pool, machine=machine)
+
+
+def _libvirt_uri(value: object, key: str) -> str:
+    uri = _str(value, key)
+    if not LIBVIRT_URI_RE.match(uri):
+        raise TopologyError(f"{key}: {uri!r} is not a libvirt QEMU URI such as {DEFAULT_LIBVIRT_URI!r} "
+                            "(qemu[+transport]://[host]/system or /session)")
+    return uri
+
+
+def _parse_machines(doc: dict, backend: str) -> list[Machine]:
+    """[[machine]] tables (libvirt only), or the one machine at the topology's `uri`."""
+    tables = _array_of_tables(doc, "machine")
+    if backend != "libvirt":
+        if tables:
+            raise TopologyError(f"machine: only backend = \"libvirt\" places hosts on machines (this topology's backend is {backend!r})")
+        if "uri" in doc:
+            raise TopologyError(f"uri: only backend = \"libvirt\" connects to libvirt (this topology's backend is {backend!r})")
+        return []
+    if not tables:
+        return [Machine(name="local", uri=_libvirt_uri(doc.get("uri", DEFAULT_LIBVIRT_URI), "uri"))]
+    if "uri" in doc:
+        raise TopologyError("uri: a topology with [[machine]] tables gives each machine its own uri")
+    machines: list[Machine] = []
+    for i, t in enumerate(tables):
+        where = f"machine[{i}]"
+        _check_keys(t, {"name", "uri"}, where)
+        m = Machine(name=_name(_require(t, "name", where), f"{where}.name"),
+                    uri=_libvirt_uri(_require(t, "uri", where), f"{where}.uri"))
+        if any(o.name == m.name for o in machines):
+            raise TopologyError(f"{where}.name: machine name {m.name!r} is used twice")
+        if any(o.uri == m.uri for o in machines):
+            raise TopologyError(f"{where}.uri: {m.uri!r} is already machine {next(o.name for o in machines if o.uri == m.uri)!r}")
+        machines.append(m)
+    return machines
+
+
+def _place_hosts(hosts: list[Host], machines: list[Machine]) -> list[Host]:
+    """Every host of a libvirt topology on a known machine (the first one unless it says)."""
+    if not machines:
+        for i, h in enumerate(hosts):
+            if h.machine is not None:
+                raise TopologyError(f"host[{i}].machine: only backend = \"libvirt\" places hosts on machines")
+        return hosts
+    names = [m.name for m in machines]
+    placed = []
+    for i, h in enumerate(hosts):
+        if h.machine is not None and h.machine not in names:
+            raise TopologyError(f"host[{i}].machine: no machine named {h.machine!r} (machines: {', '.join(names)})")
+        placed.append(Host(name=h.name, role=h.role, cpus=h.cpus, memory=h.memory, pool=h.pool,
+                           machine=h.machine or names[0]))
+    for i, m in enumerate(machines):
+        if not any(h.machine == m.name for h in placed):
+            raise TopologyError(f"machine[{i}]: no host is placed on machine {m.name!r}")
+    return placed
 
 
 def _parse_cxl(t: dict, where: str, known: set[str], backend: str) -> CxlDevice:
@@ -253,20 +328,13 @@ def _parse_attachments(doc: dict, key: str, parse, known: set[str], backend: str
 
 
 def parse_topology(doc: dict, default_name: str = "testbed", source: Path | None = None) -> Topology:
-    _check_keys(doc, {"name", "backend", "accel", "uri", "host", "cxl", "link"}, "topology")
+    _check_keys(doc, {"name", "backend", "accel", "uri", "machine", "host", "cxl", "link"}, "topology")
     name = _name(doc.get("name", default_name), "name")
     backend = _str(doc.get("backend", "qemu"), "backend", BACKENDS)
     accel = _str(doc.get("accel", "auto"), "accel", ACCELS)
     if backend == "native" and "accel" in doc:
         raise TopologyError("accel: native hosts run on this machine's CPU; 'accel' is for QEMU guests (backend qemu or libvirt) only")
-    uri = None
-    if backend == "libvirt":
-        uri = _str(doc.get("uri", DEFAULT_LIBVIRT_URI), "uri")
-        if not LIBVIRT_URI_RE.match(uri):
-            raise TopologyError(f"uri: {uri!r} is not a libvirt QEMU URI such as {DEFAULT_LIBVIRT_URI!r} "
-                                "(qemu[+transport]://[host]/system or /session)")
-    elif "uri" in doc:
-        raise TopologyError(f"uri: only backend = \"libvirt\" connects to libvirt (this topology's backend is {backend!r})")
+    machines = _parse_machines(doc, backend)
 
     hosts: list[Host] = []
     for i, t in enumerate(_array_of_tables(doc, "host")):
@@ -276,6 +344,7 @@ def parse_topology(doc: dict, default_name: str = "testbed", source: Path | None
         hosts.append(h)
     if not hosts:
         raise TopologyError("topology: at least one [[host]] is required")
+    hosts = _place_hosts(hosts, machines)
     known = {h.name for h in hosts}
 
     devices = _parse_attachments(doc, "cxl", _parse_cxl, known, backend, "device",
@@ -283,13 +352,19 @@ def parse_topology(doc: dict, default_name: str = "testbed", source: Path | None
     links = _parse_attachments(doc, "link", _parse_link, known, backend, "link",
                                "is already on link {other!r} (one data link per host)")
 
+    for i, dev in enumerate(devices):
+        on = {hosts[[h.name for h in hosts].index(name)].machine for name in dev.hosts}
+        if len(on) > 1:
+            where = ", ".join(f"{name} on {next(h.machine for h in hosts if h.name == name)}" for name in dev.hosts)
+            raise TopologyError(f"cxl[{i}].hosts: {where}: the hosts of a CXL device share one machine "
+                                "(its backing file, the multi-headed device, lives there)")
     for h in hosts:
         if h.role == "memory":
             link = next((l for l in links if h.name in l.hosts), None)
             if link is None or not link.rdma:
                 raise TopologyError(f"host {h.name!r}: a memory node needs a link with rdma = true to lend its pool")
     return Topology(name=name, accel=accel, hosts=tuple(hosts), cxl=tuple(devices), links=tuple(links),
-                    backend=backend, uri=uri, source=source)
+                    backend=backend, machines=tuple(machines), source=source)
 
 
 def load_topology(path: str | Path) -> Topology:

@@ -1,6 +1,7 @@
 """The libvirt backend without libvirt: the domain XML of the default and nvdimm topologies, the
 topology rules for backend = "libvirt", and `tb up`/`down` against a fake virsh on PATH (what
 is refused before anything is defined, what `down` removes and what it leaves alone)."""
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -184,8 +185,61 @@ def test_libvirt_topology_defaults():
 def test_the_libvirt_topology_is_the_default_one_under_another_name():
     default, lvt = (load_topology(REPO / f"testbed/topologies/{n}.toml") for n in ("default", "libvirt"))
     assert lvt.backend == "libvirt" and default.backend == "qemu" and lvt.name != default.name
-    assert lvt.hosts == default.hosts and lvt.cxl == default.cxl
+    assert [dataclasses.replace(h, machine=None) for h in lvt.hosts] == list(default.hosts) and lvt.cxl == default.cxl
+    assert {h.machine for h in lvt.hosts} == {"local"} and lvt.machines[0].uri == lvt.uri
     assert [(l.name, l.hosts, l.rdma) for l in lvt.links] == [(l.name, l.hosts, l.rdma) for l in default.links]
+
+
+TWO = [{"name": "one", "uri": "qemu:///system"}, {"name": "two", "uri": "qemu+ssh://root@127.0.0.1/system"}]
+
+
+def test_hosts_are_placed_on_machines_the_first_by_default():
+    d = lv(machine=TWO)
+    d["host"] = d["host"] + [{"name": "m", "role": "memory", "machine": "two"}]
+    d["link"] = [{"name": "l0", "subnet": "10.9.0.0/24", "hosts": ["a", "b", "m"]}]
+    t = parse_topology(d)
+    assert [m.name for m in t.machines] == ["one", "two"]
+    assert {h.name: h.machine for h in t.hosts} == {"a": "one", "b": "one", "m": "two"}
+    assert t.machine_of("m").uri == "qemu+ssh://root@127.0.0.1/system"
+
+
+def with_host(d, **host):
+    d["host"] = [{**d["host"][0], **host}] + d["host"][1:]
+    return d
+
+
+@pytest.mark.parametrize("d,message", [
+    (with_host(lv(machine=TWO), machine="two"),
+     r"cxl\[0\]\.hosts: a on two, b on one: the hosts of a CXL device share one machine"),
+    (with_host(lv(machine=TWO, cxl=[]), machine="three"), r"host\[0\]\.machine: no machine named 'three' \(machines: one, two\)"),
+    (lv(machine=TWO), r"machine\[1\]: no host is placed on machine 'two'"),
+    (lv(machine=TWO, uri="qemu:///system"), r"uri: a topology with \[\[machine\]\] tables gives each machine its own uri"),
+    (lv(machine=[TWO[0], {**TWO[1], "name": "one"}]), r"machine\[1\]\.name: machine name 'one' is used twice"),
+    (lv(machine=[TWO[0], {**TWO[1], "uri": "qemu:///system"}]), r"machine\[1\]\.uri: 'qemu:///system' is already machine 'one'"),
+    (lv(machine=[{"name": "one", "uri": "xen:///"}]), r"machine\[0\]\.uri: 'xen:///' is not a libvirt QEMU URI"),
+    (lv(machine=[{"name": "one"}]), r"machine\[0\]: missing required key 'uri'"),
+    ({**lv(machine=TWO), "backend": "qemu"}, r"machine: only backend = \"libvirt\" places hosts on machines"),
+    (with_host({**lv(), "backend": "qemu"}, machine="one"), r"host\[0\]\.machine: only backend = \"libvirt\""),
+])
+def test_machine_refusals_name_the_key(d, message):
+    with pytest.raises(TopologyError, match=message):
+        parse_topology(d)
+
+
+def test_up_refuses_hosts_on_several_machines_before_contacting_any(tmp_path):
+    topo = tmp_path / "two.toml"
+    placed = TOPOLOGY.replace('name = "b"\nrole = "compute"', 'name = "b"\nrole = "compute"\nmachine = "two"')
+    topo.write_text(placed + """[[machine]]
+name = "one"
+uri = "qemu:///system"
+[[machine]]
+name = "two"
+uri = "qemu+ssh://root@example.invalid/system"
+""")
+    r = subprocess.run([*TB, "-t", str(topo), "up"], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "SNAPTIER_STATE": str(tmp_path / "state")})
+    assert r.returncode == 2, r.stderr
+    assert "its hosts are on 2 machines (one (qemu:///system): a; two (qemu+ssh://root@example.invalid/system): b)" in r.stderr
 
 
 @pytest.mark.parametrize("d,message", [
