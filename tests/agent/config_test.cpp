@@ -300,14 +300,17 @@ TEST(ConfigTest, FunctionsSectionParsesWithDefaults) {
   EXPECT_EQ(config->functions->criu, "criu");
   EXPECT_EQ(config->functions->operation_timeout, 900s);
   EXPECT_TRUE(config->functions->burst_one_serving_thread);
+  EXPECT_EQ(config->functions->fault_spin, FaultEngineOptions{}.spin_after_fault);
 
   auto full = parse_config(with_agent("[functions]\nworkloads_dir = \"/w\"\nwork_dir = \"/x\"\ncriu = \"/usr/sbin/criu\"\n"
-                                      "operation_timeout_s = 120\nburst_serving = \"thread-per-instance\"\n"),
+                                      "operation_timeout_s = 120\nburst_serving = \"thread-per-instance\"\n"
+                                      "fault_spin_us = 0\n"),
                            "fn.toml");
   ASSERT_TRUE(full.has_value()) << full.error().what();
   EXPECT_EQ(full->functions->criu, "/usr/sbin/criu");
   EXPECT_EQ(full->functions->operation_timeout, 120s);
   EXPECT_FALSE(full->functions->burst_one_serving_thread);
+  EXPECT_EQ(full->functions->fault_spin, 0us);
 
   auto none = parse_config(with_agent(""), "min.toml");
   ASSERT_TRUE(none.has_value());
@@ -337,6 +340,10 @@ TEST(ConfigTest, FunctionsSectionMistakesAreRejected) {
                   "[functions] criu_path", "unknown key");
   expect_rejected(with_agent("[functions]\nworkloads_dir = \"/w\"\nwork_dir = \"/x\"\nburst_serving = \"threads\"\n"),
                   "[functions] burst_serving", "must be \"one-thread\" or \"thread-per-instance\"");
+  expect_rejected(with_agent("[functions]\nworkloads_dir = \"/w\"\nwork_dir = \"/x\"\nfault_spin_us = 100001\n"),
+                  "[functions] fault_spin_us", "between 0 and 100000");
+  expect_rejected(with_agent("[functions]\nworkloads_dir = \"/w\"\nwork_dir = \"/x\"\nfault_spin_us = -1\n"),
+                  "[functions] fault_spin_us", "between 0 and 100000");
   expect_rejected(with_agent("[functions]\nworkloads_dir = \"/w\"\nwork_dir = \"/x\"\noperation_timeout_s = 0\n"),
                   "[functions] operation_timeout_s", "between 1 and 86400");
   expect_rejected(with_agent("[functions]\nworkloads_dir = \"/w\"\nwork_dir = \"/x\"\noperation_timeout_s = 86401\n"),

@@ -13,6 +13,7 @@
 
 #include "snaptier/control.hpp"
 #include "snaptier/error.hpp"
+#include "snaptier/fault_engine.hpp"
 #include "snaptier/rdma.hpp"
 
 namespace snaptier {
@@ -76,6 +77,10 @@ struct FunctionsConfig {
   // one thread multiplexing every instance's userfaultfds (lazy::ServingLoop), or a thread per
   // instance (as a single restore), to compare the two.
   bool burst_one_serving_thread = true;
+  // How long the lazy-pages server keeps checking its userfaultfds after serving a fault before
+  // it sleeps (FaultEngineOptions::spin_after_fault): a fault that follows soon is read without a
+  // wake-up, at the cost of a core spent yielding; 0 sleeps at once.
+  std::chrono::microseconds fault_spin = FaultEngineOptions{}.spin_after_fault;
 };
 
 // [store] page_cache: DRAM for verified pages of rdma and file tiers shared by concurrent

@@ -140,6 +140,9 @@ struct LazyPagesOptions {
   std::chrono::milliseconds accept_timeout{30'000};  // bind -> restorer connects
   std::chrono::milliseconds step_timeout{60'000};    // between protocol messages, until RSTF
   std::chrono::milliseconds serve_timeout{600'000};  // RSTF -> all tasks gone
+  // After a fault, how long the server checks for the next before it sleeps
+  // (FaultEngineOptions::spin_after_fault).
+  std::chrono::microseconds spin_after_fault = FaultEngineOptions{}.spin_after_fault;
   // Set (e.g. from a signal handler) to stop serving: remaining lazy pages are drained
   // (installed) first, so the tasks can run on without the server.
   const std::atomic<bool>* stop = nullptr;
@@ -237,7 +240,7 @@ class ServingLoop {
   // spin_after_fault: as FaultEngineOptions::spin_after_fault, for the loop's own epoll set
   // (the engines' poll(0) never sleeps, so never spins).
   [[nodiscard]] static Result<std::shared_ptr<ServingLoop>> start(
-      std::chrono::microseconds spin_after_fault = std::chrono::microseconds(50));
+      std::chrono::microseconds spin_after_fault = FaultEngineOptions{}.spin_after_fault);
   // Ends every server still served as if stopped (their remaining lazy pages installed, so
   // their tasks run on), calls their Done, joins the thread.
   ~ServingLoop();

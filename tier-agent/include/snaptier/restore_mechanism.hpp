@@ -25,6 +25,7 @@
 
 #include "snaptier/control.hpp"
 #include "snaptier/error.hpp"
+#include "snaptier/fault_engine.hpp"
 #include "snaptier/function.hpp"
 #include "snaptier/in_place.hpp"
 #include "snaptier/restore_policy.hpp"
@@ -153,8 +154,11 @@ class RestoredTree {
 // and copy the result), the page source over them, and one lazy::ServingLoop that serves every
 // instance's faults on one thread once its tasks run. `dir` is removed with the last owner.
 class SharedBurst;
-// one_serving_thread false: each instance serves its faults on a thread of its own.
-[[nodiscard]] std::shared_ptr<SharedBurst> make_shared_burst(std::filesystem::path dir, bool one_serving_thread = true);
+// one_serving_thread false: each instance serves its faults on a thread of its own; fault_spin:
+// the loop's spin after a fault (lazy::ServingLoop::start).
+[[nodiscard]] std::shared_ptr<SharedBurst> make_shared_burst(
+    std::filesystem::path dir, bool one_serving_thread = true,
+    std::chrono::microseconds fault_spin = FaultEngineOptions{}.spin_after_fault);
 
 // The snapshot host's page server, for criu-remote: `call` sends it function.serve_lazy.
 struct RemotePeer {
@@ -180,6 +184,8 @@ struct RestoreContext {
   std::filesystem::path socket_dir;
   // Set for the instances of one burst: the agent's lazy-pages server reads images made once.
   std::shared_ptr<SharedBurst> shared_burst;
+  // The agent's lazy-pages server: how long it checks for the next fault before sleeping.
+  std::chrono::microseconds fault_spin = FaultEngineOptions{}.spin_after_fault;
 };
 
 // The restored instance's socket directory inside a restore's work directory.

@@ -440,7 +440,7 @@ Result<json> FunctionService::burst(const control::FunctionRestore& request) {
     shared = mechanism::make_shared_burst(config_.work_dir / "restores" /
                                               (request.snapshot + "." + request.policy + ".burst-" +
                                                std::to_string(++restore_counter_)),
-                                          config_.burst_one_serving_thread);
+                                          config_.burst_one_serving_thread, config_.fault_spin);
   }
 
   struct Slot {
@@ -635,6 +635,7 @@ Result<FunctionService::PickedRestore> FunctionService::pick_restore(const contr
   context.dir = config_.work_dir / "restores" / (request.snapshot + "." + request.policy + "." + std::to_string(serial));
   context.socket_dir = meta->socket.parent_path();
   context.timeout = timeout;
+  context.fault_spin = config_.fault_spin;
   context.store = store_;
   context.snapshot_id = request.snapshot;
   context.policy = chosen;

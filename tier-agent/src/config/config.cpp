@@ -445,6 +445,8 @@ Result<AgentConfig> parse_root(const toml::table& root, std::string_view source,
       }
       fc.burst_one_serving_thread = *burst_serving == "one-thread";
     }
+    SNAPTIER_TRY(fault_spin_us, functions.integer("fault_spin_us", 0, 100'000));
+    if (fault_spin_us) fc.fault_spin = std::chrono::microseconds(*fault_spin_us);
     config.functions = fc;
     if (auto ok = functions.reject_unknown_keys(); !ok) return tl::unexpected(ok.error());
   }

@@ -509,6 +509,7 @@ Result<std::unique_ptr<LazyPagesServer>> LazyPagesServer::bind(LazyPagesOptions 
   };
   eo.on_fork = [raw](TaskId parent, TaskId child) { raw->fork_parent[child] = parent; };
   eo.on_fault = options.on_fault;
+  eo.spin_after_fault = options.spin_after_fault;
   auto engine = FaultEngine::create(impl->source, std::move(eo));
   if (!engine) return tl::unexpected(engine.error());
   impl->engine = std::move(*engine);

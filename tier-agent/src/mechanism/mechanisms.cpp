@@ -203,7 +203,8 @@ struct PreparedImages {
 
 class SharedBurst {
  public:
-  SharedBurst(WorkDir dir, bool one_serving_thread) : dir_(std::move(dir)), loop_tried_(!one_serving_thread) {}
+  SharedBurst(WorkDir dir, bool one_serving_thread, std::chrono::microseconds fault_spin)
+      : dir_(std::move(dir)), loop_tried_(!one_serving_thread), fault_spin_(fault_spin) {}
   // The first caller runs `make` in dir(); the others wait for it and get the same result
   // (a failure too: every instance of the burst fails with it).
   const Result<PreparedImages>& get(const std::function<Result<PreparedImages>(const fs::path&)>& make) {
@@ -218,7 +219,7 @@ class SharedBurst {
     std::lock_guard lock(mutex_);
     if (!loop_tried_) {
       loop_tried_ = true;
-      if (auto started = lazy::ServingLoop::start()) {
+      if (auto started = lazy::ServingLoop::start(fault_spin_)) {
         loop_ = std::move(*started);
       } else {
         spdlog::warn("burst serving loop: {}; every instance serves on its own thread", started.error().what());
@@ -232,16 +233,18 @@ class SharedBurst {
   WorkDir dir_;
   std::optional<Result<PreparedImages>> made_;
   bool loop_tried_ = false;
+  std::chrono::microseconds fault_spin_;
   std::shared_ptr<lazy::ServingLoop> loop_;  // before dir_ goes: its servers read the images
 };
 
-std::shared_ptr<SharedBurst> make_shared_burst(fs::path dir, bool one_serving_thread) {
+std::shared_ptr<SharedBurst> make_shared_burst(fs::path dir, bool one_serving_thread,
+                                               std::chrono::microseconds fault_spin) {
   auto made = WorkDir::create(dir);
   if (!made) {
     spdlog::warn("burst images: {}; every instance prepares its own", made.error().what());
     return nullptr;
   }
-  return std::make_shared<SharedBurst>(std::move(*made), one_serving_thread);
+  return std::make_shared<SharedBurst>(std::move(*made), one_serving_thread, fault_spin);
 }
 
 namespace {
@@ -281,6 +284,7 @@ class AgentLazy final : public Base {
     lo.resume_after_prefetch = true;
     lo.accept_timeout = milliseconds(60'000);
     lo.serve_timeout = ctx_.timeout;
+    lo.spin_after_fault = ctx_.fault_spin;
     auto server = ServerThread::start(std::move(lo), ctx_.shared_burst ? ctx_.shared_burst->loop() : nullptr);
     if (!server) return tl::unexpected(server.error());
     server_ = std::move(*server);
