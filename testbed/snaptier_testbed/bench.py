@@ -67,7 +67,8 @@ def _each_tier(topo: Topology, run, file_path: str, rdma_variants=(("", ""),)) -
     agents started again on a fresh directory."""
     state_dir = state_dir_for(topo.name)
     host, dev, memnode, mem_ip = _bench_host(topo)
-    out = [run("--tier local", "local DRAM"), run(f"--tier file --path {file_path}", "file (ext4 on virtio-blk)")]
+    disk = "ext4 on virtio-blk" if topo.guests else "this machine's disk"
+    out = [run("--tier local", "local DRAM"), run(f"--tier file --path {file_path}", f"file ({disk})")]
     if memnode:
         agents.start(topo)
         token = (state_dir / "agent-token").read_text().strip()
