@@ -114,7 +114,8 @@ def run_bench(topo: Topology, size_mib: int = 16, iterations: int = 2000, thread
                             round(r["p50_ns"] / 1e3, 2), round(r["p99_ns"] / 1e3, 2), round(r["mean_ns"] / 1e3, 2),
                             round(r["throughput_mib_s"], 1), run.get("ib_read_bw_mib_s") or ""])
     local = {(r["pattern"], r["threads"], r["block_bytes"]): r for r in results[0]["results"]}
-    print(f"\ntier benchmark on topology {topo.name}, host {host} (emulated: compare ratios, not absolutes)")
+    print(f"\ntier benchmark on topology {topo.name}, host {host}"
+          + (" (emulated: compare ratios, not absolutes)" if topo.guests else " (native: this machine's CPU and DRAM)"))
     print(f"  {'tier':32} {'pattern':>10} {'thr':>3} {'block':>6} {'p50 us':>9} {'p99 us':>9} {'MiB/s':>8} "
           f"{'p50 vs local':>13}")
     for run in results:
@@ -186,7 +187,7 @@ def run_restore_bench(topo: Topology, size_mib: int = 16, rounds: int = 3) -> in
         w.writeheader()
         w.writerows(rows)
     print(f"\npage installation on topology {topo.name}, host {host}, {size_mib} MiB working set, {rounds} rounds "
-          f"(medians; emulated: compare ratios)")
+          f"(medians{'; emulated: compare ratios' if topo.guests else ''})")
     print(f"  {'tier':30} {'batch':>8} {'thr':>3} {'prefetch MB/s':>14} {'tier read MB/s':>15} {'ratio':>6} "
           f"{'fresh memcpy':>13} {'ratio':>6} {'fault p50 us':>13}")
     for r in rows:
