@@ -8,12 +8,9 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
-#include <filesystem>
-#include <fstream>
 #include <iostream>
 #include <random>
 #include <thread>
-#include <unistd.h>
 #include <vector>
 
 #include "bench_tier.hpp"
@@ -21,7 +18,6 @@
 namespace snaptier {
 namespace {
 
-namespace fs = std::filesystem;
 
 struct BenchConfig {
   std::uint64_t working_set_bytes = 64ull << 20;
