@@ -49,7 +49,6 @@ struct RdmaDeviceOptions {
   // a request is sent as chunks of a slot each, up to max_in_flight of them on the wire at once.
   std::uint64_t bounce_bytes = 1ull << 20;
   std::uint32_t max_in_flight = 16;  // 1..16; 1 is one work request at a time, the whole buffer
-
 };
 
 // How the rdma tier gets its queue pair back after an error completion or a completion timeout

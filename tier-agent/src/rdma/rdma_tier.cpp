@@ -5,7 +5,7 @@
 //
 // Depth: a request takes the free slots it can use (at least one, at most every slot), posts one
 // chunk per slot as one chained list (one doorbell) and reposts a slot as soon as its chunk
-// completed and was copied out, so a large request keeps up to kMaxSlots READs or WRITEs in
+// completed and was copied out, so a large request keeps up to kMaxInFlight READs or WRITEs in
 // flight. A request that holds several slots hands one back at each completion while another
 // caller waits for a slot, so a demand fault behind a long prefetch waits for one completion,
 // not for the prefetch. Completions come in order on an RC queue pair; whichever waiter finds
@@ -51,10 +51,8 @@ using namespace rdma_detail;
 
 using Clock = std::chrono::steady_clock;
 
-constexpr std::uint32_t kSendQueueDepth = kMaxInFlight;
-// Work requests in flight per tier: one per slot of the bounce buffer, never more than the send
-// queue holds.
-constexpr std::uint32_t kMaxSlots = kMaxInFlight;
+// kMaxInFlight (arguments.hpp) is both the send queue's depth and the most slots a bounce
+// buffer is cut into: one work request in flight per slot.
 // A waiter polling the CQ comes back this often, so it sees a failure another waiter reported.
 constexpr std::chrono::milliseconds kPollSlice{10};
 // One reconnect attempt is a few control-plane round trips and RTR's neighbour resolution
@@ -80,7 +78,7 @@ class RdmaTier final : public Tier {
         epoch_(grant_.epoch) {
     grant_endpoint_qpn_.store(grant_.endpoint.qpn);
     const std::uint64_t pages = bounce_.size() / detail::kTierPage;
-    slot_count_ = static_cast<std::uint32_t>(std::clamp<std::uint64_t>(pages, 1, std::min(max_in_flight, kMaxSlots)));
+    slot_count_ = static_cast<std::uint32_t>(std::clamp<std::uint64_t>(pages, 1, std::min(max_in_flight, kMaxInFlight)));
     slot_bytes_ = pages / slot_count_ * detail::kTierPage;
     const std::uint64_t max_msg = device_.port_attr.max_msg_sz;
     chunk_bytes_ = max_msg > 0 ? std::min<std::uint64_t>(slot_bytes_, max_msg) : slot_bytes_;
@@ -278,16 +276,16 @@ class RdmaTier final : public Tier {
 
   std::byte* slot_data(std::uint32_t slot) noexcept { return bounce_.data() + std::uint64_t{slot} * slot_bytes_; }
 
-  // Between 1 and `wanted` slots: waits (bounded) for the first, then takes what is free.
-  Result<std::vector<std::uint32_t>> take_slots(std::uint64_t wanted, Clock::time_point deadline) {
+  // Between 1 and `wanted` slots: waits (bounded: two completion timeouts, enough for a slot's
+  // holder to time out and give it back) for the first, then takes what is free.
+  Result<std::vector<std::uint32_t>> take_slots(std::uint64_t wanted) {
+    const auto bound = 2 * timeout_;
     std::unique_lock lock(slot_mutex_);
     ++slot_waiters_;
-    const bool got = slot_cv_.wait_until(lock, deadline, [&] { return !free_slots_.empty(); });
+    const bool got = slot_cv_.wait_for(lock, bound, [&] { return !free_slots_.empty(); });
     --slot_waiters_;
     if (!got) {
-      return fail(Errc::timeout, "no bounce-buffer slot came free within " +
-                                     std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(
-                                                        2 * timeout_).count()) + " ms");
+      return fail(Errc::timeout, "no bounce-buffer slot came free within " + std::to_string(bound.count()) + " ms");
     }
     std::vector<std::uint32_t> slots;
     while (!free_slots_.empty() && slots.size() < wanted) {
@@ -318,14 +316,14 @@ class RdmaTier final : public Tier {
                              std::uint64_t size, std::byte* read_into, const std::byte* write_from,
                              std::uint64_t epoch, bool& broke) {
     const std::uint64_t chunks = (size + chunk_bytes_ - 1) / chunk_bytes_;
-    auto slots = take_slots(std::max<std::uint64_t>(chunks, 1), Clock::now() + 2 * timeout_);
+    auto slots = take_slots(std::max<std::uint64_t>(chunks, 1));
     if (!slots) return fail(slots.error().code, std::string(op) + ": " + slots.error().message);
     Flight flight(*this);
     flight.idle = std::move(*slots);
     std::uint64_t generation = 0;  // the QP this request's chunks go to; 0 until the first post
     std::uint64_t posted = 0;
     for (;;) {
-      std::array<Chunk, kMaxSlots> batch;
+      std::array<Chunk, kMaxInFlight> batch;
       std::size_t count = 0;
       while (posted < size && !flight.idle.empty()) {
         Chunk& chunk = batch[count++];
@@ -383,8 +381,8 @@ class RdmaTier final : public Tier {
                                          ") while the request waited");
     }
     generation = generation_;
-    std::array<ibv_sge, kMaxSlots> sges{};
-    std::array<ibv_send_wr, kMaxSlots> wrs{};
+    std::array<ibv_sge, kMaxInFlight> sges{};
+    std::array<ibv_send_wr, kMaxInFlight> wrs{};
     for (std::size_t i = 0; i < batch.size(); ++i) {
       Chunk& chunk = batch[i];
       chunk.wr_id = ++next_wr_id_;
@@ -462,7 +460,7 @@ class RdmaTier final : public Tier {
       }
       polling_ = true;
       lock.unlock();
-      std::array<ibv_wc, kMaxSlots> wcs{};
+      std::array<ibv_wc, kMaxInFlight> wcs{};
       auto got = poll_completions(cq_, wcs, std::min(deadline, now + kPollSlice));
       lock.lock();
       polling_ = false;
@@ -514,7 +512,7 @@ class RdmaTier final : public Tier {
   // bounce buffer, and a new grant. Every step is bounded (control-plane timeouts, RTR's
   // neighbour resolution); qp_mutex_ is taken only to swap the QP in.
   Result<void> reconnect() {
-    auto qp = create_rc_qp(device_, cq_.cq.get(), kSendQueueDepth);
+    auto qp = create_rc_qp(device_, cq_.cq.get(), kMaxInFlight);
     if (!qp) return tl::unexpected(qp.error());
     if (auto ok = qp_to_init(qp->get(), device_, 0); !ok) return ok;
     const std::uint32_t psn = random_psn();
@@ -617,7 +615,7 @@ Result<std::unique_ptr<Tier>> make_rdma_tier(const RdmaDeviceOptions& options,
 
   auto device = open_device(options);
   if (!device) return tl::unexpected(device.error());
-  auto cq = create_completion_queue(*device, static_cast<int>(kSendQueueDepth) * 2,
+  auto cq = create_completion_queue(*device, static_cast<int>(kMaxInFlight) * 2,
                                     /*with_channel=*/true);
   if (!cq) return tl::unexpected(cq.error());
 
@@ -633,7 +631,7 @@ Result<std::unique_ptr<Tier>> make_rdma_tier(const RdmaDeviceOptions& options,
                       errno != 0 ? errno : ENOMEM);
   }
 
-  auto qp = create_rc_qp(*device, cq->cq.get(), kSendQueueDepth);
+  auto qp = create_rc_qp(*device, cq->cq.get(), kMaxInFlight);
   if (!qp) return tl::unexpected(qp.error());
   // The initiator grants no remote rights: nobody may READ/WRITE into this host.
   if (auto ok = qp_to_init(qp->get(), *device, 0); !ok) return tl::unexpected(ok.error());
