@@ -6,8 +6,9 @@ JOBS ?= 2
 
 NATIVE := $(TB) -t testbed/topologies/native.toml
 LIBVIRT := $(TB) -t testbed/topologies/libvirt.toml
+TWO_MACHINES := $(TB) -t testbed/topologies/two-machines.toml
 
-.PHONY: all deps build-deps build test test-unit test-python image guest-agent testbed up down status health scenario matrix chaos burst native native-matrix native-chaos native-down libvirt libvirt-down zdtm clean
+.PHONY: all deps build-deps build test test-unit test-python image guest-agent testbed up down status health scenario matrix chaos burst native native-matrix native-chaos native-down libvirt libvirt-down two-machines two-machines-down zdtm clean
 
 all: build
 
@@ -74,6 +75,15 @@ libvirt: deps image guest-agent  ## the default hosts as libvirt domains: daemon
 	$(LIBVIRT) scenario agent-smoke
 libvirt-down:
 	$(LIBVIRT) down
+
+two-machines: deps image guest-agent  ## the default hosts on two libvirt machines, the second over ssh on loopback: up (or reuse), health
+	bash testbed/libvirt/daemon.sh start
+	bash testbed/ssh/loopback.sh start
+	@if $(TWO_MACHINES) status > /dev/null 2>&1; then echo "two-machines: topology already up and ready, reusing it"; \
+	 else $(TWO_MACHINES) down && $(TWO_MACHINES) up; fi
+	$(TWO_MACHINES) health
+two-machines-down:
+	$(TWO_MACHINES) down
 
 zdtm: deps image guest-agent  ## CRIU's zdtm suite, lazy pages: CRIU's daemon vs the agent's (docs/zdtm.md)
 	bash tests/zdtm/zdtm.sh

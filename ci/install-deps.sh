@@ -20,10 +20,11 @@ build_pkgs=(
   libdaxctl-dev libcxl-dev
   python3 python3-pytest python3-matplotlib python3-numpy python3-pil python3-pyaes
 )
-# ... and run the testbed (libxml2-utils: xmllint, which virt-xml-validate runs).
+# ... and run the testbed (libxml2-utils: xmllint, which virt-xml-validate runs; openssh-server:
+# the loopback "second machine" of multi-machine topologies, testbed/ssh/loopback.sh).
 testbed_pkgs=(
   e2fsprogs busybox-static cpio xz-utils zstd gzip
-  vde2 socat openssh-client coreutils procps util-linux libxml2-utils
+  vde2 socat openssh-client openssh-server coreutils procps util-linux libxml2-utils
 )
 
 missing_of() {
@@ -81,8 +82,19 @@ if [ ${#missing[@]} -gt 0 ] || [ $need_bp = 1 ]; then
   export DEBIAN_FRONTEND=noninteractive
   if [ ${#missing[@]} -gt 0 ]; then
     log "installing: ${missing[*]}"
-    timeout 1200 apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null \
-      || die "apt-get install failed for: ${missing[*]}"
+    # No package starts its service (openssh-server would listen on every address): the testbed
+    # starts what it needs itself, on loopback. A policy of the machine's own is left alone.
+    policy=/usr/sbin/policy-rc.d
+    own_policy=0
+    if [ ! -e "$policy" ]; then
+      printf '#!/bin/sh\n# snaptier install-deps: no service starts during its install\nexit 101\n' > "$policy"
+      chmod 755 "$policy"
+      own_policy=1
+    fi
+    rc=0
+    timeout 1200 apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null || rc=$?
+    [ $own_policy = 0 ] || rm -f "$policy"
+    [ $rc = 0 ] || die "apt-get install failed for: ${missing[*]}"
   fi
   if [ $need_bp = 1 ]; then
     log "installing from bookworm-backports: ${backport_pkgs[*]}"

@@ -80,7 +80,7 @@ def _pci(parent: ET.Element, slot: int) -> None:
 
 
 def domain_xml(spec: MachineSpec, root_disk: Path, topology: str, state_dir: Path,
-               emulator: str = EMULATOR) -> str:
+               emulator: str = EMULATOR, machine: str | None = None) -> str:
     """The domain of one host. `root_disk` is a qcow2 overlay over spec.root_image that the
     launcher creates per boot (libvirt has no snapshot=on), so every guest boots the one cached
     image and its writes vanish at `down`."""
@@ -88,8 +88,10 @@ def domain_xml(spec: MachineSpec, root_disk: Path, topology: str, state_dir: Pat
     _sub(dom, "name", domain_name(spec))
     _sub(dom, "title", f"snaptier {topology}/{spec.name}")
     meta = _sub(dom, "metadata")
-    ET.SubElement(meta, f"{{{SNAPTIER_NS}}}host", {"topology": topology, "host": spec.name, "role": spec.role,
-                                                  "state": str(state_dir)})
+    marker = {"topology": topology, "host": spec.name, "role": spec.role, "state": str(state_dir)}
+    if machine:
+        marker["machine"] = machine    # the topology's machine: two URIs may reach one libvirt
+    ET.SubElement(meta, f"{{{SNAPTIER_NS}}}host", marker)
     nvdimm = spec.cxl is not None and spec.cxl.emulation == "nvdimm"
     if nvdimm:
         # The NVDIMM (from <qemu:commandline>) needs hotplug slots and room above guest RAM.
@@ -160,7 +162,7 @@ def domain_xml(spec: MachineSpec, root_disk: Path, topology: str, state_dir: Pat
 
 
 def parse_metadata(xml_text: str) -> dict[str, str] | None:
-    """The snaptier marker of a domain's XML (topology, host, role, state), or None."""
+    """The snaptier marker of a domain's XML (topology, host, role, state[, machine]), or None."""
     try:
         root = ET.fromstring(xml_text)
     except ET.ParseError:

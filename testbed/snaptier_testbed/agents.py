@@ -79,6 +79,9 @@ def write_configs(topo: Topology) -> Path:
         path = out / f"{h.name}.toml"
         path.write_text(agent_config(topo, h.name, token, status))
         path.chmod(0o600)
+    if any(m.remote for m in topo.machines):
+        from .libvirt_backend import push_share
+        push_share(topo, [f"agents/{h.name}.toml" for h in topo.hosts])
     return out
 
 

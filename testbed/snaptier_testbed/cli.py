@@ -43,12 +43,21 @@ def cmd_argv(args, topo) -> int:
     runtime = Runtime(repo=REPO, state_dir=state_dir, image_dir=Path(args.image or "IMAGE"),
                       accel={"auto": "kvm-then-tcg"}.get(topo.accel, topo.accel),
                       ssh_ports={h.name: 2200 + i for i, h in enumerate(topo.hosts)})
-    for spec in describe(topo, runtime):
-        if topo.backend == "libvirt":   # the domain XML `up` defines (its root overlay is made at up)
-            from .libvirt_backend import root_overlay
-            print(domain_xml(spec, root_overlay(spec, state_dir), topo.name, state_dir), end="")
-        else:
+    if topo.backend != "libvirt":
+        for spec in describe(topo, runtime):
             print(shlex.join(qemu_argv(spec)))
+        return 0
+    from dataclasses import replace
+    from .libvirt_backend import root_overlay
+    from .machines import places
+    # The domain XML `up` defines (its root overlay is made at up); a host on another machine
+    # names that machine's copies and run directory.
+    for h in topo.hosts:
+        place = places(topo, state_dir)[h.machine]
+        here = runtime if place.local else replace(runtime, repo=place.cache / "tree-KEY", state_dir=place.root,
+                                                   image_dir=place.cache / "IMAGE")
+        spec = next(s for s in describe(topo, here) if s.name == h.name)
+        print(domain_xml(spec, root_overlay(spec, place.root), topo.name, state_dir), end="")
     return 0
 
 
@@ -77,7 +86,7 @@ def status_of(topo) -> dict:
                 pass
         link = topo.link_of(h.name)
         hosts.append({
-            "name": h.name, "role": h.role, "running": h.name in running, "pid": running.get(h.name),
+            "name": h.name, "role": h.role, "machine": h.machine, "running": h.name in running, "pid": running.get(h.name),
             "ready": bool(guest.get("ready")) and state is not None and guest.get("boot_id") == state.boot_id,
             "ssh_port": state.ssh_ports.get(h.name) if state else None,
             "data_address": str(link.address_of(h.name).ip) if link else None,
@@ -93,12 +102,15 @@ def cmd_status(args, topo) -> int:
         print(json.dumps(st, indent=1))
     else:
         print(f"topology {st['topology']}: {'up' if st['up'] else 'down'}" + (f" ({st['accel']})" if st["up"] else ""))
-        print(f"{'host':8} {'role':8} {'state':8} {'data addr':12} {'ssh':6} {'cxl':22} rdma")
+        several = len(topo.machines) > 1
+        print(f"{'host':8} {'role':8} " + (f"{'machine':10} " if several else "")
+              + f"{'state':8} {'data addr':12} {'ssh':6} {'cxl':22} rdma")
         for h in st["hosts"]:
             state = "ready" if h["ready"] else ("booting" if h["running"] else "down")
             cxl = f"{h['cxl']['device']} {h['cxl']['size_bytes'] // MiB}M" if h["cxl"] else "-"
             rdma = h["rdma"]["device"] if h["rdma"] else "-"
-            print(f"{h['name']:8} {h['role']:8} {state:8} {h['data_address'] or '-':12} {h['ssh_port'] or '-'!s:6} {cxl:22} {rdma}")
+            print(f"{h['name']:8} {h['role']:8} " + (f"{h['machine']:10} " if several else "")
+                  + f"{state:8} {h['data_address'] or '-':12} {h['ssh_port'] or '-'!s:6} {cxl:22} {rdma}")
     return 0 if st["up"] and all(h["ready"] for h in st["hosts"]) else 1
 
 
@@ -117,6 +129,13 @@ def cmd_console(args, topo) -> int:
     if topo.backend == "native":
         os.execvp(sys.executable, [sys.executable, str(REPO / "testbed" / "tb"), "-t", str(topo.source),
                                    "exec", args.host, "--", "/bin/bash", "-i"])
+    if topo.backend == "libvirt" and topo.machine_of(args.host) and topo.machine_of(args.host).remote:
+        from .machines import places
+        place = places(topo, state_dir)[topo.machine_of(args.host).name]
+        sock = place.root / f"{args.host}.console"
+        print(f"console of {args.host} on machine {place.name}: Ctrl-] to leave", file=sys.stderr)
+        argv = place.ssh_argv(tty=True) + [shlex.join(["socat", "-,raw,echo=0,escape=0x1d", f"UNIX-CONNECT:{sock}"])]
+        os.execvp(argv[0], argv)
     sock = state_dir / f"{args.host}.console"
     if not sock.exists():
         raise TestbedError(f"no console socket for {args.host!r}")

@@ -8,6 +8,7 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 import secrets
+import shlex
 import shutil
 import socket
 import subprocess
@@ -51,6 +52,9 @@ def mem_available() -> int:
 
 def running_hosts(topology: Topology, state_dir: Path) -> dict[str, int]:
     """Hosts whose process (a QEMU, or a native host's unshare) is alive and carries its tag."""
+    if any(m.remote for m in topology.machines):
+        from . import libvirt_backend
+        return libvirt_backend.running_hosts(topology, state_dir)
     running = {}
     for h in topology.hosts:
         pid = process.owned_pid(state_dir / f"{h.name}.pid", f"process=snaptier-{topology.name}-{h.name}")
@@ -203,10 +207,12 @@ def start_guests(topology: Topology, runtime: Runtime, state: TestbedState, star
         raise
 
 
-def prepare_guests(topology: Topology, state_dir: Path, image: Path,
-                   backend: str = "qemu") -> tuple[Runtime, TestbedState]:
+def prepare_guests(topology: Topology, state_dir: Path, image: Path, backend: str = "qemu",
+                   ssh_ports: dict[str, int] | None = None,
+                   ssh_via: dict[str, list] | None = None) -> tuple[Runtime, TestbedState]:
     """What QEMU guests need before the first starts, whoever starts them: the accelerator, the
-    shared directory, the ssh key, ports, a boot id and the state file."""
+    shared directory, the ssh key, ports (free here unless given: hosts on other machines get
+    ports free there, reached through that machine, `ssh_via`), a boot id and the state file."""
     accel = resolve_accel(topology.accel, image)
     state_dir.mkdir(parents=True, exist_ok=True)
     share = state_dir / "share"
@@ -214,7 +220,8 @@ def prepare_guests(topology: Topology, state_dir: Path, image: Path,
     for old in (share / "status").glob("*.json"):
         old.unlink()
     runtime = Runtime(repo=REPO, state_dir=state_dir, image_dir=image, accel=accel,
-                      ssh_ports={h.name: free_port() for h in topology.hosts}, boot_id=secrets.token_hex(4))
+                      ssh_ports=ssh_ports or {h.name: free_port() for h in topology.hosts},
+                      boot_id=secrets.token_hex(4))
 
     key = state_dir / "id_ed25519"
     if not key.exists():
@@ -225,7 +232,7 @@ def prepare_guests(topology: Topology, state_dir: Path, image: Path,
 
     state = TestbedState(topology=str(topology.source or ""), name=topology.name, boot_id=runtime.boot_id,
                          accel=accel, image_dir=str(image), ssh_ports=runtime.ssh_ports, started_unix=time.time(),
-                         backend=backend)
+                         backend=backend, ssh_via=dict(ssh_via or {}))
     state.save(state_dir)
     return runtime, state
 
@@ -241,16 +248,42 @@ def start_cxl_and_switches(topology: Topology, runtime: Runtime, state: TestbedS
         state.save(runtime.state_dir)
 
 
-def wait_ready(topology: Topology, specs: list[MachineSpec], runtime: Runtime, timeout: float) -> None:
+class LocalWatch:
+    """How the boot wait sees a guest on this machine: its status file in the shared directory,
+    its QEMU by pidfile and tag, its serial log. The libvirt backend passes one that looks on the
+    guest's own machine."""
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+
+    def status_text(self, spec: MachineSpec) -> str | None:
+        try:
+            return (self.runtime.state_dir / "share" / "status" / f"{spec.name}.json").read_text()
+        except OSError:
+            return None
+
+    def alive(self, spec: MachineSpec) -> bool:
+        return process.owned_pid(spec.pidfile, f"process={spec.tag}") is not None
+
+    def console_tail(self, spec: MachineSpec, lines: int = 10) -> list[str]:
+        log = spec.console_log
+        return log.read_text(errors="replace").splitlines()[-lines:] if log.exists() else []
+
+    def ssh_via(self, spec: MachineSpec) -> list | None:
+        return None
+
+
+def wait_ready(topology: Topology, specs: list[MachineSpec], runtime: Runtime, timeout: float,
+               watch: LocalWatch | None = None) -> None:
+    watch = watch or LocalWatch(runtime)
     t0 = time.monotonic()
     pending = {s.name: s for s in specs}
     last_note = t0
     while pending:
         for name, spec in list(pending.items()):
-            status_file = runtime.state_dir / "share" / "status" / f"{name}.json"
-            if status_file.exists():
+            text = watch.status_text(spec)
+            if text is not None:
                 try:
-                    status = json.loads(status_file.read_text())
+                    status = json.loads(text)
                 except ValueError:
                     continue
                 if status.get("boot_id") != runtime.boot_id:
@@ -259,11 +292,15 @@ def wait_ready(topology: Topology, specs: list[MachineSpec], runtime: Runtime, t
                     failed = [u for u, r in status.get("units", {}).items() if r != "ok"]
                     raise TestbedError(f"{name} booted but its set-up failed in {', '.join(failed)}; "
                                        f"see {spec.console_log}")
+                # Here, whichever machine it booted on: agent configs and `status` read it.
+                local_status = runtime.state_dir / "share" / "status" / f"{name}.json"
+                if not local_status.exists() or local_status.read_text() != text:
+                    local_status.write_text(text)
                 say(f"{name} ready after {time.monotonic() - t0:.0f} s (guest uptime {status.get('uptime_s', 0):.1f} s)")
                 del pending[name]
                 continue
-            if not process.owned_pid(spec.pidfile, f"process={spec.tag}"):
-                tail = spec.console_log.read_text(errors="replace").splitlines()[-10:] if spec.console_log.exists() else []
+            if not watch.alive(spec):
+                tail = watch.console_tail(spec)
                 raise TestbedError(f"{name}: QEMU exited during boot. Last console lines:\n  " + "\n  ".join(tail))
         if not pending:
             break
@@ -279,7 +316,8 @@ def wait_ready(topology: Topology, specs: list[MachineSpec], runtime: Runtime, t
     for spec in specs:
         deadline = time.monotonic() + 60
         while True:
-            if ssh(runtime.state_dir, runtime.ssh_ports[spec.name], ["true"], timeout=20).returncode == 0:
+            if ssh(runtime.state_dir, runtime.ssh_ports[spec.name], ["true"], timeout=20,
+                   via=watch.ssh_via(spec)).returncode == 0:
                 break
             if time.monotonic() > deadline:
                 raise TestbedError(f"{spec.name}: ssh does not answer on port {runtime.ssh_ports[spec.name]}")
@@ -322,8 +360,9 @@ def down(topology: Topology, quiet: bool = False) -> int:
     return stopped
 
 
-def remove_volatile(topology: Topology, state_dir: Path) -> None:
-    """After the guests are gone: the switches, CXL backing files, sockets, pidfiles, state file."""
+def remove_volatile(topology: Topology, state_dir: Path, cxl_devices: set[str] | None = None) -> None:
+    """After the guests are gone: the switches, CXL backing files (those named in `cxl_devices`
+    if given: the others are on another machine), sockets, pidfiles, state file."""
     for link in topology.links:
         pidfile = state_dir / f"switch-{link.name}.pid"
         pid = process.read_pid(pidfile)
@@ -338,7 +377,7 @@ def remove_volatile(topology: Topology, state_dir: Path) -> None:
         shutil.rmtree(state_dir / f"switch-{link.name}", ignore_errors=True)
         Path(mgmt).unlink(missing_ok=True)
     runtime = Runtime(repo=REPO, state_dir=state_dir, image_dir=Path("."), accel="tcg")
-    for dev in topology.cxl:
+    for dev in (d for d in topology.cxl if cxl_devices is None or d.name in cxl_devices):
         cxl_backing(topology, dev.name, runtime).unlink(missing_ok=True)
     for h in topology.hosts:
         for suffix in (".pid", ".qmp", ".console"):
@@ -347,9 +386,22 @@ def remove_volatile(topology: Topology, state_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------- exec
+def proxy_command(via: list) -> str:
+    """ssh's ProxyCommand to a port on another machine's loopback, through that machine (its
+    own ssh configuration, never prompting)."""
+    destination, port = via
+    return shlex.join(["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR",
+                       *(["-p", str(port)] if port else []), "-W", "%h:%p", destination])
+
+
 def ssh(state_dir: Path, port: int, command: list[str], timeout: float | None = None,
-        capture: bool = True, tty: bool = False, stdin=subprocess.DEVNULL) -> subprocess.CompletedProcess:
+        capture: bool = True, tty: bool = False, stdin=subprocess.DEVNULL,
+        via: list | None = None) -> subprocess.CompletedProcess:
+    """ssh into a guest by its forwarded port: on this machine's loopback, or on the loopback of
+    the machine `via` names ([destination, port])."""
     argv = ["ssh", "-i", str(state_dir / "id_ed25519"), "-p", str(port), *SSH_OPTS]
+    if via:
+        argv += ["-o", f"ProxyCommand={proxy_command(via)}"]
     if tty:
         argv.append("-t")
     argv += ["root@127.0.0.1", *command]
@@ -377,7 +429,7 @@ def exec_in(topology: Topology, host: str, command: list[str], timeout: float | 
     if host not in state.ssh_ports:
         raise TestbedError(f"no host named {host!r} in topology {topology.name!r}")
     return ssh(state_dir, state.ssh_ports[host], command, timeout=timeout, capture=capture,
-               stdin=None if not capture else subprocess.DEVNULL)
+               stdin=None if not capture else subprocess.DEVNULL, via=state.ssh_via.get(host))
 
 
 def run_in(topology: Topology, host: str, script: str, timeout: float | None = 120) -> subprocess.CompletedProcess:

@@ -22,6 +22,9 @@ class TestbedState:
     accel: str
     image_dir: str
     ssh_ports: dict[str, int] = field(default_factory=dict)
+    # Hosts on another machine: [ssh destination, port or None] of the machine whose loopback
+    # their forwarded ssh port listens on (libvirt topologies on several machines).
+    ssh_via: dict[str, list] = field(default_factory=dict)
     switches: dict[str, int] = field(default_factory=dict)   # link name -> vde_switch pid
     started_unix: float = 0.0
     backend: str = "qemu"

@@ -10,6 +10,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -22,6 +23,8 @@ GUEST_BACKENDS = ("qemu", "libvirt")
 # nvdimm stand-in); native hosts map one shared-memory file ("shm").
 EMULATIONS = {"qemu": ("type3", "nvdimm"), "libvirt": ("type3", "nvdimm"), "native": ("shm",)}
 DEFAULT_LIBVIRT_URI = "qemu:///system"
+# Where the testbed keeps a remote machine's copies (image, guest tree) and run files.
+DEFAULT_REMOTE_DIR = "/var/lib/snaptier-testbed"
 # A libvirt QEMU driver URI: qemu[+transport]://[host]/system|session[?params].
 LIBVIRT_URI_RE = re.compile(r"^qemu(\+[a-z0-9]+)?://[^/\s]*/(system|session)(\?\S*)?$")
 ACCELS = ("auto", "kvm", "tcg")
@@ -52,10 +55,35 @@ class Host:
 
 
 @dataclass(frozen=True)
+class SshTarget:
+    """How the launcher reaches a machine named in a libvirt URI (qemu+ssh://USER@HOST:PORT/...)."""
+    host: str
+    user: str | None = None
+    port: int | None = None
+
+    @property
+    def destination(self) -> str:
+        return f"{self.user}@{self.host}" if self.user else self.host
+
+    @property
+    def jump(self) -> str:
+        """The `ssh -J` form: the guests' forwarded ssh ports listen on this machine's loopback."""
+        return self.destination + (f":{self.port}" if self.port else "")
+
+
+@dataclass(frozen=True)
 class Machine:
-    """A machine a libvirt topology places hosts on: the libvirt connection that reaches it."""
+    """A machine a libvirt topology places hosts on: the libvirt connection that reaches it.
+    A URI naming a host (qemu+ssh://root@HOST/system) is another machine, reached by ssh, with
+    the testbed's files for it under `dir` there; a URI without one is this machine."""
     name: str
     uri: str
+    ssh: SshTarget | None = None
+    dir: str = DEFAULT_REMOTE_DIR
+
+    @property
+    def remote(self) -> bool:
+        return self.ssh is not None
 
 
 @dataclass(frozen=True)
@@ -216,6 +244,24 @@ def _parse_host(t: dict, where: str) -> Host:
     return Host(name=name, role=role, cpus=cpus, memory=memory, pool=pool, machine=machine)
 
 
+def _ssh_target(uri: str, key: str) -> SshTarget | None:
+    """The machine a URI names (None: this one). Only ssh reaches another machine: the testbed
+    copies files and runs switches there over the same connection libvirt uses."""
+    parts = urlsplit(uri)
+    if not parts.hostname:
+        return None
+    transport = parts.scheme.partition("+")[2]
+    if transport not in ("ssh", "libssh", "libssh2"):
+        raise TopologyError(f"{key}: {uri!r} names machine {parts.hostname!r} over "
+                            f"{transport or 'tcp'!r}; another machine is reached over ssh "
+                            "(qemu+ssh://USER@HOST/system), which the testbed also uses to copy files there")
+    try:
+        port = parts.port
+    except ValueError:
+        raise TopologyError(f"{key}: {uri!r} has an invalid port") from None
+    return SshTarget(host=parts.hostname, user=parts.username, port=port)
+
+
 def _libvirt_uri(value: object, key: str) -> str:
     uri = _str(value, key)
     if not LIBVIRT_URI_RE.match(uri):
@@ -234,15 +280,24 @@ def _parse_machines(doc: dict, backend: str) -> list[Machine]:
             raise TopologyError(f"uri: only backend = \"libvirt\" connects to libvirt (this topology's backend is {backend!r})")
         return []
     if not tables:
-        return [Machine(name="local", uri=_libvirt_uri(doc.get("uri", DEFAULT_LIBVIRT_URI), "uri"))]
+        uri = _libvirt_uri(doc.get("uri", DEFAULT_LIBVIRT_URI), "uri")
+        return [Machine(name="local", uri=uri, ssh=_ssh_target(uri, "uri"))]
     if "uri" in doc:
         raise TopologyError("uri: a topology with [[machine]] tables gives each machine its own uri")
     machines: list[Machine] = []
     for i, t in enumerate(tables):
         where = f"machine[{i}]"
-        _check_keys(t, {"name", "uri"}, where)
-        m = Machine(name=_name(_require(t, "name", where), f"{where}.name"),
-                    uri=_libvirt_uri(_require(t, "uri", where), f"{where}.uri"))
+        _check_keys(t, {"name", "uri", "dir"}, where)
+        uri = _libvirt_uri(_require(t, "uri", where), f"{where}.uri")
+        ssh = _ssh_target(uri, f"{where}.uri")
+        directory = _str(t.get("dir", DEFAULT_REMOTE_DIR), f"{where}.dir")
+        if "dir" in t and ssh is None:
+            raise TopologyError(f"{where}.dir: machine {t.get('name')!r} is this machine ({uri!r} names no host); "
+                                "its files stay in the checkout's run directory")
+        if not directory.startswith("/") or ".." in directory.split("/") or directory.rstrip("/") == "":
+            raise TopologyError(f"{where}.dir: {directory!r} is not an absolute directory below /")
+        m = Machine(name=_name(_require(t, "name", where), f"{where}.name"), uri=uri, ssh=ssh,
+                    dir=directory.rstrip("/"))
         if any(o.name == m.name for o in machines):
             raise TopologyError(f"{where}.name: machine name {m.name!r} is used twice")
         if any(o.uri == m.uri for o in machines):

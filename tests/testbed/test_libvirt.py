@@ -226,22 +226,6 @@ def test_machine_refusals_name_the_key(d, message):
         parse_topology(d)
 
 
-def test_up_refuses_hosts_on_several_machines_before_contacting_any(tmp_path):
-    topo = tmp_path / "two.toml"
-    placed = TOPOLOGY.replace('name = "b"\nrole = "compute"', 'name = "b"\nrole = "compute"\nmachine = "two"')
-    topo.write_text(placed + """[[machine]]
-name = "one"
-uri = "qemu:///system"
-[[machine]]
-name = "two"
-uri = "qemu+ssh://root@example.invalid/system"
-""")
-    r = subprocess.run([*TB, "-t", str(topo), "up"], capture_output=True, text=True, timeout=60,
-                       env={**os.environ, "SNAPTIER_STATE": str(tmp_path / "state")})
-    assert r.returncode == 2, r.stderr
-    assert "its hosts are on 2 machines (one (qemu:///system): a; two (qemu+ssh://root@example.invalid/system): b)" in r.stderr
-
-
 @pytest.mark.parametrize("d,message", [
     (lv(uri="xen:///system"), r"uri: 'xen:///system' is not a libvirt QEMU URI"),
     (lv(uri="qemu:///nowhere"), r"uri: 'qemu:///nowhere' is not a libvirt QEMU URI"),
@@ -372,14 +356,6 @@ def test_down_without_libvirt_still_succeeds(fake):
     (fake.state_dir.parent.parent / "domains" / "unreachable").touch()
     r = fake.tb("down")
     assert r.returncode == 0 and "does not answer: no domain can be undefined" in r.stderr
-
-
-def test_up_refuses_a_remote_uri_before_contacting_it(fake, tmp_path):
-    topo = tmp_path / "remote.toml"
-    topo.write_text(TOPOLOGY.replace('accel = "tcg"', 'accel = "tcg"\nuri = "qemu+ssh://root@example.invalid/system"'))
-    r = subprocess.run([*TB, "-t", str(topo), "up"], capture_output=True, text=True, timeout=60,
-                       env={**os.environ, "SNAPTIER_STATE": str(tmp_path / "state")})
-    assert r.returncode == 2 and "names another machine (example.invalid)" in r.stderr
 
 
 def test_a_shut_off_domain_of_this_topology_is_left_for_up_to_replace(fake, monkeypatch):
