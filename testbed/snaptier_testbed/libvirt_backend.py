@@ -1,16 +1,16 @@
-"""Bringing a topology up and down as libvirt domains (backend = "libvirt").
+"""Bringing a topology up and down as libvirt domains (backend = "libvirt"), on one machine or
+several.
 
 The same machines as the direct QEMU backend — one MachineSpec per host, translated by
-qemu/snaptier_qemu/domain_xml.py instead of argv.py — defined and started through `virsh` at
-the topology's `uri`. The same contract as launcher.py and native.py: `up` refuses a running
-topology and undoes a half-made one, `down` is idempotent and removes exactly what `up` made
-(the domains named snaptier-<topology>-<host> that carry this topology's marker, the switches,
-the overlays and the CXL files), every virsh call and every wait has a deadline.
-
-Only a libvirt on this machine is supported: the 9p shares, the CXL backing file in /dev/shm,
-the VDE switches and ssh on 127.0.0.1 are this machine's. A topology file may already place its
-hosts on several [[machine]]s (the format and its rules are parsed and checked); bringing such a
-topology up is refused until the launcher reaches other machines (issue 15 item 2).
+qemu/snaptier_qemu/domain_xml.py instead of argv.py — defined and started through `virsh` at the
+URI of the host's machine. Each machine is a machines.Place: this one directly, another over ssh,
+with its own copies of the image and guest tree, run directory, switches and CXL backing files.
+A link whose hosts are on several machines is a switch on each, cabled to the first host's
+machine's switch over ssh. The same contract as launcher.py and native.py: `up` refuses a running
+topology and undoes a half-made one, `down` is idempotent and removes exactly what `up` made (the
+domains named snaptier-<topology>-<host> that carry this topology's marker, on every machine; the
+cables, switches, overlays, CXL files and other machines' run directories), every virsh and ssh
+call and every wait has a deadline.
 """
 from __future__ import annotations
 

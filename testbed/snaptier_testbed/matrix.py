@@ -37,6 +37,7 @@ RESTORE_TIMEOUT_S = 600
 FAULTS_BASELINE = "lazy-cxl"
 FIRST_RESPONSE_BASELINE = "criu-eager"
 LAZY_BASELINE = "criu-lazy"
+LAZY_SERVER_MECHANISM = "snaptier-lazy"   # a restore result's `mechanism` for the agent's lazy-pages server (schema enum)
 FIXED_TIERS = ("cxl", "rdma")  # always a column; other tiers (local, file) when some result has them
 TIER_ORDER = ("cxl", "rdma", "local", "file")
 
@@ -136,6 +137,12 @@ def row_of(cell: dict) -> dict:
             errors.append("wrong answer" if r.get("answer_ok") is False else "answer not checked")
         if r.get("ok") is True and r.get("digest_ok") is not True:
             errors.append("state digest differs" if r.get("digest_ok") is False else "state digest not checked")
+        if r.get("ok") is True and r.get("mechanism") == LAZY_SERVER_MECHANISM and r.get("lazy_pages") == 0 \
+                and not r.get("pages_mapped_in_place"):
+            # Seen once: answer and digest right, but CRIU restored every page itself. The
+            # cell would report criu-eager's work under this policy's name.
+            errors.append("no page was left to the agent's lazy-pages server (lazy_pages 0, none mapped in place): "
+                          "CRIU restored every page itself, so this cell does not measure its policy")
         want = cell.get("restore_host")
         if r.get("host") and want and r["host"] != want:
             errors.append(f"restored on {r['host']}, not on {want}: the request was not forwarded")

@@ -37,7 +37,7 @@ case "${1:-}" in
     sshd=$(command -v sshd || echo /usr/sbin/sshd)
     [ -x "$sshd" ] || die "sshd is missing: install openssh-server ('make deps')"
     if pid=$(ours); then die "sshd $pid (started by $0) runs but root@127.0.0.1 does not answer; see $run/sshd.log, or '$0 stop'"; fi
-    if ss -Hltn "sport = :$port" 2>/dev/null | grep -q .; then
+    if command -v ss > /dev/null && ss -Hltn "sport = :$port" 2>/dev/null | grep -q .; then
       die "port $port is taken by an sshd not started by $0: let root@127.0.0.1 in with a key there (the testbed's second machine), or stop it"
     fi
     mkdir -p "$run" /run/sshd

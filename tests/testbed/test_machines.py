@@ -4,6 +4,7 @@ switches, and — against a fake `ssh` that runs the "remote" command here and a
 what is copied once, what is refused before anything is defined, and how a host on another
 machine is seen running. The real two-machine run (sshd on loopback) is CI stage 5."""
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -142,6 +143,17 @@ def test_a_copy_is_made_once_and_a_half_made_one_is_replaced(ssh_here, tmp_path)
     assert (copy / "root.img").read_bytes() == b"r" * 5000
 
 
+def test_a_new_tree_copy_keeps_only_the_newest_of_its_kind(ssh_here, tmp_path):
+    src = tmp_path / "tree"
+    src.mkdir()
+    (src / "f").write_text("x\n")
+    place = ssh_here.place
+    for key in ("tree-1", "tree-2", "tree-3"):
+        machines.cached_copy(place, src, ["f"], key, "a tree", keep=2)
+    machines.cached_copy(place, src, ["f"], "image-1", "an image", keep=2)   # another kind: not counted
+    assert sorted(p.name for p in place.cache.iterdir()) == ["image-1", "tree-2", "tree-3"]
+
+
 def test_a_failed_copy_says_so_and_leaves_no_complete_copy(ssh_here, tmp_path):
     src = tmp_path / "img"
     src.mkdir()
@@ -195,6 +207,7 @@ def test_a_machine_without_the_tools_the_launcher_runs_there_is_refused(ssh_here
     assert any(p.startswith("machine two lacks qemu-system-x86_64, qemu-img, vde_switch, vde_plug") for p in problems), problems
 
 
+@pytest.mark.skipif(not shutil.which("pgrep"), reason="pgrep (procps, a testbed package) is not installed")
 def test_a_host_on_another_machine_runs_if_its_process_there_carries_its_tag(ssh_here, tmp_path):
     state = tmp_path / "state"
     state.mkdir()

@@ -156,6 +156,20 @@ def test_a_cell_passes_only_if_ok_answer_and_digest(kw, message):
     assert matrix.exit_status(rows) == 1
 
 
+def test_a_lazy_server_restore_that_left_no_page_to_the_server_fails():
+    schema = json.loads((REPO / "docs/schema/control.schema.json").read_text())
+    assert matrix.LAZY_SERVER_MECHANISM in schema["$defs"]["FunctionRestoreResult"]["properties"]["mechanism"]["enum"]
+    lazy = {"mechanism": matrix.LAZY_SERVER_MECHANISM}
+    rows = matrix.rows_of(results([
+        cell("lazy-cxl", lazy_pages=0, pages_mapped_in_place=0, **lazy),              # CRIU restored every page
+        cell("trenv", lazy_pages=0, pages_mapped_in_place=2036, **lazy),              # mapped them all in place
+        cell("reap", lazy_pages=2036, pages_mapped_in_place=0, **lazy),
+        cell("criu-eager", lazy_pages=0, mechanism="criu-eager")]))
+    got = by_policy(rows)
+    assert not got["lazy-cxl"]["ok"] and "no page was left to the agent's lazy-pages server" in got["lazy-cxl"]["error"]
+    assert got["trenv"]["ok"] and got["reap"]["ok"] and got["criu-eager"]["ok"]
+
+
 def test_exit_status_of_an_empty_matrix_is_failure():
     assert matrix.exit_status([]) == 1
 
