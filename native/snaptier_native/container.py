@@ -76,6 +76,29 @@ def lift_pipe_limit() -> str | None:
             f"{CRIU_PIPE_BYTES >> 20} MiB for CRIU's page pipes")
 
 
+def mount_huge_tmpfs(path: Path, size: int) -> str:
+    """A tmpfs of `size` bytes at `path` that backs its files with huge pages where it can
+    (huge=always): the CXL files native hosts map in place, so that a restored process's first
+    touch of a 2 MiB block is one fault. Where the kernel has no transparent huge pages, a plain
+    tmpfs. Returns what it mounted. A tmpfs already there (a lost run) is replaced."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.path.ismount(path):
+        unmount(path)
+    for options, what in ((f"huge=always,size={size},mode=0700", "huge pages"), (f"size={size},mode=0700", "4 KiB pages")):
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "snaptier-cxl", str(path)],
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=20)
+        if proc.returncode == 0:
+            return what
+    raise ContainerError(f"cannot mount a tmpfs at {path}: {proc.stderr.strip()}")
+
+
+def unmount(path: Path) -> None:
+    if os.path.ismount(path):
+        proc = subprocess.run(["umount", str(path)], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=20)
+        if proc.returncode != 0:
+            raise ContainerError(f"cannot unmount {path}: {proc.stderr.strip()}")
+
+
 def netns_list() -> set[str]:
     proc = _ip("netns", "list", check=False)
     return {line.split()[0] for line in proc.stdout.splitlines() if line.strip()}

@@ -79,10 +79,21 @@ def mgmt_mac(host_index: int) -> str:
     return f"52:54:00:ad:00:{host_index + 1:02x}"
 
 
+# Native hosts map their CXL file in place: it lives on a tmpfs of the topology's own, with huge
+# pages (native.py mounts it), rather than in /dev/shm.
+NATIVE_CXL_ROOT = Path("/run/snaptier-native")
+
+
+def native_cxl_dir(topology: Topology) -> Path:
+    return NATIVE_CXL_ROOT / topology.name
+
+
 def cxl_backing(topology: Topology, device_name: str, runtime: Runtime) -> Path:
     dev = next(c for c in topology.cxl if c.name == device_name)
     if dev.backing:
         return Path(dev.backing)
+    if topology.backend == "native":
+        return native_cxl_dir(topology) / f"snaptier-{topology.name}-{dev.name}.raw"
     return runtime.shm_dir / f"snaptier-{topology.name}-{dev.name}.raw"
 
 

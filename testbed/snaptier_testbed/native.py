@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from .launcher import TestbedError, check_cxl_backing, refuse_running, say
-from .machine import ContainerSpec, Runtime, cxl_backing, describe_native, hosts_file_text
+from .launcher import TestbedError, check_cxl_backing, mem_available, refuse_running, say
+from .machine import ContainerSpec, Runtime, cxl_backing, describe_native, hosts_file_text, native_cxl_dir
 from .state import REPO, TestbedState, state_dir_for
 from .topology import Topology
 
@@ -90,6 +90,14 @@ def up(topology: Topology, rootfs: Path, boot_timeout: float = 60) -> None:
         raise TestbedError(f"network namespace {clash[0]} already exists and topology {topology.name!r} is not up: "
                            f"another tool or a lost run made it; remove it ('ip netns delete {clash[0]}') "
                            "or give the topology another name")
+    # The CXL files' tmpfs: sized for them, so check_cxl_backing sees its room.
+    default_backed = [d for d in topology.cxl if not d.backing]
+    if default_backed:
+        need = sum(d.size for d in default_backed)
+        if need > mem_available():
+            raise TestbedError(f"the CXL devices need {need >> 20} MiB of memory; {mem_available() >> 20} MiB is available")
+        pages = container.mount_huge_tmpfs(native_cxl_dir(topology), need + (16 << 20))
+        say(f"CXL backing files on a tmpfs with {pages} at {native_cxl_dir(topology)}")
     check_cxl_backing(topology, runtime)
 
     share = state_dir / "share"
@@ -189,6 +197,11 @@ def down(topology: Topology, quiet: bool = False) -> int:
     runtime = Runtime(repo=REPO, state_dir=state_dir, image_dir=Path("."), accel="native")
     for dev in topology.cxl:
         cxl_backing(topology, dev.name, runtime).unlink(missing_ok=True)
+    container.unmount(native_cxl_dir(topology))
+    try:
+        native_cxl_dir(topology).rmdir()
+    except OSError:
+        pass
     for h in topology.hosts:
         (state_dir / f"{h.name}.pid").unlink(missing_ok=True)
     TestbedState.path(state_dir).unlink(missing_ok=True)

@@ -87,8 +87,8 @@ class StoreTest : public ::testing::Test {
     return store ? std::move(*store) : nullptr;
   }
 
-  void make_region(std::uint32_t hosts = 2) {
-    region_path_ = testing::make_region_file(dir_.path(), 8 << 20);
+  void make_region(std::uint32_t hosts = 2, std::uint64_t bytes = 8 << 20) {
+    region_path_ = testing::make_region_file(dir_.path(), bytes);
     auto region = MappedRegion::open(region_path_);
     ASSERT_TRUE(region);
     region_ = *region;
@@ -313,6 +313,48 @@ TEST_F(StoreTest, SharedSnapshotIsPublishedAndRestoredByAnotherProcessInPlace) {
   EXPECT_EQ(store->get("shared-fn").error().code, Errc::not_found);
   auto other = attach(1, "hostB");
   EXPECT_EQ(other->lookup("shared-fn").error().code, Errc::not_found);
+}
+
+TEST_F(StoreTest, CxlPagesOfLongRunsSitAtTheirAddressModuloTwoMiBAndShortOnesArePacked) {
+  make_region(1, 32 << 20);
+  auto directory = attach(0, "hostA");
+  auto cxl = std::shared_ptr<Tier>(*make_cxl_tier(directory));
+  auto store = open_store({{TierKind::local, local_}, {TierKind::cxl, cxl}}, directory);
+  constexpr std::uint64_t kHuge = 2 << 20;
+
+  // 1,100 pages from 3 pages past a 2 MiB boundary (a whole block from page 509 on), one zero
+  // page after the block.
+  Snapshot big = make_snapshot("long-run", 1100);
+  for (auto& page : big.pages) page.vaddr += 3 * kPageSize;
+  const auto big_data = page_data(1100, {1050});
+  auto info = store->put(big, big_data, PlacementRequest{TierKind::cxl, {}});
+  ASSERT_TRUE(info) << info.error().what();
+  auto stored = store->get("long-run");
+  ASSERT_TRUE(stored);
+  for (std::size_t i = 0; i < 1050; ++i) {  // the run holding the block
+    const PageEntry& page = stored->pages[i];
+    ASSERT_EQ(page.location % kHuge, page.vaddr % kHuge) << "page at " << std::hex << page.vaddr;
+  }
+  for (std::size_t i = 1052; i < stored->pages.size(); ++i) {  // the short run after the zero page: packed
+    EXPECT_EQ(stored->pages[i].location, stored->pages[i - 1].location + kPageSize);
+  }
+  EXPECT_EQ(stored->pages[1051].location, stored->pages[1049].location + kPageSize);
+  EXPECT_TRUE(restores_exactly(*store, *stored, big_data, /*expect_mapped=*/true));
+
+  Snapshot small = make_snapshot("short-run", 8);
+  for (auto& page : small.pages) page.vaddr += 5 * kPageSize;
+  const auto small_data = page_data(8);
+  ASSERT_TRUE(store->put(small, small_data, PlacementRequest{TierKind::cxl, {}}));
+  auto short_run = store->get("short-run");
+  ASSERT_TRUE(short_run);
+  for (std::size_t i = 1; i < short_run->pages.size(); ++i) {
+    EXPECT_EQ(short_run->pages[i].location, short_run->pages[0].location + i * kPageSize);
+  }
+  EXPECT_TRUE(restores_exactly(*store, *short_run, small_data, /*expect_mapped=*/true));
+  // The padding is given back with the snapshot.
+  const std::uint64_t used = directory->arena_used_bytes();
+  ASSERT_TRUE(store->remove("long-run"));
+  EXPECT_GE(used - directory->arena_used_bytes(), 1099 * kPageSize);
 }
 
 TEST_F(StoreTest, MixedPlacementStaysPrivateButKeepsItsCxlSpaceAcrossRestarts) {

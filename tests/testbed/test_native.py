@@ -9,7 +9,7 @@ import pytest
 
 from conftest import REPO
 from snaptier_testbed import native
-from snaptier_testbed.machine import NATIVE_CXL_DEVICE, Runtime, describe_native, hosts_file_text
+from snaptier_testbed.machine import NATIVE_CXL_DEVICE, Runtime, describe_native, hosts_file_text, native_cxl_dir
 from snaptier_testbed.topology import TopologyError, parse_topology
 
 TB = ["/usr/bin/python3", str(REPO / "testbed" / "tb")]
@@ -44,8 +44,7 @@ def test_native_topology_refusals_name_the_key(d, message):
 
 def test_every_host_gets_its_own_namespaces_addresses_and_the_shared_cxl_file(tmp_path):
     t = parse_topology(doc())
-    rt = Runtime(repo=REPO, state_dir=tmp_path, image_dir=tmp_path, accel="native", boot_id="b1",
-                 shm_dir=tmp_path / "shm")
+    rt = Runtime(repo=REPO, state_dir=tmp_path, image_dir=tmp_path, accel="native", boot_id="b1")
     specs = describe_native(t, rt, tmp_path / "rootfs")
     assert len({s.netns for s in specs}) == 3 and all(s.netns.startswith("snaptier-nt-") for s in specs)
     assert len({s.tag for s in specs}) == 3
@@ -54,7 +53,8 @@ def test_every_host_gets_its_own_namespaces_addresses_and_the_shared_cxl_file(tm
     assert len({p.switch_port for s in specs for p in s.ports}) == 3          # one bridge port each
     assert len({p.switch_netns for s in specs for p in s.ports}) == 1         # one bridge per link
     cxl_binds = {s.name: [b for b in s.binds if b.target == NATIVE_CXL_DEVICE] for s in specs}
-    assert [b.source for b in cxl_binds["a"]] == [tmp_path / "shm" / "snaptier-nt-c0.raw"]
+    # On the topology's own tmpfs (huge pages: processes map the file in place), not /dev/shm.
+    assert [b.source for b in cxl_binds["a"]] == [native_cxl_dir(t) / "snaptier-nt-c0.raw"]
     assert cxl_binds["a"][0].source == cxl_binds["b"][0].source and not cxl_binds["a"][0].readonly
     assert cxl_binds["c"] == []
     repo_bind = next(b for b in specs[0].binds if b.target == "/opt/snaptier")
@@ -136,6 +136,8 @@ def native_topology(tmp_path):
 def leftovers(name: str) -> list[str]:
     left = [f"netns {n}" for n in native.container.netns_list() if n.startswith(f"snaptier-{name}-")]
     left += [f"shm {p}" for p in Path("/dev/shm").glob(f"snaptier-{name}-*")]
+    cxl_dir = Path("/run/snaptier-native") / name
+    left += [f"cxl tmpfs {cxl_dir}"] if cxl_dir.exists() else []
     ps = subprocess.run(["pgrep", "-f", f"process=snaptier-{name}-"], capture_output=True, text=True).stdout.split()
     return left + [f"process {p}" for p in ps]
 

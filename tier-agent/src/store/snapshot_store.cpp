@@ -22,6 +22,7 @@
 
 #include "cxl/crc32c.hpp"
 #include "snaptier/snapshot_store.hpp"
+#include "store/huge_layout.hpp"
 #include "store/manifest.hpp"
 #include "store/page_cache.hpp"
 #include "tiers/posix_util.hpp"
@@ -167,32 +168,49 @@ class TieredSnapshotStore final : public SnapshotStore {
     for (const auto& [tier_kind, indices] : pages_per_tier) {
       Tier& tier = *options_.tiers.at(tier_kind);
       if (const std::uint64_t epoch = tier.epoch(); epoch != 0) info.tier_epochs[tier_kind] = epoch;
-      auto extent = tier.allocate(indices.size() * kPageSize);
+      // Pages that processes map in place (a shared, byte-addressable tier) are laid out for
+      // huge pages; elsewhere packed.
+      const bool mapped_in_place = tier.caps().byte_addressable && tier.caps().shared;
+      std::vector<std::uint64_t> addresses;
+      if (mapped_in_place) {
+        addresses.reserve(indices.size());
+        for (const std::size_t i : indices) addresses.push_back(pages[i].vaddr);
+      }
+      const store::ExtentLayout layout = mapped_in_place ? store::lay_out_for_huge_pages(addresses, kPageSize)
+                                                         : store::lay_out_packed(indices.size(), kPageSize);
+      // Room to move the layout's origin to a huge-page boundary of the tier.
+      const std::uint64_t slack = layout.aligned ? store::kHugePageSize - kPageSize : 0;
+      auto extent = tier.allocate(layout.bytes + slack);
       if (!extent) {
         rollback();
         return fail(extent.error().code, "put '" + id + "': " + extent.error().message);
       }
       extents.push_back(OwnedExtent{tier_kind, *extent});
+      const std::uint64_t origin =
+          layout.aligned ? (store::kHugePageSize - extent->offset % store::kHugePageSize) % store::kHugePageSize : 0;
       // Stage contiguous runs so each tier sees few large writes (matters for file and rdma).
       constexpr std::size_t kStagePages = 256;
       std::vector<std::byte> stage;
       stage.reserve(std::min(indices.size(), kStagePages) * kPageSize);
-      std::size_t staged_from = 0;
+      std::uint64_t staged_at = 0;  // extent-relative offset of the stage's first byte
       for (std::size_t k = 0; k < indices.size(); ++k) {
         const std::size_t i = indices[k];
         const auto page = data.subspan(i * kPageSize, kPageSize);
+        const std::uint64_t at = origin + layout.positions[k];
+        if (stage.empty()) staged_at = at;
         stage.insert(stage.end(), page.begin(), page.end());
         pages[i].tier = tier_kind;
-        pages[i].location = extent->offset + k * kPageSize;
+        pages[i].location = extent->offset + at;
         pages[i].crc32c = crc32c(page);
         pages[i].flags |= page_checksummed;
-        if (stage.size() == kStagePages * kPageSize || k + 1 == indices.size()) {
-          if (auto ok = tier.write(*extent, staged_from * kPageSize, stage); !ok) {
+        const bool last = k + 1 == indices.size();
+        const bool gap = !last && origin + layout.positions[k + 1] != at + kPageSize;
+        if (stage.size() == kStagePages * kPageSize || last || gap) {
+          if (auto ok = tier.write(*extent, staged_at, stage); !ok) {
             rollback();
             return fail(ok.error().code, "put '" + id + "': write to " + std::string(tier.name()) +
                                              ": " + ok.error().message);
           }
-          staged_from = k + 1;
           stage.clear();
         }
       }
