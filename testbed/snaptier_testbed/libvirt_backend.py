@@ -265,7 +265,7 @@ def _check_resources(topology: Topology, all_places: dict[str, machines.Place]) 
 
 
 def _prepare_place(topology: Topology, place: machines.Place, runtime: Runtime, image: Path,
-                   tree: list) -> Runtime:
+                   tree: tuple[list[str], str] | None) -> Runtime:
     """The launch files of one machine: here the checkout's; on another machine a copy of the
     image and of the guest tree (once per content), and the topology's run directory there with
     the guests' ssh key in its share."""
@@ -273,8 +273,7 @@ def _prepare_place(topology: Topology, place: machines.Place, runtime: Runtime, 
         return runtime
     q = shlex.quote
     remote_image = machines.cached_copy(place, image, list(machines.IMAGE_FILES), image.name, "the guest image")
-    if not tree:
-        tree.extend(machines.guest_tree(REPO))
+    assert tree is not None, "another machine needs the guest tree"
     files, key = tree
     remote_tree = machines.cached_copy(place, REPO, files, f"tree-{key}", "the guest tree (checkout and guest build)",
                                        keep=KEEP_TREES)
@@ -438,7 +437,8 @@ def up(topology: Topology, image_dir: str | None = None, boot_timeout: float = 3
             via.update({n: [place.machine.ssh.destination, place.machine.ssh.port] for n in names})
     runtime, state = prepare_guests(topology, state_dir, image, backend="libvirt", ssh_ports=ports, ssh_via=via)
     try:
-        tree: list = []
+        # What guests on other machines mount at /opt/snaptier, listed and hashed once.
+        tree = machines.guest_tree(REPO) if any(not p.local for p in all_places.values()) else None
         runtimes = {name: _prepare_place(topology, place, runtime, image, tree) for name, place in all_places.items()}
         specs = []
         for h in topology.hosts:

@@ -116,6 +116,18 @@ TEST(ConfigTest, CxlAcceptsTheLargestDirectory) {
   EXPECT_EQ(unsized->cxl->host_index, 62u);
 }
 
+TEST(ConfigTest, CxlAnnouncesEverySecondUnlessToldOtherwise) {
+  auto config = parse_config(with_agent("[tiers.cxl]\npath = \"/dev/dax0.0\"\nhost_index = 1\n"), "a.toml");
+  ASSERT_TRUE(config.has_value()) << config.error().what();
+  EXPECT_EQ(config->cxl->announce_interval, std::chrono::milliseconds(1000));
+  auto off = parse_config(with_agent("[tiers.cxl]\npath = \"/dev/dax0.0\"\nhost_index = 1\nannounce_ms = 0\n"), "a.toml");
+  ASSERT_TRUE(off.has_value()) << off.error().what();
+  EXPECT_EQ(off->cxl->announce_interval.count(), 0);
+  auto bad = parse_config(with_agent("[tiers.cxl]\npath = \"/dev/dax0.0\"\nhost_index = 1\nannounce_ms = -5\n"), "a.toml");
+  ASSERT_FALSE(bad.has_value());
+  EXPECT_NE(bad.error().message.find("announce_ms"), std::string::npos) << bad.error().what();
+}
+
 TEST(ConfigTest, MemnodeConfig) {
   auto config = parse_config(R"(
 [agent]

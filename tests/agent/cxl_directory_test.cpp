@@ -463,6 +463,35 @@ TEST_F(DirectoryTest, FreedExtentsWaitUntilEveryAttachedHostMovedPastTheTombston
   EXPECT_LE(reused->offset, freed.offset);
 }
 
+TEST_F(DirectoryTest, AnIdleHostsAnnouncerLetsTheOwnerReuseWhatItFreed) {
+  format(2);
+  auto a = attach(0), b = attach(1);
+  ASSERT_TRUE(a && b);
+  ASSERT_TRUE(publish_with_data(*a, "old", pattern(2 * 4096, 3)));
+  ASSERT_TRUE(b->directory->lookup("old"));  // B saw the publication, then goes idle
+  ASSERT_TRUE(a->directory->remove("old"));
+  ASSERT_TRUE(a->directory->refresh());
+  EXPECT_GT(a->directory->arena_pending_bytes(), 0u);  // B said nothing since
+
+  {
+    CxlAnnouncer announcer(b->directory, std::chrono::milliseconds(5));
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (a->directory->arena_pending_bytes() != 0 && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      ASSERT_TRUE(a->directory->refresh());
+    }
+    EXPECT_EQ(a->directory->arena_pending_bytes(), 0u) << "B's announcer never announced the tombstone";
+    EXPECT_GT(announcer.refreshes(), 0u);
+    EXPECT_FALSE(announcer.last_error().has_value());
+  }
+  // Destroyed: it stopped (no thread left to touch B's directory).
+  ASSERT_TRUE(publish_with_data(*a, "new", pattern(4096, 4)));
+  ASSERT_TRUE(a->directory->remove("new"));
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  ASSERT_TRUE(a->directory->refresh());
+  EXPECT_GT(a->directory->arena_pending_bytes(), 0u);
+}
+
 // A reader loads another host's seen lines one by one while that host may be writing them back:
 // a mix of lines from before and after an announcement must count as "not seen yet".
 TEST_F(DirectoryTest, TornSeenAnnouncementHoldsBackReuse) {

@@ -46,6 +46,7 @@ struct AgentParts {
   std::map<std::string, NetAddress> peers;     // requests for another host go there
   std::string peer_token;
   std::shared_ptr<CxlDirectory> cxl_directory;  // null: no CXL tier came up
+  std::shared_ptr<CxlAnnouncer> cxl_announcer;  // keeps an idle agent announcing ([tiers.cxl] announce_ms)
 };
 
 class Agent {

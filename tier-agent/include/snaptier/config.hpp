@@ -45,6 +45,9 @@ struct CxlTierConfig {
   std::uint32_t host_index = 0; // this host's slot in the shared region's directory (< host_count)
   std::uint32_t host_count = 4; // slots laid out when this agent formats the region (1..kCxlMaxHosts)
   bool format = false;          // may this agent format a region that has no directory yet
+  // How often an idle agent replays the directory and announces what it has seen, so other
+  // hosts can reuse the space they freed (CxlAnnouncer); 0: only when it uses the directory.
+  std::chrono::milliseconds announce_interval{1000};
 };
 
 struct RdmaTierConfig {

@@ -6,10 +6,12 @@
 // per-host private caches, where a forgotten write-back or invalidate becomes a visible bug.
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -203,6 +205,26 @@ class CxlDirectory {
 
  private:
   explicit CxlDirectory(std::unique_ptr<State> state);
+  std::unique_ptr<State> state_;
+};
+
+// Calls `directory->refresh()` every `interval` on a thread of its own, so that a host that is
+// idle still replays the logs and announces what it has seen: without it, the space another
+// host frees stays pending (rule 7) until this host next uses the directory. A failed refresh
+// is kept (last_error) and tried again at the next tick. Stops and joins when destroyed.
+class CxlAnnouncer {
+ public:
+  CxlAnnouncer(std::shared_ptr<CxlDirectory> directory, std::chrono::milliseconds interval);
+  ~CxlAnnouncer();
+  CxlAnnouncer(const CxlAnnouncer&) = delete;
+  CxlAnnouncer& operator=(const CxlAnnouncer&) = delete;
+
+  [[nodiscard]] std::uint64_t refreshes() const noexcept;  // completed, successful or not
+  [[nodiscard]] std::optional<Error> last_error() const;   // of the latest refresh; none if it succeeded
+
+  struct State;
+
+ private:
   std::unique_ptr<State> state_;
 };
 

@@ -201,6 +201,7 @@ Result<RdmaPoolServer*> Agent::require_pool() {
 }
 
 Result<void> Agent::detach() {
+  parts_.cxl_announcer.reset();  // a refresh after the detach would announce a detached slot
   if (!parts_.cxl_directory) return {};
   return parts_.cxl_directory->detach();
 }

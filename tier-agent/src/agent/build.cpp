@@ -143,6 +143,9 @@ Result<std::unique_ptr<Agent>> make_agent(const AgentConfig& config) {
   parts.peers = config.peers;
   parts.peer_token = config.control.token;
   parts.cxl_directory = cxl_directory;
+  if (cxl_directory && config.cxl->announce_interval.count() > 0) {
+    parts.cxl_announcer = std::make_shared<CxlAnnouncer>(cxl_directory, config.cxl->announce_interval);
+  }
   return std::make_unique<Agent>(std::move(parts));
 }
 

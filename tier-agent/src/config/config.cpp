@@ -347,6 +347,8 @@ Result<AgentConfig> parse_root(const toml::table& root, std::string_view source,
       tier.host_index = static_cast<std::uint32_t>(*host_index);
       SNAPTIER_TRY(format, cxl.boolean("format"));
       tier.format = format.value_or(false);
+      SNAPTIER_TRY(announce_ms, cxl.integer("announce_ms", 0, 60'000));
+      if (announce_ms) tier.announce_interval = std::chrono::milliseconds(*announce_ms);
       config.cxl = tier;
       if (auto ok = cxl.reject_unknown_keys(); !ok) return tl::unexpected(ok.error());
     }
