@@ -11,7 +11,7 @@ from function_folder import check_output, import_function_module, load_function_
 
 # Debian packages a function needs on the host; missing ones skip that function's tests.
 REQUIRED_PACKAGES = {"pyaes": "python3-pyaes", "image_rotate": "python3-pil",
-                     "matmul": "python3-numpy", "lookup_table": "python3-numpy"}
+                     "matmul": "python3-numpy", "lookup_table": "python3-numpy", "weights_scan": "python3-numpy"}
 
 # Inputs beyond the example, each run through the function's check().
 MORE_INPUTS = {
@@ -21,6 +21,7 @@ MORE_INPUTS = {
     "image_rotate": [{"degrees": 180}, {"degrees": 270, "grayscale": True}, {"degrees": 45}],
     "matmul": [{"size": 1}, {"size": 37}],
     "lookup_table": [{"keys": [0, 1, 2, 16777215]}, {"random": 0}, {"random": 50, "seed": 9}],
+    "weights_scan": [{}, {"passes": 3}],
 }
 BAD_INPUTS = {
     "helloworld": {"name": 5},
@@ -29,6 +30,7 @@ BAD_INPUTS = {
     "image_rotate": {"degrees": "ninety"},
     "matmul": {"size": 100_000},
     "lookup_table": {"keys": [16777216]},
+    "weights_scan": {"passes": 0},
 }
 
 _loaded = {}
@@ -92,6 +94,16 @@ def test_lookup_table_check_catches_a_wrong_value():
     output = module.handle({"keys": [5, 6]})
     output["sample"][0][1] = "0" * 16
     assert check_output(folder, module, {"keys": [5, 6]}, output)
+
+
+def test_weights_scan_reads_weights_it_cannot_write_and_its_check_catches_a_wrong_one():
+    folder, module = loaded_function("weights_scan")
+    with pytest.raises(ValueError):
+        module.state()[0] = 1           # read-only after init: the pages a restore can share
+    output = module.handle({})
+    assert output["sum"] == folder.example_expect["sum"] and output["xor"] == folder.example_expect["xor"]
+    output["sample"][1][1] = "0" * 16
+    assert check_output(folder, module, {}, output)
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
