@@ -46,5 +46,7 @@ left=$(pgrep -f "process=snaptier-native-" || true)
 ns=$(ip netns list | grep -c "^snaptier-native-" || true)
 [ "$ns" = 0 ] || die "network namespaces left after down: $(ip netns list | grep '^snaptier-native-')"
 ls /dev/shm/snaptier-native-* > /dev/null 2>&1 && die "CXL files left after down: $(ls /dev/shm/snaptier-native-*)"
+! mountpoint -q /run/snaptier-native/native 2>/dev/null || die "the CXL tmpfs is left mounted after down: /run/snaptier-native/native"
+[ ! -e /run/snaptier-native/native ] || die "the CXL tmpfs directory is left after down: /run/snaptier-native/native"
 trap - EXIT
 log "native stage: $((SECONDS - t0)) s; nothing left behind"
