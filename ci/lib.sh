@@ -45,3 +45,11 @@ retry_for() {
     sleep 1
   done
 }
+
+# The pid in PIDFILE (first arg) if that process is alive and its command line carries MARKER
+# (second arg): a daemon a script started, never a recycled pid. Exit 1 otherwise.
+daemon_pid() {
+  local pid
+  pid=$(cat "$1" 2>/dev/null) || return 1
+  [ -n "$pid" ] && tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$2" && echo "$pid"
+}

@@ -18,11 +18,7 @@ pidfile=$run/libvirtd.pid
 
 answers() { timeout 10 virsh -q -c "$uri" version >/dev/null 2>&1; }
 
-ours() {  # the pid of a libvirtd this script started, if it is alive
-  local pid
-  pid=$(cat "$pidfile" 2>/dev/null) || return 1
-  [ -n "$pid" ] && tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$here/libvirtd.conf" && echo "$pid"
-}
+ours() { daemon_pid "$pidfile" "$here/libvirtd.conf"; }  # a libvirtd this script started
 
 case "${1:-}" in
   status)

@@ -22,11 +22,7 @@ port=22
 
 answers() { timeout 20 ssh -o BatchMode=yes -o ConnectTimeout=5 -o LogLevel=ERROR -p "$port" root@127.0.0.1 true < /dev/null > /dev/null 2>&1; }
 
-ours() {  # the pid of an sshd this script started, if it is alive
-  local pid
-  pid=$(cat "$pidfile" 2>/dev/null) || return 1
-  [ -n "$pid" ] && tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$run/sshd_config" && echo "$pid"
-}
+ours() { daemon_pid "$pidfile" "$run/sshd_config"; }  # an sshd this script started
 
 case "${1:-}" in
   status)
