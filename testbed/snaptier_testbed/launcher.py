@@ -190,9 +190,9 @@ def up(topology: Topology, image_dir: str | None = None, boot_timeout: float = 3
 
 
 def start_guests(topology: Topology, runtime: Runtime, state: TestbedState, start_one, boot_timeout: float) -> None:
-    """The QEMU guests of a prepared topology, however each is started (`start_one(spec)`: the
-    direct launcher, libvirt): CXL backings and switches first, each host's old files cleared,
-    then the boot wait; on any failure everything made is removed (`down`)."""
+    """The direct launcher's guests of a prepared topology (`start_one(spec)` starts one): CXL
+    backings and switches first, each host's old files cleared, then the boot wait; on any
+    failure everything made is removed (`down`). libvirt_backend.up does the same per machine."""
     specs = describe(topology, runtime)
     try:
         start_cxl_and_switches(topology, runtime, state)
