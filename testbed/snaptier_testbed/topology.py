@@ -65,11 +65,6 @@ class SshTarget:
     def destination(self) -> str:
         return f"{self.user}@{self.host}" if self.user else self.host
 
-    @property
-    def jump(self) -> str:
-        """The `ssh -J` form: the guests' forwarded ssh ports listen on this machine's loopback."""
-        return self.destination + (f":{self.port}" if self.port else "")
-
 
 @dataclass(frozen=True)
 class Machine:
