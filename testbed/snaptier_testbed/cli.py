@@ -47,15 +47,13 @@ def cmd_argv(args, topo) -> int:
         for spec in describe(topo, runtime):
             print(shlex.join(qemu_argv(spec)))
         return 0
-    from dataclasses import replace
     from .libvirt_backend import root_overlay
     from .machines import places
     # The domain XML `up` defines (its root overlay is made at up); a host on another machine
     # names that machine's copies and run directory.
     for h in topo.hosts:
         place = places(topo, state_dir)[h.machine]
-        here = runtime if place.local else replace(runtime, repo=place.cache / "tree-KEY", state_dir=place.root,
-                                                   image_dir=place.cache / "IMAGE")
+        here = place.runtime_for(runtime, Path("IMAGE"), "KEY")
         spec = next(s for s in describe(topo, here) if s.name == h.name)
         print(domain_xml(spec, root_overlay(spec, place.root), topo.name, state_dir), end="")
     return 0

@@ -52,7 +52,7 @@ def mem_available() -> int:
 
 def running_hosts(topology: Topology, state_dir: Path) -> dict[str, int]:
     """Hosts whose process (a QEMU, or a native host's unshare) is alive and carries its tag."""
-    if any(m.remote for m in topology.machines):
+    if topology.backend == "libvirt":   # its hosts may be on other machines
         from . import libvirt_backend
         return libvirt_backend.running_hosts(topology, state_dir)
     running = {}

@@ -58,11 +58,6 @@ def virsh(uri: str, *args: str, timeout: float = VIRSH_TIMEOUT) -> subprocess.Co
                            "(is the libvirt daemon stuck?)") from None
 
 
-def _error(proc: subprocess.CompletedProcess) -> str:
-    lines = [l.strip() for l in (proc.stderr or proc.stdout).splitlines() if l.strip()]
-    return " / ".join(lines[-3:]) if lines else f"exit {proc.returncode}"
-
-
 def preflight(topology: Topology) -> list[str]:
     """What stops this topology from running from here, as sentences (empty: nothing): each
     machine reachable (ssh for another machine, with the tools the launcher runs there) and its
@@ -92,7 +87,7 @@ def preflight(topology: Topology) -> list[str]:
         if proc.returncode != 0:
             hint = (f"start it with '{DAEMON_SCRIPT} start' (as root)" if uri == "qemu:///system" and place.local
                     else f"is a libvirt daemon running on machine {place.name}, and does 'virsh -c {uri} version' work from here?")
-            problems.append(f"libvirt at {uri} does not answer ({_error(proc)}); {hint}")
+            problems.append(f"libvirt at {uri} does not answer ({machines.error_of(proc)}); {hint}")
     return problems
 
 
@@ -105,7 +100,7 @@ def refuse_impossible(topology: Topology) -> None:
 def list_domains(uri: str) -> list[str]:
     proc = virsh(uri, "list", "--all", "--name")
     if proc.returncode != 0:
-        raise TestbedError(f"cannot list the domains at {uri}: {_error(proc)}")
+        raise TestbedError(f"cannot list the domains at {uri}: {machines.error_of(proc)}")
     return [l.strip() for l in proc.stdout.splitlines() if l.strip()]
 
 
@@ -167,10 +162,7 @@ def running_hosts(topology: Topology, state_dir: Path) -> dict[str, int]:
         names = hosts_on(topology, place)
         pids = {n: pid for n in names if (pid := process.read_pid(state_dir / f"{n}.pid"))}
         tags = {n: host_tag(topology.name, n) for n in names}
-        if place.local:
-            running.update({n: pid for n, pid in pids.items() if process.owned_pid(state_dir / f"{n}.pid", f"process={tags[n]}")})
-        else:
-            running.update({n: pids[n] for n in machines.alive(place, pids, tags)})
+        running.update({n: pids[n] for n in machines.alive(place, pids, tags)})
     return running
 
 
@@ -190,10 +182,8 @@ class MachineWatch(LocalWatch):
         return place.read_text(place.root / "share" / "status" / f"{spec.name}.json")
 
     def alive(self, spec: MachineSpec) -> bool:
-        place = self._place(spec)
         pid = process.read_pid(self.runtime.state_dir / f"{spec.name}.pid")
-        return bool(pid) and spec.name in machines.alive(place, {spec.name: pid}, {spec.name: spec.tag}) \
-            if not place.local else super().alive(spec)
+        return bool(pid) and spec.name in machines.alive(self._place(spec), {spec.name: pid}, {spec.name: spec.tag})
 
     def console_tail(self, spec: MachineSpec, lines: int = 10) -> list[str]:
         text = self._place(spec).read_text(spec.console_log)
@@ -272,18 +262,18 @@ def _prepare_place(topology: Topology, place: machines.Place, runtime: Runtime, 
     if place.local:
         return runtime
     q = shlex.quote
-    remote_image = machines.cached_copy(place, image, list(machines.IMAGE_FILES), image.name, "the guest image")
+    machines.cached_copy(place, image, list(machines.IMAGE_FILES), machines.image_key(image), "the guest image")
     assert tree is not None, "another machine needs the guest tree"
     files, key = tree
-    remote_tree = machines.cached_copy(place, REPO, files, f"tree-{key}", "the guest tree (checkout and guest build)",
-                                       keep=KEEP_TREES)
+    machines.cached_copy(place, REPO, files, machines.tree_key(key), "the guest tree (checkout and guest build)",
+                         keep=KEEP_TREES)
     root, owner = place.root, str(runtime.state_dir)
     place.must(f"o=$(cat {q(str(root / OWNER_FILE))} 2>/dev/null || true); "
                f"if [ -n \"$o\" ] && [ \"$o\" != {q(owner)} ]; then echo \"{root} belongs to the checkout of $o\" >&2; exit 3; fi; "
                f"mkdir -p {q(str(root / 'share' / 'status'))} && rm -f {q(str(root / 'share' / 'status'))}/*.json && "
                f"printf '%s\\n' {q(owner)} > {q(str(root / OWNER_FILE))}", f"preparing {root}")
     machines.push(place, runtime.state_dir / "share", ["ssh/authorized_keys"], root / "share", timeout=120)
-    return replace(runtime, repo=remote_tree, state_dir=root, image_dir=remote_image)
+    return place.runtime_for(runtime, image, key)
 
 
 def push_share(topology: Topology, relpaths: list[str]) -> None:
@@ -461,13 +451,13 @@ def up(topology: Topology, image_dir: str | None = None, boot_timeout: float = 3
             name = domain_name(spec)
             proc = virsh(uri, "define", str(xml))
             if proc.returncode != 0:
-                raise TestbedError(f"{spec.name}: libvirt refused domain {name} ({xml}): {_error(proc)}")
+                raise TestbedError(f"{spec.name}: libvirt refused domain {name} ({xml}): {machines.error_of(proc)}")
             where = f" on machine {place.name}" if len(all_places) > 1 else ""
             say(f"starting {spec.name} as libvirt domain {name}{where} ({spec.role}, {spec.cpus} cpu, "
                 f"{spec.memory // MiB} MiB{', cxl ' + spec.cxl.emulation if spec.cxl else ''}, {runtime.accel})")
             proc = virsh(uri, "start", name)
             if proc.returncode != 0:
-                raise TestbedError(f"{spec.name}: libvirt could not start domain {name}: {_error(proc)}")
+                raise TestbedError(f"{spec.name}: libvirt could not start domain {name}: {machines.error_of(proc)}")
             # The pidfile here (and the tag in QEMU's command line) is how status, exec and the
             # boot wait see a host, whichever backend started it and wherever it runs.
             (state_dir / f"{spec.name}.pid").write_text(f"{_wait_qemu_pid(place, spec, uri)}\n")
@@ -481,14 +471,14 @@ def up(topology: Topology, image_dir: str | None = None, boot_timeout: float = 3
 def _undefine(uri: str, name: str) -> None:
     proc = virsh(uri, "undefine", name)
     if proc.returncode != 0 and name in list_domains(uri):
-        raise TestbedError(f"libvirt could not undefine domain {name}: {_error(proc)}")
+        raise TestbedError(f"libvirt could not undefine domain {name}: {machines.error_of(proc)}")
 
 
 def _destroy(uri: str, name: str) -> None:
     if domain_state(uri, name) not in ("shut off", "unknown"):
         proc = virsh(uri, "destroy", name)
         if proc.returncode != 0 and domain_state(uri, name) != "shut off":
-            raise TestbedError(f"libvirt could not stop domain {name}: {_error(proc)}")
+            raise TestbedError(f"libvirt could not stop domain {name}: {machines.error_of(proc)}")
 
 
 def _clean_remote(topology: Topology, place: machines.Place, state_dir: Path, tag_prefix: str) -> int:

@@ -16,12 +16,14 @@ This machine's hosts keep using the checkout's run directory and the local image
 from __future__ import annotations
 
 import hashlib
+import re
 import shlex
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .launcher import TestbedError, free_port, say
+from .machine import Runtime
 from .topology import Machine, Topology
 
 # The launcher's own ssh to a machine: never prompts, gives up on a dead peer.
@@ -81,6 +83,16 @@ class Place:
         if proc.returncode != 0:
             raise TestbedError(f"machine {self.name}: {what}: {error_of(proc)}")
         return proc.stdout
+
+    def runtime_for(self, base: Runtime, image: Path, tree: str) -> Runtime:
+        """`base` (this machine's launch) as this machine's hosts see it: on another machine its
+        copies of the image and of the guest tree (`tree`: the tree's content key) and its run
+        directory."""
+        if self.local:
+            return base
+        assert self.cache is not None
+        return replace(base, repo=self.cache / tree_key(tree), state_dir=self.root,
+                       image_dir=self.cache / image_key(image))
 
     def read_text(self, path: Path) -> str | None:
         if self.local:
@@ -151,6 +163,16 @@ def guest_tree(repo: Path) -> tuple[list[str], str]:
         with open(p, "rb") as f:
             digest.update(hashlib.file_digest(f, "sha256").digest())
     return files, digest.hexdigest()[:16]
+
+
+def image_key(image: Path) -> str:
+    """A guest image's name in a machine's cache: its local cache directory's, already keyed by
+    what it was built from."""
+    return image.name
+
+
+def tree_key(digest: str) -> str:
+    return f"tree-{digest}"
 
 
 def push(place: Place, src: Path, files: list[str], dest: Path, timeout: float = COPY_TIMEOUT) -> None:
@@ -235,10 +257,20 @@ def pid_of(place: Place, tag: str) -> int | None:
 
 
 def alive(place: Place, pids: dict[str, int], tags: dict[str, str]) -> set[str]:
-    """Of the named processes (name -> pid on the machine), those alive and carrying their tag:
-    one round trip for the lot."""
+    """Of the named processes (name -> pid on the machine), those alive and carrying exactly
+    their tag: on another machine one round trip for the lot."""
     if not pids:
         return set()
+    if place.local:
+        found = set()
+        for name, pid in pids.items():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if re.search(tag_pattern(tags[name]), cmdline):
+                found.add(name)
+        return found
     script = "; ".join(f"tr '\\0' ' ' < /proc/{pid}/cmdline 2>/dev/null | grep -qE -- {shlex.quote(tag_pattern(tags[n]))} "
                        f"&& echo {shlex.quote(n)}" for n, pid in pids.items())
     proc = place.sh(script + "; true", timeout=30)
