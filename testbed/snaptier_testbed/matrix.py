@@ -563,6 +563,13 @@ def skip_reason(topo: Topology, doc: dict | None, lacks: str | None) -> str | No
     return f"{why}: {message}" if why else None
 
 
+def private_placements(snap: dict) -> set[str]:
+    """The placements whose copy of a snapshot only its own host can read (`published` false in
+    the snapshot's variants: some of its pages are on a tier other hosts do not share)."""
+    return {v["placement"] for v in snap.get("variants") or []
+            if isinstance(v, dict) and isinstance(v.get("placement"), str) and v.get("published") is False}
+
+
 def needs_peer(doc: dict | None) -> bool:
     """The restore failed on the snapshot host itself because its mechanism serves pages from
     the snapshot host to another one (the result's typed `missing`)."""
@@ -634,7 +641,9 @@ def run_matrix(topo: Topology, functions: list[str], policies: list[str] | None,
         launcher.load_running(topo)
         ensure_agents = agents.start
     ensure_agents(topo)
-    offered = [p["name"] for p in agent_policies(run, topo, snap_host)]
+    listed = agent_policies(run, topo, snap_host)
+    offered = [p["name"] for p in listed]
+    placement_of = {p["name"]: p.get("placement") for p in listed}
     lacks_on: dict[str, dict[str, str | None]] = {}
 
     def lacks(host: str, policy: str, doc: dict | None) -> str | None:
@@ -688,6 +697,7 @@ def run_matrix(topo: Topology, functions: list[str], policies: list[str] | None,
         prof = snap.get("profile") or {}
         say(f"{fn}: snapshot {sid}: {snap.get('pages')} pages, {prof.get('hot')} hot / {prof.get('cold')} cold, "
             f"{len(snap.get('variants') or [])} variants ({time.monotonic() - ts:.0f} s)")
+        private = private_placements(snap)
         # Repetitions interleave the policies, so a load that drifts during the run touches all alike.
         reps: dict[str, list[dict]] = {p: [] for p in policies}
         done = list(results["cells"])
@@ -696,7 +706,9 @@ def run_matrix(topo: Topology, functions: list[str], policies: list[str] | None,
                 last = reps[policy][-1] if reps[policy] else None
                 if last is not None and (last.get("skipped") or not row_of(last)["ok"]):
                     continue  # a failed or skipped cell is not repeated
-                cell = restore_cell(run, topo, fn, policy, sid, snap_host, restore_host, measure_limit, lacks)
+                # A copy only the snapshot host holds (pages in its DRAM or on its disk) restores there.
+                host = snap_host if placement_of.get(policy) in private else restore_host
+                cell = restore_cell(run, topo, fn, policy, sid, snap_host, host, measure_limit, lacks)
                 reps[policy].append(cell)
                 say((f"[{rep + 1}/{repeat}] " if repeat > 1 else "") + _progress(row_of(cell)))
                 results["cells"] = done + [combine_repeats(c) for c in reps.values() if c]

@@ -26,7 +26,9 @@ TEST(RestorePolicyTest, EveryNamedPolicyHasItsMechanismAndPlacement) {
       {"criu-remote", {Mechanism::criu_remote, "cxl"}},
       {"lazy-cxl", {Mechanism::snaptier_lazy, "cxl"}},
       {"lazy-rdma", {Mechanism::snaptier_lazy, "rdma"}},
+      {"lazy-local", {Mechanism::snaptier_lazy, "local"}},
       {"reap", {Mechanism::snaptier_lazy, "cxl"}},
+      {"reap-local", {Mechanism::snaptier_lazy, "local"}},
       {"aquifer", {Mechanism::snaptier_lazy, "tiered"}},
       {"trenv", {Mechanism::snaptier_lazy, "cxl"}},
       {"cxlfork", {Mechanism::snaptier_lazy, "cxl"}},
@@ -65,12 +67,12 @@ TEST(RestorePolicyTest, UnknownNamesAreRejectedWithTheKnownOnes) {
   auto placement = make_placement("nvme");
   ASSERT_FALSE(placement);
   EXPECT_EQ(placement.error().code, Errc::invalid_argument);
-  for (const char* known : {"tiered", "cxl", "rdma"}) {
-    EXPECT_NE(placement.error().message.find(known), std::string::npos) << placement.error().message;
-  }
   std::set<std::string> placements;
   for (const auto& p : all_placements()) placements.insert(std::string(p->name()));
-  EXPECT_EQ(placements, (std::set<std::string>{"tiered", "cxl", "rdma"}));
+  EXPECT_EQ(placements, (std::set<std::string>{"tiered", "cxl", "rdma", "local"}));
+  for (const auto& known : placements) {
+    EXPECT_NE(placement.error().message.find(known), std::string::npos) << placement.error().message;
+  }
 }
 
 // 8 lazy pages; 3 of them hot, touched in the order 0x5000, 0x1000, 0x7000.
@@ -90,7 +92,7 @@ std::vector<LazyPage> profiled_pages() {
 TEST(RestorePolicyTest, ReapAndTieredInstallTheHotPagesInTouchOrder) {
   const auto pages = profiled_pages();
   const std::vector<std::uint64_t> hot{0x10005000, 0x10001000, 0x10007000};
-  for (const char* name : {"reap", "tiered"}) {
+  for (const char* name : {"reap", "reap-local", "tiered"}) {
     SCOPED_TRACE(name);
     auto plan = (*make_policy(name))->plan(pages);
     EXPECT_EQ(plan.before_resume, hot);
@@ -155,7 +157,7 @@ TEST(RestorePolicyTest, CxlforkInstallsOnlyTheWrittenPagesBeforeResume) {
 
 TEST(RestorePolicyTest, DemandOnlyPoliciesPlanNothing) {
   const auto pages = profiled_pages();
-  for (const char* name : {"lazy-cxl", "lazy-rdma", "criu-eager", "criu-lazy", "criu-remote"}) {
+  for (const char* name : {"lazy-cxl", "lazy-rdma", "lazy-local", "criu-eager", "criu-lazy", "criu-remote"}) {
     SCOPED_TRACE(name);
     auto plan = (*make_policy(name))->plan(pages);
     EXPECT_TRUE(plan.before_resume.empty());
@@ -240,7 +242,7 @@ TEST(RestorePolicyTest, TieredPlacementPutsHotPagesOnCxlAndColdOnesInRdma) {
   const std::map<TierKind, TierCaps> with_file{{TierKind::cxl, {}}, {TierKind::file, {}}, {TierKind::rdma, {}}};
   expect_tiered_split(with_file, TierKind::rdma);
   const auto pages = entries({page_hot, 0});
-  for (const char* single : {"cxl", "rdma"}) {
+  for (const char* single : {"cxl", "rdma", "local"}) {
     auto placement = make_placement(single);
     auto all = (*placement)->place(pages, up);
     ASSERT_TRUE(all) << all.error().what();
@@ -267,7 +269,8 @@ TEST(RestorePolicyTest, PlacementsNameTheTierThatIsNotUp) {
   };
   // no_rdma has no file tier either: tiered has nowhere for its cold pages.
   for (const Case& c : {Case{"tiered", &no_rdma, "rdma or the file"}, Case{"tiered", &no_cxl, "cxl"},
-                        Case{"rdma", &no_rdma, "rdma"}, Case{"cxl", &no_cxl, "cxl"}}) {
+                        Case{"rdma", &no_rdma, "rdma"}, Case{"cxl", &no_cxl, "cxl"},
+                        Case{"local", &no_cxl, "local"}}) {
     SCOPED_TRACE(std::string(c.placement) + " without " + c.missing);
     auto placement = make_placement(c.placement);
     auto request = (*placement)->place(pages, *c.available);
@@ -314,7 +317,7 @@ TEST(RestorePolicyTest, VariantIdsKeepTheBaseForTieredOnly) {
   // Every policy's placement gives a distinct stored copy.
   std::set<std::string> ids;
   for (const auto& p : all_placements()) ids.insert(variant_id("fn", p->name()));
-  EXPECT_EQ(ids, (std::set<std::string>{"fn", "fn:cxl", "fn:rdma"}));
+  EXPECT_EQ(ids, (std::set<std::string>{"fn", "fn:cxl", "fn:rdma", "fn:local"}));
 }
 
 }  // namespace

@@ -101,6 +101,12 @@ TEST(SnapshotCopiesTest, HostWithoutRdmaStoresTieredWithColdPagesOnFileAndSkipsR
   ASSERT_NE(cxl, nullptr);
   EXPECT_EQ((*cxl)["cold_tier"], "cxl");
   EXPECT_EQ(variant(*copies, "rdma"), nullptr);
+  // Every page in this host's DRAM: a copy only this host can read.
+  const json* local = variant(*copies, "local");
+  ASSERT_NE(local, nullptr);
+  EXPECT_EQ((*local)["id"], "fn:local");
+  EXPECT_EQ((*local)["bytes_per_tier"], (json{{"local", 4 * kPageSize}}));
+  EXPECT_FALSE((*local)["published"].get<bool>());
 
   ASSERT_EQ(copies->skipped.size(), 1u);
   EXPECT_EQ(copies->skipped[0]["placement"], "rdma");
@@ -118,11 +124,12 @@ TEST(SnapshotCopiesTest, HostWithoutRdmaStoresTieredWithColdPagesOnFileAndSkipsR
 
 TEST(SnapshotCopiesTest, HostWithRdmaKeepsTieredColdPagesInThePool) {
   RecordingStore store;
-  const std::map<TierKind, TierCaps> up{{TierKind::cxl, {}}, {TierKind::file, {}}, {TierKind::rdma, {}}};
+  const std::map<TierKind, TierCaps> up{{TierKind::local, {}}, {TierKind::cxl, {}}, {TierKind::file, {}},
+                                        {TierKind::rdma, {}}};
   auto copies = store_copies(store, profiled("fn"), kData, kBlob, up);
   ASSERT_TRUE(copies) << copies.error().what();
   EXPECT_TRUE(copies->skipped.empty()) << copies->skipped.dump();
-  ASSERT_EQ(copies->variants.size(), 3u);
+  ASSERT_EQ(copies->variants.size(), 4u);
   EXPECT_EQ((*variant(*copies, "tiered"))["cold_tier"], "rdma");
   EXPECT_EQ((*variant(*copies, "tiered"))["bytes_per_tier"], (json{{"cxl", 2 * kPageSize}, {"rdma", 2 * kPageSize}}));
   EXPECT_EQ((*variant(*copies, "rdma"))["cold_tier"], "rdma");
@@ -132,11 +139,12 @@ TEST(SnapshotCopiesTest, HostWithRdmaKeepsTieredColdPagesInThePool) {
 TEST(SnapshotCopiesTest, ACopyTheStoreRefusesIsSkippedTheOthersAreKept) {
   RecordingStore store;
   store.full = {TierKind::file};
-  const std::map<TierKind, TierCaps> up{{TierKind::cxl, {}}, {TierKind::file, {}}};
+  const std::map<TierKind, TierCaps> up{{TierKind::local, {}}, {TierKind::cxl, {}}, {TierKind::file, {}}};
   auto copies = store_copies(store, profiled("fn"), kData, kBlob, up);
   ASSERT_TRUE(copies) << copies.error().what();
-  ASSERT_EQ(copies->variants.size(), 1u);
-  EXPECT_EQ(copies->variants[0]["placement"], "cxl");
+  ASSERT_EQ(copies->variants.size(), 2u);
+  EXPECT_NE(variant(*copies, "cxl"), nullptr);
+  EXPECT_NE(variant(*copies, "local"), nullptr);
   std::map<std::string, std::string> reasons;
   for (const auto& s : copies->skipped) reasons[s["placement"].get<std::string>()] = s["reason"].get<std::string>();
   ASSERT_EQ(reasons.size(), 2u);
@@ -146,7 +154,7 @@ TEST(SnapshotCopiesTest, ACopyTheStoreRefusesIsSkippedTheOthersAreKept) {
 
 TEST(SnapshotCopiesTest, NoCopyAtAllOrAnOldCopyThatStaysIsAnError) {
   RecordingStore store;
-  auto none = store_copies(store, profiled("fn"), kData, kBlob, {{TierKind::local, {}}});
+  auto none = store_copies(store, profiled("fn"), kData, kBlob, {{TierKind::file, {}}});
   ASSERT_FALSE(none);
   EXPECT_EQ(none.error().code, Errc::unavailable);
   EXPECT_NE(none.error().message.find("the cxl tier"), std::string::npos) << none.error().message;

@@ -443,8 +443,7 @@ TEST_F(StoreTest, SnapshotsRecordTheRdmaEpochAndAreLostWhenThePoolIsNew) {
     PlacementRequest placement{TierKind::rdma, {std::nullopt, std::nullopt, std::nullopt, TierKind::local}};
     auto info = store->put(make_snapshot("remote", 4), data, placement);
     ASSERT_TRUE(info) << info.error().what();
-    EXPECT_EQ(info->tier_epochs, (std::map<TierKind, std::uint64_t>{{TierKind::rdma, 11}}))
-        << "only tiers that track an epoch are recorded";
+    EXPECT_EQ(info->tier_epochs, (std::map<TierKind, std::uint64_t>{{TierKind::rdma, 11}, {TierKind::local, local_->epoch()}}));
     ASSERT_TRUE(store->put(make_snapshot("local-only", 2), page_data(2), PlacementRequest{TierKind::local, {}}));
   }
   // The epochs are in the manifest: a restarted store still knows them.
@@ -491,6 +490,42 @@ TEST_F(StoreTest, SnapshotsRecordTheRdmaEpochAndAreLostWhenThePoolIsNew) {
   ASSERT_TRUE(store->remove("remote"));
   EXPECT_EQ(rdma->releases(), releases);
   EXPECT_EQ(store->get("remote").error().code, Errc::not_found);
+}
+
+// The local tier is the agent's own memory: a restarted agent has a new one, and a manifest
+// left by the earlier agent must not be served from it (its offsets now hold nothing, or pages
+// of a newer snapshot).
+TEST_F(StoreTest, LocalPagesOfAnEarlierAgentAreLostNotServed) {
+  const auto data = page_data(3);
+  {
+    auto store = open_store({{TierKind::local, local_}, {TierKind::file, file_}});
+    PlacementRequest placement{TierKind::local, {std::nullopt, TierKind::file, std::nullopt}};
+    ASSERT_TRUE(store->put(make_snapshot("in-dram", 3), data, placement));
+    EXPECT_TRUE(restores_exactly(*store, *store->get("in-dram"), data, false));
+  }
+  auto restarted_local = std::shared_ptr<Tier>(*make_local_tier(4 << 20));
+  ASSERT_NE(restarted_local->epoch(), 0u);
+  ASSERT_NE(restarted_local->epoch(), local_->epoch()) << "every local tier is its own storage";
+  // A newer snapshot takes the same offsets in the new arena.
+  auto store = open_store({{TierKind::local, restarted_local}, {TierKind::file, file_}});
+  const auto newer = page_data(3, {}, 7);
+  ASSERT_TRUE(store->put(make_snapshot("newer", 3), newer, PlacementRequest{TierKind::local, {}}));
+  auto lost = store->get("in-dram");
+  ASSERT_TRUE(lost) << lost.error().what();
+  ASSERT_TRUE(lost->info.lost);
+  EXPECT_NE(lost->info.lost->find("local pages were lost"), std::string::npos) << *lost->info.lost;
+  std::vector<std::byte> scratch(3 * kPageSize);
+  auto refused = store->read_pages(*lost, 0, 1, scratch);
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refused.error().code, Errc::unavailable);
+  auto on_file = store->read_pages(*lost, 1, 1, scratch);
+  ASSERT_TRUE(on_file) << on_file.error().what();
+  EXPECT_EQ(std::memcmp(on_file->data, data.data() + kPageSize, kPageSize), 0);
+  // Deleting it gives nothing of the new arena back: those offsets are the newer snapshot's.
+  const std::uint64_t used = restarted_local->stats().used_bytes;
+  ASSERT_TRUE(store->remove("in-dram"));
+  EXPECT_EQ(restarted_local->stats().used_bytes, used);
+  EXPECT_TRUE(restores_exactly(*store, *store->get("newer"), newer, false));
 }
 
 TEST_F(StoreTest, ManifestsWithoutEpochsStayVersionOneAndEpochsRoundTrip) {

@@ -351,6 +351,44 @@ def test_repeat_restores_each_cell_n_times_interleaved_and_a_failed_cell_once(tm
     assert matrix.main(["matrix", "--functions", "helloworld", "--repeat", "0"]) == 2
 
 
+class PrivateCopyGuests(FakeGuests):
+    """The snapshot's local copy is private to its host (published false); the others are shared."""
+
+    def __call__(self, topo, host, command, timeout=None):
+        words = command.split()
+        op = words[words.index("--json") + 1]
+        if op == "status":
+            self.calls.append((host, command, timeout))
+            doc = status_with_policies(host, ["lazy-cxl", "reap-local", "tiered"])
+            for p in doc["policies"]:
+                p["placement"] = {"reap-local": "local", "tiered": "tiered"}.get(p["name"], "cxl")
+            return subprocess.CompletedProcess(command, 0, json.dumps(doc), "")
+        if op == "snapshot":
+            self.calls.append((host, command, timeout))
+            sid = words[words.index("--id") + 1]
+            variants = [{"id": sid, "placement": "tiered", "published": True},
+                        {"id": f"{sid}:cxl", "placement": "cxl", "published": True},
+                        {"id": f"{sid}:local", "placement": "local", "published": False}]
+            return subprocess.CompletedProcess(command, 0, json.dumps({"id": sid, "pages": 10, "variants": variants}), "")
+        if op == "restore":
+            self.calls.append((host, command, timeout))
+            policy = words[words.index("--policy") + 1]
+            target = words[words.index("--host") + 1] if "--host" in words else host
+            return subprocess.CompletedProcess(command, 0, json.dumps(restore(policy, host=target)), "")
+        return super().__call__(topo, host, command, timeout)
+
+
+def test_a_copy_only_the_snapshot_host_holds_is_restored_there(tmp_path):
+    fake = PrivateCopyGuests()
+    rc = matrix.main(["matrix", "--functions", "helloworld", "--out", str(tmp_path / "out")], run=fake,
+                     ensure_agents=lambda topo: None)
+    assert rc == 0
+    forwarded = {c.split("--policy ")[1].split()[0]: "--host host1" in c for _, c, _ in fake.calls if " restore " in c}
+    assert forwarded == {"lazy-cxl": True, "reap-local": False, "tiered": True}
+    rows = {r["policy"]: r for r in json.loads((tmp_path / "out" / "results.json").read_text())["rows"]}
+    assert rows["reap-local"]["restore_host"] == "host0" and rows["tiered"]["restore_host"] == "host1"
+
+
 def test_a_whole_matrix_with_failures_is_recorded_and_exits_1(tmp_path, capsys):
     fake = FakeGuests()
     rc = matrix.main(["matrix", "--functions", "helloworld,pyaes", "--policies", "lazy-cxl,reap,tiered",

@@ -26,7 +26,7 @@ namespace snaptier::policy {
 class Placement {
  public:
   virtual ~Placement() = default;
-  [[nodiscard]] virtual std::string_view name() const noexcept = 0;  // "tiered", "cxl", "rdma"
+  [[nodiscard]] virtual std::string_view name() const noexcept = 0;  // "tiered", "cxl", "rdma", "local"
   // Where the pages the profile did not find hot go (every page, for a single-tier placement),
   // given the tiers this host has up; Errc::unavailable names what is missing.
   [[nodiscard]] virtual Result<TierKind> cold_tier(const std::map<TierKind, TierCaps>& available) const = 0;

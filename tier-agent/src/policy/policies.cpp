@@ -157,14 +157,17 @@ std::vector<std::unique_ptr<Placement>> all_placements() {
   out.push_back(std::make_unique<TieredPlacement>());
   out.push_back(std::make_unique<SingleTierPlacement>(TierKind::cxl));
   out.push_back(std::make_unique<SingleTierPlacement>(TierKind::rdma));
+  out.push_back(std::make_unique<SingleTierPlacement>(TierKind::local));
   return out;
 }
 
 Result<std::unique_ptr<Placement>> make_placement(std::string_view name) {
+  std::string known;
   for (auto& p : all_placements()) {
     if (p->name() == name) return std::move(p);
+    known += (known.empty() ? "" : ", ") + std::string(p->name());
   }
-  return fail(Errc::invalid_argument, "unknown placement '" + std::string(name) + "' (tiered, cxl, rdma)");
+  return fail(Errc::invalid_argument, "unknown placement '" + std::string(name) + "' (" + known + ")");
 }
 
 Result<void> require_readable(const SnapshotInfo& info, const std::map<TierKind, TierCaps>& available) {
@@ -227,9 +230,16 @@ const std::vector<PolicyEntry>& policy_table() {
        "CRIU's page server on the snapshot host, pages fetched over the network on demand"},
       {"lazy-cxl", Mechanism::snaptier_lazy, "cxl", P::none, {}, "every page on demand from the CXL copy"},
       {"lazy-rdma", Mechanism::snaptier_lazy, "rdma", P::none, {}, "every page on demand from the RDMA pool"},
+      // The local placement: what the copy policies reach when their source is this host's DRAM.
+      {"lazy-local", Mechanism::snaptier_lazy, "local", P::none, {},
+       "every page on demand from the snapshot host's local DRAM tier (the copy policies' source at memory speed; "
+       "restores on the snapshot host only)"},
       // REAP: the recorded working set installed in one go before resume, from one tier.
       {"reap", Mechanism::snaptier_lazy, "cxl", P::hot, {},
        "REAP: the profiled working set copied in before resume, the rest on demand (CXL copy)"},
+      {"reap-local", Mechanism::snaptier_lazy, "local", P::hot, {},
+       "REAP from the snapshot host's local DRAM tier: the working set copied in before resume at memory speed, the "
+       "rest on demand (restores on the snapshot host only)"},
       {"aquifer", Mechanism::snaptier_lazy, "tiered", P::hot_then_cold, {},
        "Aquifer: hot pages copied from CXL before resume, cold ones from RDMA (or file) in the background after "
        "resume and on demand"},

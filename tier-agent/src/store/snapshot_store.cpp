@@ -628,6 +628,10 @@ class TieredSnapshotStore final : public SnapshotStore {
     if (tier == options_.tiers.end()) return std::nullopt;
     const std::uint64_t now = tier->second->epoch();
     if (now == 0 || now == recorded->second) return std::nullopt;
+    if (kind == TierKind::local) {
+      return fmt::format("its local pages were lost: they were in the memory of an earlier agent (local tier epoch "
+                         "{}, now {})", recorded->second, now);
+    }
     std::string name(to_string(kind));
     if (kind == TierKind::rdma) name = "RDMA";
     return fmt::format("its {} pages were lost: pool epoch {}, now {}", name, recorded->second, now);

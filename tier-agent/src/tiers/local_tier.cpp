@@ -5,6 +5,7 @@
 #include <cerrno>
 #include <cstring>
 #include <mutex>
+#include <random>
 
 #include "snaptier/tiers.hpp"
 #include "tiers/extent_allocator.hpp"
@@ -16,7 +17,7 @@ namespace {
 class LocalTier final : public Tier {
  public:
   LocalTier(detail::UniqueMapping arena, std::uint64_t capacity)
-      : arena_(std::move(arena)), capacity_(capacity), allocator_(0, capacity) {}
+      : arena_(std::move(arena)), capacity_(capacity), allocator_(0, capacity), epoch_(fresh_epoch()) {}
 
   std::string_view name() const noexcept override { return "local"; }
   TierKind kind() const noexcept override { return TierKind::local; }
@@ -53,6 +54,10 @@ class LocalTier final : public Tier {
     return {};
   }
 
+  // The arena is this process's memory: a manifest written by an earlier agent names pages
+  // that went with it.
+  std::uint64_t epoch() const noexcept override { return epoch_; }
+
   const std::byte* map(Extent extent) const noexcept override {
     if (!detail::check_access("local", extent, 0, 0, 0, capacity_)) return nullptr;
     return arena_.data() + extent.offset;
@@ -71,6 +76,14 @@ class LocalTier final : public Tier {
   mutable std::mutex mutex_;
   ExtentAllocator allocator_;
   std::atomic<std::uint64_t> reads_{0}, writes_{0}, bytes_read_{0}, bytes_written_{0};
+  std::uint64_t epoch_;
+
+  static std::uint64_t fresh_epoch() {
+    std::random_device seed;
+    std::uint64_t epoch = 0;
+    while (epoch == 0) epoch = (std::uint64_t{seed()} << 32) | seed();
+    return epoch;
+  }
 };
 
 }  // namespace
