@@ -148,11 +148,29 @@ TEST(RestorePolicyTest, CxlforkInstallsOnlyTheWrittenPagesBeforeResume) {
   pages[2].touch_order = 5;
   auto cxlfork = *make_policy("cxlfork");
   const auto plan = cxlfork->plan(pages);
-  // Written pages in touch order; the hot read-only page 0x1000 is mapped, not copied.
-  EXPECT_EQ(plan.before_resume, (std::vector<std::uint64_t>{0x10005000, 0x10006000, 0x10002000}));
+  // Written pages in touch order; the hot read-only page 0x1000 is mapped, not copied; the
+  // touched zero page 0x7000 (nothing to map) last.
+  EXPECT_EQ(plan.before_resume, (std::vector<std::uint64_t>{0x10005000, 0x10006000, 0x10002000, 0x10007000}));
   EXPECT_TRUE(plan.background.empty());
   for (auto& p : pages) p.flags &= ~static_cast<std::uint32_t>(page_written);
-  EXPECT_TRUE(cxlfork->plan(pages).before_resume.empty()) << "nothing written, nothing copied";
+  EXPECT_EQ(cxlfork->plan(pages).before_resume, (std::vector<std::uint64_t>{0x10006000, 0x10007000}))
+      << "nothing written: nothing copied, only the touched zero pages zeroed";
+}
+
+// Policies that map pages in place install the touched zero pages (fresh ones included) before
+// resume, in address order; untouched zero pages stay lazy; the others leave zero pages alone.
+TEST(RestorePolicyTest, InPlacePoliciesZeroTheTouchedZeroPagesBeforeResume) {
+  auto pages = profiled_pages();
+  pages[4].flags = page_zero;                // untouched zero page: stays lazy
+  pages.push_back(LazyPage{0x10003000 - 0x10000, page_hot | page_zero, 5, TierKind::local});  // a fresh page
+  const std::uint64_t fresh = 0x10003000 - 0x10000;
+  EXPECT_EQ((*make_policy("trenv"))->plan(pages).before_resume, (std::vector<std::uint64_t>{fresh, 0x10007000}));
+  EXPECT_EQ((*make_policy("cxlfork"))->plan(pages).before_resume,
+            (std::vector<std::uint64_t>{0x10005000, fresh, 0x10007000}))
+      << "the written page copied first, then the zero pages";
+  auto tiered = (*make_policy("tiered"))->plan(pages).before_resume;
+  EXPECT_EQ(std::count(tiered.begin(), tiered.end(), 0x10007000), 1) << "already hot: planned once";
+  EXPECT_TRUE((*make_policy("lazy-cxl"))->plan(pages).before_resume.empty());
 }
 
 TEST(RestorePolicyTest, DemandOnlyPoliciesPlanNothing) {

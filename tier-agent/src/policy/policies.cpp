@@ -1,5 +1,6 @@
 // The placements and restore policies of docs/restore-policies.md.
 #include <algorithm>
+#include <set>
 
 #include "snaptier/restore_policy.hpp"
 
@@ -62,6 +63,20 @@ class TieredPlacement final : public Placement {
 
 // The addresses of the pages `wanted` picks, in first-touch order (REAP's order; the engine
 // coalesces runs).
+// A policy that maps its pages in place has nothing to map for a zero page (none is stored):
+// the ones the profile saw touched (fresh pages among them) become the kernel's zero page before
+// resume, one UFFDIO_ZEROPAGE per run, instead of a fault each while the function runs.
+void add_touched_zero_pages(std::span<const LazyPage> pages, std::vector<std::uint64_t>& before_resume) {
+  const std::set<std::uint64_t> planned(before_resume.begin(), before_resume.end());
+  std::vector<std::uint64_t> zero;
+  for (const auto& p : pages) {
+    constexpr std::uint32_t kTouchedZero = page_hot | page_zero;
+    if ((p.flags & kTouchedZero) == kTouchedZero && !planned.contains(p.vaddr)) zero.push_back(p.vaddr);
+  }
+  std::sort(zero.begin(), zero.end());
+  before_resume.insert(before_resume.end(), zero.begin(), zero.end());
+}
+
 template <typename Pick>
 std::vector<std::uint64_t> in_touch_order(std::span<const LazyPage> pages, Pick wanted) {
   std::vector<const LazyPage*> picked;
@@ -119,6 +134,7 @@ class Policy final : public RestorePolicy {
         });
         break;
     }
+    if (in_place_.pages != InPlacePages::none) add_touched_zero_pages(pages, out.before_resume);
     return out;
   }
 
