@@ -613,6 +613,27 @@ TEST_F(LazyPagesTest, ArgEnvPagesCoverBothRangesAndNothingBetween) {
   EXPECT_TRUE(lazy::arg_env_pages(mm).empty());
 }
 
+// Fresh pages can be installed wherever CRIU registers the task's uffd: every VMA that can be
+// lazy, also one without lazy pages of its own (the anonymous piece between two ranges mapped in
+// place), never a file mapping, and nowhere in a task without lazy pages (it has no uffd).
+TEST_F(LazyPagesTest, FreshPagesGoWhereCriuRegistersTheUffd) {
+  constexpr std::uint32_t kPrivateAnonymous = 0x02 | 0x20;
+  constexpr std::uint32_t kPrivateFile = 0x02;
+  criu::Task task;
+  task.mm.emplace();
+  task.mm->vmas = {
+      criu::VmaEntry{.start = 0x10000, .end = 0x14000, .flags = kPrivateAnonymous, .status = criu::kVmaAnonPrivate},
+      criu::VmaEntry{.start = 0x14000, .end = 0x18000, .flags = kPrivateFile, .status = criu::kVmaFilePrivate},
+      criu::VmaEntry{.start = 0x18000, .end = 0x1c000, .flags = kPrivateAnonymous, .status = criu::kVmaAnonPrivate},
+  };
+  const std::vector<lazy::LazyRange> ranges{{0x10000, 0x11000, 0}};
+  EXPECT_TRUE(lazy::in_lazy_vma(task, ranges, 0x13000)) << "the VMA holding lazy pages";
+  EXPECT_TRUE(lazy::in_lazy_vma(task, ranges, 0x1b000)) << "an anonymous VMA without lazy pages of its own";
+  EXPECT_FALSE(lazy::in_lazy_vma(task, ranges, 0x15000)) << "a file mapping (pages mapped in place)";
+  EXPECT_FALSE(lazy::in_lazy_vma(task, ranges, 0x20000)) << "outside every VMA";
+  EXPECT_FALSE(lazy::in_lazy_vma(task, {}, 0x13000)) << "a task without lazy pages";
+}
+
 // Every policy the agent serves, even one that installs nothing before resume, ends up with the
 // fixture's arg page before resume, once, and not in the background list.
 TEST_F(LazyPagesTest, ArgEnvPagesJoinEveryAgentPolicysBeforeResumeSetOnce) {

@@ -92,8 +92,10 @@ struct RangeHit {
 [[nodiscard]] RangeHit find_lazy_range(std::span<const LazyRange> ranges, std::uint64_t vaddr,
                                        std::size_t max_pages) noexcept;
 
-// Whether `addr` lies in a VMA of `task` that holds lazy pages: CRIU registers those VMAs with
-// the task's uffd, so a page can be installed there (also a fresh, zero one).
+// Whether `addr` lies in a VMA of a task with lazy pages that CRIU registers with the task's
+// uffd: every VMA that can be lazy is (its restorer's vma_remap), whether or not pages of its
+// own are lazy — the anonymous pieces between ranges mapped in place among them. A page can be
+// installed there, also a fresh, zero one.
 [[nodiscard]] bool in_lazy_vma(const criu::Task& task, std::span<const LazyRange> ranges,
                                std::uint64_t addr) noexcept;
 

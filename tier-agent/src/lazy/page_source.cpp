@@ -68,11 +68,9 @@ RangeHit find_lazy_range(std::span<const LazyRange> ranges, std::uint64_t vaddr,
 }
 
 bool in_lazy_vma(const criu::Task& task, std::span<const LazyRange> ranges, std::uint64_t addr) noexcept {
-  if (!task.mm) return false;
+  if (!task.mm || ranges.empty()) return false;
   for (const auto& vma : task.mm->vmas) {
-    if (!vma.contains(addr)) continue;
-    return std::any_of(ranges.begin(), ranges.end(),
-                       [&](const LazyRange& r) { return r.start < vma.end && r.end > vma.start; });
+    if (vma.contains(addr)) return vma.can_be_lazy();
   }
   return false;
 }
