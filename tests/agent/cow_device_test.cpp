@@ -15,6 +15,8 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
+#include <optional>
 #include <sstream>
 #include <string>
 
@@ -173,9 +175,63 @@ TEST_F(CowDevice, RefusesSharedAndOutOfRangeMappings) {
   EXPECT_EQ(now.size, size) << "a refused range must leave the lent one in place";
 }
 
+// The module's count of 2 MiB blocks mapped by one fault; nullopt if it does not report one.
+std::optional<long> pmd_faults() {
+  std::ifstream in("/sys/module/snaptier_cow/parameters/pmd_faults");
+  long n = 0;
+  if (!(in >> n)) return std::nullopt;
+  return n;
+}
+
+bool transparent_huge_pages_enabled() {
+  std::ifstream in("/sys/kernel/mm/transparent_hugepage/enabled");
+  std::string modes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  return modes.find("[never]") == std::string::npos && !modes.empty();
+}
+
+// A read of a 2 MiB block whose address and device pages are both 2 MiB-aligned maps the whole
+// block with one fault; a write still copies one page and the rest keeps reading the device.
+TEST_F(CowDevice, AlignedBlocksAreMappedWholeAndStillCopyOnWrite) {
+  constexpr std::size_t kBlock = 2u << 20;
+  if (!transparent_huge_pages_enabled()) GTEST_SKIP() << "transparent huge pages are off in this kernel";
+  const auto before = pmd_faults();
+  if (!before) GTEST_SKIP() << "this snaptier_cow reports no pmd_faults (an older module)";
+  snaptier_cow_range lent_range{};
+  ASSERT_EQ(::ioctl(cow.get(), SNAPTIER_COW_GET_RANGE, &lent_range), 0);
+  // The first device offset whose physical address is 2 MiB-aligned.
+  const std::uint64_t offset = (kBlock - lent_range.start % kBlock) % kBlock;
+  if (offset + kBlock > size) GTEST_SKIP() << "the device holds no whole aligned block";
+  // An address 2 MiB-aligned: reserve twice the block, map inside it.
+  void* reserve = ::mmap(nullptr, 2 * kBlock, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  ASSERT_NE(reserve, MAP_FAILED);
+  const auto aligned = (reinterpret_cast<std::uintptr_t>(reserve) + kBlock - 1) & ~(std::uintptr_t{kBlock} - 1);
+  void* at = ::mmap(reinterpret_cast<void*>(aligned), kBlock, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, cow.get(),
+                    static_cast<off_t>(offset));
+  ASSERT_EQ(at, reinterpret_cast<void*>(aligned)) << std::strerror(errno);
+  auto* lent = static_cast<unsigned char*>(at);
+  Mapping device(dax.get(), offset + kBlock, PROT_READ, MAP_SHARED);
+  ASSERT_NE(device.data, MAP_FAILED) << std::strerror(errno);
+  const unsigned char* expected = device.bytes() + offset;
+
+  EXPECT_EQ(std::memcmp(lent, expected, kBlock), 0) << "a block-mapped range must read the device's bytes";
+  EXPECT_EQ(*pmd_faults() - *before, 1) << "one fault for the whole block";
+  EXPECT_EQ(anonymous_bytes_of(lent), 0u);
+
+  const unsigned char old = expected[5 * kPage + 9];
+  lent[5 * kPage + 9] = static_cast<unsigned char>(old ^ 0xff);
+  EXPECT_EQ(expected[5 * kPage + 9], old) << "a write must never reach the shared device";
+  EXPECT_EQ(lent[5 * kPage + 9], static_cast<unsigned char>(old ^ 0xff));
+  EXPECT_EQ(anonymous_bytes_of(lent), kPage) << "one write, one local page, not a 2 MiB copy";
+  lent[5 * kPage + 9] = old;
+  EXPECT_EQ(std::memcmp(lent, expected, kBlock), 0) << "after the split the other pages read the device";
+  ::munmap(reserve, 2 * kBlock);
+}
+
 TEST_F(CowDevice, MeasureCountsDevicePagesApartFromLocalCopies) {
   Mapping lent(cow.get(), kLength, PROT_READ | PROT_WRITE, MAP_PRIVATE);
   ASSERT_NE(lent.data, MAP_FAILED);
+  // Page by page: an aligned address would otherwise map the whole block at the first read.
+  ASSERT_EQ(::madvise(lent.data, kLength, MADV_NOHUGEPAGE), 0) << std::strerror(errno);
   const volatile unsigned char* bytes = lent.bytes();
   for (std::size_t p = 0; p < 64; ++p) (void)bytes[p * kPage];  // volatile: the reads must happen
   lent.bytes()[kPage] ^= 1;

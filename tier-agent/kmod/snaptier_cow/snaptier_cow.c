@@ -10,6 +10,11 @@
  * Nothing is ever written to the device through it: shared mappings are refused, so the
  * snapshot store's guarantees (only the owning agent writes an extent) hold.
  *
+ * A read fault in a 2 MiB block of the mapping whose device pages are 2 MiB-aligned maps the
+ * whole block (a devmap PMD, as device-dax's own PMD faults do); a write to such a block splits
+ * it and copies one page through the pte path. `pmd_mappings` (module parameter) turns that
+ * off; `pmd_faults` counts the blocks mapped.
+ *
  * Reference: docs/restore-policies.md ("In place") and ../shared/in-place-mapping.md.
  */
 #include <linux/capability.h>
@@ -20,6 +25,9 @@
 #include <linux/module.h>
 #include <linux/mutex.h>
 #include <linux/pfn_t.h>
+#include <linux/huge_mm.h>
+#include <linux/moduleparam.h>
+#include <linux/sysfs.h>
 #include <linux/uaccess.h>
 
 #include "snaptier_cow_uapi.h"
@@ -35,6 +43,21 @@ static DEFINE_MUTEX(range_lock);
 static struct snaptier_cow_range range;	/* guarded by range_lock; stable while mappings > 0 */
 static atomic_t mappings = ATOMIC_INIT(0);
 static struct pagemap_set held;	/* the lent range's pagemaps; guarded by range_lock */
+
+static bool pmd_mappings = true;
+module_param(pmd_mappings, bool, 0644);
+MODULE_PARM_DESC(pmd_mappings, "map a 2 MiB-aligned block of the device per read fault where the mapping allows it");
+
+static atomic_long_t pmd_faults = ATOMIC_LONG_INIT(0);
+
+static int get_pmd_faults(char *buffer, const struct kernel_param *kp)
+{
+	return sysfs_emit(buffer, "%ld\n", atomic_long_read(&pmd_faults));
+}
+
+static const struct kernel_param_ops pmd_faults_ops = { .get = get_pmd_faults };
+module_param_cb(pmd_faults, &pmd_faults_ops, NULL, 0444);
+MODULE_PARM_DESC(pmd_faults, "2 MiB blocks mapped by a single fault since the module was loaded");
 
 static void release_pagemaps(struct pagemap_set *set)
 {
@@ -144,6 +167,37 @@ static vm_fault_t snaptier_cow_fault(struct vm_fault *vmf)
 	return vmf_insert_mixed(vmf->vma, vmf->address, phys_to_pfn_t(phys, PFN_DEV | PFN_MAP));
 }
 
+/*
+ * Called by the kernel for a fault on an empty PMD of a VMA that may hold huge mappings (ours:
+ * VM_HUGEPAGE, a special VM_MIXEDMAP file mapping). Only read faults on a block that lies whole
+ * in the VMA and in the lent range, at a 2 MiB-aligned device address; anything else falls back
+ * to snaptier_cow_fault one page at a time.
+ */
+static vm_fault_t snaptier_cow_huge_fault(struct vm_fault *vmf, unsigned int order)
+{
+	struct vm_area_struct *vma = vmf->vma;
+	const unsigned long block = vmf->address & PMD_MASK;
+	const u64 size = READ_ONCE(range.size);
+	pgoff_t pgoff;
+	phys_addr_t phys;
+	vm_fault_t ret;
+
+	if (order != PMD_ORDER || !READ_ONCE(pmd_mappings) || (vmf->flags & (FAULT_FLAG_WRITE | FAULT_FLAG_UNSHARE)))
+		return VM_FAULT_FALLBACK;
+	if (block < vma->vm_start || block + PMD_SIZE > vma->vm_end)
+		return VM_FAULT_FALLBACK;
+	pgoff = vma->vm_pgoff + ((block - vma->vm_start) >> PAGE_SHIFT);
+	if (pgoff + PTRS_PER_PMD > size >> PAGE_SHIFT)
+		return VM_FAULT_FALLBACK;
+	phys = READ_ONCE(range.start) + ((phys_addr_t)pgoff << PAGE_SHIFT);
+	if (!IS_ALIGNED(phys, PMD_SIZE))
+		return VM_FAULT_FALLBACK;
+	ret = vmf_insert_pfn_pmd(vmf, phys_to_pfn_t(phys, PFN_DEV | PFN_MAP), false);
+	if (ret == VM_FAULT_NOPAGE)
+		atomic_long_inc(&pmd_faults);
+	return ret;
+}
+
 static void snaptier_cow_vm_open(struct vm_area_struct *vma)
 {
 	atomic_inc(&mappings);
@@ -158,6 +212,7 @@ static const struct vm_operations_struct snaptier_cow_vm_ops = {
 	.open = snaptier_cow_vm_open,
 	.close = snaptier_cow_vm_close,
 	.fault = snaptier_cow_fault,
+	.huge_fault = snaptier_cow_huge_fault,
 };
 
 static int snaptier_cow_mmap(struct file *file, struct vm_area_struct *vma)
@@ -173,7 +228,8 @@ static int snaptier_cow_mmap(struct file *file, struct vm_area_struct *vma)
 		 vma->vm_pgoff + vma_pages(vma) < vma->vm_pgoff)
 		err = -EINVAL;
 	if (!err) {
-		vm_flags_set(vma, VM_MIXEDMAP);
+		/* VM_HUGEPAGE: huge faults also where THP is "madvise" rather than "always". */
+		vm_flags_set(vma, VM_MIXEDMAP | VM_HUGEPAGE);
 		vma->vm_ops = &snaptier_cow_vm_ops;
 		atomic_inc(&mappings);
 	}
