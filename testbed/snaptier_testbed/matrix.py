@@ -380,8 +380,8 @@ def render_summary(doc: dict) -> list[str]:
     if not any(p["vs_limit_geo_mean"] or p["speedup_vs_criu_eager_geo_mean"] for p in doc["policies"].values()):
         return []
     pw = max([6] + [len(p) for p in doc["policies"]])
-    out = ["", f"  first response against the limit (bare restore + warm invocation) and the baselines, "
-               f"geo-means over the functions:",
+    out = ["", "  first response against the limit (bare restore + warm invocation) and the baselines, "
+               "geo-means over the functions:",
            f"  {'policy':{pw}} {'functions':>9} {'vs limit':>8} {'worst':>7} {'x ' + FIRST_RESPONSE_BASELINE:>12}"
            f" {'x ' + LAZY_BASELINE:>11}"]
     rows = list(doc["policies"].items()) + [("best", doc["best"])]

@@ -1,7 +1,6 @@
 """The CLI on bad input: a clear message, a non-zero exit, and no QEMU started."""
 import os
 import subprocess
-import sys
 
 import pytest
 

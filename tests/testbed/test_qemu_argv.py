@@ -1,8 +1,6 @@
 """Topology -> machine description -> QEMU command line."""
 from pathlib import Path
 
-import pytest
-
 from snaptier_qemu.argv import qemu_argv
 from snaptier_testbed.machine import Runtime, describe
 from snaptier_testbed.topology import load_topology, parse_topology
