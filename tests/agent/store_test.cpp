@@ -505,6 +505,7 @@ TEST_F(StoreTest, LocalPagesOfAnEarlierAgentAreLostNotServed) {
   }
   auto restarted_local = std::shared_ptr<Tier>(*make_local_tier(4 << 20));
   ASSERT_NE(restarted_local->epoch(), 0u);
+  EXPECT_LT(restarted_local->epoch(), std::uint64_t{1} << 53) << "exact in JSON (schema: Epoch)";
   ASSERT_NE(restarted_local->epoch(), local_->epoch()) << "every local tier is its own storage";
   // A newer snapshot takes the same offsets in the new arena.
   auto store = open_store({{TierKind::local, restarted_local}, {TierKind::file, file_}});

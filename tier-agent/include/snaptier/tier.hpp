@@ -97,4 +97,8 @@ class Tier {
   [[nodiscard]] virtual std::uint64_t epoch() const noexcept { return 0; }
 };
 
+// A fresh epoch for storage made anew: random, nonzero and below 2^53, so that it is exact in
+// any JSON reader (schema: Epoch).
+[[nodiscard]] std::uint64_t new_epoch();
+
 }  // namespace snaptier

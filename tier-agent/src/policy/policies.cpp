@@ -61,8 +61,6 @@ class TieredPlacement final : public Placement {
   }
 };
 
-// The addresses of the pages `wanted` picks, in first-touch order (REAP's order; the engine
-// coalesces runs).
 // A policy that maps its pages in place has nothing to map for a zero page (none is stored):
 // the ones the profile saw touched (fresh pages among them) become the kernel's zero page before
 // resume, one UFFDIO_ZEROPAGE per run, instead of a fault each while the function runs.
@@ -77,6 +75,8 @@ void add_touched_zero_pages(std::span<const LazyPage> pages, std::vector<std::ui
   before_resume.insert(before_resume.end(), zero.begin(), zero.end());
 }
 
+// The addresses of the pages `wanted` picks, in first-touch order (REAP's order; the engine
+// coalesces runs).
 template <typename Pick>
 std::vector<std::uint64_t> in_touch_order(std::span<const LazyPage> pages, Pick wanted) {
   std::vector<const LazyPage*> picked;

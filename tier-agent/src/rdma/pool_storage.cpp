@@ -10,7 +10,6 @@
 #include <cerrno>
 #include <cstring>
 #include <optional>
-#include <random>
 #include <vector>
 
 #include <fmt/format.h>
@@ -156,15 +155,6 @@ std::string mib(std::uint64_t bytes) { return fmt::format("{:.1f} MiB", static_c
 
 }  // namespace
 
-std::uint64_t new_pool_epoch() {
-  std::random_device device;
-  std::uint64_t epoch = 0;
-  while (epoch == 0) {
-    epoch = ((static_cast<std::uint64_t>(device()) << 32) ^ device()) & ((std::uint64_t{1} << 53) - 1);
-  }
-  return epoch;
-}
-
 fs::path PoolStorage::table_path(const fs::path& path) { return path.string() + ".table"; }
 
 Result<PoolStorage> PoolStorage::open(const fs::path& path, std::uint64_t requested) {
@@ -178,7 +168,7 @@ Result<PoolStorage> PoolStorage::open(const fs::path& path, std::uint64_t reques
     void* data = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (data == MAP_FAILED) return fail_errno(Errc::no_space, "rdma pool: mmap " + std::to_string(size) + " bytes", errno);
     pool.mapping_ = detail::UniqueMapping(data, size);
-    pool.epoch_ = new_pool_epoch();
+    pool.epoch_ = new_epoch();
     pool.origin_ = "new pool: anonymous memory (lost when the agent stops)";
     return pool;
   }
@@ -239,7 +229,7 @@ Result<PoolStorage> PoolStorage::open(const fs::path& path, std::uint64_t reques
     fresh_reason = "no pool file " + path.string() + " (first start, or the memory node restarted)";
   }
 
-  std::uint64_t epoch = kept ? kept->epoch : new_pool_epoch();
+  std::uint64_t epoch = kept ? kept->epoch : new_epoch();
   if (!fd) {
     fd = detail::UniqueFd(::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600));
     if (!fd) return fail_errno(Errc::io, "rdma pool: create " + path.string(), errno);

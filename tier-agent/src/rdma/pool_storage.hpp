@@ -56,7 +56,4 @@ class PoolStorage {
   bool recovered_ = false;
 };
 
-// A random epoch: nonzero and below 2^53, so that it is exact in any JSON reader.
-[[nodiscard]] std::uint64_t new_pool_epoch();
-
 }  // namespace snaptier::rdma_detail

@@ -5,7 +5,6 @@
 #include <cerrno>
 #include <cstring>
 #include <mutex>
-#include <random>
 
 #include "snaptier/tiers.hpp"
 #include "tiers/extent_allocator.hpp"
@@ -17,7 +16,7 @@ namespace {
 class LocalTier final : public Tier {
  public:
   LocalTier(detail::UniqueMapping arena, std::uint64_t capacity)
-      : arena_(std::move(arena)), capacity_(capacity), allocator_(0, capacity), epoch_(fresh_epoch()) {}
+      : arena_(std::move(arena)), capacity_(capacity), allocator_(0, capacity), epoch_(new_epoch()) {}
 
   std::string_view name() const noexcept override { return "local"; }
   TierKind kind() const noexcept override { return TierKind::local; }
@@ -77,13 +76,6 @@ class LocalTier final : public Tier {
   ExtentAllocator allocator_;
   std::atomic<std::uint64_t> reads_{0}, writes_{0}, bytes_read_{0}, bytes_written_{0};
   std::uint64_t epoch_;
-
-  static std::uint64_t fresh_epoch() {
-    std::random_device seed;
-    std::uint64_t epoch = 0;
-    while (epoch == 0) epoch = (std::uint64_t{seed()} << 32) | seed();
-    return epoch;
-  }
 };
 
 }  // namespace

@@ -1,8 +1,18 @@
 #include "snaptier/tier.hpp"
 
+#include <random>
 #include <string>
 
 namespace snaptier {
+
+std::uint64_t new_epoch() {
+  std::random_device device;
+  std::uint64_t epoch = 0;
+  while (epoch == 0) {
+    epoch = ((static_cast<std::uint64_t>(device()) << 32) ^ device()) & ((std::uint64_t{1} << 53) - 1);
+  }
+  return epoch;
+}
 
 std::string_view to_string(TierKind kind) noexcept {
   switch (kind) {
