@@ -457,6 +457,9 @@ def plot(results: dict, png: Path) -> Path:
     fig, axes = plt.subplots(len(panels), 1, figsize=(max(8, 1.6 * len(functions) + 3), 3.75 * len(panels)),
                              sharex=True)
     width = 0.8 / max(1, len(policies))
+    # One colour per policy: tab10's ten, then tab20's lighter shades of them.
+    tab20 = plt.get_cmap("tab20").colors
+    colors = list(tab20[0::2]) + list(tab20[1::2])
     for ax, (metric, label, log) in zip(axes, panels):
         for i, policy in enumerate(policies):
             xs, ys = [], []
@@ -470,7 +473,7 @@ def plot(results: dict, png: Path) -> Path:
                     ax.text(j + i * width, 0.02, "skipped" if r["skipped"] else "failed",
                             transform=ax.get_xaxis_transform(), rotation=90, ha="center", va="bottom", fontsize=7,
                             color="gray" if r["skipped"] else "red")
-            ax.bar(xs, ys, width, label=policy, color=f"C{i}")
+            ax.bar(xs, ys, width, label=policy, color=colors[i % len(colors)])
         ax.set_yscale("log")
         if not log:  # a ratio: 1 is the limit
             ax.axhline(1.0, color="black", linewidth=0.8)
