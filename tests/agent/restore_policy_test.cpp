@@ -161,9 +161,9 @@ TEST(RestorePolicyTest, CxlforkInstallsOnlyTheWrittenPagesBeforeResume) {
 // resume, in address order; untouched zero pages stay lazy; the others leave zero pages alone.
 TEST(RestorePolicyTest, InPlacePoliciesZeroTheTouchedZeroPagesBeforeResume) {
   auto pages = profiled_pages();
-  pages[4].flags = page_zero;                // untouched zero page: stays lazy
-  pages.push_back(LazyPage{0x10003000 - 0x10000, page_hot | page_zero, 5, TierKind::local});  // a fresh page
-  const std::uint64_t fresh = 0x10003000 - 0x10000;
+  pages[4].flags = page_zero;  // untouched zero page: stays lazy
+  const std::uint64_t fresh = 0x0fff3000;  // touched, not in the snapshot
+  pages.push_back(LazyPage{fresh, page_hot | page_zero, 5, TierKind::local});
   EXPECT_EQ((*make_policy("trenv"))->plan(pages).before_resume, (std::vector<std::uint64_t>{fresh, 0x10007000}));
   EXPECT_EQ((*make_policy("cxlfork"))->plan(pages).before_resume,
             (std::vector<std::uint64_t>{0x10005000, fresh, 0x10007000}))
