@@ -140,23 +140,40 @@ struct LazyPagesServer::Impl {
     return t;
   }
 
+  // At most `most`, serving faults meanwhile: returns as soon as `fd` (if >= 0) is readable,
+  // and serves the engine the moment its own fd is, so neither a restorer's message nor a fault
+  // waits out a polling interval.
+  Result<bool> serve_until_readable(int fd, std::chrono::microseconds most) {
+    pollfd p[2] = {{engine->wait_fd(), POLLIN, 0}, {fd, POLLIN, 0}};
+    const timespec ts{static_cast<time_t>(most.count() / 1'000'000), static_cast<long>(most.count() % 1'000'000) * 1000};
+    const bool busy = engine->work_pending();
+    static constexpr timespec kNoWait{0, 0};
+    const int n = ::ppoll(p, fd >= 0 ? 2 : 1, busy ? &kNoWait : &ts, nullptr);
+    if (n < 0 && errno != EINTR) return fail_errno(Errc::io, "poll lazy-pages socket and uffds", errno);
+    if (busy || (n > 0 && p[0].revents != 0)) {
+      if (auto r = engine->poll(std::chrono::milliseconds(0)); !r) return tl::unexpected(r.error());
+    }
+    return n > 0 && fd >= 0 && p[1].revents != 0;
+  }
+
   // Wait (bounded) until the socket is readable, serving faults meanwhile.
   Result<void> wait_readable(int fd, Clock::time_point deadline, std::string_view what) {
     for (;;) {
-      pollfd p{fd, POLLIN, 0};
-      int n = ::poll(&p, 1, 0);
-      if (n < 0 && errno != EINTR) return fail_errno(Errc::io, "poll lazy-pages socket", errno);
-      if (n > 0) return {};
       if (engine->failure()) return tl::unexpected(*engine->failure());
       if (stopping()) return fail(Errc::unavailable, "stopped while waiting for " + std::string(what));
       if (Clock::now() >= deadline) {
         return fail(Errc::timeout, "restorer sent no " + std::string(what) + " within " +
                                        std::to_string(options.step_timeout.count()) + " ms");
       }
-      if (auto r = engine->poll(std::chrono::milliseconds(2)); !r) return tl::unexpected(r.error());
+      // The bound on one wait is how soon a stop request or the deadline is noticed.
+      auto readable = serve_until_readable(fd, std::chrono::milliseconds(2));
+      if (!readable) return tl::unexpected(readable.error());
+      if (*readable) return {};
     }
   }
 
+  // No fd tells that a task entered group stop: /proc is looked at every 100 us (CRIU stops
+  // the tasks just before it exits, so this is a few looks), faults served in between.
   Result<void> wait_stopped(pid_t pid, Clock::time_point deadline) {
     for (;;) {
       const char state = proc::task_state(pid);
@@ -166,7 +183,7 @@ struct LazyPagesServer::Impl {
         return fail(Errc::timeout, "task " + std::to_string(pid) + " was not left stopped by the restorer (state '" +
                                        std::string(1, state) + "'); was criu restore run with --leave-stopped?");
       }
-      if (auto r = engine->poll(std::chrono::milliseconds(2)); !r) return tl::unexpected(r.error());
+      if (auto r = serve_until_readable(-1, std::chrono::microseconds(100)); !r) return tl::unexpected(r.error());
     }
   }
 
