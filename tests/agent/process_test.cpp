@@ -1,6 +1,7 @@
 // Child processes with bounded waits: exit codes, signals, timeouts that kill the whole process
 // group, clean errors for missing executables, log tails, RAII kill, release.
 #include <gtest/gtest.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
@@ -226,6 +227,33 @@ TEST(ProcessTest, EnvironmentWorkingDirectoryAndStdin) {
                options);
   ASSERT_TRUE(r) << r.error().what();
   EXPECT_EQ(r->log_tail, "forty two|/nowhere|" + std::filesystem::canonical(dir.path()).string() + "\neof");
+}
+
+TEST(ProcessTest, PassedDescriptorsAreTheChildsThreeFourAndNothingElseLeaks) {
+  int first[2], second[2], other[2];
+  ASSERT_EQ(::pipe2(first, O_CLOEXEC), 0);
+  ASSERT_EQ(::pipe2(second, O_CLOEXEC), 0);
+  ASSERT_EQ(::pipe(other), 0);  // no O_CLOEXEC: still not the child's
+  SpawnOptions options;
+  options.pass_fds = {second[1], first[1]};  // in this order: 3 is `second`, 4 is `first`
+  auto r = run({"sh", "-c", "echo three >&3; echo four >&4; if (echo x >&5) 2>/dev/null; then echo leaked; else echo closed; fi"},
+               5s, options);
+  ASSERT_TRUE(r) << r.error().what();
+  EXPECT_EQ(r->log_tail, "closed");
+  for (int fd : {first[1], second[1], other[0], other[1]}) ::close(fd);
+  char buf[16] = {};
+  ASSERT_GT(::read(second[0], buf, sizeof buf - 1), 0);
+  EXPECT_STREQ(buf, "three\n");
+  std::fill(std::begin(buf), std::end(buf), 0);
+  ASSERT_GT(::read(first[0], buf, sizeof buf - 1), 0);
+  EXPECT_STREQ(buf, "four\n");
+  ::close(first[0]);
+  ::close(second[0]);
+
+  options.pass_fds = {12345};
+  auto bad = spawn({"true"}, options);
+  ASSERT_FALSE(bad);
+  EXPECT_NE(bad.error().message.find("descriptor 12345 to pass"), std::string::npos) << bad.error().what();
 }
 
 TEST(ProcessTest, NewSessionOrNot) {

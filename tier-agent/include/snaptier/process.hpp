@@ -3,7 +3,7 @@
 // spawn() uses posix_spawn (safe in the multi-threaded agent: no code of ours runs between
 // fork and exec), resolves the executable on PATH up front (a missing one is Errc::not_found,
 // not a child exiting 127), gives the child stdin = /dev/null, stdout+stderr appended to a log
-// file, all other descriptors closed, default signal dispositions and an empty signal mask.
+// file, SpawnOptions::pass_fds as 3, 4, ..., all other descriptors closed, default signal dispositions and an empty signal mask.
 // Every wait is bounded; a Child that goes out of scope unreaped is SIGKILLed (its whole
 // process group when it leads one) and reaped.
 #pragma once
@@ -34,6 +34,9 @@ struct SpawnOptions {
   // inherit it; we do not see the mounts. CRIU restores a function's socket this way into a
   // directory of each instance's own, so instances of one snapshot do not collide.
   std::vector<std::pair<std::filesystem::path, std::filesystem::path>> bind_mounts;
+  // Descriptors the child gets as 3, 4, ... in this order (every other one is closed); the
+  // caller keeps its own. For a worker that talks over a socket, such as `criu swrk 3`.
+  std::vector<int> pass_fds;
 };
 
 struct ExitStatus {

@@ -283,8 +283,18 @@ Result<Child> spawn(const std::vector<std::string>& argv, const SpawnOptions& op
   if (err == 0) err = posix_spawn_file_actions_adddup2(&actions.actions, log_fd.get(), 1);
   if (err == 0) err = posix_spawn_file_actions_adddup2(&actions.actions, log_fd.get(), 2);
   if (err == 0 && !options.cwd.empty()) err = posix_spawn_file_actions_addchdir_np(&actions.actions, options.cwd.c_str());
+  // Each passed descriptor is first copied above the numbers it goes to, so that no dup2 onto
+  // 3 + i overwrites a descriptor a later one still has to copy from.
+  const int first_closed = 3 + static_cast<int>(options.pass_fds.size());
+  std::vector<UniqueFd> passed;
+  for (std::size_t i = 0; err == 0 && i < options.pass_fds.size(); ++i) {
+    UniqueFd high(::fcntl(options.pass_fds[i], F_DUPFD_CLOEXEC, first_closed));
+    if (!high) return fail_errno(Errc::invalid_argument, "spawn " + argv[0] + ": descriptor " + std::to_string(options.pass_fds[i]) + " to pass", errno);
+    err = posix_spawn_file_actions_adddup2(&actions.actions, high.get(), 3 + static_cast<int>(i));
+    passed.push_back(std::move(high));
+  }
   // Nothing of ours leaks into the child, whether or not someone forgot O_CLOEXEC.
-  if (err == 0) err = posix_spawn_file_actions_addclosefrom_np(&actions.actions, 3);
+  if (err == 0) err = posix_spawn_file_actions_addclosefrom_np(&actions.actions, first_closed);
 
   sigset_t empty_mask;
   sigemptyset(&empty_mask);
