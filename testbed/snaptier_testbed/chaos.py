@@ -398,7 +398,9 @@ def row_corrupt_cxl(c: Chaos, row: Row) -> None:
 KILL_POINTS = (
     # (policy, what must be running when the agent dies, regex over the host's command lines or
     # "@stopped": a restored task left stopped, its before-resume pages not yet installed)
-    ("lazy-cxl", "criu restore (agent's lazy-pages server)", r"criu restore .*--lazy-pages"),
+    # The agent sends its restores to a `criu swrk` worker (prestart_criu, the default), whose
+    # title reads "criu: restore --rpc ..." once the request is in; else it runs `criu restore`.
+    ("lazy-cxl", "criu restore (agent's lazy-pages server)", r"criu restore .*--lazy-pages|criu: restore --rpc"),
     ("reap", "the prefetch (restored tasks stopped)", "@stopped"),
     ("criu-lazy", "criu lazy-pages daemon", r"criu lazy-pages "),
     ("criu-eager", "criu restore", r"criu restore "),
@@ -463,8 +465,8 @@ def row_kill_burst_instance(c: Chaos, row: Row) -> None:
         return
     sid, snap = made
     host = c.snap_host
-    # criu restore writes the restored root's pid into the restore's work directory: the tree
-    # exists from then until the instance ends.
+    # The restore's work directory gets the restored root's pid once the tree exists (criu
+    # restore's --pidfile, or the agent from criu swrk's reply), until the instance ends.
     pid_files = f"{agents.FUNCTIONS_WORK_DIR}/restores/{sid}.{BURST_POLICY}.*/pid"
     timeout_s = RESTORE_TIMEOUT_S + 60 * BURST_INSTANCES
     tierctl = (f"{agents.GUEST_BUILD}/tierctl --socket {agents.AGENT_SOCKET} --timeout-ms {timeout_s * 1000} --json "

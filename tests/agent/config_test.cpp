@@ -313,16 +313,18 @@ TEST(ConfigTest, FunctionsSectionParsesWithDefaults) {
   EXPECT_EQ(config->functions->operation_timeout, 900s);
   EXPECT_TRUE(config->functions->burst_one_serving_thread);
   EXPECT_EQ(config->functions->fault_spin, FaultEngineOptions{}.spin_after_fault);
+  EXPECT_TRUE(config->functions->prestart_criu);
 
   auto full = parse_config(with_agent("[functions]\nworkloads_dir = \"/w\"\nwork_dir = \"/x\"\ncriu = \"/usr/sbin/criu\"\n"
                                       "operation_timeout_s = 120\nburst_serving = \"thread-per-instance\"\n"
-                                      "fault_spin_us = 0\n"),
+                                      "fault_spin_us = 0\nprestart_criu = false\n"),
                            "fn.toml");
   ASSERT_TRUE(full.has_value()) << full.error().what();
   EXPECT_EQ(full->functions->criu, "/usr/sbin/criu");
   EXPECT_EQ(full->functions->operation_timeout, 120s);
   EXPECT_FALSE(full->functions->burst_one_serving_thread);
   EXPECT_EQ(full->functions->fault_spin, 0us);
+  EXPECT_FALSE(full->functions->prestart_criu);
 
   auto none = parse_config(with_agent(""), "min.toml");
   ASSERT_TRUE(none.has_value());
@@ -356,6 +358,8 @@ TEST(ConfigTest, FunctionsSectionMistakesAreRejected) {
                   "[functions] fault_spin_us", "between 0 and 100000");
   expect_rejected(with_agent("[functions]\nworkloads_dir = \"/w\"\nwork_dir = \"/x\"\nfault_spin_us = -1\n"),
                   "[functions] fault_spin_us", "between 0 and 100000");
+  expect_rejected(with_agent("[functions]\nworkloads_dir = \"/w\"\nwork_dir = \"/x\"\nprestart_criu = \"yes\"\n"),
+                  "[functions] prestart_criu", "expected true or false");
   expect_rejected(with_agent("[functions]\nworkloads_dir = \"/w\"\nwork_dir = \"/x\"\noperation_timeout_s = 0\n"),
                   "[functions] operation_timeout_s", "between 1 and 86400");
   expect_rejected(with_agent("[functions]\nworkloads_dir = \"/w\"\nwork_dir = \"/x\"\noperation_timeout_s = 86401\n"),

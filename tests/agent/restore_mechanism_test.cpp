@@ -24,7 +24,10 @@
 
 #include "helpers/temp_dir.hpp"
 #include "helpers/threads.hpp"
+#include "criu/pb_message.hpp"
+#include "criu/schema.hpp"
 #include "mechanism/criu_steps.hpp"
+#include "mechanism/criu_worker.hpp"
 #include "mechanism/server_thread.hpp"
 #include "snaptier/function_service.hpp"
 #include "snaptier/function_snapshot.hpp"
@@ -96,6 +99,9 @@ case "$1" in
     echo $root > "$pidfile"
     echo $root > "$here/root.pid"
     ;;
+  swrk)
+    exec python3 "$here/swrk.py" "$here" "$mode" "$2"
+    ;;
   lazy-pages)
     echo $$ > "$here/daemon.pid"
     [ "$mode" = daemon-dies ] && exit 3
@@ -103,6 +109,73 @@ case "$1" in
 s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(1); time.sleep(300)' "$work/lazy-pages.socket"
     ;;
 esac
+)";
+
+// `criu swrk 3`: reads one RPC request from fd 3, records the restore options it names (as
+// "swrk restore images=... work=... log=... lazy=... stopped=..." in calls; both directories are
+// resolved as CRIU does, through /proc/<peer>/fd/<n>), then answers as the modes above do:
+// "fail" replies success=false with a message, "die" exits without a reply, "hang" starts the
+// spinning tree and never replies, "run" replies with the pid of a started `sleep`.
+constexpr const char* kStandInSwrk = R"(import os, socket, struct, subprocess, sys, time
+here, mode, fd = sys.argv[1], sys.argv[2], int(sys.argv[3])
+sk = socket.socket(fileno=fd)
+
+def varint(b, i):
+    v = s = 0
+    while True:
+        c = b[i]; i += 1; v |= (c & 0x7f) << s; s += 7
+        if c < 0x80: return v, i
+
+def fields(b):
+    i, out = 0, {}
+    while i < len(b):
+        key, i = varint(b, i)
+        if key & 7 == 0:
+            v, i = varint(b, i)
+        else:
+            n, i = varint(b, i); v = b[i:i + n]; i += n
+        out.setdefault(key >> 3, v)
+    return out
+
+def enc_varint(v):
+    out = b""
+    while True:
+        if v < 0x80: return out + bytes([v])
+        out += bytes([v & 0x7f | 0x80]); v >>= 7
+
+def reply(success, pid=None, msg=None):
+    b = enc_varint(1 << 3) + enc_varint(2) + enc_varint(2 << 3) + enc_varint(int(success))
+    if pid is not None:
+        inner = enc_varint(1 << 3) + enc_varint(pid)
+        b += enc_varint(4 << 3 | 2) + enc_varint(len(inner)) + inner
+    if msg is not None:
+        b += enc_varint(9 << 3 | 2) + enc_varint(len(msg)) + msg.encode()
+    sk.send(b)
+
+req = fields(sk.recv(65536))
+opts = fields(req[2])
+peer = struct.unpack("3i", sk.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+images = os.readlink("/proc/%d/fd/%d" % (peer, opts[1]))  # as criu 4.1.1 does
+os.chdir("/proc/%d/fd/%d" % (peer, opts[17]))
+with open(os.path.join(here, "calls"), "a") as calls:
+    calls.write("swrk restore type=%d images=%s work=%s log=%s lazy=%d stopped=%d\n" % (
+        req[1], images, os.getcwd(), opts[10].decode(), opts.get(48, 0), opts.get(69, 0)))
+if mode in ("fail", "daemon-ok-restore-fails"):
+    with open(opts[10].decode(), "w") as log:
+        log.write("Error (criu/cr-restore.c:1): stand-in failure\n")
+    reply(False, msg="stand-in failure")
+elif mode == "die":
+    sys.exit(3)
+elif mode == "hang":
+    subprocess.Popen(["setsid", "bash", "-c", 'sleep 300 & echo $! >> "$0/tree.pids"; echo $$ >> "$0/tree.pids"; while :; do :; done', here],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(300)
+else:
+    root = subprocess.Popen(["setsid", "sleep", "300"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL).pid
+    with open(os.path.join(here, "root.pid"), "w") as f:
+        f.write("%d\n" % root)
+    reply(True, pid=root)
 )";
 
 class RestoreMechanismTest : public ::testing::Test {
@@ -115,6 +188,7 @@ class RestoreMechanismTest : public ::testing::Test {
       script << kStandInCriu;
     }
     fs::permissions(bin_ / "criu", fs::perms::owner_all);
+    std::ofstream(bin_ / "swrk.py") << kStandInSwrk;
     mode("fail");
 
     local_ = std::shared_ptr<Tier>(*make_local_tier(64 << 20));
@@ -265,6 +339,48 @@ TEST_F(RestoreMechanismTest, AgentLazyServerThreadEndsWhenCriuRestoreFails) {
   EXPECT_EQ(r.error->rfind("i/o error: criu restore failed", 0), 0u) << "criu's failure, not the stopped server's: " << *r.error;
   ASSERT_TRUE(r.in_place);
   EXPECT_EQ(r.in_place->mode, "off");
+  expect_nothing_left();
+}
+
+std::string file_text(const fs::path& file) {
+  std::ifstream in(file);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+TEST_F(RestoreMechanismTest, TheAgentsRestoreIsSentToAPrestartedCriuWorkerWithTheCommandLinesOptions) {
+  const auto r = restore("lazy-cxl");
+  EXPECT_FALSE(r.ok);
+  ASSERT_TRUE(r.error);
+  EXPECT_EQ(r.error->rfind("i/o error: criu restore failed (criu: stand-in failure)", 0), 0u) << *r.error;
+  EXPECT_NE(r.error->find("cr-restore.c:1"), std::string::npos) << "the log's tail: " << *r.error;
+  const std::string calls = file_text(bin_ / "calls");
+  EXPECT_EQ(calls.find("restore -D"), std::string::npos) << "criu restore was run: " << calls;
+  const std::string expected = "swrk 3\nswrk restore type=2 images=" + (dir_ / "images").string() + " work=" + dir_.string() +
+                               " log=restore.log lazy=1 stopped=1\n";
+  EXPECT_EQ(calls, expected);
+  expect_nothing_left();
+}
+
+TEST_F(RestoreMechanismTest, WithoutAPrestartedWorkerTheAgentRunsCriuRestoreWithTheSameOptions) {
+  auto c = context("lazy-cxl");
+  c.prestart_criu = false;
+  const auto r = restore_with(std::move(c));
+  EXPECT_FALSE(r.ok);
+  ASSERT_TRUE(r.error);
+  EXPECT_EQ(r.error->rfind("i/o error: criu restore failed (exit 1)", 0), 0u) << *r.error;
+  const std::string calls = file_text(bin_ / "calls");
+  EXPECT_EQ(calls.find("swrk"), std::string::npos) << calls;
+  EXPECT_NE(calls.find("restore -D " + (dir_ / "images").string() + " -W " + dir_.string() + " -d"), std::string::npos) << calls;
+  EXPECT_NE(calls.find("-o restore.log -v2 --lazy-pages --leave-stopped"), std::string::npos) << calls;
+  expect_nothing_left();
+}
+
+TEST_F(RestoreMechanismTest, ACriuWorkerThatExitsWithoutReplyingFailsTheRestoreAndSaysHow) {
+  mode("die");
+  const auto r = restore("reap");
+  EXPECT_FALSE(r.ok);
+  ASSERT_TRUE(r.error);
+  EXPECT_EQ(r.error->rfind("i/o error: criu restore failed (criu swrk exited without replying: exit 3)", 0), 0u) << *r.error;
   expect_nothing_left();
 }
 
@@ -438,11 +554,7 @@ TEST_F(RestoreMechanismTest, CriuRestoreThatHangsIsKilledWithTheTreeItCreated) {
     const auto took = std::chrono::steady_clock::now() - t0;
     EXPECT_FALSE(r.ok);
     ASSERT_TRUE(r.error);
-    EXPECT_EQ(r.error->rfind("timeout: criu restore failed (timed out after 1000 ms; killed with the 3 processes it had "
-                             "started)",
-                             0),
-              0u)
-        << *r.error;
+    EXPECT_EQ(r.error->rfind("timeout: criu restore failed (timed out after 1000 ms; killed with the ", 0), 0u) << *r.error;
     EXPECT_LT(took, 12s);
     std::ifstream in(bin_ / "tree.pids");
     std::vector<pid_t> tree;
@@ -658,6 +770,50 @@ mechanism::RestoreResult every_field() {
   r.server = mechanism::ServerReport{std::nullopt, 0};
   r.instance = mechanism::KeptInstance{1234, "/run/x.sock"};
   return r;
+}
+
+std::vector<std::byte> criu_reply(std::uint64_t type, bool success, std::optional<std::int64_t> pid, std::string message = "",
+                                  std::int64_t cr_errno = 0) {
+  namespace schema = criu::schema;
+  criu::pb::Message resp(schema::criu_resp::kSpec);
+  resp.set_unsigned(schema::criu_resp::type, type);
+  resp.set_unsigned(schema::criu_resp::success, success ? 1 : 0);
+  if (pid) {
+    criu::pb::Message restored(schema::criu_restore_resp::kSpec);
+    restored.set_signed(schema::criu_restore_resp::pid, *pid);
+    resp.set_bytes(schema::criu_resp::restore, criu::pb::encode(restored));
+  }
+  if (cr_errno != 0) resp.set_signed(schema::criu_resp::cr_errno, cr_errno);
+  if (!message.empty()) resp.set_string(schema::criu_resp::cr_errmsg, message);
+  return criu::pb::encode(resp);
+}
+
+TEST(CriuWorkerReply, ARestoreReplyGivesThePidOrCriusReasonAndAnythingElseIsRefused) {
+  auto ok = mechanism::decode_restore_reply(criu_reply(criu::schema::kRpcRestore, true, 4242));
+  ASSERT_TRUE(ok) << ok.error().what();
+  EXPECT_TRUE(ok->success);
+  EXPECT_EQ(ok->pid, 4242);
+
+  auto failed = mechanism::decode_restore_reply(criu_reply(criu::schema::kRpcRestore, false, -1, "no such image", ENOENT));
+  ASSERT_TRUE(failed) << failed.error().what();
+  EXPECT_FALSE(failed->success);
+  EXPECT_EQ(failed->message, "no such image");
+  EXPECT_EQ(failed->cr_errno, ENOENT);
+
+  // CRIU answers a request it could not read with an EMPTY (0) reply.
+  auto other = mechanism::decode_restore_reply(criu_reply(0, false, std::nullopt, "Invalid req"));
+  ASSERT_FALSE(other);
+  EXPECT_EQ(other.error().code, Errc::corrupt);
+  EXPECT_NE(other.error().message.find("Invalid req"), std::string::npos) << other.error().what();
+
+  auto no_pid = mechanism::decode_restore_reply(criu_reply(criu::schema::kRpcRestore, true, std::nullopt));
+  ASSERT_FALSE(no_pid);
+  EXPECT_EQ(no_pid.error().code, Errc::corrupt);
+
+  const std::byte garbage[] = {std::byte{0x08}, std::byte{0x82}};  // a varint cut short
+  auto bad = mechanism::decode_restore_reply(garbage);
+  ASSERT_FALSE(bad);
+  EXPECT_EQ(bad.error().code, Errc::corrupt);
 }
 
 TEST(RestoreResultSchema, EveryRenderedFieldIsInTheSchemaWithItsType) {

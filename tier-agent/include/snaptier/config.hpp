@@ -84,6 +84,10 @@ struct FunctionsConfig {
   // it sleeps (FaultEngineOptions::spin_after_fault): a fault that follows soon is read without a
   // wake-up, at the cost of a core spent yielding; 0 sleeps at once.
   std::chrono::microseconds fault_spin = FaultEngineOptions{}.spin_after_fault;
+  // The agent's own restores (the lazy-pages mechanism) go to a `criu swrk` worker started while
+  // the restore is prepared, so the timed restore does not pay for loading criu; false runs
+  // `criu restore` at restore time, as the CRIU baselines always do (to compare the two).
+  bool prestart_criu = true;
 };
 
 // [store] page_cache: DRAM for verified pages of rdma and file tiers shared by concurrent

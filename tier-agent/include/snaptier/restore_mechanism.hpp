@@ -186,6 +186,9 @@ struct RestoreContext {
   std::shared_ptr<SharedBurst> shared_burst;
   // The agent's lazy-pages server: how long it checks for the next fault before sleeping.
   std::chrono::microseconds fault_spin = FaultEngineOptions{}.spin_after_fault;
+  // The agent's lazy-pages mechanism: start a `criu swrk` worker in prepare() and send it the
+  // restore, so the timed restore does not load criu (the CRIU baselines always run `criu restore`).
+  bool prestart_criu = true;
 };
 
 // The restored instance's socket directory inside a restore's work directory.

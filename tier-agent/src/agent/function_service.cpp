@@ -636,6 +636,7 @@ Result<FunctionService::PickedRestore> FunctionService::pick_restore(const contr
   context.socket_dir = meta->socket.parent_path();
   context.timeout = timeout;
   context.fault_spin = config_.fault_spin;
+  context.prestart_criu = config_.prestart_criu;
   context.store = store_;
   context.snapshot_id = request.snapshot;
   context.policy = chosen;

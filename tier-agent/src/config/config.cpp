@@ -449,6 +449,8 @@ Result<AgentConfig> parse_root(const toml::table& root, std::string_view source,
     }
     SNAPTIER_TRY(fault_spin_us, functions.integer("fault_spin_us", 0, 100'000));
     if (fault_spin_us) fc.fault_spin = std::chrono::microseconds(*fault_spin_us);
+    SNAPTIER_TRY(prestart_criu, functions.boolean("prestart_criu"));
+    if (prestart_criu) fc.prestart_criu = *prestart_criu;
     config.functions = fc;
     if (auto ok = functions.reject_unknown_keys(); !ok) return tl::unexpected(ok.error());
   }

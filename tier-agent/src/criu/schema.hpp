@@ -1,7 +1,8 @@
 // The one description of each CRIU message the agent reads or writes (criu 4.1.1 images/*.proto:
-// inventory, pstree, mm, vma, pagemap, fdinfo, regfile, fown). The parsers (images.cpp) and the
-// image rewrite (inplace_rewrite.cpp) both go through these: a field number, name or kind lives
-// here and nowhere else.
+// inventory, pstree, mm, vma, pagemap, fdinfo, regfile, fown; and of rpc.proto the part of
+// criu_req / criu_opts / criu_resp a restore through a `criu swrk` worker uses). The parsers
+// (images.cpp), the image rewrite (inplace_rewrite.cpp) and the worker (mechanism/criu_worker.cpp)
+// go through these: a field number, name or kind lives here and nowhere else.
 #pragma once
 
 #include <cstdint>
@@ -126,5 +127,43 @@ inline constexpr FieldSpec pid{5, "pid", Kind::u32, true};
 inline constexpr FieldSpec kFields[] = {uid, euid, signum, pid_type, pid};
 inline constexpr MessageSpec kSpec{"fown_entry", kFields};
 }  // namespace fown_entry
+
+// ---- rpc.proto (CRIU's RPC: one message per SOCK_SEQPACKET packet, no framing) -----------------
+
+inline constexpr std::uint32_t kRpcRestore = 2;  // criu_req_type RESTORE
+
+namespace criu_opts {
+inline constexpr FieldSpec images_dir_fd{1, "images_dir_fd", Kind::i32, true};  // the client's fd, via /proc
+inline constexpr FieldSpec log_level{9, "log_level", Kind::i32, false};
+inline constexpr FieldSpec log_file{10, "log_file", Kind::string, false};        // relative to the work dir
+inline constexpr FieldSpec work_dir_fd{17, "work_dir_fd", Kind::i32, false};     // the client's fd, via /proc
+inline constexpr FieldSpec lazy_pages{48, "lazy_pages", Kind::boolean, false};
+inline constexpr FieldSpec leave_stopped{69, "leave_stopped", Kind::boolean, false};
+inline constexpr FieldSpec kFields[] = {images_dir_fd, log_level, log_file, work_dir_fd, lazy_pages, leave_stopped};
+inline constexpr MessageSpec kSpec{"criu_opts", kFields};
+}  // namespace criu_opts
+
+namespace criu_req {
+inline constexpr FieldSpec type{1, "type", Kind::u32, true};
+inline constexpr FieldSpec opts{2, "opts", Kind::message, false};
+inline constexpr FieldSpec kFields[] = {type, opts};
+inline constexpr MessageSpec kSpec{"criu_req", kFields};
+}  // namespace criu_req
+
+namespace criu_restore_resp {
+inline constexpr FieldSpec pid{1, "pid", Kind::i32, true};
+inline constexpr FieldSpec kFields[] = {pid};
+inline constexpr MessageSpec kSpec{"criu_restore_resp", kFields};
+}  // namespace criu_restore_resp
+
+namespace criu_resp {
+inline constexpr FieldSpec type{1, "type", Kind::u32, true};
+inline constexpr FieldSpec success{2, "success", Kind::boolean, true};
+inline constexpr FieldSpec restore{4, "restore", Kind::message, false};
+inline constexpr FieldSpec cr_errno{7, "cr_errno", Kind::i32, false};
+inline constexpr FieldSpec cr_errmsg{9, "cr_errmsg", Kind::string, false};
+inline constexpr FieldSpec kFields[] = {type, success, restore, cr_errno, cr_errmsg};
+inline constexpr MessageSpec kSpec{"criu_resp", kFields};
+}  // namespace criu_resp
 
 }  // namespace snaptier::criu::schema

@@ -76,11 +76,16 @@ Result<void> run_criu(const std::vector<std::string>& argv, milliseconds timeout
   return {};
 }
 
-Result<void> run_criu_restore(const fs::path& images_dir, const std::vector<std::string>& argv, milliseconds timeout,
-                              const fs::path& log, std::string_view what, const proc::SpawnOptions& options) {
+Result<void> check_images_before_restore(const fs::path& images_dir, std::string_view what) {
   if (auto checked = criu::check_pages_files(images_dir); !checked) {
     return fail(checked.error().code, std::string(what) + " not run: " + checked.error().message);
   }
+  return {};
+}
+
+Result<void> run_criu_restore(const fs::path& images_dir, const std::vector<std::string>& argv, milliseconds timeout,
+                              const fs::path& log, std::string_view what, const proc::SpawnOptions& options) {
+  if (auto ok = check_images_before_restore(images_dir, what); !ok) return ok;
   return run_criu(argv, timeout, log, what, options);
 }
 

@@ -33,9 +33,11 @@ void kill_tree(pid_t root) noexcept;
 [[nodiscard]] Result<void> run_criu(const std::vector<std::string>& argv, std::chrono::milliseconds timeout,
                                     const std::filesystem::path& log, std::string_view what,
                                     const proc::SpawnOptions& options = {});
-// Every `criu restore` of the agent: the images in `images_dir` are checked first
-// (criu::check_pages_files: a short pages file is refused, Errc::corrupt, and criu never runs),
-// then run_criu.
+// Before every `criu restore` of the agent, run or sent to a worker: the images in `images_dir`
+// are checked (criu::check_pages_files: a short pages file is refused, Errc::corrupt, and criu
+// never runs).
+[[nodiscard]] Result<void> check_images_before_restore(const std::filesystem::path& images_dir, std::string_view what);
+// check_images_before_restore, then run_criu.
 [[nodiscard]] Result<void> run_criu_restore(const std::filesystem::path& images_dir, const std::vector<std::string>& argv,
                                             std::chrono::milliseconds timeout, const std::filesystem::path& log,
                                             std::string_view what, const proc::SpawnOptions& options = {});

@@ -13,6 +13,7 @@
 
 #include "inplace/inplace.hpp"
 #include "mechanism/criu_steps.hpp"
+#include "mechanism/criu_worker.hpp"
 #include "mechanism/server_thread.hpp"
 #include "snaptier/function_snapshot.hpp"
 #include "snaptier/lazy_pages.hpp"
@@ -48,20 +49,23 @@ class Base : public RestoreMechanism {
   bool private_socket_dir() const noexcept override { return !ctx_.socket_dir.empty(); }
 
  protected:
+  static constexpr const char* kRestoreLog = "restore.log";
+  static constexpr int kRestoreLogLevel = 2;
+
   fs::path images() const { return dir_.path() / "images"; }
   std::vector<std::string> restore_argv() const {
     return {ctx_.criu, "restore", "-D", images().string(), "-W", dir().string(), "-d", "--pidfile",
-            (dir() / "pid").string(), "-o", "restore.log", "-v2"};
+            (dir() / "pid").string(), "-o", kRestoreLog, "-v" + std::to_string(kRestoreLogLevel)};
   }
-  // `criu restore` with this instance's own socket directory (RestoreContext::socket_dir).
+  // How criu is spawned for this instance: with its own socket directory (RestoreContext::socket_dir).
+  Result<proc::SpawnOptions> criu_spawn_options() const {
+    if (ctx_.socket_dir.empty()) return proc::SpawnOptions{};
+    return instance_socket_mount(dir() / kInstanceDir, ctx_.socket_dir);
+  }
   Result<void> run_criu_restore(const std::vector<std::string>& argv) {
-    proc::SpawnOptions options;
-    if (!ctx_.socket_dir.empty()) {
-      auto own = instance_socket_mount(dir() / kInstanceDir, ctx_.socket_dir);
-      if (!own) return tl::unexpected(own.error());
-      options = std::move(*own);
-    }
-    return mechanism::run_criu_restore(images(), argv, ctx_.timeout, dir() / "restore.log", "criu restore", options);
+    auto options = criu_spawn_options();
+    if (!options) return tl::unexpected(options.error());
+    return mechanism::run_criu_restore(images(), argv, ctx_.timeout, dir() / kRestoreLog, "criu restore", *options);
   }
   // Images (and pages) written from the store; all of them, or only what CRIU restores itself.
   Result<void> materialize(bool all_pages, RestoreResult& out) {
@@ -288,23 +292,27 @@ class AgentLazy final : public Base {
     auto server = ServerThread::start(std::move(lo), ctx_.shared_burst ? ctx_.shared_burst->loop() : nullptr);
     if (!server) return tl::unexpected(server.error());
     server_ = std::move(*server);
+    if (ctx_.prestart_criu) {
+      auto options = criu_spawn_options();
+      if (!options) return tl::unexpected(options.error());
+      auto worker = CriuWorker::start(ctx_.criu, dir() / "criu-swrk.out", std::move(*options));
+      if (!worker) return tl::unexpected(worker.error());
+      worker_ = std::move(*worker);
+    }
     return {};
   }
 
   Result<pid_t> restore() override {
-    auto argv = restore_argv();
-    argv.insert(argv.end(), {"--lazy-pages", "--leave-stopped"});
-    if (auto ok = run_criu_restore(argv); !ok) {
+    auto root = criu_restore();
+    if (!root) {
       const auto& report = server_->finish(milliseconds(5'000));
       // A server that never saw the restorer only reports that it was stopped; one that did may
       // hold the cause (a page failing its checksum), so its code leads.
       if (report.error && report.connected_ms) {
-        return fail(report.error->code, ok.error().message + "; lazy-pages server: " + report.error->message);
+        return fail(report.error->code, root.error().message + "; lazy-pages server: " + report.error->message);
       }
-      return tl::unexpected(ok.error());
+      return root;
     }
-    auto root = read_pid_file(dir() / "pid");
-    if (!root) return root;
     // Resumed = every before-resume page installed and SIGCONT sent.
     if (!server_->wait_resumed(ctx_.timeout)) {
       kill_tree(*root);
@@ -385,9 +393,28 @@ class AgentLazy final : public Base {
   std::uint64_t pages_mapped_in_place() const override { return mapped_ ? mapped_->plan.pages : 0; }
 
  private:
+  // `criu restore --lazy-pages --leave-stopped`: sent to the worker started in prepare(), or run.
+  Result<pid_t> criu_restore() {
+    if (!worker_) {
+      auto argv = restore_argv();
+      argv.insert(argv.end(), {"--lazy-pages", "--leave-stopped"});
+      if (auto ok = run_criu_restore(argv); !ok) return tl::unexpected(ok.error());
+      return read_pid_file(dir() / "pid");
+    }
+    if (auto ok = check_images_before_restore(images(), "criu restore"); !ok) return tl::unexpected(ok.error());
+    const CriuRestoreRequest request{images(), dir(), kRestoreLog, kRestoreLogLevel, /*lazy_pages=*/true,
+                                     /*leave_stopped=*/true};
+    auto root = worker_->restore(request, ctx_.timeout, dir() / kRestoreLog);
+    // The pid file `criu restore --pidfile` leaves: the work directory says which tree is its
+    // own however criu was run (tb chaos finds a burst's instances by it).
+    if (root) std::ofstream(dir() / "pid") << *root << "\n";
+    return root;
+  }
+
   std::optional<inplace::Prepared> mapped_;  // the in-place step's plan, if it mapped pages
   std::optional<FaultMetrics> at_first_response_;
   std::shared_ptr<snap::StorePageSource> source_;  // the burst's, or this restore's own
+  std::optional<CriuWorker> worker_;      // RestoreContext::prestart_criu
   std::unique_ptr<ServerThread> server_;  // last: its thread reads the images and the source
 };
 
