@@ -466,7 +466,7 @@ def row_kill_burst_instance(c: Chaos, row: Row) -> None:
     sid, snap = made
     host = c.snap_host
     # The restore's work directory gets the restored root's pid once the tree exists (criu
-    # restore's --pidfile, or the agent from criu swrk's reply), until the instance ends.
+    # restore's --pidfile, or the agent as the root's restorer announces itself), until the instance ends.
     pid_files = f"{agents.FUNCTIONS_WORK_DIR}/restores/{sid}.{BURST_POLICY}.*/pid"
     timeout_s = RESTORE_TIMEOUT_S + 60 * BURST_INSTANCES
     tierctl = (f"{agents.GUEST_BUILD}/tierctl --socket {agents.AGENT_SOCKET} --timeout-ms {timeout_s * 1000} --json "

@@ -314,6 +314,25 @@ TEST_F(LazyRestoreTest, DemandFaultsServeThePagesFileAndZeroOutside) {
   EXPECT_EQ(j["policy"], "none");
 }
 
+TEST_F(LazyRestoreTest, EachAnnouncedTaskIsReportedWithItsHostPidBeforeRstf) {
+  auto o = quick();
+  std::vector<lazy::RestoredTask> announced;
+  bool resumed_before = false;
+  bool resumed = false;
+  o.on_task = [&](const lazy::RestoredTask& t) {
+    announced.push_back(t);
+    resumed_before = resumed_before || resumed;
+  };
+  at_resume_ = [&] { resumed = true; };
+  auto r = run(Mode::good, o);
+  ASSERT_FALSE(r.report.error) << r.report.error->what();
+  ASSERT_EQ(announced.size(), 1u);
+  EXPECT_EQ(announced[0].pid, kPid);
+  EXPECT_EQ(announced[0].host_pid, child_) << "the restorer's own pid, from SCM_CREDENTIALS";
+  EXPECT_FALSE(resumed_before) << "announced only after the resume";
+  EXPECT_TRUE(resumed);
+}
+
 // A burst: several restores served at once, each by its own server on its own thread, all
 // from one shared page source; every restored process sees exactly its pages.
 TEST_F(LazyRestoreTest, ConcurrentRestoresFromOneSharedSourceEachGetTheirPages) {

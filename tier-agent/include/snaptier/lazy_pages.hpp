@@ -123,6 +123,8 @@ class CheckpointPageSource final : public LazySource {
   std::unique_ptr<Impl> impl_;
 };
 
+struct RestoredTask;
+
 struct LazyPagesOptions {
   // The checkpoint CRIU restores from; read at bind even with a `source` (its mm-<pid>.img
   // give the arg/env pages).
@@ -150,6 +152,9 @@ struct LazyPagesOptions {
   const std::atomic<bool>* stop = nullptr;
   // Called once after RSTF, the prefetch and the SIGCONTs (tests use it as "control returned").
   std::function<void()> on_resumed;
+  // Called on the server's thread for each task the restorer announces, as it arrives (before
+  // RSTF, while the tree is being restored): the earliest moment its host pid is known.
+  std::function<void(const RestoredTask&)> on_task;
   std::function<void(std::string_view)> log;  // progress lines; may be empty
 };
 

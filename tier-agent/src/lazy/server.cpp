@@ -275,6 +275,7 @@ struct LazyPagesServer::Impl {
       RestoredTask task{value, sender, zombie};
       if (zombie) {
         report.tasks.push_back(task);
+        if (options.on_task) options.on_task(task);
         continue;
       }
       char dummy = 0;
@@ -290,6 +291,7 @@ struct LazyPagesServer::Impl {
         host_pids.insert(r->sender);
       }
       report.tasks.push_back(task);
+      if (options.on_task) options.on_task(task);
       AdoptOptions adopt;
       adopt.initialised = true;
       adopt.pid = task.host_pid;

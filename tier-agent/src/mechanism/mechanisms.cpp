@@ -289,6 +289,15 @@ class AgentLazy final : public Base {
     lo.accept_timeout = milliseconds(60'000);
     lo.serve_timeout = ctx_.timeout;
     lo.spin_after_fault = ctx_.fault_spin;
+    if (ctx_.prestart_criu && materialized_ && !materialized_->checkpoint.tasks.empty()) {
+      // The work directory's `pid` names the tree from the moment the root is known, as
+      // `criu restore --pidfile` does before it leaves the tasks stopped: an agent that dies
+      // before criu swrk's reply leaves a tree the next agent's sweep (leftovers) can find.
+      const auto root = static_cast<std::int32_t>(materialized_->checkpoint.tasks.front().pstree.pid);
+      lo.on_task = [pid_file = dir() / "pid", root](const lazy::RestoredTask& task) {
+        if (task.pid == root && task.host_pid > 0) std::ofstream(pid_file) << task.host_pid << "\n";
+      };
+    }
     auto server = ServerThread::start(std::move(lo), ctx_.shared_burst ? ctx_.shared_burst->loop() : nullptr);
     if (!server) return tl::unexpected(server.error());
     server_ = std::move(*server);
@@ -404,11 +413,7 @@ class AgentLazy final : public Base {
     if (auto ok = check_images_before_restore(images(), "criu restore"); !ok) return tl::unexpected(ok.error());
     const CriuRestoreRequest request{images(), dir(), kRestoreLog, kRestoreLogLevel, /*lazy_pages=*/true,
                                      /*leave_stopped=*/true};
-    auto root = worker_->restore(request, ctx_.timeout, dir() / kRestoreLog);
-    // The pid file `criu restore --pidfile` leaves: the work directory says which tree is its
-    // own however criu was run (tb chaos finds a burst's instances by it).
-    if (root) std::ofstream(dir() / "pid") << *root << "\n";
-    return root;
+    return worker_->restore(request, ctx_.timeout, dir() / kRestoreLog);
   }
 
   std::optional<inplace::Prepared> mapped_;  // the in-place step's plan, if it mapped pages
