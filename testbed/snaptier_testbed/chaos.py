@@ -403,7 +403,7 @@ KILL_POINTS = (
     ("lazy-cxl", "criu restore (agent's lazy-pages server)", r"criu restore .*--lazy-pages|criu: restore --rpc"),
     ("reap", "the prefetch (restored tasks stopped)", "@stopped"),
     ("criu-lazy", "criu lazy-pages daemon", r"criu lazy-pages "),
-    ("criu-eager", "criu restore", r"criu restore "),
+    ("criu-eager", "criu restore", r"criu restore |criu: restore --rpc"),
 )
 
 

@@ -67,6 +67,37 @@ class Base : public RestoreMechanism {
     if (!options) return tl::unexpected(options.error());
     return mechanism::run_criu_restore(images(), argv, ctx_.timeout, dir() / kRestoreLog, "criu restore", *options);
   }
+  // With RestoreContext::prestart_criu, the `criu swrk` worker the restore will go to; every
+  // mechanism starts it in prepare(), so none pays for loading criu inside its timed restore.
+  Result<void> prestart_criu_worker() {
+    if (!ctx_.prestart_criu) return {};
+    auto options = criu_spawn_options();
+    if (!options) return tl::unexpected(options.error());
+    auto worker = CriuWorker::start(ctx_.criu, dir() / "criu-swrk.out", std::move(*options));
+    if (!worker) return tl::unexpected(worker.error());
+    worker_ = std::move(*worker);
+    // Its command line names nothing of the work directory, so the pid file does until the
+    // restored root replaces it: the sweep (leftovers) of an agent that died in between ends
+    // the worker, and CRIU kills a tree it had not finished when it dies.
+    std::ofstream(dir() / "pid") << worker_->pid() << "\n";
+    return {};
+  }
+  // `criu restore -d [--lazy-pages] [--leave-stopped]`: sent to the prestarted worker, or run.
+  // Either way the work directory's `pid` names the restored root afterwards.
+  Result<pid_t> criu_restore(bool lazy_pages, bool leave_stopped) {
+    if (!worker_) {
+      auto argv = restore_argv();
+      if (lazy_pages) argv.push_back("--lazy-pages");
+      if (leave_stopped) argv.push_back("--leave-stopped");
+      if (auto ok = run_criu_restore(argv); !ok) return tl::unexpected(ok.error());
+      return read_pid_file(dir() / "pid");
+    }
+    if (auto ok = check_images_before_restore(images(), "criu restore"); !ok) return tl::unexpected(ok.error());
+    const CriuRestoreRequest request{images(), dir(), kRestoreLog, kRestoreLogLevel, lazy_pages, leave_stopped};
+    auto root = worker_->restore(request, ctx_.timeout, dir() / kRestoreLog);
+    if (root) std::ofstream(dir() / "pid") << *root << "\n";
+    return root;
+  }
   // Images (and pages) written from the store; all of them, or only what CRIU restores itself.
   Result<void> materialize(bool all_pages, RestoreResult& out) {
     auto m = materialize_into(ctx_, images(), all_pages);
@@ -88,19 +119,18 @@ class Base : public RestoreMechanism {
   WorkDir dir_;
   RestoreContext ctx_;
   std::optional<snap::Materialized> materialized_;
+  std::optional<CriuWorker> worker_;  // prestart_criu_worker(); used by one restore
 };
 
 // `criu restore` from complete images on local storage.
 class CriuEager final : public Base {
  public:
   using Base::Base;
-  Result<void> prepare(RestoreResult& out) override { return materialize(true, out); }
-  Result<pid_t> restore() override {
-    if (auto ok = run_criu_restore(restore_argv()); !ok) {
-      return tl::unexpected(ok.error());
-    }
-    return read_pid_file(dir() / "pid");
+  Result<void> prepare(RestoreResult& out) override {
+    if (auto ok = materialize(true, out); !ok) return ok;
+    return prestart_criu_worker();
   }
+  Result<pid_t> restore() override { return criu_restore(/*lazy_pages=*/false, /*leave_stopped=*/false); }
   void finish(bool kept, RestoreResult& out) override {
     // CRIU moved every page itself: nothing faults.
     const std::uint64_t bytes = materialized_ ? materialized_->bytes_written : 0;
@@ -135,15 +165,14 @@ class CriuLazy final : public Base {
     auto daemon = proc::spawn(argv);
     if (!daemon) return tl::unexpected(daemon.error());
     daemon_ = std::move(*daemon);
-    return wait_for_socket(dir() / lazy::kSocketName, daemon_, milliseconds(30'000), dir() / "lazy-pages.log");
+    if (auto ok = wait_for_socket(dir() / lazy::kSocketName, daemon_, milliseconds(30'000), dir() / "lazy-pages.log");
+        !ok) {
+      return ok;
+    }
+    return prestart_criu_worker();
   }
 
-  Result<pid_t> restore() override {
-    auto argv = restore_argv();
-    argv.push_back("--lazy-pages");
-    if (auto ok = run_criu_restore(argv); !ok) return tl::unexpected(ok.error());
-    return read_pid_file(dir() / "pid");
-  }
+  Result<pid_t> restore() override { return criu_restore(/*lazy_pages=*/true, /*leave_stopped=*/false); }
 
   void finish(bool kept, RestoreResult& out) override {
     // criu lazy-pages does not report its faults.
@@ -301,18 +330,11 @@ class AgentLazy final : public Base {
     auto server = ServerThread::start(std::move(lo), ctx_.shared_burst ? ctx_.shared_burst->loop() : nullptr);
     if (!server) return tl::unexpected(server.error());
     server_ = std::move(*server);
-    if (ctx_.prestart_criu) {
-      auto options = criu_spawn_options();
-      if (!options) return tl::unexpected(options.error());
-      auto worker = CriuWorker::start(ctx_.criu, dir() / "criu-swrk.out", std::move(*options));
-      if (!worker) return tl::unexpected(worker.error());
-      worker_ = std::move(*worker);
-    }
-    return {};
+    return prestart_criu_worker();
   }
 
   Result<pid_t> restore() override {
-    auto root = criu_restore();
+    auto root = criu_restore(/*lazy_pages=*/true, /*leave_stopped=*/true);
     if (!root) {
       const auto& report = server_->finish(milliseconds(5'000));
       // A server that never saw the restorer only reports that it was stopped; one that did may
@@ -402,24 +424,9 @@ class AgentLazy final : public Base {
   std::uint64_t pages_mapped_in_place() const override { return mapped_ ? mapped_->plan.pages : 0; }
 
  private:
-  // `criu restore --lazy-pages --leave-stopped`: sent to the worker started in prepare(), or run.
-  Result<pid_t> criu_restore() {
-    if (!worker_) {
-      auto argv = restore_argv();
-      argv.insert(argv.end(), {"--lazy-pages", "--leave-stopped"});
-      if (auto ok = run_criu_restore(argv); !ok) return tl::unexpected(ok.error());
-      return read_pid_file(dir() / "pid");
-    }
-    if (auto ok = check_images_before_restore(images(), "criu restore"); !ok) return tl::unexpected(ok.error());
-    const CriuRestoreRequest request{images(), dir(), kRestoreLog, kRestoreLogLevel, /*lazy_pages=*/true,
-                                     /*leave_stopped=*/true};
-    return worker_->restore(request, ctx_.timeout, dir() / kRestoreLog);
-  }
-
   std::optional<inplace::Prepared> mapped_;  // the in-place step's plan, if it mapped pages
   std::optional<FaultMetrics> at_first_response_;
   std::shared_ptr<snap::StorePageSource> source_;  // the burst's, or this restore's own
-  std::optional<CriuWorker> worker_;      // RestoreContext::prestart_criu
   std::unique_ptr<ServerThread> server_;  // last: its thread reads the images and the source
 };
 
