@@ -23,6 +23,7 @@
 #include <mutex>
 #include <optional>
 #include <set>
+#include <atomic>
 #include <thread>
 #include <vector>
 
@@ -536,6 +537,27 @@ TEST_F(LazyRestoreTest, NoRstfWithinStepTimeoutTimesOutAndKills) {
   EXPECT_EQ(r.report.error->code, Errc::timeout) << r.report.error->what();
   EXPECT_TRUE(WIFSIGNALED(r.status) && WTERMSIG(r.status) == SIGKILL) << r.status;
   EXPECT_LT(r.ms, 1500);
+}
+
+TEST_F(LazyRestoreTest, AStopEndsTheWaitForTasksCriuWouldLeaveStopped) {
+  // A criu that dies after RSTF never leaves its tasks stopped: its owner stops the server,
+  // which then ends at once (and kills the tree) instead of after the step timeout.
+  auto o = quick();
+  o.resume_after_prefetch = true;
+  o.step_timeout = 60s;
+  std::atomic<bool> stop{false};
+  o.stop = &stop;
+  std::thread stopper([&] {
+    std::this_thread::sleep_for(300ms);
+    stop.store(true);
+  });
+  auto r = run(Mode::good, o);
+  stopper.join();
+  ASSERT_TRUE(r.report.error);
+  EXPECT_EQ(r.report.error->code, Errc::unavailable) << r.report.error->what();
+  EXPECT_NE(r.report.error->message.find("to be left stopped"), std::string::npos) << r.report.error->what();
+  EXPECT_TRUE(WIFSIGNALED(r.status) && WTERMSIG(r.status) == SIGKILL) << r.status;
+  EXPECT_LT(r.ms, 30'000) << "the stop was not seen; the step timeout ended the wait";
 }
 
 TEST_F(LazyPagesTest, NoRestorerTimesOutAndUnlinksStaleSocket) {

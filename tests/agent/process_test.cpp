@@ -4,6 +4,8 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -51,6 +53,35 @@ pid_t wait_for_pid_line(const std::filesystem::path& log) {
     std::this_thread::sleep_for(5ms);
   }
   return -1;
+}
+
+TEST(ProcessTest, HoldersOfASocketAreTheProcessesGivenItAndNotThoseWithout) {
+  int pair[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair), 0);
+  struct stat far_end{};
+  ASSERT_EQ(::fstat(pair[1], &far_end), 0);
+  SpawnOptions given;
+  given.pass_fds = {pair[1]};
+  auto holder = spawn({"sleep", "30"}, given);
+  ASSERT_TRUE(holder) << holder.error().what();
+  auto other = spawn({"sleep", "30"});
+  ASSERT_TRUE(other) << other.error().what();
+  ::close(pair[1]);
+  EXPECT_EQ(holders_of_socket(far_end.st_ino), std::vector<pid_t>{holder->pid()})
+      << "this process no longer holds it; the other child never did";
+  holder->kill();
+  (void)holder->wait(5s);
+  EXPECT_TRUE(holders_of_socket(far_end.st_ino).empty());
+  ::close(pair[0]);
+}
+
+TEST(ProcessTest, ReadProcFileIsTheWholeFileOrEmptyForAProcessThatIsGone) {
+  EXPECT_NE(read_proc_file("/proc/self/status").find("\nPid:"), std::string::npos);
+  auto child = spawn({"true"});
+  ASSERT_TRUE(child) << child.error().what();
+  const pid_t pid = child->pid();
+  ASSERT_TRUE(child->wait(5s));
+  EXPECT_EQ(read_proc_file("/proc/" + std::to_string(pid) + "/cmdline"), "");
 }
 
 TEST(ProcessTest, ExitCodes) {

@@ -114,7 +114,8 @@ esac
 // `criu swrk 3`: reads one RPC request from fd 3, records the restore options it names (as
 // "swrk restore images=... work=... log=... lazy=... stopped=..." in calls; both directories are
 // resolved as CRIU does, through /proc/<peer>/fd/<n>), then answers as the modes above do:
-// "fail" replies success=false with a message, "die" exits without a reply, "hang" starts the
+// "fail" replies success=false with a message, "die" exits without a reply, "die-mid-restore"
+// forks a task that keeps the socket and is SIGKILLed, "hang" starts the
 // spinning tree and never replies, "run" and "run-tree" reply with the pid of the root they start.
 constexpr const char* kStandInSwrk = R"(import os, socket, struct, subprocess, sys, time
 here, mode, fd = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -166,6 +167,13 @@ if mode in ("fail", "daemon-ok-restore-fails"):
     reply(False, msg="stand-in failure")
 elif mode == "die":
     sys.exit(3)
+elif mode == "die-mid-restore":
+    # As criu does, the task it forks inherits its socket (until almost restored); then it dies.
+    task = subprocess.Popen(["sleep", "300"], pass_fds=(fd,), start_new_session=True, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid
+    with open(os.path.join(here, "root.pid"), "w") as f:
+        f.write("%d\n" % task)
+    os.kill(os.getpid(), 9)
 elif mode == "hang":
     subprocess.Popen(["setsid", "bash", "-c", 'sleep 300 & echo $! >> "$0/tree.pids"; echo $$ >> "$0/tree.pids"; while :; do :; done', here],
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -405,6 +413,21 @@ TEST_F(RestoreMechanismTest, ACriuWorkerThatExitsWithoutReplyingFailsTheRestoreA
   EXPECT_FALSE(r.ok);
   ASSERT_TRUE(r.error);
   EXPECT_EQ(r.error->rfind("i/o error: criu restore failed (criu swrk exited without replying: exit 3)", 0), 0u) << *r.error;
+  expect_nothing_left();
+}
+
+TEST_F(RestoreMechanismTest, ACriuWorkerKilledMidRestoreFailsTheRestoreAtOnceAndTheTaskItForkedIsKilled) {
+  mode("die-mid-restore");
+  // Its task holds the worker's socket open, so only the worker's exit says no reply will come;
+  // waiting for the socket alone would last the whole timeout.
+  const auto r = restore("lazy-cxl", 60s);
+  EXPECT_FALSE(r.ok);
+  ASSERT_TRUE(r.error);
+  EXPECT_EQ(r.error->rfind("i/o error: criu restore failed (criu swrk exited without replying: killed by signal 9; "
+                           "killed the 1 process it had forked and left half restored)",
+                           0),
+            0u)
+      << *r.error;
   expect_nothing_left();
 }
 

@@ -63,6 +63,9 @@ class Child {
   ~Child();
 
   [[nodiscard]] pid_t pid() const noexcept { return pid_; }
+  // Readable (POLLIN) once the child has exited: its pidfd, owned by the Child. -1 if the kernel
+  // has no pidfds or the child was reaped; then try_wait() tells.
+  [[nodiscard]] int exit_fd() const noexcept { return reaped_ ? -1 : pidfd_; }
   // True once wait()/try_wait() reaped it (or it was released / moved from).
   [[nodiscard]] bool finished() const noexcept { return pid_ <= 0 || reaped_.has_value(); }
 
@@ -119,6 +122,11 @@ struct RunResult {
 [[nodiscard]] std::string read_tail(const std::filesystem::path& file, std::size_t max_bytes = 2048,
                                     std::uintmax_t from = 0);
 
+// The whole of a small file such as /proc/PID/status, read with read(2); empty if it cannot be
+// read. For files of other processes: libstdc++'s streams throw when a read fails, as one of a
+// process that exits meanwhile does (ESRCH).
+[[nodiscard]] std::string read_proc_file(const std::filesystem::path& file) noexcept;
+
 // The processes below `root` (its children, theirs, ...) as /proc shows them now: each one
 // whose parent (/proc/PID/stat) is `root` or one of them. Thread-group leaders only.
 [[nodiscard]] std::vector<pid_t> descendants(pid_t root);
@@ -136,6 +144,12 @@ struct TreeKill {
 // others are the root's or its children's, and go to init when those die. Not found: a process
 // that left the tree before (a double fork whose middle process already exited).
 TreeKill kill_tree(pid_t root, std::chrono::milliseconds grace) noexcept;
+
+// Every process (thread-group leader) with a descriptor open on the socket whose inode is
+// `inode` (as /proc/PID/fd shows it: "socket:[inode]"), this process excepted. It finds what a
+// process that died had forked and not yet let go of the socket it passed on to them: they
+// were reparented, so no tree leads to them.
+[[nodiscard]] std::vector<pid_t> holders_of_socket(ino_t inode);
 
 // pidfd_open(2) (Linux >= 5.3, O_CLOEXEC implied); -1 with errno if the kernel lacks it.
 [[nodiscard]] int open_pidfd(pid_t pid) noexcept;

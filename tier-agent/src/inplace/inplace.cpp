@@ -16,6 +16,7 @@
 
 #include "core/unique_fd.hpp"
 #include "inplace/dax_device.hpp"
+#include "snaptier/process.hpp"
 #include "snaptier/function_snapshot.hpp"
 
 namespace snaptier::inplace {
@@ -350,7 +351,7 @@ MemoryUse measure(pid_t root, const fs::path& backing) {
   collect_tree(root, tree);
   const std::string file = backing.string();
   for (pid_t pid : tree) {
-    std::ifstream rollup("/proc/" + std::to_string(pid) + "/smaps_rollup");
+    std::istringstream rollup(proc::read_proc_file("/proc/" + std::to_string(pid) + "/smaps_rollup"));
     std::string line;
     while (std::getline(rollup, line)) {
       if (line.rfind("Anonymous:", 0) == 0) use.local_anonymous_bytes += kib_field(line);
@@ -359,7 +360,7 @@ MemoryUse measure(pid_t root, const fs::path& backing) {
     // Device pages mapped through /dev/snaptier-cow are not "normal" pages, so smaps counts
     // them in no field; the page table does: present pages of the mapped VMAs minus the private
     // copies (Anonymous) are the pages still read from CXL, for a file and a device alike.
-    std::ifstream smaps("/proc/" + std::to_string(pid) + "/smaps");
+    std::istringstream smaps(proc::read_proc_file("/proc/" + std::to_string(pid) + "/smaps"));
     detail::UniqueFd pagemap(::open(("/proc/" + std::to_string(pid) + "/pagemap").c_str(), O_RDONLY | O_CLOEXEC));
     bool mapped = false;
     std::uint64_t present = 0;

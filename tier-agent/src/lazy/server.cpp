@@ -179,6 +179,8 @@ struct LazyPagesServer::Impl {
       const char state = proc::task_state(pid);
       if (state == 'T' || state == 0) return {};  // stopped, or gone (nothing to resume)
       if (engine->failure()) return tl::unexpected(*engine->failure());
+      // A restore whose criu died is stopped by its owner: it never leaves the tasks stopped.
+      if (stopping()) return fail(Errc::unavailable, "stopped while waiting for task " + std::to_string(pid) + " to be left stopped");
       if (Clock::now() >= deadline) {
         return fail(Errc::timeout, "task " + std::to_string(pid) + " was not left stopped by the restorer (state '" +
                                        std::string(1, state) + "'); was criu restore run with --leave-stopped?");

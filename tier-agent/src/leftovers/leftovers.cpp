@@ -14,6 +14,8 @@
 #include <sstream>
 #include <thread>
 
+#include "snaptier/process.hpp"
+
 namespace snaptier::leftovers {
 
 namespace fs = std::filesystem;
@@ -51,8 +53,7 @@ std::optional<Proc> read_proc(pid_t pid, double boot) {
   Proc p;
   p.pid = pid;
   {
-    std::ifstream in(dir / "stat");
-    std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const std::string stat = proc::read_proc_file(dir / "stat");
     const auto close = stat.rfind(')');
     if (close == std::string::npos) return std::nullopt;
     std::istringstream fields(stat.substr(close + 2));
@@ -65,7 +66,7 @@ std::optional<Proc> read_proc(pid_t pid, double boot) {
     p.start_unix = boot + std::stod(f[19]) / static_cast<double>(::sysconf(_SC_CLK_TCK));
   }
   {
-    std::ifstream in(dir / "status");
+    std::istringstream in(proc::read_proc_file(dir / "status"));
     for (std::string line; std::getline(in, line);) {
       if (line.rfind("NSpid:", 0) == 0) {
         std::istringstream ids(line.substr(6));
@@ -76,8 +77,7 @@ std::optional<Proc> read_proc(pid_t pid, double boot) {
     }
   }
   {
-    std::ifstream in(dir / "cmdline");
-    std::string raw((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const std::string raw = proc::read_proc_file(dir / "cmdline");
     std::string arg;
     for (char c : raw) {
       if (c == '\0') {
@@ -164,8 +164,7 @@ std::optional<pid_t> recorded_pid(const fs::path& pid_file, const std::map<pid_t
 
 bool gone(pid_t pid) {
   if (::kill(pid, 0) != 0) return errno == ESRCH;
-  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
-  std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const std::string stat = proc::read_proc_file("/proc/" + std::to_string(pid) + "/stat");
   const auto close = stat.rfind(')');
   return close != std::string::npos && close + 2 < stat.size() && stat[close + 2] == 'Z';
 }

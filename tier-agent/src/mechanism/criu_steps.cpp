@@ -28,7 +28,7 @@ Result<pid_t> read_pid_file(const fs::path& path) {
 namespace {
 // The first number of a "Name:" line of /proc/PID/status; 0 if there is none.
 std::uint64_t status_number(pid_t pid, std::string_view name) {
-  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
+  std::istringstream in(proc::read_proc_file("/proc/" + std::to_string(pid) + "/status"));
   std::string line;
   while (std::getline(in, line)) {
     if (line.rfind(name, 0) == 0) {

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 
 #include <cerrno>
 #include <cstring>
@@ -23,6 +24,10 @@ namespace {
 constexpr milliseconds kExitAfterReply{5'000};
 // Far above any reply CRIU sends (a pid and an error message).
 constexpr std::size_t kMaxReply = 64 * 1024;
+// How often a worker's exit is looked for on a kernel without pidfds.
+constexpr milliseconds kExitPollWithoutPidfd{20};
+// Half-restored tasks are stopped and killed; they exit at once.
+constexpr milliseconds kOrphanKillGrace{2'000};
 }  // namespace
 
 std::vector<std::byte> encode_restore_request(const CriuRestoreRequest& request, int images_dir_fd, int work_dir_fd) {
@@ -69,11 +74,13 @@ Result<CriuWorker> CriuWorker::start(const std::string& criu, const fs::path& lo
     return fail_errno(Errc::io, "socketpair for criu swrk", errno);
   }
   UniqueFd ours(pair[0]), theirs(pair[1]);
+  struct stat far_end{};
+  if (::fstat(theirs.get(), &far_end) != 0) return fail_errno(Errc::io, "fstat criu swrk socket", errno);
   options.log_file = log;
   options.pass_fds = {theirs.get()};
   auto child = proc::spawn({criu, "swrk", "3"}, options);
   if (!child) return tl::unexpected(child.error());
-  return CriuWorker(std::move(*child), std::move(ours), log);
+  return CriuWorker(std::move(*child), std::move(ours), far_end.st_ino, log);
 }
 
 // As run_criu words a failed `criu restore`: "criu restore failed (<how>); end of <log>:\n<tail>".
@@ -88,6 +95,15 @@ Error CriuWorker::failed(Errc code, const std::string& how, const fs::path& log_
   return Error{code, std::move(text)};
 }
 
+std::size_t CriuWorker::end_orphans() {
+  std::size_t n = 0;
+  for (pid_t pid : proc::holders_of_socket(socket_inode_)) {
+    (void)proc::kill_tree(pid, kOrphanKillGrace);
+    ++n;
+  }
+  return n;
+}
+
 Error CriuWorker::worker_gone(std::string_view when, const fs::path& log_tail_of) {
   std::string how = "still running, killed";
   if (auto status = child_.wait(kExitAfterReply)) {
@@ -96,6 +112,10 @@ Error CriuWorker::worker_gone(std::string_view when, const fs::path& log_tail_of
     } else if (!status->timed_out) {
       how = "exit " + std::to_string(status->exit_code);
     }
+  }
+  if (const std::size_t n = end_orphans(); n > 0) {
+    how += "; killed the " + std::to_string(n) + (n == 1 ? " process" : " processes") +
+           " it had forked and left half restored";
   }
   return failed(Errc::io, "criu swrk " + std::string(when) + ": " + how, log_tail_of);
 }
@@ -114,27 +134,32 @@ Result<pid_t> CriuWorker::restore(const CriuRestoreRequest& request, millisecond
   } while (sent < 0 && errno == EINTR);
   if (sent != static_cast<ssize_t>(packet.size())) return tl::unexpected(worker_gone("was gone before the request", log_tail_of));
 
+  // The reply, or the worker's end: the tasks it forks hold its socket until they are almost
+  // restored, so a worker that dies mid-restore leaves the socket open and only its exit tells.
   const auto deadline = Clock::now() + timeout;
   for (;;) {
     const auto left = std::chrono::duration_cast<milliseconds>(deadline - Clock::now()).count();
     if (left <= 0) {
       const auto killed = child_.wait(milliseconds(0));  // it and the tree it was making
-      const std::size_t n = killed ? killed->descendants_killed : 0;
+      const std::size_t n = (killed ? killed->descendants_killed : 0) + end_orphans();
       return tl::unexpected(failed(Errc::timeout,
                                    "timed out after " + std::to_string(timeout.count()) + " ms; killed with the " +
                                        std::to_string(n) + (n == 1 ? " process" : " processes") + " it had started",
                                    log_tail_of));
     }
-    pollfd p{socket_.get(), POLLIN, 0};
-    const int n = ::poll(&p, 1, static_cast<int>(std::min<long long>(left, 1'000)));
+    const int exit_fd = child_.exit_fd();
+    pollfd p[2] = {{socket_.get(), POLLIN, 0}, {exit_fd, POLLIN, 0}};
+    const long long bound = exit_fd >= 0 ? 1'000 : kExitPollWithoutPidfd.count();
+    const int n = ::poll(p, exit_fd >= 0 ? 2 : 1, static_cast<int>(std::min<long long>(left, bound)));
     if (n < 0 && errno != EINTR) return fail_errno(Errc::io, "poll criu swrk socket", errno);
-    if (n > 0) break;
+    if (n > 0 || (exit_fd < 0 && child_.try_wait())) break;
   }
   std::vector<std::byte> reply(kMaxReply);
   ssize_t got;
   do {
     got = ::recv(socket_.get(), reply.data(), reply.size(), MSG_TRUNC | MSG_DONTWAIT);
   } while (got < 0 && errno == EINTR);
+  // Nothing queued (EAGAIN) with the worker gone, or the socket's end (0): no reply will come.
   if (got <= 0) return tl::unexpected(worker_gone("exited without replying", log_tail_of));
   if (static_cast<std::size_t>(got) > reply.size()) {
     return tl::unexpected(failed(Errc::corrupt, "criu swrk sent a reply of " + std::to_string(got) + " bytes", log_tail_of));

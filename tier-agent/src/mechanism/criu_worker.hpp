@@ -59,20 +59,26 @@ class CriuWorker {
 
   // The restore, within `timeout`: the restored root's pid. A failure reads as run_criu's
   // ("criu restore failed (<what CRIU said, or how the worker ended>); end of <log>: <tail>");
-  // on a timeout the worker is killed with every process below it. One request per worker.
+  // on a timeout the worker is killed with every process below it; a worker that dies without
+  // replying fails the restore as soon as it has exited, and the tasks it had forked are killed.
+  // One request per worker.
   [[nodiscard]] Result<pid_t> restore(const CriuRestoreRequest& request, std::chrono::milliseconds timeout,
                                       const std::filesystem::path& log_tail_of);
 
   [[nodiscard]] pid_t pid() const noexcept { return child_.pid(); }
 
  private:
-  CriuWorker(proc::Child child, detail::UniqueFd socket, std::filesystem::path output)
-      : child_(std::move(child)), socket_(std::move(socket)), output_(std::move(output)) {}
+  CriuWorker(proc::Child child, detail::UniqueFd socket, ino_t socket_inode, std::filesystem::path output)
+      : child_(std::move(child)), socket_(std::move(socket)), socket_inode_(socket_inode), output_(std::move(output)) {}
   [[nodiscard]] Error failed(Errc code, const std::string& how, const std::filesystem::path& log_tail_of) const;
   [[nodiscard]] Error worker_gone(std::string_view when, const std::filesystem::path& log_tail_of);
+  // Kills what the worker forked that still holds its end of the socket (a worker that died
+  // mid-restore leaves such tasks reparented and waiting for it forever); how many.
+  std::size_t end_orphans();
 
   proc::Child child_;
   detail::UniqueFd socket_;
+  ino_t socket_inode_ = 0;  // of the worker's end (its fd 3), which the tasks it forks inherit
   std::filesystem::path output_;  // the worker's stdout and stderr
   bool used_ = false;
 };

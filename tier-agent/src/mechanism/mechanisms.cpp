@@ -29,6 +29,8 @@ using std::chrono::milliseconds;
 
 namespace {
 
+constexpr milliseconds kServerGraceAfterCriuFailed{500};
+
 double ms_since(Clock::time_point t) { return std::chrono::duration<double, std::milli>(Clock::now() - t).count(); }
 
 // The context's copy written from the store into `dir` (all pages, or only what CRIU restores
@@ -336,11 +338,15 @@ class AgentLazy final : public Base {
   Result<pid_t> restore() override {
     auto root = criu_restore(/*lazy_pages=*/true, /*leave_stopped=*/true);
     if (!root) {
-      const auto& report = server_->finish(milliseconds(5'000));
+      // No restorer comes once CRIU has failed; a server that found the cause (a page failing
+      // its checksum) kept it as its error before it killed the tree, which is what made CRIU
+      // fail, so a short grace reads it, and a stop ends a server still waiting to be connected.
+      const auto& report = server_->finish(kServerGraceAfterCriuFailed);
       // A server that never saw the restorer only reports that it was stopped; one that did may
-      // hold the cause (a page failing its checksum), so its code leads.
+      // hold the cause, so its code leads, unless all it says is that it was stopped.
       if (report.error && report.connected_ms) {
-        return fail(report.error->code, root.error().message + "; lazy-pages server: " + report.error->message);
+        const Errc code = report.error->code == Errc::unavailable ? root.error().code : report.error->code;
+        return fail(code, root.error().message + "; lazy-pages server: " + report.error->message);
       }
       return root;
     }

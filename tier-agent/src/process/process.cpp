@@ -19,6 +19,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <memory>
+#include <string_view>
 #include <set>
 #include <unordered_map>
 #include <unordered_set>
@@ -503,6 +505,53 @@ std::vector<pid_t> descendants(pid_t root) {
       if (!seen.insert(child).second) continue;
       out.push_back(child);
       pending.push_back(child);
+    }
+  }
+  return out;
+}
+
+std::string read_proc_file(const std::filesystem::path& file) noexcept {
+  std::string out;
+  try {
+    UniqueFd fd(::open(file.c_str(), O_RDONLY | O_CLOEXEC));
+    if (!fd) return out;
+    char buf[16384];
+    for (;;) {
+      const ssize_t n = ::read(fd.get(), buf, sizeof buf);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) break;
+      out.append(buf, static_cast<std::size_t>(n));
+    }
+  } catch (const std::bad_alloc&) {
+    out.clear();
+  }
+  return out;
+}
+
+std::vector<pid_t> holders_of_socket(ino_t inode) {
+  std::vector<pid_t> out;
+  const std::string wanted = "socket:[" + std::to_string(inode) + "]";
+  const pid_t self = ::getpid();
+  // opendir/readdir: a process that exits while it is looked at (or one we may not look into)
+  // is skipped, never an error.
+  std::unique_ptr<DIR, int (*)(DIR*)> procs(::opendir("/proc"), ::closedir);
+  if (!procs) return out;
+  while (const dirent* entry = ::readdir(procs.get())) {
+    char* end = nullptr;
+    const long pid = std::strtol(entry->d_name, &end, 10);
+    if (pid <= 0 || *end != '\0' || pid == self) continue;
+    const std::string fd_dir = "/proc/" + std::to_string(pid) + "/fd";
+    std::unique_ptr<DIR, int (*)(DIR*)> fds(::opendir(fd_dir.c_str()), ::closedir);
+    if (!fds) continue;
+    char target[64];
+    while (const dirent* fd = ::readdir(fds.get())) {
+      if (fd->d_name[0] == '.') continue;
+      const std::string link = fd_dir + "/" + fd->d_name;
+      const ssize_t n = ::readlink(link.c_str(), target, sizeof(target));
+      if (n > 0 && std::string_view(target, static_cast<std::size_t>(n)) == wanted) {
+        out.push_back(static_cast<pid_t>(pid));
+        break;
+      }
     }
   }
   return out;
