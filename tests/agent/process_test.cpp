@@ -75,6 +75,18 @@ TEST(ProcessTest, HoldersOfASocketAreTheProcessesGivenItAndNotThoseWithout) {
   ::close(pair[0]);
 }
 
+TEST(ProcessTest, ProcessesInAMountNamespaceIncludeAChildThereAndNeverThisProcess) {
+  const ino_t ours = mount_namespace_of(::getpid());
+  ASSERT_NE(ours, 0u);
+  auto child = spawn({"sleep", "30"});
+  ASSERT_TRUE(child) << child.error().what();
+  EXPECT_EQ(mount_namespace_of(child->pid()), ours);
+  const auto members = processes_in_mount_namespace(ours);
+  EXPECT_NE(std::find(members.begin(), members.end(), child->pid()), members.end());
+  EXPECT_EQ(std::find(members.begin(), members.end(), ::getpid()), members.end());
+  EXPECT_TRUE(processes_in_mount_namespace(0).empty()) << "0 is no namespace";
+}
+
 TEST(ProcessTest, ReadProcFileIsTheWholeFileOrEmptyForAProcessThatIsGone) {
   EXPECT_NE(read_proc_file("/proc/self/status").find("\nPid:"), std::string::npos);
   auto child = spawn({"true"});

@@ -115,7 +115,8 @@ esac
 // "swrk restore images=... work=... log=... lazy=... stopped=..." in calls; both directories are
 // resolved as CRIU does, through /proc/<peer>/fd/<n>), then answers as the modes above do:
 // "fail" replies success=false with a message, "die" exits without a reply, "die-mid-restore"
-// forks a task that keeps the socket and is SIGKILLed, "hang" starts the
+// forks a task that keeps the socket and is SIGKILLed, "die-in-restorer" the same with a task
+// that has closed it, "hang" starts the
 // spinning tree and never replies, "run" and "run-tree" reply with the pid of the root they start.
 constexpr const char* kStandInSwrk = R"(import os, socket, struct, subprocess, sys, time
 here, mode, fd = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -170,6 +171,13 @@ elif mode == "die":
 elif mode == "die-mid-restore":
     # As criu does, the task it forks inherits its socket (until almost restored); then it dies.
     task = subprocess.Popen(["sleep", "300"], pass_fds=(fd,), start_new_session=True, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid
+    with open(os.path.join(here, "root.pid"), "w") as f:
+        f.write("%d\n" % task)
+    os.kill(os.getpid(), 9)
+elif mode == "die-in-restorer":
+    # A task past the point where criu's tasks close its socket (in the restorer), then it dies.
+    task = subprocess.Popen(["sleep", "300"], start_new_session=True, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid
     with open(os.path.join(here, "root.pid"), "w") as f:
         f.write("%d\n" % task)
@@ -423,6 +431,24 @@ TEST_F(RestoreMechanismTest, ACriuWorkerKilledMidRestoreFailsTheRestoreAtOnceAnd
   const auto r = restore("lazy-cxl", 60s);
   EXPECT_FALSE(r.ok);
   ASSERT_TRUE(r.error);
+  EXPECT_EQ(r.error->rfind("i/o error: criu restore failed (criu swrk exited without replying: killed by signal 9; "
+                           "killed the 1 process it had forked and left half restored)",
+                           0),
+            0u)
+      << *r.error;
+  expect_nothing_left();
+}
+
+TEST_F(RestoreMechanismTest, ATaskOfADeadCriuWorkerIsKilledEvenOnceItHasClosedTheWorkersSocket) {
+  mode("die-in-restorer");
+  auto c = context("criu-eager", 60s);
+  // The worker runs in a mount namespace of its own (the instance's socket directory mounted
+  // there), as every function restore's does: what is in it is what the worker started.
+  c.socket_dir = tmp_.path() / "function-sockets";
+  const auto r = restore_with(std::move(c));
+  EXPECT_FALSE(r.ok);
+  ASSERT_TRUE(r.error);
+  if (r.error->find("unshare") != std::string::npos) GTEST_SKIP() << "no mount namespaces here: " << *r.error;
   EXPECT_EQ(r.error->rfind("i/o error: criu restore failed (criu swrk exited without replying: killed by signal 9; "
                            "killed the 1 process it had forked and left half restored)",
                            0),

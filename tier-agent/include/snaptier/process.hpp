@@ -151,6 +151,12 @@ TreeKill kill_tree(pid_t root, std::chrono::milliseconds grace) noexcept;
 // were reparented, so no tree leads to them.
 [[nodiscard]] std::vector<pid_t> holders_of_socket(ino_t inode);
 
+// The inode of PID's mount namespace (/proc/PID/ns/mnt), 0 if it cannot be read.
+[[nodiscard]] ino_t mount_namespace_of(pid_t pid) noexcept;
+// Every process (thread-group leader) in the mount namespace `ns` (an inode from
+// mount_namespace_of), this process excepted.
+[[nodiscard]] std::vector<pid_t> processes_in_mount_namespace(ino_t ns);
+
 // pidfd_open(2) (Linux >= 5.3, O_CLOEXEC implied); -1 with errno if the kernel lacks it.
 [[nodiscard]] int open_pidfd(pid_t pid) noexcept;
 

@@ -7,6 +7,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <set>
 
 #include "criu/pb_message.hpp"
 #include "criu/schema.hpp"
@@ -80,7 +81,11 @@ Result<CriuWorker> CriuWorker::start(const std::string& criu, const fs::path& lo
   options.pass_fds = {theirs.get()};
   auto child = proc::spawn({criu, "swrk", "3"}, options);
   if (!child) return tl::unexpected(child.error());
-  return CriuWorker(std::move(*child), std::move(ours), far_end.st_ino, log);
+  // A mount namespace of its own (the instance's socket directory mounted in it) holds only
+  // what this worker starts; ours, when it has none, holds everything.
+  ino_t private_ns = proc::mount_namespace_of(child->pid());
+  if (private_ns == proc::mount_namespace_of(::getpid())) private_ns = 0;
+  return CriuWorker(std::move(*child), std::move(ours), far_end.st_ino, private_ns, log);
 }
 
 // As run_criu words a failed `criu restore`: "criu restore failed (<how>); end of <log>:\n<tail>".
@@ -96,12 +101,11 @@ Error CriuWorker::failed(Errc code, const std::string& how, const fs::path& log_
 }
 
 std::size_t CriuWorker::end_orphans() {
-  std::size_t n = 0;
-  for (pid_t pid : proc::holders_of_socket(socket_inode_)) {
-    (void)proc::kill_tree(pid, kOrphanKillGrace);
-    ++n;
-  }
-  return n;
+  std::set<pid_t> found;
+  for (pid_t pid : proc::holders_of_socket(socket_inode_)) found.insert(pid);
+  for (pid_t pid : proc::processes_in_mount_namespace(mount_namespace_)) found.insert(pid);
+  for (pid_t pid : found) (void)proc::kill_tree(pid, kOrphanKillGrace);
+  return found.size();
 }
 
 Error CriuWorker::worker_gone(std::string_view when, const fs::path& log_tail_of) {

@@ -68,17 +68,25 @@ class CriuWorker {
   [[nodiscard]] pid_t pid() const noexcept { return child_.pid(); }
 
  private:
-  CriuWorker(proc::Child child, detail::UniqueFd socket, ino_t socket_inode, std::filesystem::path output)
-      : child_(std::move(child)), socket_(std::move(socket)), socket_inode_(socket_inode), output_(std::move(output)) {}
+  CriuWorker(proc::Child child, detail::UniqueFd socket, ino_t socket_inode, ino_t mount_namespace,
+             std::filesystem::path output)
+      : child_(std::move(child)),
+        socket_(std::move(socket)),
+        socket_inode_(socket_inode),
+        mount_namespace_(mount_namespace),
+        output_(std::move(output)) {}
   [[nodiscard]] Error failed(Errc code, const std::string& how, const std::filesystem::path& log_tail_of) const;
   [[nodiscard]] Error worker_gone(std::string_view when, const std::filesystem::path& log_tail_of);
-  // Kills what the worker forked that still holds its end of the socket (a worker that died
-  // mid-restore leaves such tasks reparented and waiting for it forever); how many.
+  // Kills what the worker forked and left (a worker that died mid-restore leaves its tasks
+  // reparented and waiting for it forever): every process still holding its end of the socket
+  // (CRIU's tasks until just before the restorer) and every process in its private mount
+  // namespace (all of them, the restorer phase too). How many.
   std::size_t end_orphans();
 
   proc::Child child_;
   detail::UniqueFd socket_;
-  ino_t socket_inode_ = 0;  // of the worker's end (its fd 3), which the tasks it forks inherit
+  ino_t socket_inode_ = 0;     // of the worker's end (its fd 3), which the tasks it forks inherit
+  ino_t mount_namespace_ = 0;  // the worker's own, 0 if it runs in ours
   std::filesystem::path output_;  // the worker's stdout and stderr
   bool used_ = false;
 };

@@ -528,32 +528,57 @@ std::string read_proc_file(const std::filesystem::path& file) noexcept {
   return out;
 }
 
-std::vector<pid_t> holders_of_socket(ino_t inode) {
-  std::vector<pid_t> out;
-  const std::string wanted = "socket:[" + std::to_string(inode) + "]";
-  const pid_t self = ::getpid();
-  // opendir/readdir: a process that exits while it is looked at (or one we may not look into)
-  // is skipped, never an error.
+namespace {
+// Calls `visit(pid)` for each process (numeric entry of /proc) but this one. opendir/readdir:
+// a process that exits while it is looked at (or one we may not look into) is skipped, never an
+// error.
+template <typename Visit>
+void each_other_process(Visit visit) {
   std::unique_ptr<DIR, int (*)(DIR*)> procs(::opendir("/proc"), ::closedir);
-  if (!procs) return out;
+  if (!procs) return;
+  const pid_t self = ::getpid();
   while (const dirent* entry = ::readdir(procs.get())) {
     char* end = nullptr;
     const long pid = std::strtol(entry->d_name, &end, 10);
     if (pid <= 0 || *end != '\0' || pid == self) continue;
+    visit(static_cast<pid_t>(pid));
+  }
+}
+}  // namespace
+
+std::vector<pid_t> holders_of_socket(ino_t inode) {
+  std::vector<pid_t> out;
+  const std::string wanted = "socket:[" + std::to_string(inode) + "]";
+  each_other_process([&](pid_t pid) {
     const std::string fd_dir = "/proc/" + std::to_string(pid) + "/fd";
     std::unique_ptr<DIR, int (*)(DIR*)> fds(::opendir(fd_dir.c_str()), ::closedir);
-    if (!fds) continue;
+    if (!fds) return;
     char target[64];
     while (const dirent* fd = ::readdir(fds.get())) {
       if (fd->d_name[0] == '.') continue;
       const std::string link = fd_dir + "/" + fd->d_name;
       const ssize_t n = ::readlink(link.c_str(), target, sizeof(target));
       if (n > 0 && std::string_view(target, static_cast<std::size_t>(n)) == wanted) {
-        out.push_back(static_cast<pid_t>(pid));
-        break;
+        out.push_back(pid);
+        return;
       }
     }
-  }
+  });
+  return out;
+}
+
+ino_t mount_namespace_of(pid_t pid) noexcept {
+  struct stat ns{};
+  const std::string path = "/proc/" + std::to_string(pid) + "/ns/mnt";
+  return ::stat(path.c_str(), &ns) == 0 ? ns.st_ino : 0;
+}
+
+std::vector<pid_t> processes_in_mount_namespace(ino_t ns) {
+  std::vector<pid_t> out;
+  if (ns == 0) return out;
+  each_other_process([&](pid_t pid) {
+    if (mount_namespace_of(pid) == ns) out.push_back(pid);
+  });
   return out;
 }
 
