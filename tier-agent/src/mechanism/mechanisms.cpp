@@ -80,9 +80,10 @@ class Base : public RestoreMechanism {
     worker_ = std::move(*worker);
     // Its command line names nothing of the work directory, so the pid file does until the
     // restored root replaces it: the sweep (leftovers) of an agent that died in between ends
-    // the worker. A worker the agent's death left mid-restore fails on its own (nobody serves
-    // its lazy pages or reads its reply), and CRIU kills the tree of a restore that failed;
-    // only a worker killed mid-restore leaves its tasks, which restore() then ends.
+    // the worker. A worker the agent's death left mid-restore finishes or fails on its own
+    // (CRIU kills the tree of a restore that failed; the sweep finds a restored instance by
+    // the paths in its command line); only a worker killed mid-restore leaves its tasks
+    // waiting, and restore() ends them.
     std::ofstream(dir() / "pid") << worker_->pid() << "\n";
     return {};
   }
