@@ -467,18 +467,27 @@ int send_signal(int pidfd, pid_t pid, int sig) noexcept {
 }
 
 // Every process's parent, as /proc lists them now.
-std::unordered_map<pid_t, std::vector<pid_t>> children_by_parent() {
-  std::unordered_map<pid_t, std::vector<pid_t>> children;
-  DIR* dir = ::opendir("/proc");
-  if (dir == nullptr) return children;
-  while (const dirent* entry = ::readdir(dir)) {
+// Calls `visit(pid)` for each process (numeric entry of /proc). opendir/readdir: a process that
+// exits while it is looked at (or one we may not look into) is the visitor's to skip, never an
+// error.
+template <typename Visit>
+void each_process(Visit visit) {
+  std::unique_ptr<DIR, int (*)(DIR*)> procs(::opendir("/proc"), ::closedir);
+  if (!procs) return;
+  while (const dirent* entry = ::readdir(procs.get())) {
     char* end = nullptr;
     const long pid = std::strtol(entry->d_name, &end, 10);
     if (end == entry->d_name || *end != 0 || pid <= 0) continue;
-    const StatFields stat = read_stat(static_cast<pid_t>(pid));
-    if (stat.state != 0) children[stat.ppid].push_back(static_cast<pid_t>(pid));
+    visit(static_cast<pid_t>(pid));
   }
-  ::closedir(dir);
+}
+
+std::unordered_map<pid_t, std::vector<pid_t>> children_by_parent() {
+  std::unordered_map<pid_t, std::vector<pid_t>> children;
+  each_process([&](pid_t pid) {
+    const StatFields stat = read_stat(pid);
+    if (stat.state != 0) children[stat.ppid].push_back(pid);
+  });
   return children;
 }
 
@@ -528,28 +537,12 @@ std::string read_proc_file(const std::filesystem::path& file) noexcept {
   return out;
 }
 
-namespace {
-// Calls `visit(pid)` for each process (numeric entry of /proc) but this one. opendir/readdir:
-// a process that exits while it is looked at (or one we may not look into) is skipped, never an
-// error.
-template <typename Visit>
-void each_other_process(Visit visit) {
-  std::unique_ptr<DIR, int (*)(DIR*)> procs(::opendir("/proc"), ::closedir);
-  if (!procs) return;
-  const pid_t self = ::getpid();
-  while (const dirent* entry = ::readdir(procs.get())) {
-    char* end = nullptr;
-    const long pid = std::strtol(entry->d_name, &end, 10);
-    if (pid <= 0 || *end != '\0' || pid == self) continue;
-    visit(static_cast<pid_t>(pid));
-  }
-}
-}  // namespace
-
 std::vector<pid_t> holders_of_socket(ino_t inode) {
   std::vector<pid_t> out;
   const std::string wanted = "socket:[" + std::to_string(inode) + "]";
-  each_other_process([&](pid_t pid) {
+  const pid_t self = ::getpid();
+  each_process([&](pid_t pid) {
+    if (pid == self) return;
     const std::string fd_dir = "/proc/" + std::to_string(pid) + "/fd";
     std::unique_ptr<DIR, int (*)(DIR*)> fds(::opendir(fd_dir.c_str()), ::closedir);
     if (!fds) return;
@@ -576,8 +569,9 @@ ino_t mount_namespace_of(pid_t pid) noexcept {
 std::vector<pid_t> processes_in_mount_namespace(ino_t ns) {
   std::vector<pid_t> out;
   if (ns == 0) return out;
-  each_other_process([&](pid_t pid) {
-    if (mount_namespace_of(pid) == ns) out.push_back(pid);
+  const pid_t self = ::getpid();
+  each_process([&](pid_t pid) {
+    if (pid != self && mount_namespace_of(pid) == ns) out.push_back(pid);
   });
   return out;
 }
