@@ -168,16 +168,11 @@ if mode in ("fail", "daemon-ok-restore-fails"):
     reply(False, msg="stand-in failure")
 elif mode == "die":
     sys.exit(3)
-elif mode == "die-mid-restore":
-    # As criu does, the task it forks inherits its socket (until almost restored); then it dies.
-    task = subprocess.Popen(["sleep", "300"], pass_fds=(fd,), start_new_session=True, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid
-    with open(os.path.join(here, "root.pid"), "w") as f:
-        f.write("%d\n" % task)
-    os.kill(os.getpid(), 9)
-elif mode == "die-in-restorer":
-    # A task past the point where criu's tasks close its socket (in the restorer), then it dies.
-    task = subprocess.Popen(["sleep", "300"], start_new_session=True, stdin=subprocess.DEVNULL,
+elif mode in ("die-mid-restore", "die-in-restorer"):
+    # As criu does, the task it forks inherits its socket until almost restored (past that, in
+    # the restorer, it has closed it); then the worker dies.
+    kept = (fd,) if mode == "die-mid-restore" else ()
+    task = subprocess.Popen(["sleep", "300"], pass_fds=kept, start_new_session=True, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid
     with open(os.path.join(here, "root.pid"), "w") as f:
         f.write("%d\n" % task)

@@ -310,16 +310,6 @@ json to_json(const StepReport& r) {
 
 namespace {
 
-void collect_tree(pid_t pid, std::set<pid_t>& out) {
-  if (pid <= 0 || !out.insert(pid).second) return;
-  std::error_code ec;
-  for (const auto& task : fs::directory_iterator("/proc/" + std::to_string(pid) + "/task", ec)) {
-    std::ifstream children(task.path() / "children");
-    pid_t child = 0;
-    while (children >> child) collect_tree(child, out);
-  }
-}
-
 // Bytes of [start, end) that the page table maps (bit 63 of each /proc/PID/pagemap entry).
 std::uint64_t present_bytes(int pagemap, std::uint64_t start, std::uint64_t end) {
   std::uint64_t bytes = 0;
@@ -347,8 +337,8 @@ std::uint64_t kib_field(const std::string& line) {
 
 MemoryUse measure(pid_t root, const fs::path& backing) {
   MemoryUse use;
-  std::set<pid_t> tree;
-  collect_tree(root, tree);
+  std::vector<pid_t> tree = proc::descendants(root);
+  if (root > 0) tree.insert(tree.begin(), root);
   const std::string file = backing.string();
   for (pid_t pid : tree) {
     std::istringstream rollup(proc::read_proc_file("/proc/" + std::to_string(pid) + "/smaps_rollup"));

@@ -441,20 +441,12 @@ struct StatFields {
 StatFields read_stat(pid_t pid) noexcept {
   StatFields out;
   if (pid <= 0) return out;
-  char path[48];
-  std::snprintf(path, sizeof path, "/proc/%d/stat", static_cast<int>(pid));
-  const int fd = ::open(path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return out;
-  char buf[512];
-  const ssize_t n = ::read(fd, buf, sizeof buf - 1);
-  ::close(fd);
-  if (n <= 0) return out;
-  buf[n] = 0;
+  const std::string stat = read_proc_file("/proc/" + std::to_string(pid) + "/stat");
   // "pid (comm) S ppid ...": comm may hold spaces and ')', so the state follows the last ')'.
-  const char* close_paren = std::strrchr(buf, ')');
-  if (close_paren == nullptr || close_paren[1] != ' ' || close_paren[2] == 0) return out;
-  out.state = close_paren[2];
-  out.ppid = static_cast<pid_t>(std::strtol(close_paren + 3, nullptr, 10));
+  const auto close_paren = stat.rfind(')');
+  if (close_paren == std::string::npos || close_paren + 2 >= stat.size() || stat[close_paren + 1] != ' ') return out;
+  out.state = stat[close_paren + 2];
+  out.ppid = static_cast<pid_t>(std::strtol(stat.c_str() + close_paren + 3, nullptr, 10));
   return out;
 }
 
